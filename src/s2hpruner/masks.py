@@ -1,0 +1,95 @@
+"""Width masks (SPEC section 2): from width logits u to relaxed and hard channel masks.
+
+All functions work on one group and index channels by *rank* (rank 0 = most important);
+:func:`channel_ranks` maps ranks back to channels. Keeping the maths in plain functions lets
+the property tests exercise it without any model.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def width_probabilities(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """p_k, the probability that the group keeps c_k channels (constant temperature)."""
+    return torch.softmax(logits / temperature, dim=-1)
+
+
+def keep_matrix(candidates: torch.Tensor, channels: int) -> torch.Tensor:
+    """K[r, k] = 1 if candidate width c_k keeps the channel of rank r (c_k > r)."""
+    ranks = torch.arange(channels, device=candidates.device)
+    return (candidates.unsqueeze(0) > ranks.unsqueeze(1)).to(torch.float32)
+
+
+def relaxed_mask(probs: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """w_r = sum of p_k over candidates with c_k > r: 1 at rank 0, non-increasing, in [0, 1]."""
+    return keep @ probs
+
+
+def expected_width(probs: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """E = sum_k p_k c_k, differentiable in the logits."""
+    return (probs * candidates).sum(-1)
+
+
+def hard_width(expected: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """Smallest candidate >= E, with a straight-through gradient (dH/dE = 1).
+
+    With candidates k*d this is min(C, d * ceil(E / d)). A tiny tolerance keeps E that sits on
+    a candidate (up to float error) from being rounded one step up.
+    """
+    tol = 1e-4 * candidates[0]
+    index = torch.searchsorted(candidates, (expected - tol).detach().unsqueeze(-1)).squeeze(-1)
+    index = index.clamp(max=candidates.numel() - 1)
+    rounded = candidates[index].to(expected.dtype)
+    return expected + (rounded - expected).detach()
+
+
+def hard_mask(relaxed: torch.Tensor, kept: int) -> torch.Tensor:
+    """m_hat = m * (1 + w - stopgrad(w)): value m (1 for the first ``kept`` ranks, else 0),
+    gradient w.r.t. the logits only through kept channels."""
+    keep = torch.zeros_like(relaxed)
+    keep[:kept] = 1.0
+    return keep * (1.0 + (relaxed - relaxed.detach()))  # value exactly m
+
+
+def channel_ranks(importance: torch.Tensor) -> torch.Tensor:
+    """rank[c] of each channel c: 0 for the most important. Ties break by channel index."""
+    order = torch.sort(importance, descending=True, stable=True).indices
+    ranks = torch.empty_like(order)
+    ranks[order] = torch.arange(order.numel(), device=order.device)
+    return ranks
+
+
+def initial_logits(candidates: list[int], step: int) -> torch.Tensor:
+    """Logits whose mass sits on the full width so that E is about C - d (SPEC section 2).
+
+    Only the last logit is raised; its value is found by bisection. With two candidates
+    E = C - d would put all mass on the smaller one, so the target is C - d/2 there.
+    """
+    n = len(candidates)
+    logits = torch.zeros(n)
+    if n == 1:
+        return logits
+    channels = candidates[-1]
+    target = channels - (step if n > 2 else step / 2)
+    c = torch.tensor(candidates, dtype=torch.float64)
+
+    def mean_width(a: float) -> float:
+        z = torch.zeros(n, dtype=torch.float64)
+        z[-1] = a
+        return float((torch.softmax(z, 0) * c).sum())
+
+    lo, hi = 0.0, 60.0
+    if mean_width(lo) >= target:
+        return logits
+    for _ in range(80):
+        mid = 0.5 * (lo + hi)
+        if mean_width(mid) < target:
+            lo = mid
+        else:
+            hi = mid
+    logits[-1] = hi
+    assert math.isfinite(hi)
+    return logits

@@ -1,0 +1,390 @@
+"""Model registry: one place that turns a name into a freshly initialised ``nn.Module``.
+
+Names follow timm's style (``resnet56``, ``wrn28_10``). The project's own small-image models
+live in :data:`MODELS`; any torchvision classification model is accepted as a fallback, by its
+torchvision name or explicitly as ``torchvision/<name>`` (needed where one of ours shadows it).
+Weights are never downloaded: every model starts from random initialisation.
+
+All models avoid tricks that torch-pruning's ``DependencyGraph`` cannot trace (such as the
+zero-padding "option A" shortcut of the original CIFAR ResNets), so any of them can be pruned.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from functools import cache
+from typing import TypeVar
+
+import torch
+import torchvision
+from torch import nn
+
+from .errors import UnknownNameError, UnsupportedModelError
+
+__all__ = [
+    "MODELS",
+    "CifarResNet",
+    "WideResNet",
+    "cifar_resnet",
+    "cifar_vgg",
+    "create_model",
+    "list_models",
+    "register_model",
+    "wide_resnet",
+]
+
+TORCHVISION_PREFIX = "torchvision/"
+
+MODELS: dict[str, Callable[..., nn.Module]] = {}
+
+FactoryT = TypeVar("FactoryT", bound=Callable[..., nn.Module])
+
+
+def register_model(fn: FactoryT) -> FactoryT:
+    """Add ``fn`` to :data:`MODELS` under ``fn.__name__``; refuse silent overwrites."""
+    name = fn.__name__
+    if name in MODELS:
+        raise ValueError(f"model {name!r} is already registered")
+    MODELS[name] = fn
+    return fn
+
+
+@cache
+def _torchvision_names() -> tuple[str, ...]:
+    """Classification models only (not detection/segmentation), computed once."""
+    return tuple(torchvision.models.list_models(module=torchvision.models))
+
+
+def list_models(include_torchvision: bool = False) -> list[str]:
+    """Sorted registry names, optionally followed by every ``torchvision/<name>``.
+
+    Torchvision models are listed in their prefixed form because that spelling is
+    unambiguous; the bare torchvision name works too unless one of ours shadows it.
+    """
+    names = sorted(MODELS)
+    if include_torchvision:
+        names += [TORCHVISION_PREFIX + n for n in _torchvision_names()]
+    return names
+
+
+def create_model(name: str, num_classes: int = 10, in_chans: int = 3, **kwargs) -> nn.Module:
+    """Build model ``name`` with random weights; ``kwargs`` go to its factory."""
+    if name in MODELS:
+        return MODELS[name](num_classes=num_classes, in_chans=in_chans, **kwargs)
+    tv_name = name.removeprefix(TORCHVISION_PREFIX)
+    if tv_name in _torchvision_names():
+        return _torchvision_model(tv_name, num_classes, in_chans, **kwargs)
+    error = UnknownNameError("model", name, list_models())
+    # errors.py builds the message; extend it so users know the fallback exists.
+    error.args = (
+        f"{error.args[0]}; any torchvision classification model name is accepted too "
+        f"(e.g. 'resnet18', or '{TORCHVISION_PREFIX}resnet50' for torchvision's own one)",
+    )
+    raise error
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _init_weights(model: nn.Module) -> None:
+    """Kaiming init for convs (He et al.), identity BN, small normal for the classifier."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0.0, 0.01)
+            nn.init.zeros_(m.bias)
+
+
+def _conv_like(conv: nn.Conv2d, in_chans: int) -> nn.Conv2d:
+    """A fresh copy of ``conv`` that takes ``in_chans`` inputs; all else unchanged."""
+    new = nn.Conv2d(
+        in_chans,
+        conv.out_channels,
+        kernel_size=conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        groups=conv.groups,
+        bias=conv.bias is not None,
+        padding_mode=conv.padding_mode,
+    )
+    nn.init.kaiming_normal_(new.weight, mode="fan_out", nonlinearity="relu")
+    if new.bias is not None:
+        nn.init.zeros_(new.bias)
+    return new
+
+
+def _set_in_chans(model: nn.Module, in_chans: int) -> nn.Module:
+    """Replace the first ``nn.Conv2d`` (in registration order) so the model takes ``in_chans``."""
+    if in_chans == 3:
+        return model
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d):
+            parent_name, _, attr = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, attr, _conv_like(module, in_chans))
+            return model
+    raise UnsupportedModelError(
+        f"{type(model).__name__} has no Conv2d to adapt to in_chans={in_chans}; use in_chans=3"
+    )
+
+
+def _torchvision_model(name: str, num_classes: int, in_chans: int, **kwargs) -> nn.Module:
+    """A torchvision classifier with random weights and ``in_chans`` input channels."""
+    model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
+    return _set_in_chans(model, in_chans)
+
+
+# --------------------------------------------------------------------------- CIFAR ResNet
+
+
+class BasicBlock(nn.Module):
+    """conv-bn-relu-conv-bn plus shortcut, relu after the add (He et al. 2016)."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.relu2 = nn.ReLU(inplace=True)
+        # Projection ("option B") instead of zero-padding: a real layer the pruner can trace.
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu1(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu2(out + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """ResNet-(6n+2) for 32x32 images: 3x3 stem, three stages of width, 2x, 4x channels."""
+
+    def __init__(self, depth: int, num_classes: int = 10, in_chans: int = 3, width: int = 16):
+        super().__init__()
+        if (depth - 2) % 6 != 0 or depth < 8:
+            raise ValueError(f"CIFAR ResNet depth must be 6n+2 (20, 32, 44, 56, 110), got {depth}")
+        n = (depth - 2) // 6
+        self.conv1 = nn.Conv2d(in_chans, width, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        layers, in_planes = [], width
+        for i, planes in enumerate((width, 2 * width, 4 * width)):
+            stride = 1 if i == 0 else 2
+            blocks = [BasicBlock(in_planes, planes, stride)]
+            blocks += [BasicBlock(planes, planes) for _ in range(n - 1)]
+            layers.append(nn.Sequential(*blocks))
+            in_planes = planes
+        self.layer1, self.layer2, self.layer3 = layers
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(in_planes, num_classes)
+        _init_weights(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def cifar_resnet(
+    depth: int, num_classes: int = 10, in_chans: int = 3, width: int = 16
+) -> CifarResNet:
+    """Any CIFAR ResNet depth; the registered names are just common choices."""
+    return CifarResNet(depth, num_classes=num_classes, in_chans=in_chans, width=width)
+
+
+@register_model
+def resnet20(num_classes: int = 10, in_chans: int = 3, width: int = 16) -> nn.Module:
+    """CIFAR ResNet-20 (~0.27M parameters)."""
+    return cifar_resnet(20, num_classes, in_chans, width)
+
+
+@register_model
+def resnet56(num_classes: int = 10, in_chans: int = 3, width: int = 16) -> nn.Module:
+    """CIFAR ResNet-56 (~0.86M parameters)."""
+    return cifar_resnet(56, num_classes, in_chans, width)
+
+
+@register_model
+def resnet50(num_classes: int = 10, in_chans: int = 3, **kwargs) -> nn.Module:
+    """Torchvision ResNet-50 with a 3x3 stride-1 stem and no max-pool, for 32x32 images.
+
+    The ImageNet stem would shrink a 32x32 image to 8x8 before the first block.
+    """
+    model = torchvision.models.resnet50(weights=None, num_classes=num_classes, **kwargs)
+    model.conv1 = nn.Conv2d(in_chans, 64, 3, 1, 1, bias=False)
+    nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
+    model.maxpool = nn.Identity()
+    return model
+
+
+# --------------------------------------------------------------------------- Wide ResNet
+
+
+class WideBlock(nn.Module):
+    """Pre-activation block: BN-ReLU-conv, BN-ReLU-(dropout)-conv, plus shortcut."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int, dropout: float):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        # As in the paper's code: a 1x1 conv on the pre-activated input when shapes change.
+        self.shortcut: nn.Module | None = None
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Conv2d(in_planes, planes, 1, stride, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pre = self.relu1(self.bn1(x))
+        residual = x if self.shortcut is None else self.shortcut(pre)
+        out = self.conv1(pre)
+        out = self.conv2(self.dropout(self.relu2(self.bn2(out))))
+        return out + residual
+
+
+class WideResNet(nn.Module):
+    """WRN-depth-k (Zagoruyko & Komodakis 2016): stages of 16k, 32k, 64k channels."""
+
+    def __init__(
+        self,
+        depth: int = 28,
+        widen_factor: int = 10,
+        dropout: float = 0.0,
+        num_classes: int = 10,
+        in_chans: int = 3,
+    ):
+        super().__init__()
+        if (depth - 4) % 6 != 0 or depth < 10:
+            raise ValueError(f"Wide ResNet depth must be 6n+4 (16, 22, 28, 40), got {depth}")
+        n = (depth - 4) // 6
+        widths = [16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
+        self.conv1 = nn.Conv2d(in_chans, 16, 3, 1, 1, bias=False)
+        layers, in_planes = [], 16
+        for i, planes in enumerate(widths):
+            stride = 1 if i == 0 else 2
+            blocks = [WideBlock(in_planes, planes, stride, dropout)]
+            blocks += [WideBlock(planes, planes, 1, dropout) for _ in range(n - 1)]
+            layers.append(nn.Sequential(*blocks))
+            in_planes = planes
+        self.layer1, self.layer2, self.layer3 = layers
+        self.bn = nn.BatchNorm2d(in_planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(in_planes, num_classes)
+        _init_weights(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layer3(self.layer2(self.layer1(self.conv1(x))))
+        x = self.relu(self.bn(x))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def wide_resnet(
+    depth: int = 28,
+    widen_factor: int = 10,
+    dropout: float = 0.0,
+    num_classes: int = 10,
+    in_chans: int = 3,
+) -> WideResNet:
+    """Any WRN-depth-widen_factor."""
+    return WideResNet(depth, widen_factor, dropout, num_classes, in_chans)
+
+
+@register_model
+def wrn28_10(
+    num_classes: int = 10,
+    in_chans: int = 3,
+    depth: int = 28,
+    widen_factor: int = 10,
+    dropout: float = 0.0,
+) -> nn.Module:
+    """WRN-28-10 (~36.5M parameters), the usual CIFAR Wide ResNet."""
+    return wide_resnet(depth, widen_factor, dropout, num_classes, in_chans)
+
+
+@register_model
+def wrn16_4(
+    num_classes: int = 10,
+    in_chans: int = 3,
+    depth: int = 16,
+    widen_factor: int = 4,
+    dropout: float = 0.0,
+) -> nn.Module:
+    """WRN-16-4 (~2.7M parameters): a small Wide ResNet for quick runs and tests."""
+    return wide_resnet(depth, widen_factor, dropout, num_classes, in_chans)
+
+
+# --------------------------------------------------------------------------- CIFAR VGG
+
+VGG_CFGS: dict[str, list[int | str]] = {
+    "vgg11": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    "vgg19": [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M"]
+    + [512, 512, 512, 512, "M", 512, 512, 512, 512, "M"],
+}
+
+
+def cifar_vgg(cfg: Sequence[int | str], num_classes: int = 10, in_chans: int = 3) -> nn.Sequential:
+    """VGG with BN for small images; ints are 3x3 conv widths, ``"M"`` a 2x2 max-pool.
+
+    ``ceil_mode=True`` keeps odd sizes from collapsing (28 -> 14 -> 7 -> 4 -> 2 -> 1), and the
+    global average pool makes the classifier independent of the input size.
+    """
+    layers: list[nn.Module] = []
+    channels = in_chans
+    for v in cfg:
+        if v == "M":
+            layers.append(nn.MaxPool2d(2, ceil_mode=True))
+        else:
+            layers += [nn.Conv2d(channels, int(v), 3, padding=1, bias=False)]
+            layers += [nn.BatchNorm2d(int(v)), nn.ReLU(inplace=True)]
+            channels = int(v)
+    model = nn.Sequential(
+        nn.Sequential(*layers),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(1),
+        nn.Linear(channels, num_classes),
+    )
+    _init_weights(model)
+    return model
+
+
+@register_model
+def vgg19_bn(num_classes: int = 10, in_chans: int = 3) -> nn.Module:
+    """CIFAR VGG-19 with BN (~20M parameters)."""
+    return cifar_vgg(VGG_CFGS["vgg19"], num_classes, in_chans)
+
+
+@register_model
+def vgg11_bn_cifar(num_classes: int = 10, in_chans: int = 3) -> nn.Module:
+    """CIFAR VGG-11 with BN (~9.2M parameters), the small VGG for tests."""
+    return cifar_vgg(VGG_CFGS["vgg11"], num_classes, in_chans)
+
+
+# --------------------------------------------------------------------------- MobileNetV3
+
+
+@register_model
+def mobilenet_v3_small(num_classes: int = 10, in_chans: int = 3, **kwargs) -> nn.Module:
+    """Torchvision MobileNetV3-Small as defined (its 32x downsampling still runs on 28x28)."""
+    return _torchvision_model("mobilenet_v3_small", num_classes, in_chans, **kwargs)
+
+
+@register_model
+def mobilenet_v3_large(num_classes: int = 10, in_chans: int = 3, **kwargs) -> nn.Module:
+    """Torchvision MobileNetV3-Large as defined (its 32x downsampling still runs on 28x28)."""
+    return _torchvision_model("mobilenet_v3_large", num_classes, in_chans, **kwargs)

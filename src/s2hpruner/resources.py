@@ -1,0 +1,188 @@
+"""Resource model (SPEC section 4): FLOPs and parameters as functions of the group widths.
+
+What is counted is what ``torch.utils.flop_counter`` counts, so that the pruner's prediction
+can be checked against that independent counter: 2 FLOPs per multiply-accumulate of every
+convolution and matrix product (conv, linear, attention matmuls), nothing for biases, norms,
+activations or pooling. Layers whose widths do not depend on any group, and FLOPs outside
+conv/linear modules (e.g. functional matmuls), are a fixed cost measured once.
+
+Each conv/linear layer l contributes ``coef_l * in_l * out_l``, where a width is a fixed part
+plus, for every group g touching that dimension, ``count_lg * width_g / channels_g`` (a
+flattened map feeding a Linear carries each group channel H*W times). Depthwise convs have one
+input channel per output, so they contribute ``coef_l * out_l``. The same table gives
+parameter counts. Evaluating it at expected widths E gives soft FLOPs, differentiable in the
+width logits; at hard widths H it gives the exported model's FLOPs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from .errors import UnsupportedModelError
+from .groups import ChannelGroup
+
+
+def _as_tuple(example_inputs) -> tuple:
+    return tuple(example_inputs) if isinstance(example_inputs, list | tuple) else (example_inputs,)
+
+
+@torch.no_grad()
+def count_flops(model: nn.Module, example_inputs) -> int:
+    """FLOPs of one forward on ``example_inputs``, counted by torch.utils.flop_counter.
+
+    This is the independent counter the pruner's own formula is checked against.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        with FlopCounterMode(display=False) as counter:
+            model(*_as_tuple(example_inputs))
+    finally:
+        model.train(was_training)
+    return int(counter.get_total_flops())
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of parameters (trainable or not) of ``model``."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def _is_depthwise(module: nn.Module) -> bool:
+    return isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d) and (
+        module.groups == module.out_channels and module.out_channels > 1
+    )
+
+
+class ResourceModel(nn.Module):
+    """FLOPs and parameter counts of the pruned model as a function of group widths."""
+
+    def __init__(self, model: nn.Module, example_inputs, groups: Sequence[ChannelGroup]):
+        super().__init__()
+        self.group_names = [g.name for g in groups]
+        modules = dict(model.named_modules())
+        calls = _record_output_shapes(model, example_inputs)
+        n_groups = len(groups)
+        index = {g.name: i for i, g in enumerate(groups)}
+
+        in_counts: dict[str, list[float]] = {}
+        out_counts: dict[str, list[float]] = {}
+        for g in groups:
+            for piece in g.consumers:
+                in_counts.setdefault(piece.module_name, [0.0] * n_groups)[index[g.name]] += len(
+                    piece.module_idxs
+                )
+            for piece in g.producers + g.norms:
+                out_counts.setdefault(piece.module_name, [0.0] * n_groups)[index[g.name]] += len(
+                    piece.module_idxs
+                )
+
+        rows = []  # (flop_coef, weight_coef, per_out_params, in_fixed, out_fixed, in_is_one)
+        in_rows, out_rows = [], []
+        for name, module in modules.items():
+            if isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.Linear):
+                row = self._layer_row(name, module, calls.get(name, []))
+            elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+                per_out = 2.0 if module.affine else 0.0
+                row = (0.0, 0.0, per_out, 1.0, float(module.num_features), True)
+            else:
+                continue
+            ins = in_counts.get(name, [0.0] * n_groups)
+            outs = out_counts.get(name, [0.0] * n_groups)
+            in_fixed = row[3] - sum(ins) if not row[5] else 1.0
+            out_fixed = row[4] - sum(outs)
+            rows.append((row[0], row[1], row[2], in_fixed, out_fixed, row[5]))
+            in_rows.append(ins if not row[5] else [0.0] * n_groups)
+            out_rows.append(outs)
+
+        def tensor(values) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.float64)
+
+        self.register_buffer("flop_coef", tensor([r[0] for r in rows]))
+        self.register_buffer("weight_coef", tensor([r[1] for r in rows]))
+        self.register_buffer("per_out_params", tensor([r[2] for r in rows]))
+        self.register_buffer("in_fixed", tensor([r[3] for r in rows]))
+        self.register_buffer("out_fixed", tensor([r[4] for r in rows]))
+        self.register_buffer("in_counts", tensor(in_rows).reshape(len(rows), n_groups))
+        self.register_buffer("out_counts", tensor(out_rows).reshape(len(rows), n_groups))
+        self.register_buffer("channels", tensor([g.channels for g in groups]))
+
+        full = self.channels.clone()
+        self.full_flops = float(count_flops(model, example_inputs))
+        self.full_params = float(count_params(model))
+        self.fixed_flops = self.full_flops - float(self._layer_flops(full))
+        self.fixed_params = self.full_params - float(self._layer_params(full))
+
+    @staticmethod
+    def _layer_row(name: str, module: nn.Module, shapes: list[torch.Size]):
+        """(flop_coef, weight_coef, per_out_params, in_width, out_width, in_is_one)."""
+        bias = 1.0 if getattr(module, "bias", None) is not None else 0.0
+        if isinstance(module, nn.Linear):
+            # every call multiplies (tokens x in) by (in x out)
+            tokens = sum(float(torch.Size(s[:-1]).numel()) for s in shapes)
+            return (2.0 * tokens, 1.0, bias, float(module.in_features),
+                    float(module.out_features), False)
+        kernel = float(torch.Size(module.kernel_size).numel())
+        positions = sum(float(s[0] * torch.Size(s[2:]).numel()) for s in shapes)
+        if _is_depthwise(module):
+            mult = module.out_channels // module.in_channels
+            if mult != 1:
+                raise UnsupportedModelError(
+                    f"layer {name!r}: depthwise conv with channel multiplier {mult} is not supported"
+                )
+            return (2.0 * kernel * positions, kernel, bias, 1.0, float(module.out_channels), True)
+        if module.groups != 1:
+            raise UnsupportedModelError(
+                f"layer {name!r}: grouped conv (groups={module.groups}) that is not depthwise is "
+                "not supported; add it to ignored_layers"
+            )
+        return (2.0 * kernel * positions, kernel, bias, float(module.in_channels),
+                float(module.out_channels), False)
+
+    def _widths(self, widths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        frac = widths.to(self.channels.dtype) / self.channels
+        ins = self.in_fixed + self.in_counts @ frac
+        outs = self.out_fixed + self.out_counts @ frac
+        return ins, outs
+
+    def _layer_flops(self, widths: torch.Tensor) -> torch.Tensor:
+        ins, outs = self._widths(widths)
+        return (self.flop_coef * ins * outs).sum()
+
+    def _layer_params(self, widths: torch.Tensor) -> torch.Tensor:
+        ins, outs = self._widths(widths)
+        return (self.weight_coef * ins * outs + self.per_out_params * outs).sum()
+
+    def flops(self, widths: torch.Tensor) -> torch.Tensor:
+        """FLOPs at the given group widths (a tensor with the widths' gradient)."""
+        return self._layer_flops(widths) + self.fixed_flops
+
+    def params(self, widths: torch.Tensor) -> torch.Tensor:
+        """Parameter count at the given group widths."""
+        return self._layer_params(widths) + self.fixed_params
+
+
+def _record_output_shapes(model: nn.Module, example_inputs) -> dict[str, list[torch.Size]]:
+    """Output shape of every call of every conv/linear layer on ``example_inputs``."""
+    shapes: dict[str, list[torch.Size]] = {}
+    handles = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.Linear):
+
+            def hook(mod, inputs, output, name=name):
+                shapes.setdefault(name, []).append(output.shape)
+
+            handles.append(module.register_forward_hook(hook))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(*_as_tuple(example_inputs))
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return shapes

@@ -1,0 +1,223 @@
+"""The core invariant (SPEC section 3): the hard-masked network IS the exported network.
+
+For every model of the registry and a range of torchvision CNNs, with random width logits:
+eval-mode outputs of ``pruner.mode("hard")`` equal the physically pruned model's outputs, and
+the pruner's FLOPs and parameter predictions equal what independent counters measure.
+"""
+
+import warnings
+
+import pytest
+import torch
+import torchvision
+
+from s2hpruner import S2HPruner, count_flops, count_params
+from s2hpruner.errors import BudgetError, UnsupportedModelError
+from s2hpruner.models import MODELS, create_model
+
+# (registry name, kwargs, input shape): small inputs keep the suite fast
+REGISTRY_CASES = [
+    ("resnet20", {}, (2, 1, 28, 28)),
+    ("resnet56", {}, (2, 3, 32, 32)),
+    ("resnet50", {}, (2, 3, 32, 32)),
+    ("wrn28_10", {"widen_factor": 2}, (2, 3, 32, 32)),
+    ("wrn16_4", {"dropout": 0.3}, (2, 3, 32, 32)),
+    ("vgg19_bn", {}, (2, 1, 28, 28)),
+    ("vgg11_bn_cifar", {}, (2, 3, 32, 32)),
+    ("mobilenet_v3_small", {}, (2, 3, 32, 32)),
+    ("mobilenet_v3_large", {}, (2, 1, 28, 28)),
+]
+TORCHVISION_CASES = [
+    "resnet18", "mobilenet_v3_small", "vgg11_bn", "densenet121", "efficientnet_b0",
+    "mnasnet0_5", "squeezenet1_0", "mobilenet_v2", "alexnet", "resnet34",
+]
+
+
+def randomise(pruner: S2HPruner, seed: int, scale: float = 2.0) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for u in pruner.mask_parameters():
+            u.copy_(torch.randn(u.shape, generator=gen) * scale)
+    pruner.update_ranks()
+
+
+def randomise_bn_stats(model: torch.nn.Module, seed: int) -> None:
+    """Non-trivial running statistics so that masking before a BN would be caught."""
+    gen = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=gen) * 0.2)
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
+            m.weight.data.copy_(torch.rand(m.weight.shape, generator=gen) + 0.5)
+            m.bias.data.copy_(torch.randn(m.bias.shape, generator=gen) * 0.2)
+
+
+def check_exact_and_flops(model, shape, seed=0, target=0.5):
+    torch.manual_seed(seed)
+    randomise_bn_stats(model, seed)
+    model.eval()
+    x = torch.randn(*shape)
+    pruner = S2HPruner(model, x, target_flops=target)
+    randomise(pruner, seed)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad(), pruner.mode("hard"):
+        hard = model(x)
+    exported = pruner.export().eval()
+    with torch.no_grad():
+        pruned_out = exported(x)
+        full = model(x)
+    scale = hard.abs().max().clamp_min(1e-6)
+    assert (hard - pruned_out).abs().max() <= 1e-4 * scale, "hard network != exported network"
+    # the wrapped model is untouched by export and by the mode contexts
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        assert torch.equal(model(x), full)
+    # the hard network really is smaller, and FLOPs agree with the independent counter
+    counted = count_flops(exported, x)
+    assert counted < count_flops(model, x)
+    assert float(pruner.flops("hard")) == pytest.approx(counted, rel=0.01)
+    assert float(pruner.flops("full")) == pytest.approx(count_flops(model, x), rel=0.01)
+    assert float(pruner.params("hard")) == pytest.approx(count_params(exported), rel=0.01)
+    kept = pruner.kept_widths()
+    assert all(w in g.candidates for g, w in zip(pruner.groups, kept.values(), strict=True))
+    return pruner, exported
+
+
+@pytest.mark.parametrize(("name", "kwargs", "shape"), REGISTRY_CASES, ids=[c[0] for c in REGISTRY_CASES])
+def test_registry_model_exact_export_and_flops(name, kwargs, shape):
+    model = create_model(name, num_classes=10, in_chans=shape[1], **kwargs)
+    check_exact_and_flops(model, shape, seed=hash(name) % 1000)
+
+
+def test_every_registry_model_is_covered():
+    assert {c[0] for c in REGISTRY_CASES} == set(MODELS)
+
+
+@pytest.mark.parametrize("name", TORCHVISION_CASES)
+def test_torchvision_cnn_exact_export_and_flops(name):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = torchvision.models.get_model(name, weights=None, num_classes=10)
+    check_exact_and_flops(model, (2, 3, 64, 64), seed=len(name))
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_exactness_holds_for_many_random_architectures(seed):
+    model = create_model("resnet20", num_classes=10, in_chans=1)
+    check_exact_and_flops(model, (3, 1, 28, 28), seed=seed)
+
+
+def test_soft_network_is_close_to_full_at_initialisation():
+    torch.manual_seed(0)
+    model = create_model("resnet20", num_classes=10, in_chans=1).eval()
+    x = torch.randn(4, 1, 28, 28)
+    pruner = S2HPruner(model, x, target_flops=0.35)
+    ratio = float(pruner.flops_ratio("soft"))
+    assert 0.8 < ratio < 1.0, "initial soft network should be nearly full"
+    with torch.no_grad(), pruner.mode("soft"):
+        soft = model(x)
+    with torch.no_grad(), pruner.mode("full"):
+        full = model(x)
+    assert not torch.equal(soft, full)
+    for g, u in zip(pruner.groups, pruner.mask_parameters(), strict=True):
+        assert u.shape == (len(g.candidates),)
+
+
+def test_group_structure_of_resnet20():
+    model = create_model("resnet20", num_classes=10, in_chans=1)
+    pruner = S2HPruner(model, torch.randn(1, 1, 28, 28))
+    names = [g.name for g in pruner.groups]
+    # one residual group per stage (stem + block outputs tied by additions) + one per block
+    assert len(pruner.groups) == 3 + 9
+    assert all("fc" not in n for n in names), "the classifier's outputs are never pruned"
+    stage = max(pruner.groups, key=lambda g: len(g.producers))
+    # masks act after BatchNorms only (post-activation net: every producer is followed by a BN)
+    sites = {s.module_name for s in stage.mask_sites}
+    modules = dict(model.named_modules())
+    assert all(isinstance(modules[s], torch.nn.BatchNorm2d) for s in sites)
+
+
+def test_ignored_layers_by_name_stay_full():
+    model = create_model("resnet20", num_classes=10, in_chans=1)
+    x = torch.randn(1, 1, 28, 28)
+    full = S2HPruner(model, x)
+    first_block = "layer1.0.conv1" if "layer1.0.conv1" in dict(model.named_modules()) else None
+    assert first_block is not None
+    pruner = S2HPruner(model, x, ignored_layers=[first_block])
+    assert len(pruner.groups) == len(full.groups) - 1
+    assert first_block not in [g.name for g in pruner.groups]
+
+
+def test_impossible_budgets_fail_early_with_the_minimum():
+    model = create_model("resnet20", num_classes=10, in_chans=1)
+    x = torch.randn(1, 1, 28, 28)
+    for bad in (0.0, -0.1, 1.5):
+        with pytest.raises(BudgetError, match=r"\(0, 1\]"):
+            S2HPruner(model, x, target_flops=bad)
+    with pytest.raises(BudgetError, match="smallest FLOPs ratio") as err:
+        S2HPruner(model, x, target_flops=0.001)
+    assert "0.0" in str(err.value)
+
+
+def test_unsupported_layer_named_in_error():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = torchvision.models.resnext50_32x4d(num_classes=10)
+    with pytest.raises(UnsupportedModelError, match="layer1.0.conv2"):
+        S2HPruner(model, torch.randn(1, 3, 64, 64))
+
+
+def test_model_with_nothing_to_prune():
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    with pytest.raises(UnsupportedModelError, match="no prunable channel group"):
+        S2HPruner(model, torch.randn(1, 3, 2, 2))
+
+
+def test_soft_flops_gradient_matches_finite_differences():
+    model = create_model("mobilenet_v3_small", num_classes=10, in_chans=3)
+    pruner = S2HPruner(model, torch.randn(1, 3, 32, 32))
+    randomise(pruner, 0, scale=1.0)
+    pruner.search.double()
+    pruner.resources.double()
+    params = pruner.mask_parameters()
+    flops = pruner.flops("soft")
+    grads = torch.autograd.grad(flops, params)
+    gen = torch.Generator().manual_seed(0)
+    for gi in torch.randint(len(params), (6,), generator=gen).tolist():
+        u = params[gi]
+        k = int(torch.randint(u.numel(), (1,), generator=gen))
+        eps = 1e-5
+        with torch.no_grad():
+            u[k] += eps
+            up = float(pruner.flops("soft"))
+            u[k] -= 2 * eps
+            down = float(pruner.flops("soft"))
+            u[k] += eps
+        numeric = (up - down) / (2 * eps)
+        assert numeric == pytest.approx(float(grads[gi][k]), rel=1e-4, abs=1e-3)
+
+
+def test_hard_mask_sends_no_gradient_through_pruned_channels():
+    torch.manual_seed(0)
+    model = create_model("resnet20", num_classes=10, in_chans=1).eval()
+    x = torch.randn(2, 1, 28, 28)
+    pruner = S2HPruner(model, x)
+    randomise(pruner, 5, scale=1.0)
+    masks = pruner.hard_masks()
+    relaxed = pruner.relaxed_masks()
+    kept = pruner.kept_channels()
+    for i, (g, m_hat) in enumerate(zip(pruner.groups, masks, strict=True)):
+        keep = torch.zeros(g.channels, dtype=torch.bool)
+        keep[kept[g.name]] = True
+        assert torch.equal(m_hat.detach(), keep.float())
+        weights = torch.randn(g.channels)
+        (grad_hard,) = torch.autograd.grad((m_hat * weights).sum(), pruner.mask_parameters()[i])
+        (grad_kept,) = torch.autograd.grad(
+            (relaxed[i] * weights * keep).sum(), pruner.mask_parameters()[i]
+        )
+        assert torch.allclose(grad_hard, grad_kept, atol=1e-6)
+    # and through a whole network: the hard forward's gradient to u ignores pruned channels
+    with pruner.mode("hard"):
+        out = model(x).sum()
+    grads = torch.autograd.grad(out, pruner.mask_parameters(), allow_unused=True)
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
