@@ -28,8 +28,16 @@ REGISTRY_CASES = [
     ("mobilenet_v3_large", {}, (2, 1, 28, 28)),
 ]
 TORCHVISION_CASES = [
-    "resnet18", "mobilenet_v3_small", "vgg11_bn", "densenet121", "efficientnet_b0",
-    "mnasnet0_5", "squeezenet1_0", "mobilenet_v2", "alexnet", "resnet34",
+    "resnet18",
+    "mobilenet_v3_small",
+    "vgg11_bn",
+    "densenet121",
+    "efficientnet_b0",
+    "mnasnet0_5",
+    "squeezenet1_0",
+    "mobilenet_v2",
+    "alexnet",
+    "resnet34",
 ]
 
 
@@ -83,7 +91,9 @@ def check_exact_and_flops(model, shape, seed=0, target=0.5):
     return pruner, exported
 
 
-@pytest.mark.parametrize(("name", "kwargs", "shape"), REGISTRY_CASES, ids=[c[0] for c in REGISTRY_CASES])
+@pytest.mark.parametrize(
+    ("name", "kwargs", "shape"), REGISTRY_CASES, ids=[c[0] for c in REGISTRY_CASES]
+)
 def test_registry_model_exact_export_and_flops(name, kwargs, shape):
     model = create_model(name, num_classes=10, in_chans=shape[1], **kwargs)
     check_exact_and_flops(model, shape, seed=hash(name) % 1000)

@@ -47,7 +47,6 @@ __all__ = [
 ]
 
 
-
 @dataclass(frozen=True)
 class DataSpec:
     """What a model needs to know about a data set, available without reading any file."""

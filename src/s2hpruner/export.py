@@ -47,12 +47,19 @@ def _batch_dims(example: torch.Tensor):
     return ({0: torch.export.Dim("batch", min=1, max=65536)},)
 
 
+def _example_batch(example: torch.Tensor) -> torch.Tensor:
+    """A batch of two: torch.export specialises a size-1 dimension to the constant 1."""
+    return example[:1].expand(2, *example.shape[1:]).contiguous()
+
+
 def save_program(model: nn.Module, example: torch.Tensor, path: str | os.PathLike) -> Path:
     """Save ``model`` (eval mode) as a ``torch.export`` program with a dynamic batch size."""
     was_training = model.training
     model.eval()
     try:
-        program = torch.export.export(model, (example,), dynamic_shapes=_batch_dims(example))
+        program = torch.export.export(
+            model, (_example_batch(example),), dynamic_shapes=_batch_dims(example)
+        )
     finally:
         model.train(was_training)
     buffer = io.BytesIO()
@@ -75,7 +82,11 @@ def save_onnx(model: nn.Module, example: torch.Tensor, path: str | os.PathLike) 
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             torch.onnx.export(
-                model, (example,), str(tmp), dynamic_shapes=_batch_dims(example), dynamo=True,
+                model,
+                (example,),
+                str(tmp),
+                dynamic_shapes=_batch_dims(example),
+                dynamo=True,
                 external_data=False,
             )
         os.replace(tmp, path)

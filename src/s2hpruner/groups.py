@@ -71,7 +71,7 @@ class ChannelGroup:
     def __repr__(self) -> str:
         return (
             f"ChannelGroup({self.name!r}, channels={self.channels}, step={self.step}, "
-            f"candidates={len(self.candidates)}, producers={[p.module_name for p in self.producers]})"
+            f"candidates={len(self.candidates)}, producers={len(self.producers)})"
         )
 
 

@@ -20,6 +20,7 @@ from . import masks as M
 from .errors import BudgetError, UnsupportedModelError
 from .groups import ChannelGroup, build_graph, find_groups, module_channel_dim
 from .resources import ResourceModel
+from .sliced import SlicedHardForward, unsliceable_modules
 
 MODES = ("full", "soft", "hard")
 
@@ -79,6 +80,11 @@ class S2HPruner:
         ignored_layers: modules (or their names) whose output channels are never pruned; the
             classifier is always ignored.
         temperature: tau of p = softmax(u / tau); constant, never annealed.
+        separate_hard_bn_stats: keep the hard network's BatchNorm running statistics apart
+            from the soft network's (the two see different activations); the exported model
+            gets the hard ones. Off for DMP, which never runs the hard network in training.
+        sliced_hard: run the hard network on the kept channels only (sliced.py), when every
+            layer of the groups allows it; else the masked forward is used.
     """
 
     def __init__(
@@ -90,6 +96,8 @@ class S2HPruner:
         ignored_layers: Iterable[nn.Module | str] = (),
         temperature: float = 1.0,
         max_candidates: int = 32,
+        separate_hard_bn_stats: bool = False,
+        sliced_hard: bool = True,
     ):
         if not 0.0 < float(target_flops) <= 1.0:
             raise BudgetError(
@@ -110,6 +118,10 @@ class S2HPruner:
         self.freeze_ranks = False
         self._modules = dict(model.named_modules())
         self._sites = self._site_index()
+        self.hard_bn_stats = _copy_bn_stats(model) if separate_hard_bn_stats else None
+        self.unsliceable = unsliceable_modules(self.groups, self._modules)
+        self._sliced = None if self.unsliceable else SlicedHardForward(self.groups, self._modules)
+        self.sliced_hard = sliced_hard and self._sliced is not None
         device = next(model.parameters()).device
         self.to(device)
         self.update_ranks(force=True)
@@ -126,6 +138,12 @@ class S2HPruner:
         self.search.to(device)
         self.resources.to(device)
         self._sites = {k: (idx.to(device), dim) for k, (idx, dim) in self._sites.items()}
+        if self._sliced is not None:
+            self._sliced.to(device)
+        if self.hard_bn_stats is not None:
+            self.hard_bn_stats = {
+                k: {b: t.to(device) for b, t in v.items()} for k, v in self.hard_bn_stats.items()
+            }
         return self
 
     def mask_parameters(self) -> list[nn.Parameter]:
@@ -133,8 +151,12 @@ class S2HPruner:
         return list(self.search.logits)
 
     def state_dict(self) -> dict:
-        return {"search": self.search.state_dict(), "freeze_ranks": self.freeze_ranks,
-                "groups": [(g.name, g.channels, g.candidates) for g in self.groups]}
+        return {
+            "search": self.search.state_dict(),
+            "freeze_ranks": self.freeze_ranks,
+            "hard_bn_stats": self.hard_bn_stats,
+            "groups": [(g.name, g.channels, g.candidates) for g in self.groups],
+        }
 
     def load_state_dict(self, state: dict) -> None:
         mine = [(g.name, g.channels, g.candidates) for g in self.groups]
@@ -143,6 +165,12 @@ class S2HPruner:
             raise ValueError("pruner state belongs to a model with other channel groups")
         self.search.load_state_dict(state["search"])
         self.freeze_ranks = state["freeze_ranks"]
+        if state.get("hard_bn_stats") is not None:
+            device = self.resources.channels.device
+            self.hard_bn_stats = {
+                k: {b: t.to(device) for b, t in v.items()}
+                for k, v in state["hard_bn_stats"].items()
+            }
 
     # ------------------------------------------------------------ importance
     @torch.no_grad()
@@ -207,32 +235,60 @@ class S2HPruner:
                 index[torch.tensor(piece.module_idxs)] = torch.tensor(piece.root_idxs) + offsets[gi]
         return {n: (idx, module_channel_dim(self._modules[n])) for n, idx in sites.items()}
 
-    def site_multipliers(self, mode: str) -> dict[str, torch.Tensor]:
-        """The per-channel multiplier of every mask site for ``mode`` ("soft" or "hard")."""
+    def flat_masks(self, mode: str) -> torch.Tensor:
+        """All groups' masks for ``mode`` ("soft" or "hard") in one vector, plus a trailing 1
+        that layers' channels outside any group point to."""
         group_masks = self.relaxed_masks() if mode == "soft" else self.hard_masks()
-        device = group_masks[0].device
-        flat = torch.cat(group_masks + [torch.ones(1, device=device)])
-        return {name: flat[index] for name, (index, _) in self._sites.items()}
+        return torch.cat(group_masks + [torch.ones(1, device=group_masks[0].device)])
 
     @contextlib.contextmanager
-    def mode(self, mode: str) -> Iterator[None]:
-        """Forward the wrapped model inside this context to get the ``mode`` network."""
+    def mode(self, mode: str, sliced: bool | None = None) -> Iterator[None]:
+        """Forward the wrapped model inside this context to get the ``mode`` network.
+
+        In "hard" mode, ``sliced`` (default: ``self.sliced_hard``) computes only the kept
+        channels; ``sliced=False`` is the masked reference path. Both give the same network.
+        """
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; use one of {MODES}")
         if mode == "full":
             yield
             return
-        multipliers = self.site_multipliers(mode)
-        handles = []
-        for name, (_, dim) in self._sites.items():
-            handles.append(
-                self._modules[name].register_forward_hook(_mask_hook(multipliers[name], dim))
+        flat = self.flat_masks(mode)
+        sliced = self.sliced_hard if sliced is None else sliced
+        if sliced and self._sliced is None:
+            raise UnsupportedModelError(
+                f"no sliced hard forward for this model (layers {self.unsliceable}); "
+                "use the masked one"
             )
+        swap = mode == "hard" and self.hard_bn_stats is not None
+        if swap:
+            self._swap_bn_stats()
         try:
-            yield
+            if mode == "hard" and sliced:
+                keep = flat.detach() > 0.5
+                with self._sliced.apply(keep, flat, self._sites):
+                    yield
+            else:
+                handles = [
+                    self._modules[name].register_forward_hook(_mask_hook(flat[index], dim))
+                    for name, (index, dim) in self._sites.items()
+                ]
+                try:
+                    yield
+                finally:
+                    for h in handles:
+                        h.remove()
         finally:
-            for h in handles:
-                h.remove()
+            if swap:
+                self._swap_bn_stats()
+
+    def _swap_bn_stats(self) -> None:
+        """Exchange the model's BatchNorm running statistics with the hard network's."""
+        for name, stats in self.hard_bn_stats.items():
+            module = self._modules[name]
+            for buffer, tensor in stats.items():
+                stats[buffer] = getattr(module, buffer)
+                setattr(module, buffer, tensor)
 
     # ------------------------------------------------------------- resources
     def widths(self, mode: str) -> torch.Tensor:
@@ -251,6 +307,11 @@ class S2HPruner:
 
     def flops_ratio(self, mode: str = "hard") -> torch.Tensor:
         return self.flops(mode) / self.resources.full_flops
+
+    @torch.no_grad()
+    def ratio(self, mode: str = "hard") -> float:
+        """FLOPs ratio of ``mode`` as a plain number (for logs and checks)."""
+        return float(self.flops_ratio(mode))
 
     def params(self, mode: str = "hard") -> torch.Tensor:
         return self.resources.params(self.widths(mode))
@@ -277,6 +338,11 @@ class S2HPruner:
     def export(self) -> nn.Module:
         """A new, physically pruned copy of the model: exactly the current hard network."""
         pruned = copy.deepcopy(self.model)
+        if self.hard_bn_stats is not None:
+            modules = dict(pruned.named_modules())
+            for name, stats in self.hard_bn_stats.items():
+                for buffer, tensor in stats.items():
+                    setattr(modules[name], buffer, tensor.clone())
         graph = build_graph(pruned, self.example_inputs)
         modules = dict(pruned.named_modules())
         for g, keep in zip(self.groups, self.kept_channels().values(), strict=True):
@@ -297,6 +363,17 @@ def _out_channels(module: nn.Module) -> int:
     raise UnsupportedModelError(f"cannot tell the channel count of {type(module).__name__}")
 
 
+def _copy_bn_stats(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
+    stats = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+            stats[name] = {
+                b: getattr(module, b).clone()
+                for b in ("running_mean", "running_var", "num_batches_tracked")
+            }
+    return stats
+
+
 def _mask_hook(multiplier: torch.Tensor, dim: int):
     def hook(module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
         shape = [1] * output.dim()
@@ -304,4 +381,3 @@ def _mask_hook(multiplier: torch.Tensor, dim: int):
         return output * multiplier.view(shape)
 
     return hook
-

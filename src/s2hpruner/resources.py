@@ -123,15 +123,21 @@ class ResourceModel(nn.Module):
         if isinstance(module, nn.Linear):
             # every call multiplies (tokens x in) by (in x out)
             tokens = sum(float(torch.Size(s[:-1]).numel()) for s in shapes)
-            return (2.0 * tokens, 1.0, bias, float(module.in_features),
-                    float(module.out_features), False)
+            return (
+                2.0 * tokens,
+                1.0,
+                bias,
+                float(module.in_features),
+                float(module.out_features),
+                False,
+            )
         kernel = float(torch.Size(module.kernel_size).numel())
         positions = sum(float(s[0] * torch.Size(s[2:]).numel()) for s in shapes)
         if _is_depthwise(module):
             mult = module.out_channels // module.in_channels
             if mult != 1:
                 raise UnsupportedModelError(
-                    f"layer {name!r}: depthwise conv with channel multiplier {mult} is not supported"
+                    f"layer {name!r}: depthwise conv with channel multiplier {mult} is unsupported"
                 )
             return (2.0 * kernel * positions, kernel, bias, 1.0, float(module.out_channels), True)
         if module.groups != 1:
@@ -139,8 +145,14 @@ class ResourceModel(nn.Module):
                 f"layer {name!r}: grouped conv (groups={module.groups}) that is not depthwise is "
                 "not supported; add it to ignored_layers"
             )
-        return (2.0 * kernel * positions, kernel, bias, float(module.in_channels),
-                float(module.out_channels), False)
+        return (
+            2.0 * kernel * positions,
+            kernel,
+            bias,
+            float(module.in_channels),
+            float(module.out_channels),
+            False,
+        )
 
     def _widths(self, widths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         frac = widths.to(self.channels.dtype) / self.channels

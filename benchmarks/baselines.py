@@ -1,0 +1,456 @@
+"""Baselines that end, like S2HPruner, with a physically pruned model at a FLOPs target.
+
+Every baseline trains with the recipe of s2hpruner's own runs, read from the same
+:class:`~s2hpruner.config.RunConfig`: SGD with Nesterov momentum, weight decay on weights only,
+a cosine learning rate over each training stage, the same batch size, data splits,
+augmentation, batch order (:class:`~s2hpruner.run.EpochSampler`) and initial weights. So a
+difference in accuracy comes from the method, not from the training. All of them train for
+``cfg.epochs`` epochs in total:
+
+* ``l1``: train the full model for the whole budget, prune it by global L1 magnitude to the
+  target FLOPs, no fine-tuning.
+* ``l1-ft``: train for ``pretrain_fraction`` of the budget, prune as ``l1``, fine-tune for the
+  rest.
+* ``group-sl``: sparse training with torch-pruning's ``GroupNormPruner`` regulariser for
+  ``sparse_fraction`` of the budget, prune by group L2 norm, fine-tune for the rest.
+* ``random``: random widths at the target FLOPs (S2HPruner with random width logits, projected
+  to the budget, exported with its random init), trained for the whole budget.
+
+Importance-based methods reach the target by bisecting torch-pruning's global pruning ratio on
+deep copies until the exported FLOPs (counted by :func:`s2hpruner.count_flops`) are within
+``flops_tolerance`` of the target, then prune the real model with that ratio.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+import os
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torch_pruning as tp
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from s2hpruner import S2HPruner, count_flops, count_params
+from s2hpruner.config import RunConfig
+from s2hpruner.data import DataSplits, build_datasets
+from s2hpruner.groups import build_graph, classifier_layers
+from s2hpruner.models import create_model
+from s2hpruner.run import EpochSampler, seed_everything, val_size
+from s2hpruner.train import evaluate, project_to_budget
+
+BASELINES = ("l1", "l1-ft", "group-sl", "random")
+
+# (model, example inputs, global pruning ratio, ignored layers) -> a torch-pruning pruner
+PrunerFactory = Callable[[nn.Module, torch.Tensor, float, list], tp.pruner.BasePruner]
+
+
+@dataclass(frozen=True)
+class BaselineOptions:
+    """Method-specific choices; documented in RESULTS.md next to the numbers."""
+
+    pretrain_fraction: float = 0.5  # l1-ft: share of the budget trained before pruning
+    sparse_fraction: float = 0.5  # group-sl: share of the budget spent in sparse training
+    group_sl_reg: float = 5e-4  # GroupNormPruner reg (torch-pruning's benchmark default)
+    # torch-pruning's benchmark turns weight decay off while its regulariser is on: the
+    # regulariser already decays every prunable weight by at least reg (gamma >= 1).
+    sparse_weight_decay: float = 0.0
+    random_logit_std: float = 3.0  # spread of the random width logits (larger: more varied)
+    flops_tolerance: float = 0.005  # |exported FLOPs ratio - target| the bisection aims for
+    max_probes: int = 30  # bisection steps before settling for the closest ratio seen
+
+
+@dataclass
+class Data:
+    """The splits, the seeded training order and the example input of one run."""
+
+    splits: DataSplits
+    sampler: EpochSampler
+    loader: DataLoader
+    steps_per_epoch: int
+    example: torch.Tensor
+    device: torch.device
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_data(cfg: RunConfig, device: torch.device) -> Data:
+    """The same splits and batch order as ``s2hpruner.run.prune`` builds for ``cfg``."""
+    splits = build_datasets(
+        cfg.dataset,
+        cfg.data_root,
+        val_size=val_size(cfg),
+        seed=cfg.seed,
+        augment=cfg.augment,
+        train_subset=cfg.train_subset,
+    )
+    sampler = EpochSampler(len(splits.train), cfg.seed, cfg.batch_size)
+    loader = DataLoader(
+        splits.train,
+        batch_size=cfg.batch_size,
+        sampler=sampler,
+        drop_last=True,
+        num_workers=cfg.workers,
+        persistent_workers=cfg.workers > 0,
+    )
+    steps_per_epoch = len(sampler.order()) // cfg.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError("the training split is smaller than one batch; lower the batch size")
+    spec = splits.spec
+    example = torch.zeros(1, spec.in_chans, spec.image_size, spec.image_size, device=device)
+    return Data(splits, sampler, loader, steps_per_epoch, example, device)
+
+
+def build_model(cfg: RunConfig, data: Data) -> nn.Module:
+    """The model with the initial weights S2HPruner's run of the same seed starts from."""
+    spec = data.splits.spec
+    model = create_model(
+        cfg.model, num_classes=spec.num_classes, in_chans=spec.in_chans, **cfg.model_kwargs
+    ).to(data.device)
+    return _memory_format(model, cfg)
+
+
+def _memory_format(model: nn.Module, cfg: RunConfig) -> nn.Module:
+    # torch-pruning builds new parameters when it prunes, so this is re-applied after pruning
+    return model.to(memory_format=torch.channels_last) if cfg.channels_last else model
+
+
+def sgd(
+    model: nn.Module, cfg: RunConfig, steps: int, weight_decay: float | None = None
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """s2hpruner's weight optimizer (decay on weights, none on biases and norms), with its
+    cosine schedule stretched over ``steps``: one training stage."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = cfg.weight_decay if weight_decay is None else weight_decay
+    optimizer = torch.optim.SGD(
+        [
+            {"params": [p for p in params if p.dim() > 1], "weight_decay": decay},
+            {"params": [p for p in params if p.dim() <= 1], "weight_decay": 0.0},
+        ],
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        nesterov=cfg.nesterov and cfg.momentum > 0,
+    )
+    warmup = cfg.lr_warmup_steps
+
+    def cosine(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        t = (step - warmup) / max(1, steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
+
+
+def train(
+    model: nn.Module,
+    data: Data,
+    cfg: RunConfig,
+    first_step: int,
+    steps: int,
+    desc: str = "train",
+    weight_decay: float | None = None,
+    after_backward: Callable[[nn.Module], None] | None = None,
+) -> float:
+    """Plain cross-entropy training for ``steps`` steps; returns the training seconds.
+
+    Batches continue the run's global order from ``first_step``, so a method split into
+    stages sees the same batches as one trained in a single stage. ``after_backward`` runs
+    between ``backward()`` and the optimizer step (where Group-SL adds its regulariser).
+    """
+    optimizer, schedule = sgd(model, cfg, steps, weight_decay)
+    model.train()
+    step, end, seconds = first_step, first_step + steps, 0.0
+    bar = tqdm(total=steps, desc=desc, leave=False, disable=not cfg.progress, dynamic_ncols=True)
+    while step < end:
+        data.sampler.epoch, data.sampler.start_batch = divmod(step, data.steps_per_epoch)
+        start = time.perf_counter()
+        for x, y in data.loader:
+            x, y = x.to(data.device, non_blocking=True), y.to(data.device, non_blocking=True)
+            if cfg.channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            loss = F.cross_entropy(model(x), y, label_smoothing=cfg.label_smoothing)
+            if not math.isfinite(loss.item()):
+                raise FloatingPointError(f"{desc}: non-finite loss at step {step}; lower the lr")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if after_backward is not None:
+                after_backward(model)
+            optimizer.step()
+            schedule.step()
+            step += 1
+            bar.update(1)
+            if step % 10 == 0:
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+            if step == end or step % data.steps_per_epoch == 0:
+                break
+        seconds += time.perf_counter() - start
+    bar.close()
+    return seconds
+
+
+# ----------------------------------------------------------------------------- pruning
+
+
+def l1_pruner(model: nn.Module, example: torch.Tensor, ratio: float, ignored: list):
+    """Global L1-magnitude channel pruning (group mean, torch-pruning's mean normaliser)."""
+    return tp.pruner.BasePruner(
+        model,
+        example,
+        importance=tp.importance.MagnitudeImportance(p=1),
+        global_pruning=True,
+        pruning_ratio=ratio,
+        ignored_layers=ignored,
+    )
+
+
+def group_sl_pruner(
+    model: nn.Module, example: torch.Tensor, ratio: float, ignored: list, reg: float = 5e-4
+):
+    """Group-SL (DepGraph, CVPR 2023) as in torch-pruning's benchmarks: group L2 importance
+    normalised by its max, GroupNormPruner's regulariser for the sparse training."""
+    return tp.pruner.GroupNormPruner(
+        model,
+        example,
+        importance=tp.importance.GroupMagnitudeImportance(p=2, normalizer="max"),
+        reg=reg,
+        global_pruning=True,
+        pruning_ratio=ratio,
+        ignored_layers=ignored,
+    )
+
+
+def classifier_names(model: nn.Module, example: torch.Tensor) -> list[str]:
+    """The layers S2HPruner never prunes (the classifier), by name, so copies can find them."""
+    names = {m: n for n, m in model.named_modules()}
+    return [names[m] for m in classifier_layers(model, build_graph(model, example))]
+
+
+def make_pruner(
+    factory: PrunerFactory, model: nn.Module, example: torch.Tensor, ratio: float, ignored: list
+):
+    """Build a pruner in eval mode: tracing runs a forward that would otherwise move the
+    BatchNorm running statistics of the trained model."""
+    was_training = model.training
+    model.eval()
+    try:
+        modules = [model.get_submodule(name) for name in ignored]
+        return factory(model, example, ratio, modules)
+    finally:
+        model.train(was_training)
+
+
+def prune_to_flops(
+    model: nn.Module,
+    example: torch.Tensor,
+    factory: PrunerFactory,
+    target: float,
+    tolerance: float = 0.005,
+    max_probes: int = 30,
+) -> dict:
+    """Prune ``model`` in place to ``target`` x its FLOPs by bisecting the global ratio.
+
+    FLOPs fall as the ratio grows, except near 1 where torch-pruning skips groups that would
+    lose their last channel; the search therefore stays below a ratio of 0.9. It stops within
+    ``tolerance``, or when the ratio interval is below 1e-4: then the target lies inside the
+    FLOPs jump of a single channel (group), and the closest ratio seen is kept, with a warning.
+    """
+    ignored = classifier_names(model, example)
+    full = count_flops(model, example)
+
+    def prune(net: nn.Module, ratio: float) -> float:
+        make_pruner(factory, net, example, ratio, ignored).step()
+        return count_flops(net, example) / full
+
+    lo, hi = 0.0, 0.9
+    best_ratio, best_flops, probes = 0.0, 1.0, 0
+    while probes < max_probes and hi - lo > 1e-4:
+        probes += 1
+        ratio = 0.5 * (lo + hi)
+        flops = prune(copy.deepcopy(model), ratio)
+        if abs(flops - target) < abs(best_flops - target):
+            best_ratio, best_flops = ratio, flops
+        if abs(flops - target) <= tolerance:
+            break
+        lo, hi = (ratio, hi) if flops > target else (lo, ratio)
+    if abs(best_flops - target) > tolerance:
+        warnings.warn(
+            f"bisection reached FLOPs ratio {best_flops:.4f} for target {target} "
+            f"(tolerance {tolerance}); channel steps are coarser than the tolerance here",
+            stacklevel=2,
+        )
+    flops = prune(model, best_ratio)  # for real, with the ratio found on the copies
+    if abs(flops - best_flops) > 1e-9:
+        raise RuntimeError(f"pruning is not deterministic: {flops} on the model, {best_flops}")
+    return {"pruning_ratio": best_ratio, "bisection_probes": probes}
+
+
+def random_architecture(
+    model: nn.Module, example: torch.Tensor, target: float, seed: int, logit_std: float
+) -> tuple[nn.Module, int]:
+    """A physically pruned copy of ``model`` with random widths at ``target`` FLOPs.
+
+    Random width logits, moved by ``project_to_budget`` until the hard FLOPs meet the target,
+    then exported: the kept channels keep their (random) initial weights. Returns the model and
+    the projection steps taken.
+    """
+    pruner = S2HPruner(model, example, target_flops=target)
+    generator = torch.Generator().manual_seed(10_007 * seed + 1)  # leaves torch's RNG alone
+    with torch.no_grad():
+        for logits in pruner.mask_parameters():
+            noise = torch.randn(logits.shape, generator=generator) * logit_std
+            logits.copy_(noise.to(logits.device))
+    steps = project_to_budget(pruner, target, tolerance=0.004)
+    if abs(pruner.ratio("hard") - target) > 0.004:
+        warnings.warn(
+            f"random widths reach FLOPs {pruner.ratio('hard'):.4f}, not {target}", stacklevel=2
+        )
+    pruner.freeze_ranks = True
+    return pruner.export(), steps
+
+
+# ----------------------------------------------------------------------------- one run
+
+
+def _split(total: int, fraction: float) -> int:
+    """Steps of the first of two stages: at least one step in each."""
+    if total < 2:
+        raise ValueError("a two-stage method needs at least 2 training steps; raise the epochs")
+    return min(total - 1, max(1, round(total * fraction)))
+
+
+def _save_model(model: nn.Module, path: Path) -> None:
+    """torch.save via a temporary file and a rename: never a truncated file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    torch.save(copy.deepcopy(model).cpu(), buffer)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "wb") as f:
+        f.write(buffer.getvalue())
+    os.replace(tmp, path)
+
+
+def run_baseline(
+    method: str, cfg: RunConfig, options: BaselineOptions, run_dir: Path | None = None
+) -> dict:
+    """Train, prune and evaluate one baseline; returns its record (top-1 on the test split).
+
+    The validation split is only reported (``val_top1``); no choice is made on the test split.
+    """
+    if method not in BASELINES:
+        raise ValueError(f"unknown baseline {method!r}; choose one of {', '.join(BASELINES)}")
+    device = pick_device(cfg.device)
+    seed_everything(cfg.seed)  # the same order of seeding and building as s2hpruner.run
+    data = load_data(cfg, device)
+    model = build_model(cfg, data)
+    example = data.example
+    full_flops, full_params = count_flops(model, example), count_params(model)
+    total = max(1, round(cfg.epochs * data.steps_per_epoch))
+    eval_loader = partial(DataLoader, batch_size=cfg.eval_batch_size, num_workers=cfg.workers)
+    test_loader = eval_loader(data.splits.test)
+    stages: list[dict] = []
+    record: dict = {"top1_dense": None, "pruning_ratio": None, "bisection_probes": None}
+    step = 0
+
+    def stage(name: str, steps: int, network: str, **kwargs) -> None:
+        nonlocal step
+        seconds = train(model, data, cfg, step, steps, f"{method} {name}", **kwargs)
+        stages.append(
+            {
+                "name": name,
+                "network": network,
+                "steps": steps,
+                "epochs": steps / data.steps_per_epoch,
+                "seconds": seconds,
+            }
+        )
+        step += steps
+
+    def test(desc: str) -> float:
+        return evaluate(model, test_loader, device, progress=cfg.progress, desc=desc)
+
+    if method == "random":
+        model, projection_steps = random_architecture(
+            model, example, cfg.target_flops, cfg.seed, options.random_logit_std
+        )
+        model = _memory_format(model, cfg)
+        record["projection_steps"] = projection_steps
+        stage("train", total, "pruned")
+    else:  # importance-based: train (dense or sparse), prune to the target, maybe fine-tune
+        factory: PrunerFactory = l1_pruner
+        if method == "l1":
+            first = total
+            stage("train", total, "dense")
+        elif method == "l1-ft":
+            first = _split(total, options.pretrain_fraction)
+            stage("pretrain", first, "dense")
+        else:
+            first = _split(total, options.sparse_fraction)
+            factory = partial(group_sl_pruner, reg=options.group_sl_reg)
+            sparse = make_pruner(factory, model, example, 0.0, classifier_names(model, example))
+            sparse.update_regularizer()  # groups do not change until the pruning below
+            stage(
+                "sparse",
+                first,
+                "dense",
+                weight_decay=options.sparse_weight_decay,
+                after_backward=sparse.regularize,
+            )
+            del sparse  # its dependency graph describes the unpruned model
+        record["top1_dense"] = test("test dense")
+        found = prune_to_flops(
+            model, example, factory, cfg.target_flops, options.flops_tolerance, options.max_probes
+        )
+        record.update(found)
+        model = _memory_format(model, cfg)
+        if total > first:
+            stage("finetune", total - first, "pruned")
+
+    model.eval()
+    record["top1_hard"] = test("test")
+    record["val_top1"] = evaluate(
+        model, eval_loader(data.splits.val), device, progress=cfg.progress, desc="val"
+    )
+    flops, params = count_flops(model, example), count_params(model)
+    # plain training of the full model (the sparse stage also pays for the regulariser)
+    dense = stages[0] if stages[0]["network"] == "dense" and stages[0]["name"] != "sparse" else None
+    if run_dir is not None:
+        _save_model(model, Path(run_dir) / "model_pruned.pt")
+    return {
+        "method": method,
+        "model": cfg.model,
+        "dataset": cfg.dataset,
+        "target_flops": cfg.target_flops,
+        "seed": cfg.seed,
+        "epochs": cfg.epochs,
+        "top1_soft": None,
+        "gap": None,
+        **record,
+        "flops_ratio": flops / full_flops,
+        "params_ratio": params / full_params,
+        "flops_full": full_flops,
+        "flops_pruned": flops,
+        "params_full": full_params,
+        "params_pruned": params,
+        "train_seconds": sum(s["seconds"] for s in stages),
+        "dense_seconds_per_epoch": dense["seconds"] / dense["epochs"] if dense else None,
+        "stages": stages,
+        "conv_out_channels": {
+            name: m.out_channels for name, m in model.named_modules() if isinstance(m, nn.Conv2d)
+        },
+    }

@@ -1,0 +1,264 @@
+"""RESULTS.md and the accuracy-against-FLOPs plots, regenerated from the benchmark JSON.
+
+Nothing here trains or measures: every number comes from ``<out>/<profile>.json``, so the
+table can always be rebuilt (``python -m benchmarks.compare --report-only``) and checked
+against the raw records.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import statistics
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+TWO_NETWORK = ("s2h", "s2h-no-gs", "s2h-coupled", "s2h-no-gap-on-mask")
+METHOD_ORDER = (*TWO_NETWORK[:1], "dmp", *TWO_NETWORK[1:], "l1", "l1-ft", "group-sl", "random")
+
+DESCRIPTIONS = {
+    "s2h": "S2HPruner: soft and hard networks trained together, hard one distilled, exported",
+    "dmp": "differentiable mask pruning: soft network only, discretised at the end",
+    "s2h-no-gs": "ablation: no G_s (unidirectional distillation)",
+    "s2h-coupled": "ablation: G_s also reaches the weights (coupled bidirectional)",
+    "s2h-no-gap-on-mask": "ablation: no gap gradient on the width logits",
+    "l1": "train the full model for the whole budget, prune by global L1 magnitude, no fine-tuning",
+    "l1-ft": "pre-train, prune by global L1 magnitude, fine-tune (pre-train + fine-tune = budget)",
+    "group-sl": "sparse training with GroupNormPruner's regulariser, prune by group L2 norm, "
+    "fine-tune",
+    "random": "random widths at the target FLOPs (inherited random init), trained from scratch",
+}
+
+
+def load_results(out: Path) -> list[dict]:
+    """Every benchmark JSON in ``out`` (files with a ``runs`` list), by profile name."""
+    found = []
+    for path in sorted(Path(out).glob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(data, dict) and isinstance(data.get("runs"), list) and "profile" in data:
+            found.append(data)
+    return found
+
+
+def _write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def _order(method: str) -> tuple[int, str]:
+    return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), method)
+
+
+def _budget(item) -> int:
+    """Epochs-budget tables first: the compute table refers back to them."""
+    return 0 if item[0][1] == "epochs" else 1
+
+
+def aggregate(runs: list[dict]) -> dict[tuple[float, str], list[dict]]:
+    """Runs grouped by (target, budget), then by method: each row holds every seed's values."""
+    groups: dict[tuple[float, str, str], list[dict]] = defaultdict(list)
+    for run in runs:
+        groups[(round(run["target_flops"], 6), run["budget"], run["method"])].append(run)
+    tables: dict[tuple[float, str], list[dict]] = defaultdict(list)
+    for (target, budget, method), members in sorted(
+        groups.items(), key=lambda kv: (kv[0][0], kv[0][1], _order(kv[0][2]))
+    ):
+        row = {"method": method, "seeds": sorted(r["seed"] for r in members)}
+        for key in (
+            "epochs",
+            "top1_hard",
+            "top1_soft",
+            "gap",
+            "flops_ratio",
+            "params_ratio",
+            "wall_seconds",
+        ):
+            row[key] = [r[key] for r in members if r.get(key) is not None]
+        tables[(target, budget)].append(row)
+    return tables
+
+
+def _fmt(values: list[float], digits: int = 2, scale: float = 1.0) -> str:
+    if not values:
+        return "–"
+    values = [v * scale for v in values]
+    mean = statistics.fmean(values)
+    if len(values) == 1:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def _table(rows: list[dict], label=lambda row: f"`{row['method']}`") -> list[str]:
+    lines = [
+        "| Method | Seeds | Epochs | Top-1 exported (%) | Top-1 soft (%) | Gap (pp) | "
+        "FLOPs ratio | Params ratio | Wall (min) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {label(row)} | {', '.join(map(str, row['seeds']))} | {_fmt(row['epochs'])} | "
+            f"{_fmt(row['top1_hard'])} | {_fmt(row['top1_soft'])} | {_fmt(row['gap'])} | "
+            f"{_fmt(row['flops_ratio'], 3)} | {_fmt(row['params_ratio'], 3)} | "
+            f"{_fmt(row['wall_seconds'], 1, 1 / 60)} |"
+        )
+    return lines
+
+
+def profile_markdown(results: dict, image: str | None) -> list[str]:
+    """The section of one profile: provenance, settings, then one table per target and
+    budget kind."""
+    m, s = results["machine"], results["settings"]
+    lines = [
+        f"## Profile `{results['profile']}`",
+        "",
+        f"- Command: `{results['command']}`",
+    ]
+    for command in results.get("resumed_by", []):
+        lines.append(f"- Resumed with: `{command}`")
+    lines += [
+        f"- Machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), "
+        f"{m['device']}; Python {m['python']}, torch {m['torch']}, "
+        f"torch-pruning {m['torch_pruning']}",
+        f"- Model `{s['model']}` on `{s['dataset']}`: {s['epochs']:g} epochs, batch "
+        f"{s['batch_size']}, lr {s['lr']:g} (SGD, Nesterov momentum 0.9, weight decay 5e-4 on "
+        f"weights, cosine per stage), val split {s['val_size']:g}, train subset "
+        f"{s['train_subset'] or 'all'}; S2HPruner family: last {s['freeze_epochs']:g} epoch(s) "
+        "with frozen widths",
+    ]
+    o = s["options"]
+    lines.append(
+        f"- Baselines: `l1-ft` pre-trains {o['pretrain_fraction']:.0%} of the budget; "
+        f"`group-sl` sparse-trains {o['sparse_fraction']:.0%} (reg {o['group_sl_reg']:g}, "
+        f"weight decay {o['sparse_weight_decay']:g} while regularising); importance methods "
+        f"bisect the global pruning ratio to within {o['flops_tolerance']:g} of the target"
+    )
+    ratios = results.get("compute_ratios", {})
+    if ratios:
+        parts = [
+            f"{key}: {r['ratio']:.2f} ({r['s2h_seconds_per_epoch']:.0f} s / "
+            f"{r['plain_seconds_per_epoch']:.0f} s)"
+            for key, r in sorted(ratios.items())
+        ]
+        lines.append(
+            "- Compute ratio (S2HPruner seconds per epoch / plain seconds per epoch of the full "
+            f"model, measured in this benchmark): {'; '.join(parts)}"
+        )
+    if image:
+        lines += ["", f"![top-1 against FLOPs ratio]({image})"]
+
+    tables = aggregate(results["runs"])
+    for (target, budget), rows in sorted(tables.items(), key=lambda kv: (kv[0][0], _budget(kv))):
+        lines += ["", f"### Target {target:g}, {budget} budget", ""]
+        if budget == "epochs":
+            lines.append("Every method trains for the same number of epochs.")
+            lines += [""] + _table(rows)
+            continue
+        lines.append(
+            "Single-network methods train for the epochs x the compute ratio; the two-network "
+            "S2HPruner runs of the epochs budget are repeated here as the reference."
+        )
+        reference = [r for r in tables.get((target, "epochs"), []) if r["method"] in TWO_NETWORK]
+        lines += [""] + _table(
+            reference + rows,
+            lambda row: (
+                f"`{row['method']}`" + (" (epochs budget)" if row["method"] in TWO_NETWORK else "")
+            ),
+        )
+    return lines
+
+
+def markdown(all_results: list[dict], images: dict[str, str]) -> str:
+    lines = [
+        "# Benchmark results",
+        "",
+        "Generated by `python -m benchmarks.compare` from the JSON beside the plots "
+        "(rebuild with `--report-only`); do not edit by hand. Top-1 is measured on the test "
+        "split, on the exported, physically pruned model; its FLOPs and parameter ratios are "
+        "counted by `s2hpruner.count_flops` / `count_params` against the unpruned model. "
+        "Where several seeds ran, cells show mean ± standard deviation. Soft top-1 and gap "
+        "exist only for methods with a soft network.",
+        "",
+        "Methods:",
+        "",
+    ]
+    seen = {run["method"] for r in all_results for run in r["runs"]}
+    lines += [f"- `{m}`: {DESCRIPTIONS.get(m, '')}" for m in sorted(seen, key=_order)]
+    for results in all_results:
+        lines += [""] + profile_markdown(results, images.get(results["profile"]))
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: Path) -> Path:
+    """Exported top-1 against FLOPs ratio: one colour per method, filled markers and solid
+    lines for the epochs budget, hollow markers and dashed lines for the compute budget."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    tables = aggregate(results["runs"])
+    series: dict[tuple[str, str], list[tuple[float, float, float]]] = defaultdict(list)
+    for (_, budget), rows in tables.items():
+        for row in rows:
+            if not row["top1_hard"]:
+                continue
+            acc = row["top1_hard"]
+            std = statistics.stdev(acc) if len(acc) > 1 else 0.0
+            series[(row["method"], budget)].append(
+                (statistics.fmean(row["flops_ratio"]), statistics.fmean(acc), std)
+            )
+    methods = sorted({m for m, _ in series}, key=_order)
+    colours = {m: plt.cm.tab10(i % 10) for i, m in enumerate(methods)}
+    for target in sorted({round(r["target_flops"], 6) for r in results["runs"]}):
+        ax.axvline(target, color="grey", linestyle=":", linewidth=1)
+    ordered = sorted(series.items(), key=lambda kv: (_order(kv[0][0]), kv[0][1] != "epochs"))
+    for (method, budget), points in ordered:
+        points.sort()
+        xs, ys, errs = zip(*points, strict=True)
+        compute = budget == "compute"
+        ax.errorbar(
+            xs,
+            ys,
+            yerr=errs,
+            color=colours[method],
+            marker="o",
+            capsize=3,
+            linestyle="--" if compute else "-",
+            markerfacecolor="none" if compute else colours[method],
+            label=f"{method} ({budget})" if compute else method,
+        )
+    ax.set_xlabel("FLOPs ratio of the exported model")
+    ax.set_ylabel("test top-1 of the exported model (%)")
+    s = results["settings"]
+    ax.set_title(f"{results['profile']}: {s['model']} on {s['dataset']}, {s['epochs']:g} epochs")
+    ax.grid(alpha=0.3)
+    if series:
+        ax.legend(fontsize=8, loc="best")
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    _write(path, buffer.getvalue())
+    return path
+
+
+def write_reports(out: Path, markdown_path: Path) -> list[Path]:
+    """Redraw ``<out>/<profile>.png`` for every JSON in ``out`` and rewrite ``markdown_path``."""
+    all_results = load_results(out)
+    if not all_results:
+        raise FileNotFoundError(f"no benchmark JSON (with a 'runs' list) in {out}")
+    images, written = {}, []
+    for results in all_results:
+        png = plot(results, Path(out) / f"{results['profile']}.png")
+        images[results["profile"]] = Path(os.path.relpath(png, markdown_path.parent)).as_posix()
+        written.append(png)
+    _write(markdown_path, markdown(all_results, images).encode())
+    return [*written, markdown_path]

@@ -1,0 +1,204 @@
+"""Command-line interface: ``s2hpruner prune | eval | export | report``.
+
+Every field of :class:`RunConfig` is a flag of ``prune`` (``target_flops`` -> ``--target-flops``);
+``--config file.yaml`` fills the same fields, and flags given on the command line win.
+Bad input exits with code 2 and a one-line message that says what to fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import typing
+from pathlib import Path
+
+from .config import METHODS, RunConfig
+from .errors import S2HError
+
+HELP = {
+    "model": "model name: a registry name (resnet20, resnet56, resnet50, wrn28_10, vgg19_bn, "
+    "mobilenet_v3_small, ...) or any torchvision classification model name",
+    "dataset": "data set: fashion-mnist (default), mnist, digits, cifar10, cifar100, "
+    "tiny-imagenet, imagenet",
+    "data_root": "folder with the data set's files (default: the data set's standard location, "
+    "e.g. /usr/share/datasets/fashion-mnist)",
+    "target_flops": "FLOPs budget as a fraction of the full model's FLOPs, in (0, 1]",
+    "method": f"training method: {', '.join(METHODS)}",
+    "model_kwargs": "extra keyword arguments of the model factory (YAML mapping, config file only)",
+    "width_step": "channel step d of every group (default: smallest divisor of the channel "
+    "count giving at most 32 candidate widths)",
+    "ignored_layers": "module names whose output channels are never pruned (repeatable)",
+    "epochs": "total training epochs (all phases; fractions allowed)",
+    "warmup_epochs": "epochs of weight training with the width logits frozen at initialisation",
+    "freeze_epochs": "last epochs with widths frozen, training the hard network distilled from "
+    "the soft one",
+    "batch_size": "training batch size (per process under torchrun)",
+    "eval_batch_size": "evaluation batch size",
+    "val_size": "validation images held out from the training files (count, or fraction < 1)",
+    "train_subset": "use only this many training images (quick experiments)",
+    "augment": "standard training augmentation of the data set",
+    "lr": "peak learning rate of the weights (SGD, cosine schedule)",
+    "momentum": "SGD momentum of the weights",
+    "weight_decay": "weight decay of conv/linear weights (not of norms and biases)",
+    "nesterov": "Nesterov momentum for the weights",
+    "lr_warmup_steps": "linear learning-rate warm-up steps before the cosine decay",
+    "label_smoothing": "label smoothing of the task loss",
+    "mask_optimizer": "optimizer of the width logits: adam or sgd",
+    "mask_lr": "learning rate of the width logits",
+    "temperature": "softmax temperature tau of the width distribution (constant)",
+    "alpha": "weight of the hard-network distillation loss G_h in the weights' loss",
+    "beta": "norm of the gap gradient on the width logits, relative to the task gradient",
+    "gamma_init": "initial norm of the resource gradient relative to task + gap gradients",
+    "gamma_growth": "per-step growth of gamma while the FLOPs ratio is off target by more "
+    "than the tolerance (it decays by the same factor inside)",
+    "gamma_min": "lower bound of gamma",
+    "gamma_max": "upper bound of gamma",
+    "budget_tolerance": "tolerance on the hard FLOPs ratio around the target",
+    "resource_on": "FLOPs ratio in the resource loss: hard (kept widths, straight-through "
+                   "gradient; what the exported model will have) or soft (expected widths)",
+    "freeze_ranks_after_warmup": "stop recomputing the channel importance order after warm-up",
+    "separate_hard_bn_stats": "keep separate BatchNorm running statistics for the hard network",
+    "seed": "random seed (data split, data order, initialisation)",
+    "device": "auto (cuda if available, else cpu), cpu, cuda or cuda:N",
+    "workers": "data loader worker processes",
+    "channels_last": "channels-last memory format for 4-D activations (faster convs on CPU)",
+    "out": "run directory for config, metrics, checkpoints, exported model, report and plots",
+    "resume": "continue from OUT/checkpoints/last.pt",
+    "overwrite": "allow replacing a finished run in OUT",
+    "checkpoint_every": "also save OUT/checkpoints/last.pt every N training steps (0: epochs only)",
+    "deterministic": "use deterministic algorithms (bitwise-reproducible resume on CPU)",
+    "latency_repeats": "timed repeats per latency measurement (medians are reported)",
+    "progress": "show progress bars",
+}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    hints = typing.get_type_hints(RunConfig)
+    for f in dataclasses.fields(RunConfig):
+        if f.name == "model_kwargs":
+            continue
+        hint = hints[f.name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        text = f"{HELP[f.name]} (default: {default})"
+        if hint is bool:
+            parser.add_argument(
+                _flag(f.name), action=argparse.BooleanOptionalAction, default=None, help=text
+            )
+        elif f.name == "ignored_layers":
+            parser.add_argument(_flag(f.name), action="append", default=None, help=text)
+        else:
+            kind = {int: int, float: float, str: str}.get(hint)
+            if kind is None:  # Optional[...]
+                args = [a for a in typing.get_args(hint) if a is not type(None)]
+                kind = args[0] if args and args[0] in (int, float, str) else str
+            parser.add_argument(
+                _flag(f.name),
+                type=kind,
+                default=None,
+                help=text,
+                choices=METHODS if f.name == "method" else None,
+            )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="s2hpruner",
+        description="Prune an image model to a FLOPs budget with S2HPruner (soft-to-hard "
+        "distillation) and export the physically smaller network.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser(
+        "prune",
+        help="train, prune and export (the main job)",
+        description="Train the soft and hard networks together, search the "
+        "widths, and export the hard network.",
+    )
+    p.add_argument("--config", help="YAML file with RunConfig fields; flags override it")
+    _add_config_flags(p)
+
+    e = sub.add_parser(
+        "eval",
+        help="top-1 of a checkpoint or an exported model",
+        description="Evaluate an exported model (.pt2 or model_pruned.pt) or a "
+        "training checkpoint (soft and hard networks).",
+    )
+    e.add_argument("path", help="checkpoint (.pt from checkpoints/), model_pruned.pt or .pt2")
+    e.add_argument("--dataset", default=None, help="data set (default: the run's)")
+    e.add_argument("--data-root", default=None, help="data folder (default: the run's)")
+    e.add_argument("--split", default="test", choices=("test", "val"), help="which split")
+    e.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    e.add_argument("--batch-size", type=int, default=500, help="evaluation batch size")
+
+    x = sub.add_parser(
+        "export",
+        help="export the hard network of a checkpoint",
+        description="Physically prune the hard network of a checkpoint and save "
+        "it as .pt2 (torch.export), .pt and optionally ONNX.",
+    )
+    x.add_argument("checkpoint", help="a checkpoint file (checkpoints/last.pt or best.pt)")
+    x.add_argument("--out", required=True, help="output folder")
+    x.add_argument(
+        "--onnx",
+        action="store_true",
+        help="also write model_pruned.onnx and check it with onnxruntime",
+    )
+
+    r = sub.add_parser(
+        "report",
+        help="redraw plots and print the table of a run directory",
+        description="Redraw the PNG plots of a run from metrics.jsonl and print its report.",
+    )
+    r.add_argument("run_dir", help="a run directory made by `s2hpruner prune`")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    names = [f.name for f in dataclasses.fields(RunConfig)]
+    overrides = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    if args.config:
+        return RunConfig.from_yaml(args.config, **overrides).validate()
+    return RunConfig.from_dict(overrides).validate()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "prune":
+            from .run import prune
+
+            prune(config_from_args(args))
+        elif args.command == "eval":
+            from .tools import evaluate_path
+
+            print(json.dumps(evaluate_path(args), indent=2))
+        elif args.command == "export":
+            from .tools import export_checkpoint
+
+            print(json.dumps(export_checkpoint(args.checkpoint, args.out, args.onnx), indent=2))
+        elif args.command == "report":
+            from .tools import redraw_report
+
+            print(redraw_report(Path(args.run_dir)))
+    except S2HError as exc:
+        print(f"s2hpruner: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("s2hpruner: interrupted; resume with --resume", file=sys.stderr)
+        return 130
+    finally:
+        from . import distributed as D
+
+        D.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

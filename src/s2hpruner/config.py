@@ -1,0 +1,196 @@
+"""One dataclass drives a run; YAML files and command-line flags fill it."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .errors import S2HError
+
+METHODS = ("s2h", "dmp", "s2h-no-gs", "s2h-coupled", "s2h-no-gap-on-mask")
+
+
+class ConfigError(S2HError, ValueError):
+    """A config file or flag with an unknown key or an invalid value."""
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a pruning run (see ``s2hpruner prune --help``)."""
+
+    # what to prune, on which data, to which budget
+    model: str = "resnet20"
+    dataset: str = "fashion-mnist"
+    data_root: str | None = None
+    target_flops: float = 0.35
+    method: str = "s2h"
+    model_kwargs: dict = field(default_factory=dict)
+    width_step: int | None = None
+    ignored_layers: list[str] = field(default_factory=list)
+    # schedule: warm-up (u frozen at init), joint search, last phase (u frozen, hard trained)
+    epochs: float = 4.0
+    warmup_epochs: float = 0.0
+    freeze_epochs: float = 1.0
+    batch_size: int = 128
+    eval_batch_size: int = 500
+    val_size: float = 5000
+    train_subset: int | None = None
+    augment: bool = True
+    # weights: SGD + momentum + weight decay, cosine schedule
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = True
+    lr_warmup_steps: int = 0
+    label_smoothing: float = 0.0
+    # width logits: own optimizer, norm-balanced gradients (see balance.py)
+    mask_optimizer: str = "adam"
+    mask_lr: float = 0.05
+    temperature: float = 1.0
+    alpha: float = 1.0  # weight of G_h in the weights' loss
+    beta: float = 1.0  # gap gradient norm relative to the task gradient (on u)
+    gamma_init: float = 1.0  # resource gradient norm relative to task + gap (on u)
+    gamma_growth: float = 1.05  # per step, while the budget is violated beyond the tolerance
+    gamma_min: float = 0.1
+    gamma_max: float = 100.0
+    budget_tolerance: float = 0.005
+    resource_on: str = "hard"  # R on the hard FLOPs ratio (straight-through) or on the soft one
+    freeze_ranks_after_warmup: bool = False
+    separate_hard_bn_stats: bool = True
+    # run
+    seed: int = 0
+    device: str = "auto"
+    workers: int = 0
+    channels_last: bool = True
+    out: str = "runs/default"
+    resume: bool = False
+    overwrite: bool = False
+    checkpoint_every: int = 200  # steps (plus every epoch)
+    deterministic: bool = False
+    latency_repeats: int = 30
+    progress: bool = True
+
+    def validate(self) -> RunConfig:
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if not 0.0 < float(self.target_flops) <= 1.0:
+            raise ConfigError(
+                f"target_flops must be in (0, 1] (a fraction of the full FLOPs), "
+                f"got {self.target_flops}"
+            )
+        if self.epochs <= 0:
+            raise ConfigError(f"epochs must be > 0, got {self.epochs}")
+        if self.warmup_epochs < 0 or self.freeze_epochs < 0:
+            raise ConfigError("warmup_epochs and freeze_epochs must be >= 0")
+        if self.warmup_epochs + self.freeze_epochs >= self.epochs and self.method != "dmp":
+            raise ConfigError(
+                f"warmup_epochs ({self.warmup_epochs}) + freeze_epochs ({self.freeze_epochs}) "
+                f"leave no joint search phase within epochs={self.epochs}"
+            )
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.resource_on not in ("hard", "soft"):
+            raise ConfigError(f"resource_on must be 'hard' or 'soft', got {self.resource_on!r}")
+        if self.mask_optimizer not in ("adam", "sgd"):
+            raise ConfigError(
+                f"mask_optimizer must be 'adam' or 'sgd', got {self.mask_optimizer!r}"
+            )
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> RunConfig:
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(str(k) for k in set(values) - set(known))  # YAML keys may be non-str
+        if unknown:
+            raise ConfigError(
+                f"unknown config key(s) {', '.join(unknown)}; known keys: {', '.join(known)}"
+            )
+        hints = typing.get_type_hints(cls)
+        return cls(**{k: _coerce(k, v, hints[k]) for k, v in values.items()})
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides) -> RunConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from exc
+        if not isinstance(values, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys to values")
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.from_dict(values)
+
+
+def _looks_like_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _coerce(key: str, value, hint):
+    """Check and convert a YAML/CLI value to the field's type (ints for floats are fine)."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError:
+                continue
+        raise ConfigError(f"config key {key!r}: {value!r} is not a valid {hint}")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key {key!r}: expected true/false, got {value!r}")
+    if hint is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            try:
+                return float(value)
+            except OverflowError:
+                raise ConfigError(f"config key {key!r}: {value!r} is too large") from None
+        hint_1e = ""
+        if isinstance(value, str) and _looks_like_number(value):
+            hint_1e = " (YAML reads numbers like 1e-3 as text; write 1.0e-3)"
+        raise ConfigError(f"config key {key!r}: expected a number, got {value!r}{hint_1e}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"config key {key!r}: expected an integer, got {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"config key {key!r}: expected a string, got {value!r}")
+    if origin is list or hint is list:
+        if isinstance(value, list | tuple):
+            if not args:
+                return list(value)
+            try:
+                return [_coerce(key, item, args[0]) for item in value]
+            except ConfigError:
+                raise ConfigError(
+                    f"config key {key!r}: expected a list of {args[0].__name__}, got {value!r}"
+                ) from None
+        raise ConfigError(f"config key {key!r}: expected a list, got {value!r}")
+    if origin is dict or hint is dict:
+        if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+            return dict(value)
+        raise ConfigError(f"config key {key!r}: expected a mapping with text keys, got {value!r}")
+    return value

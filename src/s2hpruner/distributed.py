@@ -1,0 +1,98 @@
+"""Data-parallel helpers on top of torch.distributed (processes launched by ``torchrun``).
+
+Gradients are averaged with ``all_reduce`` after the training step computed them, because the
+step computes them with ``torch.autograd.grad`` (three differently routed gradients), which
+DistributedDataParallel's backward hooks would not see. Every rank therefore applies the same
+averaged gradient and holds identical weights, width logits and optimizer states.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def setup(device: str = "auto") -> torch.device:
+    """Join the process group if launched by torchrun; pick this process's device."""
+    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        from .errors import S2HError
+
+        raise S2HError("--device cuda was asked for but CUDA is not available; use --device cpu")
+    if launched and not is_distributed():
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        dist.init_process_group(backend=backend)
+    if device.startswith("cuda"):
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device(device)
+
+
+def cleanup() -> None:
+    if is_distributed():
+        dist.destroy_process_group()
+
+
+def average_gradients(params: Sequence[torch.Tensor]) -> None:
+    """Average ``p.grad`` over all ranks (no-op in a single process)."""
+    if not is_distributed():
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= world_size()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
+    if is_distributed():
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value
+
+
+def average_tensors(tensors: Sequence[torch.Tensor]) -> None:
+    """Average floating-point tensors in place over ranks (others are left alone)."""
+    if not is_distributed():
+        return
+    for tensor in tensors:
+        if tensor.is_floating_point():
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+            tensor /= world_size()
+
+
+def average_buffers(module: torch.nn.Module) -> None:
+    """Average floating-point buffers (BatchNorm running statistics) over ranks."""
+    average_tensors(list(module.buffers()))
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()

@@ -1,0 +1,52 @@
+"""Latency measurement: medians over repeated timings after warm-up, never a single run."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+from torch import nn
+
+
+@torch.no_grad()
+def median_latency(
+    model: nn.Module, example: torch.Tensor, repeats: int = 30, warmup: int = 5
+) -> float:
+    """Median seconds of one eval-mode forward of ``example``."""
+    was_training = model.training
+    model.eval()
+    sync = torch.cuda.synchronize if example.is_cuda else (lambda: None)
+    for _ in range(warmup):
+        model(example)
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model(example)
+        sync()
+        times.append(time.perf_counter() - start)
+    model.train(was_training)
+    return statistics.median(times)
+
+
+def latency_speedup(
+    full: nn.Module,
+    pruned: nn.Module,
+    example: torch.Tensor,
+    repeats: int = 30,
+    batch_sizes: tuple[int, ...] = (1, 64),
+) -> dict[str, float]:
+    """Full-model latency over pruned-model latency, per batch size, timed alternately."""
+    out: dict[str, float] = {}
+    for b in batch_sizes:
+        x = example[:1].expand(b, *example.shape[1:]).contiguous()
+        reps = repeats if b == 1 else max(5, repeats // 3)
+        full_times, pruned_times = [], []
+        for _ in range(3):  # interleave so both see the same machine load
+            full_times.append(median_latency(full, x, reps))
+            pruned_times.append(median_latency(pruned, x, reps))
+        out[f"b{b}"] = statistics.median(full_times) / statistics.median(pruned_times)
+        out[f"b{b}_full_seconds"] = statistics.median(full_times)
+        out[f"b{b}_pruned_seconds"] = statistics.median(pruned_times)
+    return out

@@ -1,0 +1,103 @@
+"""Plots and tables of a run directory (``s2hpruner report`` redraws them)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from .export import atomic_write_bytes  # noqa: E402
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _save(fig, path: Path) -> None:
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def plot_run(run_dir: str | Path) -> list[Path]:
+    """accuracy.png (soft vs hard per epoch), flops.png (ratio vs target), widths.png."""
+    run_dir = Path(run_dir)
+    records = read_metrics(run_dir)
+    if not records:
+        return []
+    epochs = [r["epoch"] for r in records]
+    written = []
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(epochs, [r["val_top1_soft"] for r in records], "o-", label="soft network")
+    ax.plot(epochs, [r["val_top1_hard"] for r in records], "s-", label="hard network")
+    ax.set(xlabel="epoch", ylabel="validation top-1 (%)", title="Soft vs hard accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    _save(fig, run_dir / "accuracy.png")
+    written.append(run_dir / "accuracy.png")
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(epochs, [r["flops_ratio_soft"] for r in records], "o-", label="soft (expected widths)")
+    ax.plot(epochs, [r["flops_ratio_hard"] for r in records], "s-", label="hard (kept widths)")
+    ax.axhline(records[-1]["target_flops"], color="k", ls="--", label="target")
+    ax.set(xlabel="epoch", ylabel="FLOPs ratio", title="FLOPs against the budget", ylim=(0, 1.05))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    _save(fig, run_dir / "flops.png")
+    written.append(run_dir / "flops.png")
+
+    final = records[-1]
+    names = list(final["widths"])
+    kept = [final["widths"][n] / final["channels"][n] for n in names]
+    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(names)), 4))
+    ax.bar(range(len(names)), [1.0] * len(names), color="#dddddd", label="full")
+    ax.bar(range(len(names)), kept, color="#3b75af", label="kept")
+    for i, n in enumerate(names):
+        ax.text(
+            i,
+            kept[i] + 0.01,
+            f"{final['widths'][n]}/{final['channels'][n]}",
+            ha="center",
+            va="bottom",
+            fontsize=6,
+            rotation=90,
+        )
+    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
+    ax.set(ylabel="kept fraction of channels", title="Kept width per group", ylim=(0, 1.25))
+    ax.legend(loc="upper right")
+    _save(fig, run_dir / "widths.png")
+    written.append(run_dir / "widths.png")
+    return written
+
+
+def summary_table(report: dict) -> str:
+    """A small text table of a report (printed at the end of ``s2hpruner prune``)."""
+    rows = [
+        ("method", report["method"]),
+        ("model / dataset", f"{report['model']} / {report['dataset']}"),
+        ("target FLOPs", f"{report['target_flops']:.3f}"),
+        ("top-1 hard (exported, test)", f"{report['top1_hard']:.2f}%"),
+        ("top-1 soft (test)", f"{report['top1_soft']:.2f}%"),
+        ("gap soft - hard", f"{report['gap']:+.2f} points"),
+        ("FLOPs ratio (counted)", f"{report['flops_ratio']:.4f}"),
+        ("params ratio", f"{report['params_ratio']:.4f}"),
+        (
+            "latency speedup b1 / b64",
+            f"{report['latency_speedup_b1']:.2f}x / {report['latency_speedup_b64']:.2f}x",
+        ),
+        ("epochs / train time", f"{report['epochs']:g} / {report['train_seconds']:.0f} s"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    line = "-" * (width + 30)
+    return "\n".join([line] + [f"{k:<{width}}  {v}" for k, v in rows] + [line])

@@ -1,0 +1,194 @@
+"""A hard forward that computes only the kept channels (SPEC section 5, at the cost of rho).
+
+The masked hard forward multiplies pruned channels by zero but still computes them. Here,
+while the hard context is open, every sliceable layer (Conv, Linear, BatchNorm) runs with its
+weights indexed by the kept channels of its input and output groups, so the pass costs about
+the kept FLOPs. Weights are sliced with ``index_select`` from the real parameters, so gradients
+flow back into the full tensors (zero on pruned channels, as in the masked path), and the hard
+mask m_hat still multiplies the kept channels (value 1) to carry the width logits' gradient.
+BatchNorm running statistics are written back into the kept entries after the forward.
+
+The masked path stays the reference: tests check outputs, gradients and statistics agree.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from .groups import ChannelGroup
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+SLICEABLE = (*_CONVS, nn.Linear, *_NORMS)
+
+
+def _is_depthwise(module: nn.Module) -> bool:
+    return isinstance(module, _CONVS) and module.groups == module.in_channels == module.out_channels
+
+
+def unsliceable_modules(groups: list[ChannelGroup], modules: dict[str, nn.Module]) -> list[str]:
+    """Modules of the groups that the sliced forward cannot handle (exact types only:
+    a subclass may read channel counts in its own forward)."""
+    bad = []
+    for g in groups:
+        for piece in g.producers + g.consumers + g.norms:
+            module = modules[piece.module_name]
+            if type(module) not in SLICEABLE:
+                bad.append(piece.module_name)
+            elif isinstance(module, _CONVS) and module.groups != 1 and not _is_depthwise(module):
+                bad.append(piece.module_name)
+    return sorted(set(bad))
+
+
+class SlicedHardForward:
+    """Index maps from every layer's channels to the groups' channels, and the context that
+    swaps sliced weights in for one forward."""
+
+    def __init__(self, groups: list[ChannelGroup], modules: dict[str, nn.Module]):
+        self.modules = modules
+        offsets, total = [], 0
+        for g in groups:
+            offsets.append(total)
+            total += g.channels
+        self.fixed = total  # index of the constant "always kept" entry
+        out_maps: dict[str, torch.Tensor] = {}
+        in_maps: dict[str, torch.Tensor] = {}
+        for gi, g in enumerate(groups):
+            for pieces, maps, size_of in (
+                (g.producers + g.norms, out_maps, _out_size),
+                (g.consumers, in_maps, _in_size),
+            ):
+                for piece in pieces:
+                    module = modules[piece.module_name]
+                    index = maps.setdefault(piece.module_name,
+                                            torch.full((size_of(module),), total))
+                    index[torch.tensor(piece.module_idxs)] = (
+                        torch.tensor(piece.root_idxs) + offsets[gi]
+                    )
+        for name, module in modules.items():  # depthwise convs: inputs follow outputs
+            if name in out_maps and _is_depthwise(module):
+                in_maps.pop(name, None)
+        self.out_maps, self.in_maps = out_maps, in_maps
+        self.names = sorted(set(out_maps) | set(in_maps))
+
+    def to(self, device) -> SlicedHardForward:
+        self.out_maps = {k: v.to(device) for k, v in self.out_maps.items()}
+        self.in_maps = {k: v.to(device) for k, v in self.in_maps.items()}
+        return self
+
+    @contextlib.contextmanager
+    def apply(
+        self,
+        keep_flat: torch.Tensor,
+        mask_flat: torch.Tensor,
+        sites: dict[str, tuple[torch.Tensor, int]],
+    ) -> Iterator[None]:
+        """Run the model's layers sliced to ``keep_flat`` (bool per group channel, plus a
+        trailing True), multiplying mask sites by ``mask_flat`` (m_hat, plus a trailing 1)."""
+        handles = []
+        for name in self.names:
+            module = self.modules[name]
+            out_idx = _kept(keep_flat, self.out_maps.get(name))
+            in_idx = _kept(keep_flat, self.in_maps.get(name))
+            tensors = _sliced_tensors(module, out_idx, in_idx)
+            multiplier = None
+            if name in sites:
+                index, dim = sites[name]
+                multiplier = (mask_flat[index], dim)
+                if out_idx is not None:
+                    multiplier = (multiplier[0][out_idx], dim)
+            groups = len(out_idx) if (_is_depthwise(module) and out_idx is not None) else None
+            pre, post = _swap_hooks(tensors, groups, out_idx, multiplier)
+            handles.append(module.register_forward_pre_hook(pre))
+            handles.append(module.register_forward_hook(post))
+        for name, (index, dim) in sites.items():  # sites on layers that are not sliced
+            if name not in self.names:
+                multiplier = mask_flat[index]
+                handles.append(self.modules[name].register_forward_hook(
+                    _swap_hooks({}, None, None, (multiplier, dim))[1]
+                ))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+
+def _kept(keep_flat: torch.Tensor, index_map: torch.Tensor | None) -> torch.Tensor | None:
+    if index_map is None:
+        return None
+    keep = keep_flat[index_map]
+    return torch.nonzero(keep).flatten()
+
+
+def _out_size(module: nn.Module) -> int:
+    if isinstance(module, _NORMS):
+        return module.num_features
+    return module.out_features if isinstance(module, nn.Linear) else module.out_channels
+
+
+def _in_size(module: nn.Module) -> int:
+    return module.in_features if isinstance(module, nn.Linear) else module.in_channels
+
+
+def _sliced_tensors(module, out_idx, in_idx) -> dict[str, torch.Tensor]:
+    """Parameters and buffers of ``module`` restricted to the kept channels."""
+    tensors: dict[str, torch.Tensor] = {}
+    if isinstance(module, _NORMS):
+        if out_idx is None:
+            return tensors
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            value = getattr(module, name, None)
+            if value is not None:
+                tensors[name] = value.index_select(0, out_idx)
+        return tensors
+    weight = module.weight
+    if out_idx is not None:
+        weight = weight.index_select(0, out_idx)
+    if in_idx is not None:
+        weight = weight.index_select(1, in_idx)
+    if weight.dim() == 4 and module.weight.is_contiguous(memory_format=torch.channels_last):
+        weight = weight.contiguous(memory_format=torch.channels_last)  # keep the fast conv path
+    tensors["weight"] = weight
+    if module.bias is not None and out_idx is not None:
+        tensors["bias"] = module.bias.index_select(0, out_idx)
+    return tensors
+
+
+def _swap_hooks(tensors, groups, out_idx, multiplier):
+    """Forward pre-hook swapping sliced tensors in, forward hook swapping the originals back
+    (writing BatchNorm running statistics into the kept entries) and applying the mask."""
+    saved: dict[str, torch.Tensor] = {}
+
+    def pre(module, inputs):
+        for name, value in tensors.items():
+            store = module._parameters if name in module._parameters else module._buffers
+            saved[name] = store[name]
+            store[name] = value
+        if groups is not None:
+            saved["groups"] = module.groups
+            module.groups = groups
+
+    def post(module, inputs, output):
+        for name, original in saved.items():
+            if name == "groups":
+                module.groups = original
+                continue
+            store = module._parameters if name in module._parameters else module._buffers
+            if name.startswith("running_") and module.training:
+                with torch.no_grad():
+                    original.index_copy_(0, out_idx, store[name])
+            store[name] = original
+        saved.clear()
+        if multiplier is None:
+            return output
+        values, dim = multiplier
+        shape = [1] * output.dim()
+        shape[dim] = -1
+        return output * values.view(shape)
+
+    return pre, post

@@ -1,0 +1,116 @@
+"""The ``eval``, ``export`` and ``report`` commands: work on finished or running runs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+import yaml
+
+from . import distributed as D
+from .config import RunConfig
+from .data import build_datasets, dataset_spec
+from .errors import CheckpointError, S2HError
+from .export import atomic_torch_save, onnx_max_abs_diff, save_onnx, save_program
+from .report import plot_run, summary_table
+from .resources import count_flops, count_params
+from .run import build_model_and_pruner, load_checkpoint, val_size
+from .train import evaluate
+
+
+def _run_config_near(path: Path) -> RunConfig | None:
+    for folder in (path.parent, path.parent.parent):
+        if (folder / "config.yaml").exists():
+            return RunConfig.from_dict(yaml.safe_load((folder / "config.yaml").read_text()))
+    return None
+
+
+def restore_from_checkpoint(path: str | Path, device: torch.device | str = "cpu"):
+    """(config, model, pruner, example) of a checkpoint, weights and widths loaded."""
+    ckpt = load_checkpoint(Path(path), map_location=device)
+    cfg = RunConfig.from_dict(ckpt["config"])
+    model, pruner, example = build_model_and_pruner(cfg, dataset_spec(cfg.dataset), device)
+    try:
+        model.load_state_dict(ckpt["model"])
+        pruner.load_state_dict(ckpt["pruner"])
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"checkpoint {path} does not match its own config: {exc}") from exc
+    pruner.freeze_ranks = True
+    return cfg, model, pruner, example
+
+
+def evaluate_path(args: argparse.Namespace) -> dict:
+    path = Path(args.path)
+    if not path.exists():
+        raise S2HError(f"{path} does not exist")
+    device = D.setup(args.device)
+    cfg = _run_config_near(path)
+    is_checkpoint = path.suffix == ".pt" and path.parent.name == "checkpoints"
+    if is_checkpoint:
+        cfg, model, pruner, _ = restore_from_checkpoint(path, device)
+    dataset = args.dataset or (cfg.dataset if cfg else None)
+    if dataset is None:
+        raise S2HError(f"cannot tell which data set {path} was trained on; pass --dataset")
+    root = args.data_root or (cfg.data_root if cfg else None)
+    splits = build_datasets(
+        dataset,
+        root,
+        val_size=val_size(cfg) if cfg else 5000,
+        seed=cfg.seed if cfg else 0,
+        augment=False,
+    )
+    loader = torch.utils.data.DataLoader(getattr(splits, args.split), batch_size=args.batch_size)
+    result = {"path": str(path), "dataset": dataset, "split": args.split}
+    if is_checkpoint:
+        result["top1_soft"] = evaluate(model, loader, device, pruner, "soft", True, "soft")
+        result["top1_hard"] = evaluate(model, loader, device, pruner, "hard", True, "hard")
+        result["flops_ratio_hard"] = pruner.ratio("hard")
+        return result
+    if path.suffix == ".pt2":
+        from .export import load_program
+
+        model = load_program(path).to(device)
+    else:
+        try:
+            model = torch.load(path, map_location=device, weights_only=False)
+        except Exception as exc:
+            raise CheckpointError(f"{path} is not a readable model file: {exc}") from exc
+        if not isinstance(model, torch.nn.Module):
+            raise CheckpointError(f"{path} does not hold an nn.Module")
+    result["top1"] = evaluate(model, loader, device, progress=True, desc="eval")
+    return result
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path, onnx: bool = False) -> dict:
+    """Export the hard network of ``checkpoint`` into ``out`` (.pt2, .pt, optionally .onnx)."""
+    cfg, model, pruner, example = restore_from_checkpoint(checkpoint)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    exported = pruner.export().eval()
+    atomic_torch_save(exported, out / "model_pruned.pt")
+    save_program(exported, example, out / "model_pruned.pt2")
+    result = {
+        "model": cfg.model,
+        "flops_ratio": count_flops(exported, example) / count_flops(model, example),
+        "params_ratio": count_params(exported) / count_params(model),
+        "files": [str(out / "model_pruned.pt"), str(out / "model_pruned.pt2")],
+    }
+    if onnx:
+        save_onnx(exported, example, out / "model_pruned.onnx")
+        result["onnx_max_abs_diff"] = onnx_max_abs_diff(
+            exported, example, out / "model_pruned.onnx"
+        )
+        result["files"].append(str(out / "model_pruned.onnx"))
+    return result
+
+
+def redraw_report(run_dir: Path) -> str:
+    if not (run_dir / "metrics.jsonl").exists():
+        raise S2HError(f"{run_dir} is not a run directory (no metrics.jsonl)")
+    written = plot_run(run_dir)
+    lines = [f"wrote {p}" for p in written]
+    if (run_dir / "report.json").exists():
+        lines.append(summary_table(json.loads((run_dir / "report.json").read_text())))
+    return "\n".join(lines)

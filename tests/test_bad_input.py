@@ -1,0 +1,308 @@
+"""Bad input exits with code 2 and a message that names the problem, and never touches what
+an earlier run wrote (compared byte for byte). test_cli.py covers the basic cases; these are
+the rest: checkpoints (corrupt, foreign, missing), a model without prunable groups, a NaN or
+infinite loss, and the basic cases again pointed at a finished run with --overwrite."""
+
+from __future__ import annotations
+
+import math
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from fabricate import learnable_fashion_mnist
+from torch import nn
+
+import s2hpruner.run as run
+from s2hpruner import S2HPruner
+from s2hpruner.cli import main
+from s2hpruner.models import MODELS, create_model
+
+TINY = ["--epochs", "1", "--freeze-epochs", "0.5", "--batch-size", "50", "--train-subset",
+        "200", "--val-size", "100", "--latency-repeats", "1", "--no-progress",
+        "--checkpoint-every", "1"]  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # two shared cores: more threads only slow the tiny model down
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Fabricated data, a tiny-model config file, and one finished run."""
+    base = tmp_path_factory.mktemp("bad")
+    root = learnable_fashion_mnist(base / "fmnist")
+    config = base / "tiny.yaml"
+    config.write_text("model_kwargs:\n  width: 4\n")
+    out = base / "finished"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        code = main(["prune", "--config", str(config), "--data-root", str(root), "--out",
+                     str(out), "--target-flops", "0.5", *TINY])  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    return root, config, out
+
+
+def prune(root, config, out, *args) -> int:
+    return main(["prune", "--config", str(config), "--data-root", str(root), "--out", str(out),
+                 "--target-flops", "0.5", *TINY, *args])  # fmt: skip
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+    }
+
+
+def copy_run(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def error_of(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("s2hpruner: error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+# ------------------------------------------------------------------ the finished run is safe
+
+
+def test_finished_run_without_overwrite_is_left_intact(setup, capsys):
+    root, config, out = setup
+    before = snapshot(out)
+    assert "checkpoints/last.pt" in before and "report.json" in before
+    assert prune(root, config, out) == 2
+    assert "--overwrite" in error_of(capsys)
+    assert snapshot(out) == before
+
+
+@pytest.mark.parametrize("target", ["0", "-0.25", "1.0001", "nan", "inf"])
+def test_target_outside_0_1_with_overwrite_touches_nothing(setup, capsys, target):
+    root, config, out = setup
+    before = snapshot(out)
+    assert prune(root, config, out, "--overwrite", "--target-flops", target) == 2
+    assert "(0, 1]" in error_of(capsys)
+    assert snapshot(out) == before
+
+
+def test_target_below_the_minimum_names_the_minimum(setup, capsys):
+    root, config, out = setup
+    model = create_model("resnet20", num_classes=10, in_chans=1, width=4)
+    minimum = S2HPruner(model, torch.zeros(1, 1, 28, 28), target_flops=1.0).min_flops_ratio()
+    before = snapshot(out)
+    target = f"{minimum * 0.9:.6f}"
+    assert prune(root, config, out, "--overwrite", "--target-flops", target) == 2
+    err = error_of(capsys)
+    assert "smallest FLOPs ratio" in err
+    assert f"{minimum:.4f}" in err, (minimum, err)
+    assert snapshot(out) == before
+
+
+@pytest.mark.parametrize(
+    ("args", "named", "listed"),
+    [
+        (["--model", "resnet_21"], "unknown model 'resnet_21'", ["resnet20", "resnet56"]),
+        (["--dataset", "fashion_mnist"], "unknown dataset 'fashion_mnist'",
+         ["fashion-mnist", "mnist", "cifar10"]),
+    ],
+)  # fmt: skip
+def test_unknown_names_list_the_known_ones(setup, capsys, args, named, listed):
+    root, config, out = setup
+    before = snapshot(out)
+    assert prune(root, config, out, "--overwrite", *args) == 2
+    err = error_of(capsys)
+    assert named in err
+    for name in listed:
+        assert name in err
+    assert snapshot(out) == before
+
+
+def test_data_root_missing_files_names_exactly_those(setup, tmp_path, capsys):
+    root, config, out = setup
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    for name in ("train-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        shutil.copy(root / name, partial / name)
+    before = snapshot(out)
+    assert prune(partial, config, out, "--overwrite") == 2
+    err = error_of(capsys)
+    assert "train-labels-idx1-ubyte" in err and "t10k-images-idx3-ubyte" in err
+    assert "train-images-idx3-ubyte" not in err and "t10k-labels-idx1-ubyte" not in err
+    assert snapshot(out) == before
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def test_resume_without_a_checkpoint(setup, tmp_path, capsys):
+    root, config, _ = setup
+    out = tmp_path / "fresh"
+    assert prune(root, config, out, "--resume") == 2
+    err = error_of(capsys)
+    assert "--resume" in err and "no checkpoint" in err and "last.pt" in err
+    assert not (out / "metrics.jsonl").exists() and not (out / "config.yaml").exists()
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _garbage(path: Path) -> None:
+    path.write_bytes(b"\x00not a checkpoint\xff" * 100)
+
+
+def _foreign(path: Path) -> None:
+    torch.save({"weights": torch.zeros(3)}, path)
+
+
+def _damaged(path: Path) -> None:  # the right format tag, but parts missing or broken
+    ckpt = torch.load(path, weights_only=False)
+    del ckpt["opt_masks"]
+    ckpt["state"]["no_such_field"] = 1
+    torch.save(ckpt, path)
+
+
+@pytest.mark.parametrize(
+    ("spoil", "message"),
+    [
+        (_truncate, "corrupt or unreadable"),
+        (_garbage, "corrupt or unreadable"),
+        (_foreign, "not an s2hpruner checkpoint"),
+        (_damaged, "damaged"),
+    ],
+)
+def test_corrupt_checkpoint_is_refused(setup, tmp_path, capsys, spoil, message):
+    root, config, out = setup
+    run_dir = copy_run(out, tmp_path / "run")
+    spoil(run_dir / "checkpoints" / "last.pt")
+    before = snapshot(run_dir)
+    assert prune(root, config, run_dir, "--resume") == 2
+    err = error_of(capsys)
+    assert message in err
+    assert snapshot(run_dir) == before
+
+
+def test_checkpoint_of_other_settings_is_refused(setup, tmp_path, capsys):
+    root, config, out = setup
+    run_dir = copy_run(out, tmp_path / "run")
+    before = snapshot(run_dir)
+    assert prune(root, config, run_dir, "--resume", "--target-flops", "0.6") == 2
+    err = error_of(capsys)
+    assert "target_flops=0.5" in err and "target_flops=0.6" in err
+    assert snapshot(run_dir) == before
+
+
+def test_checkpoint_of_another_architecture_is_refused(setup, tmp_path, capsys):
+    root, _, out = setup
+    run_dir = copy_run(out, tmp_path / "run")
+    wider = tmp_path / "wider.yaml"
+    wider.write_text("model_kwargs:\n  width: 8\n")  # same name, other channel counts
+    before = snapshot(run_dir)
+    assert prune(root, wider, run_dir, "--resume") == 2
+    assert "does not match the model" in error_of(capsys)
+    assert snapshot(run_dir) == before
+
+
+# ---------------------------------------------------------------------- model without groups
+
+
+def one_channel_net(num_classes: int = 10, in_chans: int = 3) -> nn.Module:
+    """A conv with a single output channel: no width to choose anywhere."""
+    return nn.Sequential(
+        nn.Conv2d(in_chans, 1, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(1, num_classes),
+    )  # fmt: skip
+
+
+def test_model_without_prunable_group(setup, tmp_path, monkeypatch, capsys):
+    root, _, _ = setup
+    monkeypatch.setitem(MODELS, "one_channel_net", one_channel_net)
+    out = tmp_path / "r"
+    code = main(["prune", "--model", "one_channel_net", "--data-root", str(root), "--out",
+                 str(out), *TINY])  # fmt: skip
+    assert code == 2
+    assert "no prunable channel group" in error_of(capsys)
+    assert not (out / "metrics.jsonl").exists()
+
+
+# ------------------------------------------------------------------------- NaN / inf loss
+
+
+def _good_checkpoint_step(out: Path) -> int:
+    ckpt = torch.load(out / "checkpoints" / "last.pt", weights_only=False)
+    tensors = [*ckpt["model"].values(), *ckpt["pruner"]["search"].values()]
+    for state in ckpt["opt_weights"]["state"].values():
+        tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
+    assert all(torch.isfinite(t).all() for t in tensors if t.is_floating_point())
+    return ckpt["state"]["step"]
+
+
+def test_huge_learning_rate_stops_with_the_step_and_keeps_the_good_checkpoint(
+    setup, tmp_path, capsys
+):
+    root, config, _ = setup
+    out = tmp_path / "nan"
+    assert prune(root, config, out, "--lr", "1e6") == 2
+    err = error_of(capsys)
+    match = re.search(r"step (\d+) of 4", err)
+    assert match and ("NaN" in err or "nan" in err), err
+    if (out / "checkpoints" / "last.pt").exists():
+        step = _good_checkpoint_step(out)
+        assert f"(step {step})" in err
+        assert step < int(match.group(1))
+    assert not (out / "report.json").exists()
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_non_finite_loss_names_the_step_and_keeps_the_last_good_checkpoint(
+    setup, tmp_path, monkeypatch, capsys, bad
+):
+    """The weights turn non-finite in the update of step 3 (the loss of step 3 was finite);
+    neither the checkpoint of step 3 nor any later one may replace the one of step 2."""
+    root, config, _ = setup
+    real = run.train_step
+
+    def poisoned(model, pruner, x, y, opt, cfg, phase):
+        stats = real(model, pruner, x, y, opt, cfg, phase)
+        if opt.weights_schedule.last_epoch == 3:
+            with torch.no_grad():
+                next(model.parameters()).view(-1)[0] = bad
+        return stats
+
+    monkeypatch.setattr(run, "train_step", poisoned)
+    out = tmp_path / "poisoned"
+    assert prune(root, config, out) == 2
+    err = error_of(capsys)
+    assert "step 3 of 4" in err and "(step 2)" in err, err
+    assert _good_checkpoint_step(out) == 2
+    assert not (out / "report.json").exists()
+
+
+def test_nan_loss_reports_the_failing_step(setup, tmp_path, monkeypatch, capsys):
+    """A NaN loss (train_step's own check) names the step that produced it."""
+    root, config, _ = setup
+    real = run.train_step
+
+    def nan_at_3(model, pruner, x, y, opt, cfg, phase):
+        if opt.weights_schedule.last_epoch == 2:  # the third step
+            x = torch.full_like(x, math.nan)
+        return real(model, pruner, x, y, opt, cfg, phase)
+
+    monkeypatch.setattr(run, "train_step", nan_at_3)
+    out = tmp_path / "nanloss"
+    assert prune(root, config, out) == 2
+    err = error_of(capsys)
+    assert "training step 3 of 4" in err and "non-finite loss" in err and "(step 2)" in err, err
+    assert _good_checkpoint_step(out) == 2

@@ -1,0 +1,138 @@
+"""End to end through the command line: prune, eval, export, report, and bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from fabricate import learnable_fashion_mnist
+
+from s2hpruner.cli import main
+from s2hpruner.run import REPORT_KEYS
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    root = learnable_fashion_mnist(tmp_path_factory.mktemp("fmnist"))
+    out = tmp_path_factory.mktemp("runs") / "run"
+    code = main([
+        "prune", "--model", "resnet20", "--dataset", "fashion-mnist", "--data-root", str(root),
+        "--target-flops", "0.5", "--epochs", "3", "--freeze-epochs", "1", "--batch-size", "50",
+        "--val-size", "100", "--lr", "0.05", "--mask-lr", "0.1", "--out", str(out),
+        "--no-progress", "--latency-repeats", "3", "--checkpoint-every", "4",
+    ])
+    assert code == 0
+    return root, out
+
+
+def test_prune_writes_a_complete_run_directory(finished_run):
+    _, out = finished_run
+    for name in ("config.yaml", "metrics.jsonl", "report.json", "model_pruned.pt2",
+                 "model_pruned.pt", "accuracy.png", "flops.png", "widths.png",
+                 "checkpoints/last.pt", "checkpoints/best.pt"):
+        assert (out / name).exists(), name
+    assert any((out / "tensorboard").iterdir())
+    report = json.loads((out / "report.json").read_text())
+    assert set(REPORT_KEYS) <= set(report)
+    assert abs(report["flops_ratio"] - 0.5) <= 0.01, "exported model meets the budget"
+    assert report["top1_hard"] > 50.0, "the fabricated task is learnable"
+    assert report["gap"] == pytest.approx(report["top1_soft"] - report["top1_hard"])
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1.0, 2.0, 3.0]
+    for key in ("val_top1_soft", "val_top1_hard", "gap", "flops_ratio_soft", "flops_ratio_hard",
+                "losses", "lr", "widths"):
+        assert key in records[-1]
+
+
+def test_exported_program_runs_without_s2hpruner(finished_run):
+    _, out = finished_run
+    code = (
+        "import sys, torch\n"
+        f"m = torch.export.load({str(out / 'model_pruned.pt2')!r}).module()\n"
+        "y = m(torch.randn(3, 1, 28, 28))\n"
+        "assert y.shape == (3, 10), y.shape\n"
+        "assert not any(k.startswith('s2hpruner') for k in sys.modules)\n"
+        "print('ok')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            cwd="/")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+def test_eval_of_exported_model_and_checkpoint(finished_run, capsys):
+    root, out = finished_run
+    report = json.loads((out / "report.json").read_text())
+    assert main(["eval", str(out / "model_pruned.pt2"), "--data-root", str(root)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["top1"] == pytest.approx(report["top1_hard"], abs=1e-6)
+    assert main(["eval", str(out / "checkpoints" / "last.pt"), "--data-root", str(root)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["top1_hard"] == pytest.approx(report["top1_hard"], abs=1e-6)
+    assert result["top1_soft"] == pytest.approx(report["top1_soft"], abs=1e-6)
+
+
+def test_export_from_checkpoint_with_onnx(finished_run, tmp_path, capsys):
+    _, out = finished_run
+    assert main(["export", str(out / "checkpoints" / "last.pt"), "--out", str(tmp_path),
+                 "--onnx"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["onnx_max_abs_diff"] < 1e-4
+    assert abs(result["flops_ratio"] - 0.5) <= 0.01
+    pruned = torch.load(tmp_path / "model_pruned.pt", weights_only=False)
+    reference = torch.load(out / "model_pruned.pt", weights_only=False)
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.allclose(pruned.eval()(x), reference.eval()(x), atol=1e-5)
+
+
+def test_report_redraws_plots(finished_run, capsys):
+    _, out = finished_run
+    (out / "accuracy.png").unlink()
+    assert main(["report", str(out)]) == 0
+    assert (out / "accuracy.png").exists()
+    assert "top-1 hard" in capsys.readouterr().out
+
+
+def test_finished_run_is_not_overwritten(finished_run, capsys):
+    root, out = finished_run
+    before = (out / "report.json").read_bytes()
+    code = main(["prune", "--data-root", str(root), "--out", str(out), "--no-progress"])
+    assert code == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (out / "report.json").read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model", "resnet21"], "unknown model 'resnet21'"),
+        (["--dataset", "mnist2"], "unknown dataset 'mnist2'"),
+        (["--target-flops", "1.5"], "(0, 1]"),
+        (["--target-flops", "0.0001"], "smallest FLOPs ratio"),
+    ],
+)
+def test_bad_input_exits_2_with_a_clear_message(finished_run, tmp_path, capsys, args, message):
+    root, _ = finished_run
+    code = main(["prune", "--data-root", str(root), "--out", str(tmp_path / "r"),
+                 "--no-progress", "--epochs", "1", *args])
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_data_root_names_the_files(tmp_path, capsys):
+    code = main(["prune", "--data-root", str(tmp_path), "--out", str(tmp_path / "r"),
+                 "--no-progress"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "train-images-idx3-ubyte" in err and "--data-root" in err
+
+
+def test_help_explains_every_option(capsys):
+    with pytest.raises(SystemExit):
+        main(["prune", "--help"])
+    text = capsys.readouterr().out
+    for flag in ("--target-flops", "--method", "--resume", "--data-root", "--epochs",
+                 "--batch-size", "--seed", "--device", "--out", "--config"):
+        assert flag in text

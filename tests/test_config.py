@@ -1,0 +1,229 @@
+"""Property tests of config parsing: RunConfig.from_dict / from_yaml coerce every value to its
+field's type or reject it with a ConfigError naming the key; unknown keys are rejected; and
+to_dict -> from_dict (and -> YAML -> from_yaml, as config.yaml is written) is the identity."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import tempfile
+import types
+import typing
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from s2hpruner.cli import build_parser, config_from_args, main
+from s2hpruner.config import ConfigError, RunConfig
+
+FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
+HINTS = typing.get_type_hints(RunConfig)
+
+text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=12)
+finite = st.floats(allow_nan=False, allow_infinity=False, width=64)
+numbers = st.floats(allow_nan=False, width=64)  # inf is a valid float value too
+scalars = st.none() | st.booleans() | st.integers() | st.floats() | text
+anything = st.recursive(
+    scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(text, inner, max_size=3),
+    max_leaves=6,
+)  # fmt: skip
+
+
+def valid_value(hint) -> st.SearchStrategy:
+    """Values a YAML file could hold for a field of type ``hint``, all of them acceptable."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return st.one_of(*[st.none() if a is type(None) else valid_value(a) for a in args])
+    if hint is bool:
+        return st.booleans()
+    if hint is float:
+        return numbers | st.integers(-(10**6), 10**6)  # ints are fine where floats are asked
+    if hint is int:
+        return st.integers() | st.integers(-(10**6), 10**6).map(float)  # 3.0 is an int
+    if hint is str:
+        return text
+    if origin is list or hint is list:
+        return st.lists(text, max_size=3)
+    if origin is dict or hint is dict:
+        return st.dictionaries(text, scalars, max_size=3)
+    raise AssertionError(f"no strategy for {hint}")
+
+
+valid_configs = st.fixed_dictionaries(
+    {}, optional={name: valid_value(HINTS[name]) for name in FIELDS}
+)
+
+
+def conforms(value, hint) -> bool:
+    """``value`` has exactly the type ``hint`` asks for (bool is not an int here)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(conforms(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint in (int, float):
+        return type(value) is hint
+    if hint in (bool, str):
+        return isinstance(value, hint)
+    if origin is list or hint is list:
+        return isinstance(value, list) and all(conforms(v, args[0]) for v in value if args)
+    if origin is dict or hint is dict:
+        return isinstance(value, dict) and all(isinstance(k, str) for k in value)
+    raise AssertionError(hint)
+
+
+def same(got, given) -> bool:
+    """Coercion keeps the value (an int given for a float may round in its last bit)."""
+    if isinstance(got, float) and isinstance(given, float) and math.isnan(given):
+        return math.isnan(got)
+    if isinstance(got, float) and isinstance(given, int):
+        return math.isclose(got, given, rel_tol=1e-15)
+    return got == given
+
+
+@given(valid_configs)
+@settings(max_examples=150, deadline=None)
+def test_valid_values_are_coerced_to_the_field_types_and_round_trip(values):
+    cfg = RunConfig.from_dict(values)
+    for key, value in values.items():
+        got = getattr(cfg, key)
+        assert conforms(got, HINTS[key]), (key, got)
+        assert got == value, (key, got, value)  # 3 == 3.0: coercion never changes the value
+    assert RunConfig.from_dict(cfg.to_dict()) == cfg
+    assert RunConfig.from_dict(yaml.safe_load(yaml.safe_dump(cfg.to_dict()))) == cfg
+
+
+@given(valid_configs)
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_from_yaml_reads_what_run_writes_as_config_yaml(values):
+    cfg = RunConfig.from_dict(values)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "config.yaml"
+        path.write_text(yaml.safe_dump(cfg.to_dict()))  # as run.prune writes it
+        assert RunConfig.from_yaml(path) == cfg
+
+
+@given(st.sampled_from(sorted(FIELDS)), anything)
+@settings(max_examples=400, deadline=None)
+def test_any_value_is_coerced_or_rejected_naming_the_key(key, value):
+    try:
+        cfg = RunConfig.from_dict({key: value})
+    except ConfigError as exc:
+        assert repr(key) in str(exc)
+        return
+    got = getattr(cfg, key)
+    assert conforms(got, HINTS[key]), (key, value, got)
+    assert same(got, value), (key, value, got)
+
+
+@given(
+    st.dictionaries(text | st.integers() | st.booleans(), anything, min_size=1, max_size=3)
+    .filter(lambda d: any(k not in FIELDS for k in d))
+)
+@settings(max_examples=200, deadline=None)
+def test_unknown_keys_are_rejected_by_name(values):
+    with pytest.raises(ConfigError, match="unknown config key") as info:
+        RunConfig.from_dict(values)
+    for key in values:
+        if key not in FIELDS:
+            assert str(key) in str(info.value)
+
+
+@given(valid_configs, valid_configs)
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_from_yaml_overrides_win_and_none_overrides_are_ignored(file_values, overrides):
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "c.yaml"
+        path.write_text(yaml.safe_dump(file_values))
+        cfg = RunConfig.from_yaml(path, **overrides)
+    expected = {**file_values, **{k: v for k, v in overrides.items() if v is not None}}
+    assert cfg == RunConfig.from_dict(expected)
+
+
+@pytest.mark.parametrize(
+    ("values", "key"),
+    [
+        ({"batch_size": True}, "batch_size"),
+        ({"batch_size": 2.5}, "batch_size"),
+        ({"batch_size": "64"}, "batch_size"),
+        ({"target_flops": False}, "target_flops"),
+        ({"target_flops": "0.5"}, "target_flops"),
+        ({"epochs": 10**400}, "epochs"),
+        ({"augment": 1}, "augment"),
+        ({"augment": "yes"}, "augment"),
+        ({"model": 20}, "model"),
+        ({"data_root": 3}, "data_root"),
+        ({"width_step": 1.5}, "width_step"),
+        ({"ignored_layers": "conv1"}, "ignored_layers"),
+        ({"ignored_layers": ["conv1", 2]}, "ignored_layers"),
+        ({"model_kwargs": ["width", 4]}, "model_kwargs"),
+        ({"model_kwargs": {4: "width"}}, "model_kwargs"),
+    ],
+)
+def test_wrong_types_are_rejected_naming_the_key(values, key):
+    with pytest.raises(ConfigError, match=repr(key)):
+        RunConfig.from_dict(values)
+
+
+def test_exponent_without_dot_gets_a_hint(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 1e-3\n")  # YAML 1.1 (PyYAML) reads this as a string
+    with pytest.raises(ConfigError, match="'lr'.*1.0e-3"):
+        RunConfig.from_yaml(path)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"model: [unclosed\n", "is not valid YAML"),
+        (b"model: \xff\xfe\n", "is not valid YAML"),
+        (b"- a list\n- not a mapping\n", "must hold a mapping"),
+        (b"1: 2\nmodell: resnet20\n", "unknown config key(s) 1, modell"),
+        (b"batch_size: many\n", "config key 'batch_size'"),
+    ],
+)
+def test_bad_config_files_exit_2_with_a_message(tmp_path, capsys, content, message):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(content)
+    out = tmp_path / "out"
+    assert main(["prune", "--config", str(path), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("s2hpruner: error:") and message in err, err
+    assert not out.exists()
+
+
+NUMERIC = [n for n in FIELDS if HINTS[n] in (int, float, bool)]
+
+
+@given(
+    st.fixed_dictionaries(
+        {},
+        optional={
+            n: st.booleans()
+            if HINTS[n] is bool
+            else (st.integers(0, 10**6) if HINTS[n] is int else finite)
+            for n in NUMERIC
+        },
+    )
+)
+@settings(max_examples=100, deadline=None)
+def test_command_line_flags_fill_the_same_fields_as_a_config_dict(values):
+    argv = ["prune"]
+    for name, value in values.items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            argv.append(flag if value else "--no-" + flag[2:])
+        else:
+            argv.append(f"{flag}={value!r}")
+    args = build_parser().parse_args(argv)
+    try:
+        expected = RunConfig.from_dict(values).validate()
+    except ConfigError as exc:  # an invalid combination: the flags are refused the same way
+        with pytest.raises(ConfigError, match=re.escape(str(exc))):
+            config_from_args(args)
+    else:
+        assert config_from_args(args) == expected

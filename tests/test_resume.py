@@ -1,0 +1,210 @@
+"""A run killed with SIGKILL at any point and resumed with --resume ends exactly like an
+uninterrupted run with the same seed (bitwise on CPU with --deterministic).
+
+The runs are real ``s2hpruner prune`` processes on fabricated Fashion-MNIST files. To kill them
+at a known point, without racing the clock, the child is started through a tiny wrapper that
+runs the normal CLI but stops (sleeps) at a chosen training step or just before a chosen
+checkpoint write, after touching a marker file; the test waits for the marker and then sends
+SIGKILL. The interrupted run is killed three times in a row:
+
+1. mid-epoch, three steps after the mid-epoch checkpoint of step 5;
+2. at the end of epoch 1, after its metrics line was appended but before its checkpoint was
+   written (the resumed run must not log that epoch twice);
+3. in the last (frozen-width) phase, two steps after the checkpoint of step 15.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fabricate import learnable_fashion_mnist
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+STEPS_PER_EPOCH = 12  # train_subset 240 / batch 20
+EPOCHS = 2
+
+# Runs the CLI; with S2H_TEST_PAUSE_STEP=n it stops right after the optimizer update of
+# global step n (before the loop counts it), with S2H_TEST_PAUSE_SAVE=n just before writing
+# checkpoints/last.pt for step n. Either way it first writes S2H_TEST_MARKER.
+WRAPPER = r"""
+import os, sys, time
+from pathlib import Path
+import torch
+torch.set_num_threads(1)
+import s2hpruner.run as run
+
+def pause():
+    Path(os.environ["S2H_TEST_MARKER"]).write_text("paused")
+    while True:
+        time.sleep(1)
+
+pause_step = int(os.environ.get("S2H_TEST_PAUSE_STEP", "0"))
+pause_save = int(os.environ.get("S2H_TEST_PAUSE_SAVE", "0"))
+real_step, real_save = run.train_step, run.save_checkpoint
+
+def train_step(model, pruner, x, y, opt, cfg, phase):
+    out = real_step(model, pruner, x, y, opt, cfg, phase)
+    if opt.weights_schedule.last_epoch == pause_step:  # the schedule counts the steps
+        pause()
+    return out
+
+def save_checkpoint(path, model, pruner, opt, state, cfg):
+    if path.name == "last.pt" and state.step == pause_save:
+        pause()
+    return real_save(path, model, pruner, opt, state, cfg)
+
+run.train_step, run.save_checkpoint = train_step, save_checkpoint
+from s2hpruner.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _env(**extra) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SRC), env.get("PYTHONPATH")]))
+    env["OMP_NUM_THREADS"] = "1"  # two cores, shared: more threads only slow things down
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="module")
+def data_and_config(tmp_path_factory):
+    base = tmp_path_factory.mktemp("resume")
+    root = learnable_fashion_mnist(base / "fmnist")
+    config = base / "tiny.yaml"
+    config.write_text("model_kwargs:\n  width: 4\n")  # resnet20 with 4-8-16 channels: fast
+    return root, config
+
+
+def _args(root: Path, config: Path, out: Path) -> list[str]:
+    return [
+        "prune", "--config", str(config), "--data-root", str(root), "--out", str(out),
+        "--target-flops", "0.5", "--epochs", str(EPOCHS), "--freeze-epochs", "1",
+        "--batch-size", "20", "--train-subset", str(STEPS_PER_EPOCH * 20), "--val-size", "100",
+        "--lr", "0.05", "--mask-lr", "0.1", "--checkpoint-every", "5", "--deterministic",
+        "--seed", "3", "--latency-repeats", "1", "--no-progress",
+    ]  # fmt: skip
+
+
+def _run(args: list[str], timeout: float = 300) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", WRAPPER, *args], env=_env(), capture_output=True, text=True,
+        timeout=timeout,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def _run_and_kill(args: list[str], marker: Path, timeout: float = 300, **pause) -> None:
+    """Start the run, wait until it reached the pause point, SIGKILL it."""
+    marker.unlink(missing_ok=True)
+    env = _env(S2H_TEST_MARKER=str(marker), **{k: str(v) for k, v in pause.items()})
+    log = marker.with_suffix(".log")
+    with open(log, "w") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", WRAPPER, *args], env=env, stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + timeout
+            while not marker.exists():
+                if proc.poll() is not None:
+                    pytest.fail(f"run ended (code {proc.returncode}) before the pause point "
+                                f"{pause}:\n{log.read_text()[-3000:]}")
+                if time.monotonic() > deadline:
+                    pytest.fail(f"run did not reach the pause point {pause} in {timeout} s")
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGKILL)
+            assert proc.wait(timeout=60) == -signal.SIGKILL
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def _checkpoint(out: Path) -> dict:
+    return torch.load(out / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
+
+
+def _metrics(out: Path) -> list[dict]:
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for record in records:
+        record.pop("train_seconds")
+    return records
+
+
+def _assert_equal_tree(a, b, where: str = "") -> None:
+    """Bitwise equality of nested dicts/lists of tensors and plain values."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor), where
+        assert a.dtype == b.dtype and a.shape == b.shape, where
+        assert torch.equal(a, b), f"{where} differs (max {(a.double() - b.double()).abs().max()})"
+    elif isinstance(a, np.ndarray):
+        assert np.array_equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), (where, set(a) ^ set(b))
+        for k in a:
+            _assert_equal_tree(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, list | tuple):
+        assert isinstance(b, list | tuple) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _assert_equal_tree(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, (where, a, b)
+
+
+@pytest.mark.slow
+def test_killed_and_resumed_run_equals_uninterrupted_run(data_and_config, tmp_path):
+    root, config = data_and_config
+    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
+    _run(_args(root, config, reference))
+
+    args = _args(root, config, resumed)
+    marker = tmp_path / "paused"
+    # 1. mid-epoch: killed at step 8, the checkpoint on disk is the one of step 5
+    _run_and_kill(args, marker, S2H_TEST_PAUSE_STEP=8)
+    assert _checkpoint(resumed)["state"]["step"] == 5
+    metrics = resumed / "metrics.jsonl"
+    assert not metrics.exists() or not metrics.read_text()
+    # 2. end of epoch 1: its metrics line is written, its checkpoint is not
+    _run_and_kill([*args, "--resume"], marker, S2H_TEST_PAUSE_SAVE=STEPS_PER_EPOCH)
+    assert _checkpoint(resumed)["state"]["step"] == 10
+    assert len((resumed / "metrics.jsonl").read_text().splitlines()) == 1
+    # 3. last phase, two steps after the checkpoint of step 15
+    _run_and_kill([*args, "--resume"], marker, S2H_TEST_PAUSE_STEP=17)
+    assert _checkpoint(resumed)["state"]["step"] == 15
+    _run([*args, "--resume"])
+
+    # every epoch's metrics once, and equal except for the wall-clock time
+    assert _metrics(resumed) == _metrics(reference)
+    assert [r["step"] for r in _metrics(resumed)] == [12, 24]
+
+    report_a = json.loads((reference / "report.json").read_text())
+    report_b = json.loads((resumed / "report.json").read_text())
+    for key in ("top1_hard", "top1_soft", "gap", "flops_ratio", "params_ratio",
+                "predicted_flops_ratio", "flops_pruned", "params_pruned", "kept_widths",
+                "channels"):
+        assert report_b[key] == report_a[key], key
+
+    pruned_a = torch.load(reference / "model_pruned.pt", weights_only=False)
+    pruned_b = torch.load(resumed / "model_pruned.pt", weights_only=False)
+    _assert_equal_tree(pruned_a.state_dict(), pruned_b.state_dict(), "model_pruned")
+
+    # the final checkpoints agree on everything but the clock
+    ckpt_a, ckpt_b = _checkpoint(reference), _checkpoint(resumed)
+    for key in ("model", "pruner", "opt_weights", "opt_masks", "schedule", "balancer", "rng"):
+        _assert_equal_tree(ckpt_a[key], ckpt_b[key], key)
+    for key in ("train_seconds", "history"):
+        ckpt_a["state"].pop(key), ckpt_b["state"].pop(key)
+    assert ckpt_a["state"] == ckpt_b["state"]
+    ckpt_a["config"].pop("resume"), ckpt_b["config"].pop("resume")
+    ckpt_a["config"].pop("out"), ckpt_b["config"].pop("out")
+    assert ckpt_a["config"] == ckpt_b["config"]

@@ -1,0 +1,107 @@
+"""The sliced hard forward (kept channels only) is the masked hard forward, computed cheaper:
+same outputs, same gradients for weights and width logits, same BatchNorm statistics on the
+kept channels, in train and eval mode."""
+
+import warnings
+
+import pytest
+import torch
+import torchvision
+
+from s2hpruner import S2HPruner
+from s2hpruner.models import create_model
+
+CASES = [
+    ("resnet20", lambda: create_model("resnet20", in_chans=1), (6, 1, 28, 28)),
+    ("mobilenet_v3_small", lambda: create_model("mobilenet_v3_small"), (4, 3, 32, 32)),
+    ("vgg11_bn_cifar", lambda: create_model("vgg11_bn_cifar"), (4, 3, 32, 32)),
+    ("wrn16_4", lambda: create_model("wrn16_4", widen_factor=1), (4, 3, 32, 32)),
+    ("densenet121", lambda: torchvision.models.densenet121(num_classes=10), (2, 3, 64, 64)),
+]
+
+
+def run(model, pruner, x, sliced, train):
+    torch.manual_seed(1)  # same dropout masks in both paths
+    model.train(train)
+    weights = list(model.parameters())
+    masks = pruner.mask_parameters()
+    with pruner.mode("hard", sliced=sliced):
+        out = model(x)
+    loss = (out * torch.linspace(-1, 1, out.shape[-1])).sum()
+    grads = torch.autograd.grad(loss, weights + masks, allow_unused=True)
+    return out.detach(), grads
+
+
+@pytest.mark.parametrize(("name", "factory", "shape"), CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_sliced_equals_masked(name, factory, shape, train):
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = factory()
+    for m in model.modules():  # dropout draws masks of another size when channels are sliced
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    x = torch.randn(*shape)
+    pruner = S2HPruner(model, x[:1], target_flops=0.5, separate_hard_bn_stats=True)
+    assert pruner.sliced_hard, pruner.unsliceable
+    with torch.no_grad():
+        for u in pruner.mask_parameters():
+            u.normal_(0, 1.5)
+    pruner.update_ranks()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    stats = {k: {b: t.clone() for b, t in v.items()} for k, v in pruner.hard_bn_stats.items()}
+
+    out_m, grads_m = run(model, pruner, x, sliced=False, train=train)
+    stats_masked = pruner.hard_bn_stats
+    model.load_state_dict(state)
+    pruner.hard_bn_stats = stats
+    out_s, grads_s = run(model, pruner, x, sliced=True, train=train)
+
+    scale = out_m.abs().max()
+    assert (out_m - out_s).abs().max() <= 1e-4 * scale
+    # Compared as whole vectors (weights, then width logits): max-pool ties between nearly
+    # equal values may route a tiny part of the gradient elsewhere when float sums are ordered
+    # differently, and some entries (BN biases in train mode) are zero up to rounding.
+    n_weights = len(list(model.parameters()))
+    for part in (slice(0, n_weights), slice(n_weights, None)):
+        gm = torch.cat([g.reshape(-1) for g in grads_m[part] if g is not None])
+        gs = torch.cat([g.reshape(-1) for g in grads_s[part] if g is not None])
+        assert gm.norm() > 0
+        assert (gm - gs).norm() <= 1e-3 * gm.norm()
+    # BatchNorm running statistics agree on every kept channel
+    kept_sets = pruner.kept_channels()
+    for g in pruner.groups:
+        keep = torch.tensor(kept_sets[g.name])
+        for piece in g.norms:
+            idx = torch.tensor(piece.module_idxs)[
+                torch.isin(torch.tensor(piece.root_idxs), keep)
+            ]
+            for buf in ("running_mean", "running_var"):
+                a = stats_masked[piece.module_name][buf][idx]
+                b = pruner.hard_bn_stats[piece.module_name][buf][idx]
+                assert torch.allclose(a, b, atol=1e-5, rtol=1e-4), (piece.module_name, buf)
+    # the model's own (soft) statistics are untouched by hard forwards
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+
+
+def test_sliced_forward_really_skips_pruned_channels():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    model = create_model("resnet20", in_chans=1).eval()
+    x = torch.randn(2, 1, 28, 28)
+    pruner = S2HPruner(model, x[:1], target_flops=0.35)
+    with torch.no_grad():
+        for u in pruner.mask_parameters():
+            u.normal_(0, 1.5)
+    counts = {}
+    for sliced in (False, True):
+        with torch.no_grad(), FlopCounterMode(display=False) as counter, pruner.mode(
+            "hard", sliced=sliced
+        ):
+            model(x)
+        counts[sliced] = counter.get_total_flops()
+    assert counts[True] == pytest.approx(float(pruner.flops("hard")) * 2, rel=0.01)
+    assert counts[True] < 0.8 * counts[False]
