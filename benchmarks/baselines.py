@@ -16,9 +16,10 @@ difference in accuracy comes from the method, not from the training. All of them
 * ``random``: random widths at the target FLOPs (S2HPruner with random width logits, projected
   to the budget, exported with its random init), trained for the whole budget.
 
-Importance-based methods reach the target by bisecting torch-pruning's global pruning ratio on
-deep copies until the exported FLOPs (counted by :func:`s2hpruner.count_flops`) are within
-``flops_tolerance`` of the target, then prune the real model with that ratio.
+Importance-based methods reach the target by searching (bisection with interpolation)
+torch-pruning's global pruning ratio on deep copies until the exported FLOPs (counted by
+:func:`s2hpruner.count_flops`) are within ``flops_tolerance`` of the target, then prune the real
+model with that ratio.
 """
 
 from __future__ import annotations
@@ -67,8 +68,8 @@ class BaselineOptions:
     # regulariser already decays every prunable weight by at least reg (gamma >= 1).
     sparse_weight_decay: float = 0.0
     random_logit_std: float = 3.0  # spread of the random width logits (larger: more varied)
-    flops_tolerance: float = 0.005  # |exported FLOPs ratio - target| the bisection aims for
-    max_probes: int = 30  # bisection steps before settling for the closest ratio seen
+    flops_tolerance: float = 0.005  # |exported FLOPs ratio - target| the search aims for
+    max_probes: int = 30  # search steps before settling for the closest ratio seen
 
 
 @dataclass
@@ -263,12 +264,15 @@ def prune_to_flops(
     tolerance: float = 0.005,
     max_probes: int = 30,
 ) -> dict:
-    """Prune ``model`` in place to ``target`` x its FLOPs by bisecting the global ratio.
+    """Prune ``model`` in place to ``target`` x its FLOPs by searching the global ratio.
 
-    FLOPs fall as the ratio grows, except near 1 where torch-pruning skips groups that would
-    lose their last channel; the search therefore stays below a ratio of 0.9. It stops within
-    ``tolerance``, or when the ratio interval is below 1e-4: then the target lies inside the
-    FLOPs jump of a single channel (group), and the closest ratio seen is kept, with a warning.
+    A bracketing search on deep copies: FLOPs fall as the ratio grows (except near 1, where
+    torch-pruning skips groups that would lose their last channel, so the bracket ends at 0.9).
+    Odd probes interpolate sqrt(FLOPs), which falls about linearly with the ratio because every
+    layer loses inputs and outputs (the first probe is 1 - sqrt(target)); even probes bisect, so
+    the bracket at least halves every two probes. It stops within ``tolerance``, or when the
+    bracket is below 1e-4: then the target lies inside the FLOPs jump of a single channel
+    (group), and the closest ratio seen is kept, with a warning.
     """
     ignored = classifier_names(model, example)
     full = count_flops(model, example)
@@ -277,27 +281,35 @@ def prune_to_flops(
         make_pruner(factory, net, example, ratio, ignored).step()
         return count_flops(net, example) / full
 
-    lo, hi = 0.0, 0.9
+    # (ratio, FLOPs ratio) at the bracket ends; 0.01 = (1 - 0.9)^2 is a guess, never used as
+    # a result
+    (lo, f_lo), (hi, f_hi) = (0.0, 1.0), (0.9, 0.01)
     best_ratio, best_flops, probes = 0.0, 1.0, 0
     while probes < max_probes and hi - lo > 1e-4:
         probes += 1
         ratio = 0.5 * (lo + hi)
+        if probes % 2 and f_lo > f_hi:
+            share = (math.sqrt(f_lo) - math.sqrt(target)) / (math.sqrt(f_lo) - math.sqrt(f_hi))
+            ratio = min(max(lo + share * (hi - lo), lo + 1e-5), hi - 1e-5)
         flops = prune(copy.deepcopy(model), ratio)
         if abs(flops - target) < abs(best_flops - target):
             best_ratio, best_flops = ratio, flops
         if abs(flops - target) <= tolerance:
             break
-        lo, hi = (ratio, hi) if flops > target else (lo, ratio)
+        if flops > target:
+            lo, f_lo = ratio, flops
+        else:
+            hi, f_hi = ratio, flops
     if abs(best_flops - target) > tolerance:
         warnings.warn(
-            f"bisection reached FLOPs ratio {best_flops:.4f} for target {target} "
+            f"the search reached FLOPs ratio {best_flops:.4f} for target {target} "
             f"(tolerance {tolerance}); channel steps are coarser than the tolerance here",
             stacklevel=2,
         )
     flops = prune(model, best_ratio)  # for real, with the ratio found on the copies
     if abs(flops - best_flops) > 1e-9:
         raise RuntimeError(f"pruning is not deterministic: {flops} on the model, {best_flops}")
-    return {"pruning_ratio": best_ratio, "bisection_probes": probes}
+    return {"pruning_ratio": best_ratio, "search_probes": probes}
 
 
 def random_architecture(
@@ -364,7 +376,7 @@ def run_baseline(
     eval_loader = partial(DataLoader, batch_size=cfg.eval_batch_size, num_workers=cfg.workers)
     test_loader = eval_loader(data.splits.test)
     stages: list[dict] = []
-    record: dict = {"top1_dense": None, "pruning_ratio": None, "bisection_probes": None}
+    record: dict = {"top1_dense": None, "pruning_ratio": None, "search_probes": None}
     step = 0
 
     def stage(name: str, steps: int, network: str, **kwargs) -> None:

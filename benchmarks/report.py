@@ -38,14 +38,20 @@ DESCRIPTIONS = {
 
 
 def load_results(out: Path) -> list[dict]:
-    """Every benchmark JSON in ``out`` (files with a ``runs`` list), by profile name."""
+    """Every comparison JSON in ``out`` (``<profile>.json`` with a ``runs`` list); other JSON
+    there, such as the speed benchmark's, is left alone."""
     found = []
     for path in sorted(Path(out).glob("*.json")):
         try:
             data = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
             continue
-        if isinstance(data, dict) and isinstance(data.get("runs"), list) and "profile" in data:
+        if (
+            isinstance(data, dict)
+            and isinstance(data.get("runs"), list)
+            and data.get("profile") == path.stem
+            and {"machine", "settings"} <= set(data)
+        ):
             found.append(data)
     return found
 
@@ -143,7 +149,7 @@ def profile_markdown(results: dict, image: str | None) -> list[str]:
         f"- Baselines: `l1-ft` pre-trains {o['pretrain_fraction']:.0%} of the budget; "
         f"`group-sl` sparse-trains {o['sparse_fraction']:.0%} (reg {o['group_sl_reg']:g}, "
         f"weight decay {o['sparse_weight_decay']:g} while regularising); importance methods "
-        f"bisect the global pruning ratio to within {o['flops_tolerance']:g} of the target"
+        f"search the global pruning ratio to within {o['flops_tolerance']:g} of the target"
     )
     ratios = results.get("compute_ratios", {})
     if ratios:

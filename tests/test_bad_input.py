@@ -5,6 +5,7 @@ infinite loss, and the basic cases again pointed at a finished run with --overwr
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import shutil
@@ -142,6 +143,22 @@ def test_data_root_missing_files_names_exactly_those(setup, tmp_path, capsys):
     assert snapshot(out) == before
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--val-size", "1000"], "val_size=1000 images must be in [0, 600)"),
+        (["--train-subset", "0"], "train_subset must be >= 1"),
+        (["--val-size", "-1"], "val_size must be >= 0"),
+    ],
+)
+def test_split_sizes_that_do_not_fit(setup, capsys, args, message):
+    root, config, out = setup
+    before = snapshot(out)
+    assert prune(root, config, out, "--overwrite", *args) == 2
+    assert message in error_of(capsys)
+    assert snapshot(out) == before
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 
@@ -194,13 +211,22 @@ def test_corrupt_checkpoint_is_refused(setup, tmp_path, capsys, spoil, message):
     assert snapshot(run_dir) == before
 
 
-def test_checkpoint_of_other_settings_is_refused(setup, tmp_path, capsys):
+@pytest.mark.parametrize(
+    ("args", "saved", "asked"),
+    [
+        (["--target-flops", "0.6"], "target_flops=0.5", "target_flops=0.6"),
+        (["--train-subset", "150"], "train_subset=200", "train_subset=150"),
+        (["--freeze-epochs", "0.25"], "freeze_epochs=0.5", "freeze_epochs=0.25"),
+        (["--seed", "1"], "seed=0", "seed=1"),
+    ],
+)
+def test_checkpoint_of_other_settings_is_refused(setup, tmp_path, capsys, args, saved, asked):
     root, config, out = setup
     run_dir = copy_run(out, tmp_path / "run")
     before = snapshot(run_dir)
-    assert prune(root, config, run_dir, "--resume", "--target-flops", "0.6") == 2
+    assert prune(root, config, run_dir, "--resume", *args) == 2
     err = error_of(capsys)
-    assert "target_flops=0.5" in err and "target_flops=0.6" in err
+    assert saved in err and asked in err
     assert snapshot(run_dir) == before
 
 
@@ -208,10 +234,33 @@ def test_checkpoint_of_another_architecture_is_refused(setup, tmp_path, capsys):
     root, _, out = setup
     run_dir = copy_run(out, tmp_path / "run")
     wider = tmp_path / "wider.yaml"
-    wider.write_text("model_kwargs:\n  width: 8\n")  # same name, other channel counts
+    wider.write_text("model_kwargs:\n  width: 8\n")  # same model name, other channel counts
+    before = snapshot(run_dir)
+    assert prune(root, wider, run_dir, "--resume") == 2
+    assert "model_kwargs={'width': 4}" in error_of(capsys)
+    assert snapshot(run_dir) == before
+    # a checkpoint whose config was edited to agree: its tensors still do not fit
+    last = run_dir / "checkpoints" / "last.pt"
+    ckpt = torch.load(last, weights_only=False)
+    ckpt["config"]["model_kwargs"] = {"width": 8}
+    torch.save(ckpt, last)
     before = snapshot(run_dir)
     assert prune(root, wider, run_dir, "--resume") == 2
     assert "does not match the model" in error_of(capsys)
+    assert snapshot(run_dir) == before
+
+
+def test_checkpoint_of_another_world_size_is_refused(setup, tmp_path, capsys):
+    root, config, out = setup
+    run_dir = copy_run(out, tmp_path / "run")
+    last = run_dir / "checkpoints" / "last.pt"
+    ckpt = torch.load(last, weights_only=False)
+    assert ckpt["world_size"] == 1
+    ckpt["world_size"] = 2  # as if made by torchrun --nproc_per_node=2
+    torch.save(ckpt, last)
+    before = snapshot(run_dir)
+    assert prune(root, config, run_dir, "--resume") == 2
+    assert "2 process(es)" in error_of(capsys)
     assert snapshot(run_dir) == before
 
 
@@ -258,10 +307,9 @@ def test_huge_learning_rate_stops_with_the_step_and_keeps_the_good_checkpoint(
     err = error_of(capsys)
     match = re.search(r"step (\d+) of 4", err)
     assert match and ("NaN" in err or "nan" in err), err
-    if (out / "checkpoints" / "last.pt").exists():
-        step = _good_checkpoint_step(out)
-        assert f"(step {step})" in err
-        assert step < int(match.group(1))
+    step = _good_checkpoint_step(out)
+    assert f"(step {step})" in err and "lower --lr" in err and "--resume" in err
+    assert step < int(match.group(1))
     assert not (out / "report.json").exists()
 
 
@@ -288,6 +336,16 @@ def test_non_finite_loss_names_the_step_and_keeps_the_last_good_checkpoint(
     assert "step 3 of 4" in err and "(step 2)" in err, err
     assert _good_checkpoint_step(out) == 2
     assert not (out / "report.json").exists()
+
+    # the advice of the message works: resumed with a lower --lr, which replaces the
+    # checkpoint's (0.05 by default) from the step of the checkpoint on
+    monkeypatch.setattr(run, "train_step", real)
+    assert prune(root, config, out, "--resume", "--lr", "0.01") == 0
+    ckpt = torch.load(out / "checkpoints" / "last.pt", weights_only=False)
+    assert ckpt["state"]["step"] == 4
+    assert [g["initial_lr"] for g in ckpt["opt_weights"]["param_groups"]] == [0.01, 0.01]
+    assert ckpt["schedule"]["base_lrs"] == [0.01, 0.01]
+    assert json.loads((out / "report.json").read_text())["epochs"] == 1.0
 
 
 def test_nan_loss_reports_the_failing_step(setup, tmp_path, monkeypatch, capsys):

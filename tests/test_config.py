@@ -121,8 +121,9 @@ def test_any_value_is_coerced_or_rejected_naming_the_key(key, value):
 
 
 @given(
-    st.dictionaries(text | st.integers() | st.booleans(), anything, min_size=1, max_size=3)
-    .filter(lambda d: any(k not in FIELDS for k in d))
+    st.dictionaries(text | st.integers() | st.booleans(), anything, min_size=1, max_size=3).filter(
+        lambda d: any(k not in FIELDS for k in d)
+    )
 )
 @settings(max_examples=200, deadline=None)
 def test_unknown_keys_are_rejected_by_name(values):

@@ -22,6 +22,12 @@ FORWARD_KWARGS: dict[str, dict] = {
     "vgg11_bn_cifar": {},
     "mobilenet_v3_small": {},
     "mobilenet_v3_large": {},
+    # timm's vision transformers, at the test's image size (create_model's image_size)
+    "vit_tiny_patch16_224": {"patch_size": 4},
+    "deit_tiny_patch16_224": {"patch_size": 4},
+    "deit_small_patch16_224": {"patch_size": 4, "depth": 2},
+    "swin_tiny_patch4_window7_224": {"depths": (2, 2, 2, 2)},
+    "vit_fmnist": {},
 }
 
 
@@ -38,7 +44,9 @@ def test_every_registry_entry_is_tested():
     ("in_chans", "size", "num_classes"), [(1, 28, 10), (3, 32, 100)], ids=["28x28x1", "32x32x3"]
 )
 def test_forward_shape(name, in_chans, size, num_classes):
-    model = create_model(name, num_classes=num_classes, in_chans=in_chans, **FORWARD_KWARGS[name])
+    model = create_model(
+        name, num_classes=num_classes, in_chans=in_chans, image_size=size, **FORWARD_KWARGS[name]
+    )
     with torch.no_grad():  # train mode on purpose: BN must cope with batch 2 at the last stage
         out = model(torch.randn(2, in_chans, size, size))
     assert out.shape == (2, num_classes)

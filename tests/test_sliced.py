@@ -16,7 +16,7 @@ CASES = [
     ("mobilenet_v3_small", lambda: create_model("mobilenet_v3_small"), (4, 3, 32, 32)),
     ("vgg11_bn_cifar", lambda: create_model("vgg11_bn_cifar"), (4, 3, 32, 32)),
     ("wrn16_4", lambda: create_model("wrn16_4", widen_factor=1), (4, 3, 32, 32)),
-    ("densenet121", lambda: torchvision.models.densenet121(num_classes=10), (2, 3, 64, 64)),
+    ("densenet121", lambda: torchvision.models.densenet121(num_classes=10), (2, 3, 32, 32)),
 ]
 
 

@@ -94,6 +94,12 @@ class RunConfig:
             )
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.train_subset is not None and self.train_subset < 1:
+            raise ConfigError(f"train_subset must be >= 1 (or unset), got {self.train_subset}")
+        if not self.val_size >= 0:
+            raise ConfigError(
+                f"val_size must be >= 0 (a count, or a fraction < 1), got {self.val_size}"
+            )
         if self.resource_on not in ("hard", "soft"):
             raise ConfigError(f"resource_on must be 'hard' or 'soft', got {self.resource_on!r}")
         if self.mask_optimizer not in ("adam", "sgd"):

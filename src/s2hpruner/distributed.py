@@ -4,6 +4,13 @@ Gradients are averaged with ``all_reduce`` after the training step computed them
 step computes them with ``torch.autograd.grad`` (three differently routed gradients), which
 DistributedDataParallel's backward hooks would not see. Every rank therefore applies the same
 averaged gradient and holds identical weights, width logits and optimizer states.
+
+The per-rank batch is ``--batch-size``; a step sees ``world_size`` times as many images. The
+weights' gradient is then that of the whole batch (with BatchNorm's per-rank batch statistics).
+The width logits' raw task and gap gradients are averaged before the norm balancing
+(balance.py), so their balanced gradient is the whole batch's as well.
+BatchNorm running statistics, the model's and the pruner's hard-network copy, drift apart
+between ranks during an epoch; run.py averages them before every checkpoint and evaluation.
 """
 
 from __future__ import annotations
@@ -76,6 +83,23 @@ def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
         value = value.clone()
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
     return value
+
+
+def average_gradient_list(
+    grads: Sequence[torch.Tensor | None], like: Sequence[torch.Tensor]
+) -> list[torch.Tensor]:
+    """Rank average of a per-parameter gradient list (None counts as zeros)."""
+    filled = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, like, strict=True)]
+    if not is_distributed():
+        return filled
+    flat = torch.cat([g.reshape(-1) for g in filled])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= world_size()
+    out, offset = [], 0
+    for g in filled:
+        out.append(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+    return out
 
 
 def average_tensors(tensors: Sequence[torch.Tensor]) -> None:

@@ -67,6 +67,8 @@ class ChannelGroup:
     norms: list[ChannelSlice] = field(default_factory=list)  # BatchNorm channels
     mask_sites: list[ChannelSlice] = field(default_factory=list)  # outputs the mask multiplies
     root_module: str = ""
+    kind: str = "channels"  # or "heads": attention heads of root_module (transformers.py)
+    head_dim: int = 0  # channels per head of a "heads" group
 
     def __repr__(self) -> str:
         return (
@@ -145,7 +147,11 @@ def find_groups(
     InstanceNorm) are left out of the search with a warning: a multiplicative mask cannot
     emulate removing a channel there. A group touching a layer kind the pruner cannot mask
     or count raises :class:`UnsupportedModelError` naming that layer.
+
+    Attention modules (transformers.py) get one head group each, built by hand; their qkv and
+    proj layers are ignored here, which also (silently) drops the residual stream's group.
     """
+    from . import transformers  # imports this module
     graph = graph or build_graph(model, example_inputs)
     names = {m: n for n, m in model.named_modules()}
     by_name = dict(model.named_modules())
@@ -157,6 +163,9 @@ def find_groups(
             layer = by_name[layer]
         ignored.append(layer)
     ignored += [m for m in classifier_layers(model, graph) if m not in ignored]
+    attention, attention_layers = transformers.find_attention(model)
+    user_ignored = list(ignored)
+    ignored += [m for m in attention_layers if m not in ignored]
 
     groups: list[ChannelGroup] = []
     for tp_group in graph.get_all_groups(
@@ -165,6 +174,7 @@ def find_groups(
         group = _to_channel_group(tp_group, graph, names, width_step, max_candidates)
         if group is not None:
             groups.append(group)
+    groups += transformers.head_groups(attention, user_ignored, max_candidates)
     return groups, graph
 
 

@@ -3,7 +3,8 @@
 Names follow timm's style (``resnet56``, ``wrn28_10``). The project's own small-image models
 live in :data:`MODELS`; any torchvision classification model is accepted as a fallback, by its
 torchvision name or explicitly as ``torchvision/<name>`` (needed where one of ours shadows it).
-Weights are never downloaded: every model starts from random initialisation.
+Weights are never downloaded: every model starts from random initialisation. The vision
+transformers (:data:`VISION_TRANSFORMERS`) are timm's (the ``vit`` extra) and take ``img_size``.
 
 All models avoid tricks that torch-pruning's ``DependencyGraph`` cannot trace (such as the
 zero-padding "option A" shortcut of the original CIFAR ResNets), so any of them can be pruned.
@@ -11,6 +12,7 @@ zero-padding "option A" shortcut of the original CIFAR ResNets), so any of them 
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from functools import cache
 from typing import TypeVar
@@ -23,6 +25,7 @@ from .errors import UnknownNameError, UnsupportedModelError
 
 __all__ = [
     "MODELS",
+    "VISION_TRANSFORMERS",
     "CifarResNet",
     "WideResNet",
     "cifar_resnet",
@@ -67,10 +70,20 @@ def list_models(include_torchvision: bool = False) -> list[str]:
     return names
 
 
-def create_model(name: str, num_classes: int = 10, in_chans: int = 3, **kwargs) -> nn.Module:
-    """Build model ``name`` with random weights; ``kwargs`` go to its factory."""
+def create_model(
+    name: str, num_classes: int = 10, in_chans: int = 3, image_size: int | None = None, **kwargs
+) -> nn.Module:
+    """Build model ``name`` with random weights; ``kwargs`` go to its factory.
+
+    ``image_size`` (the data's) is passed as ``img_size`` to registry factories that take one
+    (the vision transformers), unless ``kwargs`` already set it; other models ignore it.
+    """
     if name in MODELS:
-        return MODELS[name](num_classes=num_classes, in_chans=in_chans, **kwargs)
+        factory = MODELS[name]
+        takes_size = "img_size" in inspect.signature(factory).parameters
+        if image_size is not None and takes_size and "img_size" not in kwargs:
+            kwargs["img_size"] = image_size
+        return factory(num_classes=num_classes, in_chans=in_chans, **kwargs)
     tv_name = name.removeprefix(TORCHVISION_PREFIX)
     if tv_name in _torchvision_names():
         return _torchvision_model(tv_name, num_classes, in_chans, **kwargs)
@@ -388,3 +401,99 @@ def mobilenet_v3_small(num_classes: int = 10, in_chans: int = 3, **kwargs) -> nn
 def mobilenet_v3_large(num_classes: int = 10, in_chans: int = 3, **kwargs) -> nn.Module:
     """Torchvision MobileNetV3-Large as defined (its 32x downsampling still runs on 28x28)."""
     return _torchvision_model("mobilenet_v3_large", num_classes, in_chans, **kwargs)
+
+
+# --------------------------------------------------------------------------- vision transformers
+
+VISION_TRANSFORMERS = (
+    "vit_tiny_patch16_224",
+    "deit_tiny_patch16_224",
+    "deit_small_patch16_224",
+    "swin_tiny_patch4_window7_224",
+    "vit_fmnist",
+)
+
+
+def _timm():
+    try:
+        import timm
+    except ImportError as exc:
+        raise UnsupportedModelError(
+            "the vision transformers need timm: pip install 's2hpruner[vit]'"
+        ) from exc
+    return timm
+
+
+def _timm_model(name: str, num_classes: int, in_chans: int, img_size: int, **kwargs) -> nn.Module:
+    """timm's ``name`` with random weights (never pretrained) at ``img_size``; ``kwargs``
+    override its architecture (e.g. ``patch_size=4`` or ``window_size=4`` for 32x32 images)."""
+    return _timm().create_model(
+        name,
+        pretrained=False,
+        num_classes=num_classes,
+        in_chans=in_chans,
+        img_size=img_size,
+        **kwargs,
+    )
+
+
+@register_model
+def vit_tiny_patch16_224(
+    num_classes: int = 10, in_chans: int = 3, img_size: int = 224, **kwargs
+) -> nn.Module:
+    """ViT-Ti/16 (~5.7M parameters at 224 px): 12 blocks, width 192, 3 heads."""
+    return _timm_model("vit_tiny_patch16_224", num_classes, in_chans, img_size, **kwargs)
+
+
+@register_model
+def deit_tiny_patch16_224(
+    num_classes: int = 10, in_chans: int = 3, img_size: int = 224, **kwargs
+) -> nn.Module:
+    """DeiT-Ti/16 (~5.7M parameters): the ViT-Ti architecture of DeiT."""
+    return _timm_model("deit_tiny_patch16_224", num_classes, in_chans, img_size, **kwargs)
+
+
+@register_model
+def deit_small_patch16_224(
+    num_classes: int = 10, in_chans: int = 3, img_size: int = 224, **kwargs
+) -> nn.Module:
+    """DeiT-S/16 (~22M parameters): 12 blocks, width 384, 6 heads."""
+    return _timm_model("deit_small_patch16_224", num_classes, in_chans, img_size, **kwargs)
+
+
+@register_model
+def swin_tiny_patch4_window7_224(
+    num_classes: int = 10, in_chans: int = 3, img_size: int = 224, **kwargs
+) -> nn.Module:
+    """Swin-T (~28M parameters): window 7, stages of 2, 2, 6, 2 blocks with 3 to 24 heads.
+
+    Windows larger than a stage's feature map shrink to it (timm); other sizes are padded.
+    """
+    return _timm_model("swin_tiny_patch4_window7_224", num_classes, in_chans, img_size, **kwargs)
+
+
+@register_model
+def vit_fmnist(
+    num_classes: int = 10,
+    in_chans: int = 1,
+    img_size: int = 28,
+    patch_size: int = 4,
+    embed_dim: int = 96,
+    depth: int = 6,
+    num_heads: int = 6,
+    mlp_ratio: float = 2.0,
+    **kwargs,
+) -> nn.Module:
+    """A small ViT for 28x28 images (~0.45M parameters): 7x7 patches of 4 px plus a class
+    token, 6 blocks of width 96 with 6 heads of 16 channels and an MLP of 192."""
+    return _timm().models.VisionTransformer(
+        img_size=img_size,
+        patch_size=patch_size,
+        in_chans=in_chans,
+        num_classes=num_classes,
+        embed_dim=embed_dim,
+        depth=depth,
+        num_heads=num_heads,
+        mlp_ratio=mlp_ratio,
+        **kwargs,
+    )

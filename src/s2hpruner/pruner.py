@@ -21,6 +21,7 @@ from .errors import BudgetError, UnsupportedModelError
 from .groups import ChannelGroup, build_graph, find_groups, module_channel_dim
 from .resources import ResourceModel
 from .sliced import SlicedHardForward, unsliceable_modules
+from .transformers import prune_heads
 
 MODES = ("full", "soft", "hard")
 
@@ -345,14 +346,20 @@ class S2HPruner:
                     setattr(modules[name], buffer, tensor.clone())
         graph = build_graph(pruned, self.example_inputs)
         modules = dict(pruned.named_modules())
+        heads = []
         for g, keep in zip(self.groups, self.kept_channels().values(), strict=True):
             remove = sorted(set(range(g.channels)) - set(keep))
             if not remove:
+                continue
+            if g.kind == "heads":  # outside torch-pruning's groups: transformers.py
+                heads.append((modules[g.root_module], keep))
                 continue
             root = modules[g.root_module]
             handler = graph.get_pruner_of_module(root).prune_out_channels
             tp_group = graph.get_pruning_group(root, handler, remove)
             tp_group.prune()
+        for module, keep in heads:
+            prune_heads(module, keep)
         return pruned
 
 

@@ -9,9 +9,11 @@ conv/linear modules (e.g. functional matmuls), are a fixed cost measured once.
 Each conv/linear layer l contributes ``coef_l * in_l * out_l``, where a width is a fixed part
 plus, for every group g touching that dimension, ``count_lg * width_g / channels_g`` (a
 flattened map feeding a Linear carries each group channel H*W times). Depthwise convs have one
-input channel per output, so they contribute ``coef_l * out_l``. The same table gives
-parameter counts. Evaluating it at expected widths E gives soft FLOPs, differentiable in the
-width logits; at hard widths H it gives the exported model's FLOPs.
+input channel per output, so they contribute ``coef_l * out_l``; so does the attention of a
+head group (transformers.py): ``out_l`` is its number of kept heads and ``coef_l`` the q @ k^T
+plus attn @ v FLOPs of one head. The same table gives parameter counts. Evaluating it at
+expected widths E gives soft FLOPs, differentiable in the width logits; at hard widths H it
+gives the exported model's FLOPs.
 """
 
 from __future__ import annotations
@@ -20,10 +22,23 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from .errors import UnsupportedModelError
 from .groups import ChannelGroup
+from .transformers import attention_row
+
+
+def _sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+# torch.utils.flop_counter's own formula, for the CPU kernel it does not map (torch <= 2.14)
+_SDPA_CPU = (
+    {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops}
+    if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+    else {}
+)
 
 
 def _as_tuple(example_inputs) -> tuple:
@@ -34,12 +49,15 @@ def _as_tuple(example_inputs) -> tuple:
 def count_flops(model: nn.Module, example_inputs) -> int:
     """FLOPs of one forward on ``example_inputs``, counted by torch.utils.flop_counter.
 
-    This is the independent counter the pruner's own formula is checked against.
+    This is the independent counter the pruner's own formula is checked against. The counter
+    has a formula for scaled_dot_product_attention's CUDA kernels but not for the CPU one, which
+    it would count as 0; that kernel gets the counter's own SDPA formula here, so attention
+    costs the same on every device and with or without the fused kernel.
     """
     was_training = model.training
     model.eval()
     try:
-        with FlopCounterMode(display=False) as counter:
+        with FlopCounterMode(display=False, custom_mapping=_SDPA_CPU) as counter:
             model(*_as_tuple(example_inputs))
     finally:
         model.train(was_training)
@@ -97,6 +115,14 @@ class ResourceModel(nn.Module):
             rows.append((row[0], row[1], row[2], in_fixed, out_fixed, row[5]))
             in_rows.append(ins if not row[5] else [0.0] * n_groups)
             out_rows.append(outs)
+        for g in groups:  # attention matmuls (and Swin's bias table): linear in kept heads
+            if g.kind != "heads":
+                continue
+            qkv = g.producers[0].module_name
+            flop_coef, per_head_params = attention_row(g, modules[g.root_module], calls[qkv])
+            rows.append((flop_coef, 0.0, per_head_params, 1.0, 0.0, True))
+            in_rows.append([0.0] * n_groups)
+            out_rows.append([float(g.channels) if h is g else 0.0 for h in groups])
 
         def tensor(values) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.float64)

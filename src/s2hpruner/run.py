@@ -26,9 +26,9 @@ import yaml
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from . import distributed as D
-from .config import RunConfig
+from .config import ConfigError, RunConfig
 from .data import build_datasets
-from .errors import CheckpointError, NonFiniteLossError, RunDirectoryError
+from .errors import CheckpointError, NonFiniteLossError, RunDirectoryError, S2HError
 from .export import atomic_torch_save, atomic_write_bytes, save_program
 from .measure import latency_speedup
 from .models import create_model
@@ -136,6 +136,7 @@ def save_checkpoint(path: Path, model, pruner, opt: Optimizers, state: RunState,
         {
             "format": "s2hpruner-checkpoint-v1",
             "config": cfg.to_dict(),
+            "world_size": D.world_size(),
             "model": model.state_dict(),
             "pruner": pruner.state_dict(),
             "opt_weights": opt.weights.state_dict(),
@@ -163,17 +164,43 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
     return ckpt
 
 
+# settings that decide the model, the data, the steps and the schedule of a run: a checkpoint
+# resumes only a run with the same ones (learning rates and loss weights may change)
+MUST_MATCH = (
+    "model",
+    "dataset",
+    "method",
+    "target_flops",
+    "model_kwargs",
+    "width_step",
+    "ignored_layers",
+    "separate_hard_bn_stats",
+    "epochs",
+    "warmup_epochs",
+    "freeze_epochs",
+    "batch_size",
+    "val_size",
+    "train_subset",
+    "seed",
+)
+
+
 def restore(ckpt: dict, model, pruner, opt: Optimizers, cfg: RunConfig) -> RunState:
     """Load a checkpoint into the live objects, checking it belongs to this run."""
     saved = ckpt.get("config")
     if not isinstance(saved, dict):
         raise CheckpointError("checkpoint has no run config; it is corrupt or not from a run")
-    for key in ("model", "dataset", "method", "target_flops", "batch_size", "seed", "epochs"):
+    for key in MUST_MATCH:
         if saved.get(key) != getattr(cfg, key):
             raise CheckpointError(
                 f"checkpoint was made with {key}={saved.get(key)!r} but this run has "
                 f"{key}={getattr(cfg, key)!r}; use the same settings or another --out"
             )
+    if ckpt.get("world_size", 1) != D.world_size():
+        raise CheckpointError(
+            f"checkpoint was made by {ckpt.get('world_size', 1)} process(es) but this run has "
+            f"{D.world_size()}; resume with the same torchrun --nproc_per_node"
+        )
     try:
         model.load_state_dict(ckpt["model"])
         pruner.load_state_dict(ckpt["pruner"])
@@ -185,12 +212,30 @@ def restore(ckpt: dict, model, pruner, opt: Optimizers, cfg: RunConfig) -> RunSt
         opt.weights_schedule.load_state_dict(ckpt["schedule"])
         opt.balancer.load_state_dict(ckpt["balancer"])
         _set_rng_state(ckpt["rng"])
-        return RunState(**ckpt["state"])
+        state = RunState(**ckpt["state"])
     except (RuntimeError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(
             f"checkpoint's optimizer, schedule, RNG or loop state is damaged or does not match "
             f"this run ({type(exc).__name__}: {exc}); restart the run or use another --out"
         ) from exc
+    _use_learning_rates(opt, cfg)
+    return state
+
+
+def _use_learning_rates(opt: Optimizers, cfg: RunConfig) -> None:
+    """Let --lr and --mask-lr of a resumed run win over the checkpoint's (the way out of a NaN).
+
+    The schedule's factor is recomputed the way LambdaLR computes it, so an unchanged --lr
+    gives bit-identical learning rates.
+    """
+    schedule = opt.weights_schedule
+    schedule.base_lrs = [cfg.lr] * len(opt.weights.param_groups)
+    for group, factor in zip(opt.weights.param_groups, schedule.lr_lambdas, strict=True):
+        group["initial_lr"] = cfg.lr
+        group["lr"] = cfg.lr * factor(schedule.last_epoch)
+    schedule._last_lr = [group["lr"] for group in opt.weights.param_groups]
+    for group in opt.masks.param_groups:
+        group["lr"] = cfg.mask_lr
 
 
 def _append_jsonl(path: Path, record: dict) -> None:
@@ -246,21 +291,30 @@ def val_size(cfg: RunConfig) -> int | float:
 
 def build(cfg: RunConfig, device: torch.device):
     """Data, model and pruner of a run."""
-    splits = build_datasets(
-        cfg.dataset,
-        cfg.data_root,
-        val_size=val_size(cfg),
-        seed=cfg.seed,
-        augment=cfg.augment,
-        train_subset=cfg.train_subset,
-    )
+    try:
+        splits = build_datasets(
+            cfg.dataset,
+            cfg.data_root,
+            val_size=val_size(cfg),
+            seed=cfg.seed,
+            augment=cfg.augment,
+            train_subset=cfg.train_subset,
+        )
+    except S2HError:
+        raise
+    except (ValueError, TypeError) as exc:  # the split sizes do not fit the data set
+        raise ConfigError(f"{exc}; choose another --val-size or --train-subset") from exc
     return (splits, *build_model_and_pruner(cfg, splits.spec, device))
 
 
 def build_model_and_pruner(cfg: RunConfig, spec, device: torch.device):
     """The model of a run, wrapped by its pruner, and the example input used to trace it."""
     model = create_model(
-        cfg.model, num_classes=spec.num_classes, in_chans=spec.in_chans, **cfg.model_kwargs
+        cfg.model,
+        num_classes=spec.num_classes,
+        in_chans=spec.in_chans,
+        image_size=spec.image_size,
+        **cfg.model_kwargs,
     ).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)

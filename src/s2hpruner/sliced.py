@@ -8,6 +8,9 @@ flow back into the full tensors (zero on pruned channels, as in the masked path)
 mask m_hat still multiplies the kept channels (value 1) to carry the width logits' gradient.
 BatchNorm running statistics are written back into the kept entries after the forward.
 
+Attention head groups (transformers.py) slice qkv's rows and proj's columns like any Linear;
+the attention module itself runs with ``num_heads`` set to the kept heads for the forward.
+
 The masked path stays the reference: tests check outputs, gradients and statistics agree.
 """
 
@@ -20,6 +23,7 @@ import torch
 from torch import nn
 
 from .groups import ChannelGroup
+from .transformers import sliced_attention_hooks
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -37,9 +41,8 @@ def unsliceable_modules(groups: list[ChannelGroup], modules: dict[str, nn.Module
     for g in groups:
         for piece in g.producers + g.consumers + g.norms:
             module = modules[piece.module_name]
-            if type(module) not in SLICEABLE:
-                bad.append(piece.module_name)
-            elif isinstance(module, _CONVS) and module.groups != 1 and not _is_depthwise(module):
+            grouped = isinstance(module, _CONVS) and module.groups != 1
+            if type(module) not in SLICEABLE or (grouped and not _is_depthwise(module)):
                 bad.append(piece.module_name)
     return sorted(set(bad))
 
@@ -73,6 +76,12 @@ class SlicedHardForward:
             if name in out_maps and _is_depthwise(module):
                 in_maps.pop(name, None)
         self.out_maps, self.in_maps = out_maps, in_maps
+        # attention modules run with their kept heads only (transformers.py)
+        self.heads = [
+            (g.root_module, offsets[gi], g.channels)
+            for gi, g in enumerate(groups)
+            if g.kind == "heads"
+        ]
         self.names = sorted(set(out_maps) | set(in_maps))
 
     def to(self, device) -> SlicedHardForward:
@@ -105,6 +114,11 @@ class SlicedHardForward:
             pre, post = _swap_hooks(tensors, groups, out_idx, multiplier)
             handles.append(module.register_forward_pre_hook(pre))
             handles.append(module.register_forward_hook(post))
+        for name, offset, channels in self.heads:
+            kept = torch.nonzero(keep_flat[offset : offset + channels]).flatten()
+            pre, post = sliced_attention_hooks(kept)
+            handles.append(self.modules[name].register_forward_pre_hook(pre))
+            handles.append(self.modules[name].register_forward_hook(post))
         for name, (index, dim) in sites.items():  # sites on layers that are not sliced
             if name not in self.names:
                 multiplier = mask_flat[index]

@@ -152,14 +152,14 @@ def train_step(
         raise NonFiniteLossError(f"non-finite loss {loss} ({grads.losses})")
 
     _set_grads(weights, _sum(*grads.weights.values()))
+    D.average_gradients(weights)
     search = "resource" in grads.masks
-    if search:
-        opt.balancer.update(pruner.ratio("hard"), cfg.target_flops)
+    if search:  # balance the rank-averaged sources, so N processes = one with N times the batch
+        task = D.average_gradient_list(grads.masks["task"], masks)
         gap = _sum(grads.masks.get("gap_hard"), grads.masks.get("gap_soft"))
-        _set_grads(
-            masks, opt.balancer.combine(masks, grads.masks["task"], gap, grads.masks["resource"])
-        )
-    D.average_gradients(weights + (masks if search else []))
+        gap = None if gap is None else D.average_gradient_list(gap, masks)
+        opt.balancer.update(pruner.ratio("hard"), cfg.target_flops)
+        _set_grads(masks, opt.balancer.combine(masks, task, gap, grads.masks["resource"]))
     opt.weights.step()
     if search:
         opt.masks.step()
@@ -261,7 +261,7 @@ def project_to_budget(
     optimizer = torch.optim.Adam(masks, lr=lr)
     for step in range(max_steps):
         ratio = pruner.flops_ratio("hard")  # straight-through gradient to the expected widths
-        if abs(float(ratio) - target) <= tolerance:
+        if abs(float(ratio.detach()) - target) <= tolerance:
             return step
         optimizer.zero_grad()
         ((ratio - target) ** 2).backward(inputs=masks)

@@ -1,0 +1,204 @@
+"""Speed of an S2HPruner step against a plain training step, and of the exported model.
+
+    python -m benchmarks.speed --model resnet20 --target-flops 0.35 --batch-size 128 \
+        --json benchmarks/results/speed_resnet20.json
+
+Everything is measured in one process on one machine, as ratios, with medians over repeated
+timings after warm-up (the two sides of each ratio are timed alternately). Peak memory is
+measured in fresh subprocesses (one per kind of step) as the rise of the resident set's
+high-water mark over its value after warm-up (Linux ``/proc/self/clear_refs``), or with
+``torch.cuda.max_memory_allocated`` on CUDA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from s2hpruner import S2HPruner, count_flops
+from s2hpruner.config import RunConfig
+from s2hpruner.measure import latency_speedup
+from s2hpruner.models import create_model
+from s2hpruner.train import build_optimizers, project_to_budget, train_step
+
+IN_CHANS, SIZE, CLASSES = 1, 28, 10  # Fashion-MNIST geometry
+
+
+def setup(model_name: str, target: float, batch: int, device: torch.device, seed: int = 0):
+    torch.manual_seed(seed)
+    model = create_model(model_name, num_classes=CLASSES, in_chans=IN_CHANS).to(device)
+    model = model.to(memory_format=torch.channels_last)
+    x = torch.randn(batch, IN_CHANS, SIZE, SIZE, device=device)
+    x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, CLASSES, (batch,), device=device)
+    pruner = S2HPruner(model, x[:1], target_flops=target, separate_hard_bn_stats=True)
+    project_to_budget(pruner, target, 0.005)  # time the search where it spends its epochs
+    cfg = RunConfig(model=model_name, target_flops=target, batch_size=batch)
+    opt = build_optimizers(model, pruner, cfg, total_steps=10_000)
+    plain_opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+    def plain_step():
+        plain_opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        plain_opt.step()
+
+    def s2h_step():
+        train_step(model, pruner, x, y, opt, cfg, "joint")
+
+    def bookkeeping():
+        """Everything a step does besides forwards and backwards of the network."""
+        pruner.update_ranks()
+        soft = pruner.flat_masks("soft")
+        hard = pruner.flat_masks("hard")
+        if pruner.sliced_hard:
+            with pruner._sliced.apply(hard.detach() > 0.5, hard, pruner._sites):
+                pass
+        ratio = pruner.flops_ratio(cfg.resource_on)
+        torch.autograd.grad((ratio - target) ** 2 + soft.sum() * 0 + hard.sum() * 0,
+                            pruner.mask_parameters(), allow_unused=True)
+        pruner.ratio("hard")
+
+    return model, pruner, x, plain_step, s2h_step, bookkeeping
+
+
+def timed(fn, repeats: int, warmup: int = 3) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def interleaved(fns: dict, repeats: int, rounds: int = 3) -> dict[str, float]:
+    """Median seconds per call of each function, timed in alternating rounds."""
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            samples[name] += timed(fn, repeats)
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_memory(kind: str, args) -> float:
+    """Peak extra memory (bytes) of ``kind`` steps ('plain' or 's2h') in this process."""
+    device = torch.device(args.device)
+    _, _, _, plain_step, s2h_step, _ = setup(args.model, args.target_flops, args.batch_size, device)
+    step = plain_step if kind == "plain" else s2h_step
+    for _ in range(3):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        return float(torch.cuda.max_memory_allocated() - base)
+    Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark
+    base = _rss_kib("VmRSS")
+    for _ in range(3):
+        step()
+    return 1024.0 * (_rss_kib("VmHWM") - base)
+
+
+def machine() -> dict:
+    cpu = "unknown"
+    if Path("/proc/cpuinfo").exists():
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(),
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="resnet20")
+    parser.add_argument("--target-flops", type=float, default=0.35)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=10, help="timed calls per round")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--memory-only", choices=("plain", "s2h"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.memory_only:
+        print(json.dumps({"peak_bytes": peak_memory(args.memory_only, args)}))
+        return {}
+
+    device = torch.device(args.device)
+    model, pruner, x, plain_step, s2h_step, bookkeeping = setup(
+        args.model, args.target_flops, args.batch_size, device
+    )
+    times = interleaved({"plain": plain_step, "s2h": s2h_step, "bookkeeping": bookkeeping},
+                        args.repeats)
+    memory = {}
+    for kind in ("plain", "s2h"):
+        out = subprocess.run(
+            [sys.executable, "-m", "benchmarks.speed", "--memory-only", kind, "--model",
+             args.model, "--target-flops", str(args.target_flops), "--batch-size",
+             str(args.batch_size), "--device", args.device],
+            capture_output=True, text=True, check=True,
+        )
+        memory[kind] = json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"]
+    exported = pruner.export().eval()
+    example = x[:1].contiguous()
+    full = model.eval()
+    flops_ratio = count_flops(exported, example) / count_flops(full, example)
+    speed = latency_speedup(full, exported, example, repeats=30)
+    result = {
+        "model": args.model,
+        "target_flops": args.target_flops,
+        "batch_size": args.batch_size,
+        "device": str(device),
+        "sliced_hard_forward": pruner.sliced_hard,
+        "step_ratio": times["s2h"] / times["plain"],
+        "bookkeeping_share": times["bookkeeping"] / times["s2h"],
+        "peak_mem_ratio": memory["s2h"] / memory["plain"],
+        "latency_speedup_b1": speed["b1"],
+        "latency_speedup_b64": speed["b64"],
+        "flops_ratio": flops_ratio,
+        "ideal_speedup": 1.0 / flops_ratio,
+        "seconds": {"plain_step": times["plain"], "s2h_step": times["s2h"],
+                    "bookkeeping": times["bookkeeping"], **{
+                        k: v for k, v in speed.items() if k.endswith("seconds")}},
+        "peak_bytes": memory,
+        "machine": machine(),
+        "command": "python -m benchmarks.speed " + " ".join(sys.argv[1:] if argv is None
+                                                             else argv),
+    }
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(args.json).with_suffix(".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, args.json)
+    return result
+
+
+if __name__ == "__main__":
+    main()
