@@ -14,12 +14,12 @@ from s2hpruner.run import REPORT_KEYS
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
-    root = learnable_fashion_mnist(tmp_path_factory.mktemp("fmnist"))
+    root = learnable_fashion_mnist(tmp_path_factory.mktemp("fmnist"), n_train=1200)
     out = tmp_path_factory.mktemp("runs") / "run"
     code = main([
         "prune", "--model", "resnet20", "--dataset", "fashion-mnist", "--data-root", str(root),
-        "--target-flops", "0.5", "--epochs", "3", "--freeze-epochs", "1", "--batch-size", "50",
-        "--val-size", "100", "--lr", "0.05", "--mask-lr", "0.1", "--out", str(out),
+        "--target-flops", "0.5", "--epochs", "4", "--freeze-epochs", "1.5", "--batch-size", "50",
+        "--val-size", "100", "--lr", "0.1", "--mask-lr", "0.1", "--out", str(out),
         "--no-progress", "--latency-repeats", "3", "--checkpoint-every", "4",
     ])
     assert code == 0
@@ -39,7 +39,7 @@ def test_prune_writes_a_complete_run_directory(finished_run):
     assert report["top1_hard"] > 50.0, "the fabricated task is learnable"
     assert report["gap"] == pytest.approx(report["top1_soft"] - report["top1_hard"])
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in records] == [1.0, 2.0, 3.0]
+    assert [r["epoch"] for r in records] == [1.0, 2.0, 3.0, 4.0]
     for key in ("val_top1_soft", "val_top1_hard", "gap", "flops_ratio_soft", "flops_ratio_hard",
                 "losses", "lr", "widths"):
         assert key in records[-1]

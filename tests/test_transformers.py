@@ -172,6 +172,7 @@ def test_masked_head_outputs_exactly_zero(case):
 @pytest.mark.parametrize("case", [CASES[0], SMALL_SWIN], ids=["vit_fmnist", "swin"])
 def test_sliced_heads_equal_masked_heads_in_training(case):
     model, pruner, x = build(*case, seed=4)
+    full = pruner.resources.full_flops  # on x, the example input
     model.train()
     weights = list(model.parameters())
     masks = pruner.mask_parameters()
@@ -198,6 +199,9 @@ def test_sliced_heads_equal_masked_heads_in_training(case):
             index = next(i for i, w in enumerate(weights) if w is table)
             assert torch.equal(grads_s[index][:, pruned], grads_m[index][:, pruned])
             assert grads_s[index][:, pruned].abs().max() == 0
+    # and the sliced forward computes the kept heads and MLP units only
+    with pruner.mode("hard", sliced=True):
+        assert count_flops(model, x) == pytest.approx(pruner.ratio("hard") * full, rel=0.01)
 
 
 def test_vit_fmnist_trains_in_joint_and_hard_phases():
@@ -222,7 +226,7 @@ def test_vit_fmnist_trains_in_joint_and_hard_phases():
 
 
 def test_run_loop_builds_a_transformer_at_the_data_image_size():
-    cfg = RunConfig(model="vit_fmnist", dataset="fashion-mnist", channels_last=False)
+    cfg = RunConfig(model="vit_fmnist", dataset="fashion-mnist")
     spec = dataset_spec("fashion-mnist")
     model, pruner, example = build_model_and_pruner(cfg, spec, torch.device("cpu"))
     assert model.patch_embed.img_size == (spec.image_size, spec.image_size)
