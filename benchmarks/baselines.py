@@ -45,10 +45,10 @@ from tqdm.auto import tqdm
 
 from s2hpruner import S2HPruner, count_flops, count_params
 from s2hpruner.config import RunConfig
-from s2hpruner.data import DataSplits, build_datasets
+from s2hpruner.data import DataSplits
 from s2hpruner.groups import build_graph, classifier_layers
 from s2hpruner.models import create_model
-from s2hpruner.run import EpochSampler, seed_everything, val_size
+from s2hpruner.run import EpochSampler, build_splits, seed_everything
 from s2hpruner.train import evaluate, project_to_budget
 
 BASELINES = ("l1", "l1-ft", "group-sl", "random")
@@ -92,14 +92,7 @@ def pick_device(name: str) -> torch.device:
 
 def load_data(cfg: RunConfig, device: torch.device) -> Data:
     """The same splits and batch order as ``s2hpruner.run.prune`` builds for ``cfg``."""
-    splits = build_datasets(
-        cfg.dataset,
-        cfg.data_root,
-        val_size=val_size(cfg),
-        seed=cfg.seed,
-        augment=cfg.augment,
-        train_subset=cfg.train_subset,
-    )
+    splits = build_splits(cfg)
     sampler = EpochSampler(len(splits.train), cfg.seed, cfg.batch_size)
     loader = DataLoader(
         splits.train,

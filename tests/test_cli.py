@@ -116,7 +116,7 @@ def test_finished_run_is_not_overwritten(finished_run, capsys):
 def test_bad_input_exits_2_with_a_clear_message(finished_run, tmp_path, capsys, args, message):
     root, _ = finished_run
     code = main(["prune", "--data-root", str(root), "--out", str(tmp_path / "r"),
-                 "--no-progress", "--epochs", "1", *args])
+                 "--no-progress", "--epochs", "2", "--val-size", "100", *args])
     assert code == 2
     assert message in capsys.readouterr().err
 

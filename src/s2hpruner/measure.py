@@ -30,6 +30,20 @@ def median_latency(
     return statistics.median(times)
 
 
+def _format(model: nn.Module) -> torch.memory_format:
+    """Inputs in the memory format of the model's first 4-D weight (no layout conversions)."""
+    for p in model.parameters():
+        if p.dim() == 4:
+            channels_last = p.is_contiguous(memory_format=torch.channels_last)
+            return torch.channels_last if channels_last else torch.contiguous_format
+    return torch.contiguous_format
+
+
+def same_memory_format(model: nn.Module, reference: nn.Module) -> nn.Module:
+    """``model`` with its 4-D weights in ``reference``'s memory format (for fair timing)."""
+    return model.to(memory_format=_format(reference))
+
+
 def latency_speedup(
     full: nn.Module,
     pruned: nn.Module,
@@ -37,10 +51,12 @@ def latency_speedup(
     repeats: int = 30,
     batch_sizes: tuple[int, ...] = (1, 64),
 ) -> dict[str, float]:
-    """Full-model latency over pruned-model latency, per batch size, timed alternately."""
+    """Full-model latency over pruned-model latency, per batch size, timed alternately.
+    The pruned model is put in the full model's memory format first."""
+    pruned = same_memory_format(pruned, full)
     out: dict[str, float] = {}
     for b in batch_sizes:
-        x = example[:1].expand(b, *example.shape[1:]).contiguous()
+        x = example[:1].expand(b, *example.shape[1:]).contiguous(memory_format=_format(full))
         reps = repeats if b == 1 else max(5, repeats // 3)
         full_times, pruned_times = [], []
         for _ in range(3):  # interleave so both see the same machine load

@@ -291,8 +291,14 @@ def val_size(cfg: RunConfig) -> int | float:
 
 def build(cfg: RunConfig, device: torch.device):
     """Data, model and pruner of a run."""
+    splits = build_splits(cfg)
+    return (splits, *build_model_and_pruner(cfg, splits.spec, device))
+
+
+def build_splits(cfg: RunConfig):
+    """The run's train/val/test splits (val held out of the training files, seeded)."""
     try:
-        splits = build_datasets(
+        return build_datasets(
             cfg.dataset,
             cfg.data_root,
             val_size=val_size(cfg),
@@ -304,7 +310,6 @@ def build(cfg: RunConfig, device: torch.device):
         raise
     except (ValueError, TypeError) as exc:  # the split sizes do not fit the data set
         raise ConfigError(f"{exc}; choose another --val-size or --train-subset") from exc
-    return (splits, *build_model_and_pruner(cfg, splits.spec, device))
 
 
 def build_model_and_pruner(cfg: RunConfig, spec, device: torch.device):

@@ -6,6 +6,7 @@ are all there. Everything else in this file is plumbing (schedules, evaluation, 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -207,6 +208,12 @@ def build_optimizers(model: nn.Module, pruner: S2HPruner, cfg: RunConfig, total_
     return Optimizers(weights, masks, schedule, balancer)
 
 
+def _set_training(model: nn.Module, training: bool) -> None:
+    """``model.train(training)``; a loaded torch.export program has no modes (always eval)."""
+    with contextlib.suppress(NotImplementedError):
+        model.train(training)
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -221,7 +228,7 @@ def evaluate(
     from tqdm.auto import tqdm
 
     was_training = model.training
-    model.eval()
+    _set_training(model, False)
     correct = torch.zeros((), device=device)
     total = torch.zeros((), device=device)
     try:
@@ -235,7 +242,7 @@ def evaluate(
             correct += (logits.argmax(-1) == y).sum()
             total += y.numel()
     finally:
-        model.train(was_training)
+        _set_training(model, was_training)
     correct, total = D.all_reduce_sum(correct), D.all_reduce_sum(total)
     return float(100.0 * correct / total.clamp_min(1))
 
@@ -256,14 +263,23 @@ def project_to_budget(
 ) -> int:
     """Move the width logits, on the resource loss alone, until the hard FLOPs ratio is within
     ``tolerance`` of ``target``. Used once when the widths freeze, so that the exported model
-    always meets the budget; during a healthy search it does nothing. Returns steps taken."""
+    always meets the budget; during a healthy search it does nothing. Where one channel of a
+    large residual group moves the FLOPs by more than the tolerance, the closest widths seen
+    are kept. Returns the steps taken."""
     masks = pruner.mask_parameters()
     optimizer = torch.optim.Adam(masks, lr=lr)
+    best = (float("inf"), [u.detach().clone() for u in masks])
     for step in range(max_steps):
         ratio = pruner.flops_ratio("hard")  # straight-through gradient to the expected widths
-        if abs(float(ratio.detach()) - target) <= tolerance:
+        error = abs(float(ratio.detach()) - target)
+        if error < best[0]:
+            best = (error, [u.detach().clone() for u in masks])
+        if error <= tolerance:
             return step
         optimizer.zero_grad()
         ((ratio - target) ** 2).backward(inputs=masks)
         optimizer.step()
+    with torch.no_grad():
+        for u, kept in zip(masks, best[1], strict=True):
+            u.copy_(kept)
     return max_steps
