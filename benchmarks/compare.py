@@ -82,7 +82,7 @@ RESULT_FIELDS = (
 
 PROFILES = {
     # ~1 h on a 2-core CPU: s2h ~4.5 min/epoch, a plain epoch ~1.5-2 min
-    "quick": Profile("quick"),
+    "quick": Profile("quick", epochs=3.0),
     "full": Profile(
         "full",
         targets=(0.15, 0.35, 0.55),

@@ -164,6 +164,10 @@ def main(argv: list[str] | None = None) -> dict:
              args.model, "--target-flops", str(args.target_flops), "--batch-size",
              str(args.batch_size), "--device", args.device],
             capture_output=True, text=True, check=True,
+            # fixed malloc thresholds: freed activations leave the resident set at once, so
+            # its high-water mark is the real peak (glibc's adaptive thresholds keep them)
+            env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072",
+                 "MALLOC_TRIM_THRESHOLD_": "131072"},
         )
         memory[kind] = json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"]
     exported = pruner.export().eval()

@@ -110,3 +110,35 @@ def test_initial_logits_nearly_full(channels, step):
     target = channels - (step if len(cands) > 2 else step / 2)
     assert abs(e - max(target, float(c.mean()))) < 1e-3 * channels
     assert logits[:-1].eq(0).all() and logits[-1] >= 0, "all groups start the same way"
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(group_case(), min_size=1, max_size=5), st.integers(0, 2**31 - 1))
+def test_batched_groups_equal_one_group_at_a_time(cases, seed):
+    """The pruner computes all groups' masks, widths and ranks in padded batches
+    (WidthSearch); each group must get exactly what the one-group functions give it."""
+    from s2hpruner.groups import ChannelGroup
+    from s2hpruner.pruner import WidthSearch
+
+    groups = [ChannelGroup(name=f"g{i}", channels=ch, step=st_, candidates=list(c))
+              for i, (ch, st_, c, _) in enumerate(cases)]  # fmt: skip
+    search = WidthSearch(groups).double()
+    with torch.no_grad():
+        for u, (*_, logits) in zip(search.logits, cases, strict=True):
+            u.copy_(logits)
+    importance = torch.randn(len(search.group_of), generator=torch.Generator().manual_seed(seed))
+    importance = importance.round(decimals=1)  # ties must break by channel index too
+    search.ranks.copy_(M.grouped_ranks(importance, search.group_of, search.offsets))
+    soft, hard = search.flat_masks("soft"), search.flat_masks("hard")
+    widths = search.hard_widths().detach()
+    for i, (channels, _, cands, logits) in enumerate(cases):
+        c = torch.tensor(cands, dtype=torch.float64)
+        p = M.width_probabilities(logits)
+        ranks = M.channel_ranks(importance[search.offsets[i] : search.offsets[i] + channels])
+        assert torch.equal(search.group_ranks(i), ranks)
+        w = M.relaxed_mask(p, M.keep_matrix(c, channels).double())
+        h = M.hard_width(M.expected_width(p, c), c)
+        assert float(widths[i]) == float(h)
+        part = slice(int(search.offsets[i]), int(search.offsets[i]) + channels)
+        assert torch.allclose(soft[part], w[ranks])
+        assert torch.equal(hard[part], M.hard_mask(w, int(round(float(h))))[ranks])

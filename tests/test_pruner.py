@@ -222,9 +222,10 @@ def test_hard_mask_sends_no_gradient_through_pruned_channels():
         keep[kept[g.name]] = True
         assert torch.equal(m_hat.detach(), keep.float())
         weights = torch.randn(g.channels)
-        (grad_hard,) = torch.autograd.grad((m_hat * weights).sum(), pruner.mask_parameters()[i])
+        u = pruner.mask_parameters()[i]  # all groups' masks share one graph: retain it
+        (grad_hard,) = torch.autograd.grad((m_hat * weights).sum(), u, retain_graph=True)
         (grad_kept,) = torch.autograd.grad(
-            (relaxed[i] * weights * keep).sum(), pruner.mask_parameters()[i]
+            (relaxed[i] * weights * keep).sum(), u, retain_graph=True
         )
         assert torch.allclose(grad_hard, grad_kept, atol=1e-6)
     # and through a whole network: the hard forward's gradient to u ignores pruned channels

@@ -209,8 +209,9 @@ def test_vit_fmnist_trains_in_joint_and_hard_phases():
     model = create_model("vit_fmnist", num_classes=10, in_chans=1)
     x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
     pruner = S2HPruner(model, x[:1], target_flops=0.35, separate_hard_bn_stats=True)
-    cfg = RunConfig(model="vit_fmnist", target_flops=0.35, lr=0.01)
+    cfg = RunConfig(model="vit_fmnist", target_flops=0.35, optimizer="adamw", lr=1e-3)
     opt = build_optimizers(model, pruner, cfg, total_steps=4)
+    assert isinstance(opt.weights, torch.optim.AdamW)
     start = {k: v.clone() for k, v in model.state_dict().items()}
     masks = pruner.mask_parameters()
     logits = [u.detach().clone() for u in masks]

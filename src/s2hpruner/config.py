@@ -41,7 +41,8 @@ class RunConfig:
     val_size: float = 5000
     train_subset: int | None = None
     augment: bool = True
-    # weights: SGD + momentum + weight decay, cosine schedule
+    # weights: SGD + momentum (CNNs) or AdamW (transformers), weight decay, cosine schedule
+    optimizer: str = "sgd"
     lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -102,6 +103,8 @@ class RunConfig:
             )
         if self.resource_on not in ("hard", "soft"):
             raise ConfigError(f"resource_on must be 'hard' or 'soft', got {self.resource_on!r}")
+        if self.optimizer not in ("sgd", "adamw"):
+            raise ConfigError(f"optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}")
         if self.mask_optimizer not in ("adam", "sgd"):
             raise ConfigError(
                 f"mask_optimizer must be 'adam' or 'sgd', got {self.mask_optimizer!r}"

@@ -1,8 +1,9 @@
 """Width masks (SPEC section 2): from width logits u to relaxed and hard channel masks.
 
-All functions work on one group and index channels by *rank* (rank 0 = most important);
-:func:`channel_ranks` maps ranks back to channels. Keeping the maths in plain functions lets
-the property tests exercise it without any model.
+All functions work on one group, or on a batch of groups padded to the same number of
+candidates and channels (leading dimension = group), and index channels by *rank* (rank 0 =
+most important); :func:`channel_ranks` maps ranks back to channels. Keeping the maths in plain
+functions lets the property tests exercise it without any model.
 """
 
 from __future__ import annotations
@@ -20,12 +21,12 @@ def width_probabilities(logits: torch.Tensor, temperature: float = 1.0) -> torch
 def keep_matrix(candidates: torch.Tensor, channels: int) -> torch.Tensor:
     """K[r, k] = 1 if candidate width c_k keeps the channel of rank r (c_k > r)."""
     ranks = torch.arange(channels, device=candidates.device)
-    return (candidates.unsqueeze(0) > ranks.unsqueeze(1)).to(torch.float32)
+    return (candidates.unsqueeze(-2) > ranks.unsqueeze(-1)).to(torch.float32)
 
 
 def relaxed_mask(probs: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """w_r = sum of p_k over candidates with c_k > r: 1 at rank 0, non-increasing, in [0, 1]."""
-    return keep @ probs
+    return (keep @ probs.unsqueeze(-1)).squeeze(-1)
 
 
 def expected_width(probs: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
@@ -39,18 +40,19 @@ def hard_width(expected: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor
     With candidates k*d this is min(C, d * ceil(E / d)). A tiny tolerance keeps E that sits on
     a candidate (up to float error) from being rounded one step up.
     """
-    tol = 1e-4 * candidates[0]
-    index = torch.searchsorted(candidates, (expected - tol).detach().unsqueeze(-1)).squeeze(-1)
-    index = index.clamp(max=candidates.numel() - 1)
-    rounded = candidates[index].to(expected.dtype)
+    tol = 1e-4 * candidates[..., 0]
+    index = torch.searchsorted(candidates, (expected - tol).detach().unsqueeze(-1))
+    index = index.clamp(max=candidates.shape[-1] - 1)
+    rounded = candidates.gather(-1, index).squeeze(-1).to(expected.dtype)
     return expected + (rounded - expected).detach()
 
 
-def hard_mask(relaxed: torch.Tensor, kept: int) -> torch.Tensor:
+def hard_mask(relaxed: torch.Tensor, kept: int | torch.Tensor) -> torch.Tensor:
     """m_hat = m * (1 + w - stopgrad(w)): value m (1 for the first ``kept`` ranks, else 0),
     gradient w.r.t. the logits only through kept channels."""
-    keep = torch.zeros_like(relaxed)
-    keep[:kept] = 1.0
+    ranks = torch.arange(relaxed.shape[-1], device=relaxed.device)
+    kept = torch.as_tensor(kept, device=relaxed.device)
+    keep = (ranks < kept.unsqueeze(-1)).to(relaxed.dtype)
     return keep * (1.0 + (relaxed - relaxed.detach()))  # value exactly m
 
 
@@ -59,6 +61,18 @@ def channel_ranks(importance: torch.Tensor) -> torch.Tensor:
     order = torch.sort(importance, descending=True, stable=True).indices
     ranks = torch.empty_like(order)
     ranks[order] = torch.arange(order.numel(), device=order.device)
+    return ranks
+
+
+def grouped_ranks(
+    importance: torch.Tensor, group_of: torch.Tensor, offsets: torch.Tensor
+) -> torch.Tensor:
+    """:func:`channel_ranks` of every group at once, on channels numbered group by group
+    (``group_of[c]`` is channel c's group, ``offsets[g]`` the first channel of group g)."""
+    order = torch.sort(importance, descending=True, stable=True).indices
+    order = order[torch.sort(group_of[order], stable=True).indices]  # by group, then importance
+    ranks = torch.empty_like(order)
+    ranks[order] = torch.arange(order.numel(), device=order.device) - offsets[group_of[order]]
     return ranks
 
 

@@ -3,8 +3,9 @@
 The pruner owns the width logits u (one per channel group). Inside ``pruner.mode("soft")`` the
 model's forward multiplies each group's channels by the relaxed mask w(u); inside
 ``pruner.mode("hard")`` by the hard mask m_hat(u); ``"full"`` (and outside any mode) runs the
-model untouched. The masks are attached as forward hooks only while the context is open, so
-the wrapped model stays a plain ``nn.Module`` and ``export()`` can copy it.
+model untouched. The masks are attached as forward hooks only while the context is open (on a
+BatchNorm they are folded into its affine parameters), so the wrapped model stays a plain
+``nn.Module`` and ``export()`` can copy it.
 """
 
 from __future__ import annotations
@@ -20,14 +21,20 @@ from . import masks as M
 from .errors import BudgetError, UnsupportedModelError
 from .groups import ChannelGroup, build_graph, find_groups, module_channel_dim
 from .resources import ResourceModel
-from .sliced import SlicedHardForward, unsliceable_modules
+from .sliced import SlicedHardForward, attach_mask, unsliceable_modules
 from .transformers import prune_heads
 
 MODES = ("full", "soft", "hard")
 
 
 class WidthSearch(nn.Module):
-    """The learnable width logits of every group, and the constants the masks need."""
+    """The learnable width logits of every group, and the constant tables the masks need.
+
+    Groups differ in channels and candidates, so the tables are padded to the largest group
+    (padded candidates repeat the group's largest one and get probability 0): the widths and
+    masks of all groups then take a handful of batched ops per step instead of a loop.
+    Channels of all groups are also numbered in one flat index (group by group).
+    """
 
     def __init__(self, groups: list[ChannelGroup], temperature: float = 1.0):
         super().__init__()
@@ -35,36 +42,53 @@ class WidthSearch(nn.Module):
         self.logits = nn.ParameterList(
             [nn.Parameter(M.initial_logits(g.candidates, g.step)) for g in groups]
         )
-        for i, g in enumerate(groups):
-            cand = torch.tensor(g.candidates, dtype=torch.float32)
-            self.register_buffer(f"candidates_{i}", cand)
-            self.register_buffer(f"keep_{i}", M.keep_matrix(cand, g.channels))
-            self.register_buffer(f"ranks_{i}", torch.arange(g.channels))
+        n_cand = max(len(g.candidates) for g in groups)
+        n_chan = max(g.channels for g in groups)
+        candidates = torch.stack(
+            [torch.tensor(g.candidates + g.candidates[-1:] * (n_cand - len(g.candidates)),
+                          dtype=torch.float32) for g in groups]
+        )  # fmt: skip
+        real = torch.stack([torch.arange(n_cand) < len(g.candidates) for g in groups])
+        keep = M.keep_matrix(candidates, n_chan) * real.unsqueeze(1)  # padding keeps nothing
+        channels = torch.tensor([g.channels for g in groups])
+        group_of = torch.repeat_interleave(torch.arange(len(groups)), channels)
+        offsets = torch.cumsum(channels, 0) - channels
+        self.register_buffer("candidates", candidates)  # (G, K)
+        self.register_buffer("real_candidate", real)  # (G, K) bool
+        self.register_buffer("keep", keep)  # (G, C, K): candidate k keeps rank r
+        self.register_buffer("group_of", group_of)  # flat channel -> group
+        self.register_buffer("offsets", offsets)  # group -> its first flat channel
+        self.register_buffer("ranks", torch.arange(len(group_of)) - offsets[group_of])  # flat
+        self.sizes = channels.tolist()
 
-    def candidates(self, i: int) -> torch.Tensor:
-        return getattr(self, f"candidates_{i}")
+    def group_ranks(self, i: int) -> torch.Tensor:
+        """Rank of each channel of group ``i`` (0 = most important)."""
+        return self.ranks[self.offsets[i] : self.offsets[i] + self.sizes[i]]
 
-    def keep(self, i: int) -> torch.Tensor:
-        return getattr(self, f"keep_{i}")
-
-    def ranks(self, i: int) -> torch.Tensor:
-        return getattr(self, f"ranks_{i}")
-
-    def probabilities(self, i: int) -> torch.Tensor:
-        return M.width_probabilities(self.logits[i], self.temperature)
+    def probabilities(self) -> torch.Tensor:
+        """p (G, K): softmax of each group's logits over its own candidates."""
+        logits = torch.cat(list(self.logits))
+        padded = torch.full(
+            self.candidates.shape, float("-inf"), device=logits.device, dtype=logits.dtype
+        ).masked_scatter(self.real_candidate, logits)
+        return M.width_probabilities(padded, self.temperature)
 
     def expected_widths(self) -> torch.Tensor:
         """E_g for every group, differentiable in the logits."""
-        return torch.stack(
-            [M.expected_width(self.probabilities(i), self.candidates(i)) for i in range(len(self))]
-        )
+        return M.expected_width(self.probabilities(), self.candidates)
 
     def hard_widths(self) -> torch.Tensor:
         """H_g for every group (straight-through gradient to E_g)."""
-        expected = self.expected_widths()
-        return torch.stack(
-            [M.hard_width(expected[i], self.candidates(i)) for i in range(len(self))]
-        )
+        return M.hard_width(self.expected_widths(), self.candidates)
+
+    def flat_masks(self, mode: str) -> torch.Tensor:
+        """The relaxed ("soft") or hard mask of every channel, in the flat channel index."""
+        probs = self.probabilities()
+        relaxed = M.relaxed_mask(probs, self.keep)  # (G, C) by rank
+        if mode == "hard":
+            hard = M.hard_width(M.expected_width(probs, self.candidates), self.candidates)
+            relaxed = M.hard_mask(relaxed, hard.detach().round())
+        return relaxed.flatten()[self.group_of * relaxed.shape[1] + self.ranks]
 
     def __len__(self) -> int:
         return len(self.logits)
@@ -119,6 +143,7 @@ class S2HPruner:
         self.freeze_ranks = False
         self._modules = dict(model.named_modules())
         self._sites = self._site_index()
+        self._importance_index = self._importance_plan()
         self.hard_bn_stats = _copy_bn_stats(model) if separate_hard_bn_stats else None
         self.unsliceable = unsliceable_modules(self.groups, self._modules)
         self._sliced = None if self.unsliceable else SlicedHardForward(self.groups, self._modules)
@@ -139,6 +164,9 @@ class S2HPruner:
         self.search.to(device)
         self.resources.to(device)
         self._sites = {k: (idx.to(device), dim) for k, (idx, dim) in self._sites.items()}
+        self._importance_index = [(n, i.to(device)) for n, i in self._importance_index]
+        self._importance_dest = self._importance_dest.to(device)
+        self._producer_count = self._producer_count.to(device)
         if self._sliced is not None:
             self._sliced.to(device)
         if self.hard_bn_stats is not None:
@@ -174,6 +202,20 @@ class S2HPruner:
             }
 
     # ------------------------------------------------------------ importance
+    def _importance_plan(self) -> list[tuple[str, torch.Tensor]]:
+        """Which channels of which producer feed which flat group channel, gathered once."""
+        sources, dest = [], []
+        for gi, g in enumerate(self.groups):
+            for piece in g.producers:
+                sources.append((piece.module_name, torch.tensor(piece.module_idxs)))
+                flat = torch.tensor(piece.root_idxs) + int(self.search.offsets[gi])
+                dest.append(flat)
+        self._importance_dest = torch.cat(dest)
+        self._producer_count = torch.stack(
+            [torch.tensor(float(len(g.producers))) for g in self.groups]
+        )[self.search.group_of]
+        return sources
+
     @torch.no_grad()
     def update_ranks(self, force: bool = False) -> None:
         """Rank each group's channels by the L1 norm of their producers' weights (rank 0 first).
@@ -182,42 +224,28 @@ class S2HPruner:
         """
         if self.freeze_ranks and not force:
             return
-        for i, g in enumerate(self.groups):
-            self.search.ranks(i).copy_(M.channel_ranks(self.importance(g)))
+        self.search.ranks.copy_(
+            M.grouped_ranks(self.importance(), self.search.group_of, self.search.offsets)
+        )
 
-    def importance(self, group: ChannelGroup) -> torch.Tensor:
-        """Mean over the group's producers of each channel's L1 weight norm."""
-        total = None
-        for piece in group.producers:
-            weight = self._modules[piece.module_name].weight.detach()
-            per_channel = weight.abs().flatten(1).sum(1)
-            if isinstance(self._modules[piece.module_name], nn.Linear):
-                per_channel = weight.abs().sum(1)
-            scores = torch.zeros(group.channels, device=weight.device, dtype=weight.dtype)
-            scores.index_add_(
-                0,
-                torch.tensor(piece.root_idxs, device=weight.device),
-                per_channel[torch.tensor(piece.module_idxs, device=weight.device)],
-            )
-            total = scores if total is None else total + scores
-        return total / len(group.producers)
+    def importance(self) -> torch.Tensor:
+        """Per flat group channel: mean over the group's producers of its L1 weight norm."""
+        norms: dict[str, torch.Tensor] = {}
+        for name, _ in self._importance_index:
+            if name not in norms:
+                norms[name] = self._modules[name].weight.detach().abs().flatten(1).sum(1)
+        source = torch.cat([norms[name][index] for name, index in self._importance_index])
+        total = torch.zeros_like(self._producer_count, dtype=source.dtype)
+        return total.index_add_(0, self._importance_dest, source) / self._producer_count
 
     # ----------------------------------------------------------------- masks
     def relaxed_masks(self) -> list[torch.Tensor]:
         """w per group, indexed by channel (not rank)."""
-        return [
-            M.relaxed_mask(self.search.probabilities(i), self.search.keep(i))[self.search.ranks(i)]
-            for i in range(len(self.groups))
-        ]
+        return list(self.search.flat_masks("soft").split(self.search.sizes))
 
     def hard_masks(self) -> list[torch.Tensor]:
         """m_hat per group, indexed by channel: value 0/1, gradient only through kept channels."""
-        kept = self.search.hard_widths().detach().round().long().tolist()
-        out = []
-        for i in range(len(self.groups)):
-            relaxed = M.relaxed_mask(self.search.probabilities(i), self.search.keep(i))
-            out.append(M.hard_mask(relaxed, kept[i])[self.search.ranks(i)])
-        return out
+        return list(self.search.flat_masks("hard").split(self.search.sizes))
 
     def _site_index(self) -> dict[str, tuple[torch.Tensor, int]]:
         """For every module output a mask acts on: which entry of the concatenated group masks
@@ -239,8 +267,8 @@ class S2HPruner:
     def flat_masks(self, mode: str) -> torch.Tensor:
         """All groups' masks for ``mode`` ("soft" or "hard") in one vector, plus a trailing 1
         that layers' channels outside any group point to."""
-        group_masks = self.relaxed_masks() if mode == "soft" else self.hard_masks()
-        return torch.cat(group_masks + [torch.ones(1, device=group_masks[0].device)])
+        masks = self.search.flat_masks(mode)
+        return torch.cat([masks, torch.ones(1, device=masks.device)])
 
     @contextlib.contextmanager
     def mode(self, mode: str, sliced: bool | None = None) -> Iterator[None]:
@@ -270,10 +298,9 @@ class S2HPruner:
                 with self._sliced.apply(keep, flat, self._sites):
                     yield
             else:
-                handles = [
-                    self._modules[name].register_forward_hook(_mask_hook(flat[index], dim))
-                    for name, (index, dim) in self._sites.items()
-                ]
+                handles = []
+                for name, (index, dim) in self._sites.items():
+                    handles += attach_mask(self._modules[name], flat[index], dim)
                 try:
                     yield
                 finally:
@@ -319,7 +346,7 @@ class S2HPruner:
 
     def min_flops_ratio(self) -> float:
         """FLOPs ratio with every group at its smallest candidate width."""
-        smallest = torch.stack([self.search.candidates(i)[0] for i in range(len(self.groups))])
+        smallest = self.search.candidates[:, 0]
         return float(self.resources.flops(smallest) / self.resources.full_flops)
 
     def kept_widths(self) -> dict[str, int]:
@@ -331,7 +358,7 @@ class S2HPruner:
         """Channel indices each group keeps in the hard network (its H most important)."""
         kept = {}
         for i, (g, width) in enumerate(zip(self.groups, self.kept_widths().values(), strict=True)):
-            ranks = self.search.ranks(i)
+            ranks = self.search.group_ranks(i)
             kept[g.name] = sorted(torch.nonzero(ranks < width).flatten().tolist())
         return kept
 
@@ -380,11 +407,3 @@ def _copy_bn_stats(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
             }
     return stats
 
-
-def _mask_hook(multiplier: torch.Tensor, dim: int):
-    def hook(module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
-        shape = [1] * output.dim()
-        shape[dim] = -1
-        return output * multiplier.view(shape)
-
-    return hook

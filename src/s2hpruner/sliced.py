@@ -8,6 +8,11 @@ flow back into the full tensors (zero on pruned channels, as in the masked path)
 mask m_hat still multiplies the kept channels (value 1) to carry the width logits' gradient.
 BatchNorm running statistics are written back into the kept entries after the forward.
 
+Masks on a BatchNorm's output are folded into its affine parameters, (gamma * m, beta * m),
+in every mode (:func:`attach_mask`): the same network, but a per-channel product of two short
+vectors replaces a product over the whole activation in the forward and the backward (and
+one saved activation fewer).
+
 Attention head groups (transformers.py) slice qkv's rows and proj's columns like any Linear;
 the attention module itself runs with ``num_heads`` set to the kept heads for the forward.
 
@@ -75,7 +80,9 @@ class SlicedHardForward:
         for name, module in modules.items():  # depthwise convs: inputs follow outputs
             if name in out_maps and _is_depthwise(module):
                 in_maps.pop(name, None)
-        self.out_maps, self.in_maps = out_maps, in_maps
+        shared: dict[tuple, torch.Tensor] = {}  # equal maps become one tensor (see apply)
+        self.out_maps = {k: shared.setdefault(tuple(v.tolist()), v) for k, v in out_maps.items()}
+        self.in_maps = {k: shared.setdefault(tuple(v.tolist()), v) for k, v in in_maps.items()}
         # attention modules run with their kept heads only (transformers.py)
         self.heads = [
             (g.root_module, offsets[gi], g.channels)
@@ -85,8 +92,10 @@ class SlicedHardForward:
         self.names = sorted(set(out_maps) | set(in_maps))
 
     def to(self, device) -> SlicedHardForward:
-        self.out_maps = {k: v.to(device) for k, v in self.out_maps.items()}
-        self.in_maps = {k: v.to(device) for k, v in self.in_maps.items()}
+        moved: dict[int, torch.Tensor] = {}  # keep shared maps shared
+        for maps in (self.out_maps, self.in_maps):
+            for k, v in maps.items():
+                maps[k] = moved.setdefault(id(v), v.to(device))
         return self
 
     @contextlib.contextmanager
@@ -99,17 +108,29 @@ class SlicedHardForward:
         """Run the model's layers sliced to ``keep_flat`` (bool per group channel, plus a
         trailing True), multiplying mask sites by ``mask_flat`` (m_hat, plus a trailing 1)."""
         handles = []
+        kept: dict[int, torch.Tensor] = {}  # kept indices per distinct map, found once
+
+        def kept_of(index_map: torch.Tensor | None) -> torch.Tensor | None:
+            if index_map is None:
+                return None
+            if id(index_map) not in kept:
+                kept[id(index_map)] = torch.nonzero(keep_flat[index_map]).flatten()
+            return kept[id(index_map)]
+
         for name in self.names:
             module = self.modules[name]
-            out_idx = _kept(keep_flat, self.out_maps.get(name))
-            in_idx = _kept(keep_flat, self.in_maps.get(name))
+            out_idx = kept_of(self.out_maps.get(name))
+            in_idx = kept_of(self.in_maps.get(name))
             tensors = _sliced_tensors(module, out_idx, in_idx)
             multiplier = None
             if name in sites:
                 index, dim = sites[name]
-                multiplier = (mask_flat[index], dim)
-                if out_idx is not None:
-                    multiplier = (multiplier[0][out_idx], dim)
+                values = mask_flat[index] if out_idx is None else mask_flat[index][out_idx]
+                if _foldable(module):
+                    tensors["weight"] = tensors.get("weight", module.weight) * values
+                    tensors["bias"] = tensors.get("bias", module.bias) * values
+                else:
+                    multiplier = (values, dim)
             groups = len(out_idx) if (_is_depthwise(module) and out_idx is not None) else None
             pre, post = _swap_hooks(tensors, groups, out_idx, multiplier)
             handles.append(module.register_forward_pre_hook(pre))
@@ -121,10 +142,7 @@ class SlicedHardForward:
             handles.append(self.modules[name].register_forward_hook(post))
         for name, (index, dim) in sites.items():  # sites on layers that are not sliced
             if name not in self.names:
-                multiplier = mask_flat[index]
-                handles.append(self.modules[name].register_forward_hook(
-                    _swap_hooks({}, None, None, (multiplier, dim))[1]
-                ))
+                handles += attach_mask(self.modules[name], mask_flat[index], dim)
         try:
             yield
         finally:
@@ -132,11 +150,20 @@ class SlicedHardForward:
                 h.remove()
 
 
-def _kept(keep_flat: torch.Tensor, index_map: torch.Tensor | None) -> torch.Tensor | None:
-    if index_map is None:
-        return None
-    keep = keep_flat[index_map]
-    return torch.nonzero(keep).flatten()
+def _foldable(module: nn.Module) -> bool:
+    """A mask on this module's output can be folded into its affine parameters."""
+    return isinstance(module, _NORMS) and module.weight is not None and module.bias is not None
+
+
+def attach_mask(module: nn.Module, values: torch.Tensor, dim: int) -> list:
+    """Multiply ``module``'s output channels (along ``dim``) by ``values`` until the returned
+    hook handles are removed: folded into (gamma, beta) for an affine BatchNorm, on the
+    output tensor otherwise."""
+    if _foldable(module):
+        tensors = {"weight": module.weight * values, "bias": module.bias * values}
+        pre, post = _swap_hooks(tensors, None, None, None)
+        return [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+    return [module.register_forward_hook(_swap_hooks({}, None, None, (values, dim))[1])]
 
 
 def _out_size(module: nn.Module) -> int:

@@ -171,20 +171,22 @@ def train_step(
 
 
 def build_optimizers(model: nn.Module, pruner: S2HPruner, cfg: RunConfig, total_steps: int):
-    """SGD + cosine for the weights; Adam (or SGD) without weight decay for the width logits."""
+    """SGD (or AdamW) + cosine for the weights; Adam (or SGD) without weight decay for the
+    width logits. Norms and biases get no weight decay."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
             (no_decay if p.dim() <= 1 else decay).append(p)
-    weights = torch.optim.SGD(
-        [
-            {"params": decay, "weight_decay": cfg.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
-        lr=cfg.lr,
-        momentum=cfg.momentum,
-        nesterov=cfg.nesterov and cfg.momentum > 0,
-    )
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    if cfg.optimizer == "adamw":
+        weights = torch.optim.AdamW(groups, lr=cfg.lr)
+    else:
+        weights = torch.optim.SGD(
+            groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0
+        )
     if cfg.mask_optimizer == "adam":
         masks = torch.optim.Adam(pruner.mask_parameters(), lr=cfg.mask_lr, betas=(0.9, 0.999))
     else:
