@@ -211,8 +211,8 @@ class S2HPruner:
                 flat = torch.tensor(piece.root_idxs) + int(self.search.offsets[gi])
                 dest.append(flat)
         self._importance_dest = torch.cat(dest)
-        self._producer_count = torch.stack(
-            [torch.tensor(float(len(g.producers))) for g in self.groups]
+        self._producer_count = torch.tensor(
+            [float(len(g.producers)) for g in self.groups]
         )[self.search.group_of]
         return sources
 
@@ -250,11 +250,8 @@ class S2HPruner:
     def _site_index(self) -> dict[str, tuple[torch.Tensor, int]]:
         """For every module output a mask acts on: which entry of the concatenated group masks
         (or the trailing constant 1) multiplies each of its channels."""
-        offsets, total = [], 0
-        for g in self.groups:
-            offsets.append(total)
-            total += g.channels
-        ones_index = total
+        offsets = self.search.offsets.tolist()  # first flat channel of each group
+        ones_index = len(self.search.group_of)
         sites: dict[str, torch.Tensor] = {}
         for gi, g in enumerate(self.groups):
             for piece in g.mask_sites:
