@@ -34,14 +34,16 @@ from s2hpruner.train import build_optimizers, project_to_budget, train_step
 IN_CHANS, SIZE, CLASSES = 1, 28, 10  # Fashion-MNIST geometry
 
 
-def setup(model_name: str, target: float, batch: int, device: torch.device, seed: int = 0):
+def setup(model_name: str, target: float, batch: int, device: torch.device, seed: int = 0,
+          width_step: int | None = None):
     torch.manual_seed(seed)
     model = create_model(model_name, num_classes=CLASSES, in_chans=IN_CHANS).to(device)
     model = model.to(memory_format=torch.channels_last)
     x = torch.randn(batch, IN_CHANS, SIZE, SIZE, device=device)
     x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, CLASSES, (batch,), device=device)
-    pruner = S2HPruner(model, x[:1], target_flops=target, separate_hard_bn_stats=True)
+    pruner = S2HPruner(model, x[:1], target_flops=target, width_step=width_step,
+                        separate_hard_bn_stats=True)
     project_to_budget(pruner, target, 0.005)  # time the search where it spends its epochs
     cfg = RunConfig(model=model_name, target_flops=target, batch_size=batch)
     opt = build_optimizers(model, pruner, cfg, total_steps=10_000)
@@ -106,7 +108,8 @@ def _rss_kib(field: str) -> int:
 def peak_memory(kind: str, args) -> float:
     """Peak extra memory (bytes) of ``kind`` steps ('plain' or 's2h') in this process."""
     device = torch.device(args.device)
-    _, _, _, plain_step, s2h_step, _ = setup(args.model, args.target_flops, args.batch_size, device)
+    _, _, _, plain_step, s2h_step, _ = setup(args.model, args.target_flops, args.batch_size, device,
+                                             width_step=args.width_step)
     step = plain_step if kind == "plain" else s2h_step
     for _ in range(3):
         step()
@@ -143,6 +146,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--target-flops", type=float, default=0.35)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=10, help="timed calls per round")
+    parser.add_argument("--width-step", type=int, default=None,
+                        help="candidate width step d (SPEC section 3; default: the pruner's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--memory-only", choices=("plain", "s2h"), help=argparse.SUPPRESS)
@@ -153,7 +158,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     device = torch.device(args.device)
     model, pruner, x, plain_step, s2h_step, bookkeeping = setup(
-        args.model, args.target_flops, args.batch_size, device
+        args.model, args.target_flops, args.batch_size, device, width_step=args.width_step
     )
     times = interleaved({"plain": plain_step, "s2h": s2h_step, "bookkeeping": bookkeeping},
                         args.repeats)
@@ -162,7 +167,8 @@ def main(argv: list[str] | None = None) -> dict:
         out = subprocess.run(
             [sys.executable, "-m", "benchmarks.speed", "--memory-only", kind, "--model",
              args.model, "--target-flops", str(args.target_flops), "--batch-size",
-             str(args.batch_size), "--device", args.device],
+             str(args.batch_size), "--device", args.device]
+            + ([] if args.width_step is None else ["--width-step", str(args.width_step)]),
             capture_output=True, text=True, check=True,
             # fixed malloc thresholds: freed activations leave the resident set at once, so
             # its high-water mark is the real peak (glibc's adaptive thresholds keep them)
@@ -179,6 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
         "model": args.model,
         "target_flops": args.target_flops,
         "batch_size": args.batch_size,
+        "width_step": args.width_step,
         "device": str(device),
         "sliced_hard_forward": pruner.sliced_hard,
         "step_ratio": times["s2h"] / times["plain"],
@@ -187,6 +194,7 @@ def main(argv: list[str] | None = None) -> dict:
         "latency_speedup_b1": speed["b1"],
         "latency_speedup_b64": speed["b64"],
         "flops_ratio": flops_ratio,
+        "kept_widths": pruner.kept_widths(),
         "ideal_speedup": 1.0 / flops_ratio,
         "seconds": {"plain_step": times["plain"], "s2h_step": times["s2h"],
                     "bookkeeping": times["bookkeeping"], **{

@@ -17,6 +17,11 @@ CASES = [
     ("vgg11_bn_cifar", lambda: create_model("vgg11_bn_cifar"), (4, 3, 32, 32)),
     ("wrn16_4", lambda: create_model("wrn16_4", widen_factor=1), (4, 3, 32, 32)),
     ("densenet121", lambda: torchvision.models.densenet121(num_classes=10), (2, 3, 32, 32)),
+    # channels_last: the layout of CPU training; narrow BatchNorms run in NCHW (sliced.py) and
+    # depthwise weights get real channels_last strides, and mobilenet's last maps are 1x1
+    ("resnet20_channels_last", lambda: create_model("resnet20", in_chans=1), (6, 1, 28, 28)),
+    ("mobilenet_v3_small_channels_last", lambda: create_model("mobilenet_v3_small"),
+     (4, 3, 32, 32)),
 ]
 
 
@@ -45,6 +50,10 @@ def test_sliced_equals_masked(name, factory, shape, train):
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
     x = torch.randn(*shape)
+    channels_last = name.endswith("channels_last")
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
     pruner = S2HPruner(model, x[:1], target_flops=0.5, separate_hard_bn_stats=True)
     assert pruner.sliced_hard, pruner.unsliceable
     with torch.no_grad():
@@ -58,7 +67,21 @@ def test_sliced_equals_masked(name, factory, shape, train):
     stats_masked = pruner.hard_bn_stats
     model.load_state_dict(state)
     pruner.hard_bn_stats = stats
+    conv_inputs_channels_last = []
+    hooks = [
+        m.register_forward_pre_hook(
+            lambda m, inp: conv_inputs_channels_last.append(
+                inp[0].is_contiguous(memory_format=torch.channels_last)
+            )
+        )
+        for m in model.modules()
+        if isinstance(m, torch.nn.Conv2d)
+    ]
     out_s, grads_s = run(model, pruner, x, sliced=True, train=train)
+    for h in hooks:
+        h.remove()
+    if channels_last:  # the layout survives the sliced layers (no silent NCHW convs)
+        assert all(conv_inputs_channels_last)
 
     # eval: the SPEC tolerance; train: batch statistics over ~100 concatenated BatchNorms
     # (DenseNet) accumulate float differences of the reordered sums to a few 1e-4

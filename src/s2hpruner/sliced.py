@@ -135,6 +135,8 @@ class SlicedHardForward:
             pre, post = _swap_hooks(tensors, groups, out_idx, multiplier)
             handles.append(module.register_forward_pre_hook(pre))
             handles.append(module.register_forward_hook(post))
+            if isinstance(module, nn.BatchNorm2d) and out_idx is not None:
+                handles += _nchw_norm_hooks(module, len(out_idx))
         for name, offset, channels in self.heads:
             kept = torch.nonzero(keep_flat[offset : offset + channels]).flatten()
             pre, post = sliced_attention_hooks(kept)
@@ -148,6 +150,34 @@ class SlicedHardForward:
         finally:
             for h in handles:
                 h.remove()
+
+
+def _nchw_norm_hooks(module: nn.Module, channels: int) -> list:
+    """Train a sliced BatchNorm2d on a channels_last CPU input in NCHW instead.
+
+    PyTorch's channels_last CPU BatchNorm is vectorised over blocks of 16 channels; at the odd
+    kept widths of a sliced layer its training forward and backward are 2-4 times slower than
+    the NCHW kernel, even with the two layout copies (``benchmarks/kernels.py``). Same maths,
+    another kernel; nothing changes for widths that are multiples of 16, eval mode or CUDA."""
+    if channels % 16 == 0:
+        return []
+    converted = []
+
+    def pre(module, inputs):
+        x = inputs[0]
+        if module.training and x.device.type == "cpu" and x.dim() == 4 and not x.is_contiguous() \
+                and x.is_contiguous(memory_format=torch.channels_last):
+            converted.append(True)
+            return (x.contiguous(), *inputs[1:])
+        converted.append(False)
+        return None
+
+    def post(module, inputs, output):
+        if converted.pop():
+            return output.contiguous(memory_format=torch.channels_last)
+        return output
+
+    return [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
 
 
 def _foldable(module: nn.Module) -> bool:
@@ -193,7 +223,10 @@ def _sliced_tensors(module, out_idx, in_idx) -> dict[str, torch.Tensor]:
     if in_idx is not None:
         weight = weight.index_select(1, in_idx)
     if weight.dim() == 4 and module.weight.is_contiguous(memory_format=torch.channels_last):
-        weight = weight.contiguous(memory_format=torch.channels_last)  # keep the fast conv path
+        # keep the fast conv path; clone, not contiguous(): a depthwise weight (k, 1, h, w)
+        # counts as channels_last already, and its NCHW strides send oneDNN down a path
+        # ~100x slower on tiny feature maps (mobilenet_v3's 5x5 convs on 1x1 inputs)
+        weight = weight.clone(memory_format=torch.channels_last)
     tensors["weight"] = weight
     if module.bias is not None and out_idx is not None:
         tensors["bias"] = module.bias.index_select(0, out_idx)
