@@ -3,8 +3,12 @@
     python -m benchmarks.speed --model resnet20 --target-flops 0.35 --batch-size 128 \
         --json benchmarks/results/speed_resnet20.json
 
-Everything is measured in one process on one machine, as ratios, with medians over repeated
-timings after warm-up (the two sides of each ratio are timed alternately). Peak memory is
+Everything is measured in one process on one machine, as ratios: the functions compared take
+turns within each of 5 rounds (medians of repeated timings after warm-up), and a ratio is the
+median over rounds of its within-round value, so a machine whose speed drifts (a shared VM)
+skews both sides alike. ``phases_over_plain_step`` times the pieces of a step alone: soft
+forward(+backward), the mask-only backward G_s adds, the sliced hard pass, and the exported
+network's own training pass (the floor of the hard pass on this machine). Peak memory is
 measured in fresh subprocesses (one per kind of step) as the rise of the resident set's
 high-water mark over its value after warm-up (Linux ``/proc/self/clear_refs``), or with
 ``torch.cuda.max_memory_allocated`` on CUDA.
@@ -20,6 +24,8 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,7 +33,7 @@ import torch.nn.functional as F
 
 from s2hpruner import S2HPruner, count_flops
 from s2hpruner.config import RunConfig
-from s2hpruner.measure import latency_speedup
+from s2hpruner.measure import latency_speedup, same_memory_format
 from s2hpruner.models import create_model
 from s2hpruner.train import build_optimizers, project_to_budget, train_step
 
@@ -72,7 +78,50 @@ def setup(model_name: str, target: float, batch: int, device: torch.device, seed
                             pruner.mask_parameters(), allow_unused=True)
         pruner.ratio("hard")
 
-    return model, pruner, x, plain_step, s2h_step, bookkeeping
+    return Bench(model, pruner, x, y, plain_step, s2h_step, bookkeeping)
+
+
+@dataclass
+class Bench:
+    model: torch.nn.Module
+    pruner: S2HPruner
+    x: torch.Tensor
+    y: torch.Tensor
+    plain_step: Callable[[], None]
+    s2h_step: Callable[[], None]
+    bookkeeping: Callable[[], None]
+
+    def phases(self) -> dict[str, Callable[[], None]]:
+        """The pieces of an S2HPruner step, each timed alone (where the time goes)."""
+        model, pruner, x, y = self.model, self.pruner, self.x, self.y
+        weights, masks = list(model.parameters()), pruner.mask_parameters()
+        exported = same_memory_format(pruner.export(), model).train()
+
+        def soft_forward():
+            with pruner.mode("soft"):
+                model(x)
+
+        def soft(inputs):
+            with pruner.mode("soft"):
+                loss = F.cross_entropy(model(x), y)
+            torch.autograd.grad(loss, inputs)
+
+        def hard_forward_backward():
+            with pruner.mode("hard"):
+                loss = F.cross_entropy(model(x), y)
+            torch.autograd.grad(loss, weights + masks)
+
+        def exported_forward_backward():
+            loss = F.cross_entropy(exported(x), y)
+            torch.autograd.grad(loss, list(exported.parameters()))
+
+        return {
+            "soft_forward": soft_forward,
+            "soft_forward_backward": lambda: soft(weights + masks),
+            "soft_forward_mask_backward": lambda: soft(masks),  # what G_s adds: its backward
+            "hard_forward_backward": hard_forward_backward,
+            "exported_forward_backward": exported_forward_backward,  # the hard pass's floor
+        }
 
 
 def timed(fn, repeats: int, warmup: int = 3) -> list[float]:
@@ -89,13 +138,19 @@ def timed(fn, repeats: int, warmup: int = 3) -> list[float]:
     return times
 
 
-def interleaved(fns: dict, repeats: int, rounds: int = 3) -> dict[str, float]:
-    """Median seconds per call of each function, timed in alternating rounds."""
-    samples: dict[str, list[float]] = {k: [] for k in fns}
+def interleaved(fns: dict, repeats: int, rounds: int = 5) -> dict[str, list[float]]:
+    """Per round, the median seconds per call of each function; the functions take turns
+    within a round, so a ratio of two of them is measured under the same machine load."""
+    medians: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
-            samples[name] += timed(fn, repeats)
-    return {k: statistics.median(v) for k, v in samples.items()}
+            medians[name].append(statistics.median(timed(fn, repeats)))
+    return medians
+
+
+def ratio(times: dict[str, list[float]], num: str, den: str) -> float:
+    """Median over rounds of the within-round ratio (robust to a machine that drifts)."""
+    return statistics.median(a / b for a, b in zip(times[num], times[den], strict=True))
 
 
 def _rss_kib(field: str) -> int:
@@ -108,9 +163,9 @@ def _rss_kib(field: str) -> int:
 def peak_memory(kind: str, args) -> float:
     """Peak extra memory (bytes) of ``kind`` steps ('plain' or 's2h') in this process."""
     device = torch.device(args.device)
-    _, _, _, plain_step, s2h_step, _ = setup(args.model, args.target_flops, args.batch_size, device,
-                                             width_step=args.width_step)
-    step = plain_step if kind == "plain" else s2h_step
+    bench = setup(args.model, args.target_flops, args.batch_size, device,
+                  width_step=args.width_step)
+    step = bench.plain_step if kind == "plain" else bench.s2h_step
     for _ in range(3):
         step()
     if device.type == "cuda":
@@ -157,11 +212,14 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
 
     device = torch.device(args.device)
-    model, pruner, x, plain_step, s2h_step, bookkeeping = setup(
-        args.model, args.target_flops, args.batch_size, device, width_step=args.width_step
-    )
-    times = interleaved({"plain": plain_step, "s2h": s2h_step, "bookkeeping": bookkeeping},
-                        args.repeats)
+    bench = setup(args.model, args.target_flops, args.batch_size, device,
+                  width_step=args.width_step)
+    model, pruner, x = bench.model, bench.pruner, bench.x
+    times = interleaved({"plain": bench.plain_step, "s2h": bench.s2h_step,
+                         "bookkeeping": bench.bookkeeping}, args.repeats)
+    phase_times = interleaved({"plain": bench.plain_step, **bench.phases()}, args.repeats)
+    phases = {k: ratio(phase_times, k, "plain") for k in phase_times if k != "plain"}
+    phases["mask_backward"] = phases["soft_forward_mask_backward"] - phases["soft_forward"]
     memory = {}
     for kind in ("plain", "s2h"):
         out = subprocess.run(
@@ -188,17 +246,20 @@ def main(argv: list[str] | None = None) -> dict:
         "width_step": args.width_step,
         "device": str(device),
         "sliced_hard_forward": pruner.sliced_hard,
-        "step_ratio": times["s2h"] / times["plain"],
-        "bookkeeping_share": times["bookkeeping"] / times["s2h"],
+        "step_ratio": ratio(times, "s2h", "plain"),
+        "bookkeeping_share": ratio(times, "bookkeeping", "s2h"),
         "peak_mem_ratio": memory["s2h"] / memory["plain"],
         "latency_speedup_b1": speed["b1"],
         "latency_speedup_b64": speed["b64"],
         "flops_ratio": flops_ratio,
         "kept_widths": pruner.kept_widths(),
         "ideal_speedup": 1.0 / flops_ratio,
-        "seconds": {"plain_step": times["plain"], "s2h_step": times["s2h"],
-                    "bookkeeping": times["bookkeeping"], **{
+        "phases_over_plain_step": phases,
+        "seconds": {"plain_step": statistics.median(times["plain"]),
+                    "s2h_step": statistics.median(times["s2h"]),
+                    "bookkeeping": statistics.median(times["bookkeeping"]), **{
                         k: v for k, v in speed.items() if k.endswith("seconds")}},
+        "latency_rounds": {k: v for k, v in speed.items() if k.endswith("rounds")},
         "peak_bytes": memory,
         "machine": machine(),
         "command": "python -m benchmarks.speed " + " ".join(sys.argv[1:] if argv is None

@@ -21,3 +21,8 @@ def test_speed_benchmark_smoke(tmp_path):
     assert abs(stored["flops_ratio"] - 0.35) <= 0.01
     assert stored["sliced_hard_forward"] is True
     assert stored["step_ratio"] > 0 and 0 < stored["bookkeeping_share"] < 1
+    phases = stored["phases_over_plain_step"]
+    for key in ("soft_forward_backward", "mask_backward", "hard_forward_backward",
+                "exported_forward_backward"):
+        assert phases[key] == result["phases_over_plain_step"][key]
+    assert len(stored["latency_rounds"]["b64_rounds"]) == 5

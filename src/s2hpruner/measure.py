@@ -50,19 +50,25 @@ def latency_speedup(
     example: torch.Tensor,
     repeats: int = 30,
     batch_sizes: tuple[int, ...] = (1, 64),
-) -> dict[str, float]:
-    """Full-model latency over pruned-model latency, per batch size, timed alternately.
-    The pruned model is put in the full model's memory format first."""
+    rounds: int = 5,
+) -> dict[str, float | list[float]]:
+    """Full-model latency over pruned-model latency, per batch size: the median over
+    ``rounds`` of the ratio of the two medians timed back to back in that round (a shared
+    machine drifts between rounds; a ratio within one round does not). The per-round ratios
+    are returned too (``b64_rounds``), so the spread is visible. The pruned model is put in
+    the full model's memory format first."""
     pruned = same_memory_format(pruned, full)
-    out: dict[str, float] = {}
+    out: dict[str, float | list[float]] = {}
     for b in batch_sizes:
         x = example[:1].expand(b, *example.shape[1:]).contiguous(memory_format=_format(full))
         reps = repeats if b == 1 else max(5, repeats // 3)
         full_times, pruned_times = [], []
-        for _ in range(3):  # interleave so both see the same machine load
+        for _ in range(rounds):
             full_times.append(median_latency(full, x, reps))
             pruned_times.append(median_latency(pruned, x, reps))
-        out[f"b{b}"] = statistics.median(full_times) / statistics.median(pruned_times)
+        ratios = [f / p for f, p in zip(full_times, pruned_times, strict=True)]
+        out[f"b{b}"] = statistics.median(ratios)
+        out[f"b{b}_rounds"] = ratios
         out[f"b{b}_full_seconds"] = statistics.median(full_times)
         out[f"b{b}_pruned_seconds"] = statistics.median(pruned_times)
     return out
