@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from s2hpruner import S2HPruner, count_flops
 from s2hpruner.config import RunConfig
-from s2hpruner.measure import latency_speedup, same_memory_format
+from s2hpruner.measure import latency_speedup, memory_format_of
 from s2hpruner.models import create_model
 from s2hpruner.train import build_optimizers, project_to_budget, train_step
 
@@ -51,6 +51,7 @@ def setup(model_name: str, target: float, batch: int, device: torch.device, seed
     pruner = S2HPruner(model, x[:1], target_flops=target, width_step=width_step,
                         separate_hard_bn_stats=True)
     project_to_budget(pruner, target, 0.005)  # time the search where it spends its epochs
+    pruner.tune_hard_layout(x)  # as training does at every epoch's start (hard_layout=auto)
     cfg = RunConfig(model=model_name, target_flops=target, batch_size=batch)
     opt = build_optimizers(model, pruner, cfg, total_steps=10_000)
     for group in opt.masks.param_groups:  # time full steps, but keep the widths at the budget
@@ -65,6 +66,14 @@ def setup(model_name: str, target: float, batch: int, device: torch.device, seed
     def s2h_step():
         train_step(model, pruner, x, y, opt, cfg, "joint")
 
+    def s2h_step_model_layout():
+        """The same step with the hard pass in the model's layout (hard_layout=model)."""
+        tuned, pruner.hard_layout = pruner.hard_layout, None
+        try:
+            s2h_step()
+        finally:
+            pruner.hard_layout = tuned
+
     def bookkeeping():
         """Everything a step does besides forwards and backwards of the network."""
         pruner.update_ranks()
@@ -78,7 +87,7 @@ def setup(model_name: str, target: float, batch: int, device: torch.device, seed
                             pruner.mask_parameters(), allow_unused=True)
         pruner.ratio("hard")
 
-    return Bench(model, pruner, x, y, plain_step, s2h_step, bookkeeping)
+    return Bench(model, pruner, x, y, plain_step, s2h_step, s2h_step_model_layout, bookkeeping)
 
 
 @dataclass
@@ -89,13 +98,17 @@ class Bench:
     y: torch.Tensor
     plain_step: Callable[[], None]
     s2h_step: Callable[[], None]
+    s2h_step_model_layout: Callable[[], None]
     bookkeeping: Callable[[], None]
 
     def phases(self) -> dict[str, Callable[[], None]]:
         """The pieces of an S2HPruner step, each timed alone (where the time goes)."""
         model, pruner, x, y = self.model, self.pruner, self.x, self.y
         weights, masks = list(model.parameters()), pruner.mask_parameters()
-        exported = same_memory_format(pruner.export(), model).train()
+        layout = pruner.hard_layout  # the exported network in the layout the hard pass uses
+        layout = memory_format_of(model) if layout is None else layout
+        exported = pruner.export().to(memory_format=layout).train()
+        x_exported = x.contiguous(memory_format=layout)
 
         def soft_forward():
             with pruner.mode("soft"):
@@ -112,7 +125,7 @@ class Bench:
             torch.autograd.grad(loss, weights + masks)
 
         def exported_forward_backward():
-            loss = F.cross_entropy(exported(x), y)
+            loss = F.cross_entropy(exported(x_exported), y)
             torch.autograd.grad(loss, list(exported.parameters()))
 
         return {
@@ -216,6 +229,7 @@ def main(argv: list[str] | None = None) -> dict:
                   width_step=args.width_step)
     model, pruner, x = bench.model, bench.pruner, bench.x
     times = interleaved({"plain": bench.plain_step, "s2h": bench.s2h_step,
+                         "s2h_model_layout": bench.s2h_step_model_layout,
                          "bookkeeping": bench.bookkeeping}, args.repeats)
     phase_times = interleaved({"plain": bench.plain_step, **bench.phases()}, args.repeats)
     phases = {k: ratio(phase_times, k, "plain") for k in phase_times if k != "plain"}
@@ -246,7 +260,9 @@ def main(argv: list[str] | None = None) -> dict:
         "width_step": args.width_step,
         "device": str(device),
         "sliced_hard_forward": pruner.sliced_hard,
+        "hard_layout": str(pruner.hard_layout).removeprefix("torch."),
         "step_ratio": ratio(times, "s2h", "plain"),
+        "step_ratio_model_layout": ratio(times, "s2h_model_layout", "plain"),
         "bookkeeping_share": ratio(times, "bookkeeping", "s2h"),
         "peak_mem_ratio": memory["s2h"] / memory["plain"],
         "latency_speedup_b1": speed["b1"],

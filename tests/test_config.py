@@ -229,3 +229,9 @@ def test_command_line_flags_fill_the_same_fields_as_a_config_dict(values):
             config_from_args(args)
     else:
         assert config_from_args(args) == expected
+
+
+def test_unknown_hard_layout_is_refused_with_the_choices():
+    with pytest.raises(ConfigError, match="hard_layout must be one of auto, model, contiguous"):
+        RunConfig(hard_layout="nhwc").validate()
+    RunConfig(hard_layout="contiguous").validate()

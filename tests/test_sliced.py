@@ -22,7 +22,13 @@ CASES = [
     ("resnet20_channels_last", lambda: create_model("resnet20", in_chans=1), (6, 1, 28, 28)),
     ("mobilenet_v3_small_channels_last", lambda: create_model("mobilenet_v3_small"),
      (4, 3, 32, 32)),
+    # pruner.hard_layout overrides the model's layout for the sliced pass only
+    ("resnet20_channels_last_layout_nchw", lambda: create_model("resnet20", in_chans=1),
+     (6, 1, 28, 28)),
+    ("mobilenet_v3_small_layout_channels_last", lambda: create_model("mobilenet_v3_small"),
+     (4, 3, 32, 32)),
 ]
+LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 
 
 def run(model, pruner, x, sliced, train):
@@ -50,11 +56,13 @@ def test_sliced_equals_masked(name, factory, shape, train):
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
     x = torch.randn(*shape)
-    channels_last = name.endswith("channels_last")
-    if channels_last:
+    name, _, layout = name.partition("_layout_")
+    if name.endswith("channels_last"):
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     pruner = S2HPruner(model, x[:1], target_flops=0.5, separate_hard_bn_stats=True)
+    pruner.hard_layout = LAYOUTS.get(layout)
+    expected_layout = layout or ("channels_last" if name.endswith("channels_last") else None)
     assert pruner.sliced_hard, pruner.unsliceable
     with torch.no_grad():
         for u in pruner.mask_parameters():
@@ -67,11 +75,12 @@ def test_sliced_equals_masked(name, factory, shape, train):
     stats_masked = pruner.hard_bn_stats
     model.load_state_dict(state)
     pruner.hard_bn_stats = stats
-    conv_inputs_channels_last = []
+    conv_inputs = []  # (is channels_last, is NCHW); a 1-channel or 1x1 input is both
     hooks = [
         m.register_forward_pre_hook(
-            lambda m, inp: conv_inputs_channels_last.append(
-                inp[0].is_contiguous(memory_format=torch.channels_last)
+            lambda m, inp: conv_inputs.append(
+                (inp[0].is_contiguous(memory_format=torch.channels_last),
+                 inp[0].is_contiguous())
             )
         )
         for m in model.modules()
@@ -80,8 +89,11 @@ def test_sliced_equals_masked(name, factory, shape, train):
     out_s, grads_s = run(model, pruner, x, sliced=True, train=train)
     for h in hooks:
         h.remove()
-    if channels_last:  # the layout survives the sliced layers (no silent NCHW convs)
-        assert all(conv_inputs_channels_last)
+    # the layout survives the sliced layers (no silent conversions)
+    if expected_layout == "channels_last":
+        assert all(cl for cl, _ in conv_inputs)
+    elif expected_layout == "nchw":
+        assert all(nchw for _, nchw in conv_inputs)
 
     # eval: the SPEC tolerance; train: batch statistics over ~100 concatenated BatchNorms
     # (DenseNet) accumulate float differences of the reordered sums to a few 1e-4
@@ -132,3 +144,56 @@ def test_sliced_forward_really_skips_pruned_channels():
         counts[sliced] = counter.get_total_flops()
     assert counts[True] == pytest.approx(float(pruner.flops("hard")) * 2, rel=0.01)
     assert counts[True] < 0.8 * counts[False]
+
+
+def _pruner(model_name="resnet20"):
+    torch.manual_seed(0)
+    model = create_model(model_name, in_chans=1).to(memory_format=torch.channels_last)
+    x = torch.randn(8, 1, 28, 28).contiguous(memory_format=torch.channels_last)
+    return model, S2HPruner(model, x[:1], target_flops=0.35, separate_hard_bn_stats=True), x
+
+
+@pytest.mark.parametrize("faster", ["nchw", "channels_last"])
+def test_tune_hard_layout_keeps_the_faster_layout(monkeypatch, faster):
+    """The choice follows the timings: a fake clock makes one layout's passes cheaper."""
+    import s2hpruner.pruner as pruner_module
+
+    model, pruner, x = _pruner()
+    cost = {LAYOUTS[faster]: 1.0}
+    clock = [0.0]
+
+    def fake_clock():
+        clock[0] += cost.get(pruner.hard_layout, 3.0)
+        return clock[0]
+
+    monkeypatch.setattr(pruner_module.time, "perf_counter", fake_clock)
+    assert pruner.tune_hard_layout(x) == LAYOUTS[faster]
+    assert pruner.hard_layout == LAYOUTS[faster]
+
+
+def test_tune_hard_layout_has_no_side_effects():
+    """Timing runs real training passes; weights, gradients, BatchNorm statistics (the
+    model's and the hard network's) and the RNG must come out as they went in."""
+    model, pruner, x = _pruner()
+    model.train()
+    with torch.no_grad():
+        for u in pruner.mask_parameters():
+            u.normal_(0, 1.5)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    hard = {k: {b: t.clone() for b, t in v.items()} for k, v in pruner.hard_bn_stats.items()}
+    rng = torch.get_rng_state()
+    layout = pruner.tune_hard_layout(x, repeats=1)
+    assert layout in (torch.contiguous_format, torch.channels_last)
+    assert torch.equal(torch.get_rng_state(), rng)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    for k, v in pruner.hard_bn_stats.items():
+        for b, t in v.items():
+            assert torch.equal(t, hard[k][b]), (k, b)
+    assert all(p.grad is None for p in model.parameters())
+    assert all(u.grad is None for u in pruner.mask_parameters())
+    # and the statistics were really exercised: without the restore they would have moved
+    with pruner.mode("hard"):
+        model(x)
+    assert any(not torch.equal(t, hard[k][b])
+               for k, v in pruner.hard_bn_stats.items() for b, t in v.items())

@@ -26,3 +26,5 @@ def test_speed_benchmark_smoke(tmp_path):
                 "exported_forward_backward"):
         assert phases[key] == result["phases_over_plain_step"][key]
     assert len(stored["latency_rounds"]["b64_rounds"]) == 5
+    assert stored["hard_layout"] in ("contiguous_format", "channels_last")
+    assert stored["step_ratio_model_layout"] > 0

@@ -14,7 +14,7 @@ import sys
 import typing
 from pathlib import Path
 
-from .config import METHODS, RunConfig
+from .config import HARD_LAYOUTS, METHODS, RunConfig
 from .errors import S2HError
 
 HELP = {
@@ -65,6 +65,9 @@ HELP = {
     "device": "auto (cuda if available, else cpu), cpu, cuda or cuda:N",
     "workers": "data loader worker processes",
     "channels_last": "channels-last memory format for 4-D activations (faster convs on CPU)",
+    "hard_layout": "memory format of the sliced hard pass: auto (time both at every epoch's "
+                   "start, keep the faster; the model's own with --deterministic), model, "
+                   "contiguous (NCHW) or channels_last",
     "out": "run directory for config, metrics, checkpoints, exported model, report and plots",
     "resume": "continue from OUT/checkpoints/last.pt",
     "overwrite": "allow replacing a finished run in OUT",
@@ -103,7 +106,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
                 type=kind,
                 default=None,
                 help=text,
-                choices=METHODS if f.name == "method" else None,
+                choices={"method": METHODS, "hard_layout": HARD_LAYOUTS}.get(f.name),
             )
 
 

@@ -13,6 +13,7 @@ import yaml
 from .errors import S2HError
 
 METHODS = ("s2h", "dmp", "s2h-no-gs", "s2h-coupled", "s2h-no-gap-on-mask")
+HARD_LAYOUTS = ("auto", "model", "contiguous", "channels_last")
 
 
 class ConfigError(S2HError, ValueError):
@@ -68,6 +69,7 @@ class RunConfig:
     device: str = "auto"
     workers: int = 0
     channels_last: bool = True
+    hard_layout: str = "auto"  # memory format of the sliced hard pass (see HARD_LAYOUTS)
     out: str = "runs/default"
     resume: bool = False
     overwrite: bool = False
@@ -100,6 +102,10 @@ class RunConfig:
         if not self.val_size >= 0:
             raise ConfigError(
                 f"val_size must be >= 0 (a count, or a fraction < 1), got {self.val_size}"
+            )
+        if self.hard_layout not in HARD_LAYOUTS:
+            raise ConfigError(
+                f"hard_layout must be one of {', '.join(HARD_LAYOUTS)}, got {self.hard_layout!r}"
             )
         if self.resource_on not in ("hard", "soft"):
             raise ConfigError(f"resource_on must be 'hard' or 'soft', got {self.resource_on!r}")

@@ -30,7 +30,7 @@ def median_latency(
     return statistics.median(times)
 
 
-def _format(model: nn.Module) -> torch.memory_format:
+def memory_format_of(model: nn.Module) -> torch.memory_format:
     """Inputs in the memory format of the model's first 4-D weight (no layout conversions)."""
     for p in model.parameters():
         if p.dim() == 4:
@@ -41,7 +41,7 @@ def _format(model: nn.Module) -> torch.memory_format:
 
 def same_memory_format(model: nn.Module, reference: nn.Module) -> nn.Module:
     """``model`` with its 4-D weights in ``reference``'s memory format (for fair timing)."""
-    return model.to(memory_format=_format(reference))
+    return model.to(memory_format=memory_format_of(reference))
 
 
 def latency_speedup(
@@ -59,8 +59,9 @@ def latency_speedup(
     the full model's memory format first."""
     pruned = same_memory_format(pruned, full)
     out: dict[str, float | list[float]] = {}
+    layout = memory_format_of(full)
     for b in batch_sizes:
-        x = example[:1].expand(b, *example.shape[1:]).contiguous(memory_format=_format(full))
+        x = example[:1].expand(b, *example.shape[1:]).contiguous(memory_format=layout)
         reps = repeats if b == 1 else max(5, repeats // 3)
         full_times, pruned_times = [], []
         for _ in range(rounds):

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import statistics
+import time
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -148,6 +150,7 @@ class S2HPruner:
         self.unsliceable = unsliceable_modules(self.groups, self._modules)
         self._sliced = None if self.unsliceable else SlicedHardForward(self.groups, self._modules)
         self.sliced_hard = sliced_hard and self._sliced is not None
+        self.hard_layout: torch.memory_format | None = None  # None: the model's own
         device = next(model.parameters()).device
         self.to(device)
         self.update_ranks(force=True)
@@ -292,7 +295,7 @@ class S2HPruner:
         try:
             if mode == "hard" and sliced:
                 keep = flat.detach() > 0.5
-                with self._sliced.apply(keep, flat, self._sites):
+                with self._sliced.apply(keep, flat, self._sites, self.hard_layout):
                     yield
             else:
                 handles = []
@@ -306,6 +309,57 @@ class S2HPruner:
         finally:
             if swap:
                 self._swap_bn_stats()
+
+    def tune_hard_layout(
+        self, inputs: torch.Tensor, repeats: int = 3
+    ) -> torch.memory_format | None:
+        """Time the sliced hard network's training pass (forward and backward) in NCHW and
+        in channels_last, and run ``mode("hard")`` in the faster one from now on, as
+        ``cudnn.benchmark`` does for conv algorithms. Which is faster depends on the kept
+        widths and the kernels: on CPU narrow dense convs are faster in NCHW, depthwise ones
+        in channels_last (``benchmarks/kernels.py``). Both compute the same network; weights,
+        gradients, BatchNorm statistics and the RNG are left as they were."""
+        if not self.sliced_hard or not torch.is_tensor(inputs) or inputs.dim() != 4:
+            return self.hard_layout
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        params += self.mask_parameters()
+        stats = list(self.model.buffers())
+        if self.hard_bn_stats is not None:
+            stats += [t for v in self.hard_bn_stats.values() for t in v.values()]
+        saved = [t.clone() for t in stats]
+        cuda = inputs.device.type == "cuda"
+
+        def training_pass() -> float:
+            if cuda:
+                torch.cuda.synchronize(inputs.device)
+            start = time.perf_counter()
+            with self.mode("hard"):
+                out = self.model(inputs)
+            torch.autograd.grad(out.float().sum(), params, allow_unused=True)
+            if cuda:
+                torch.cuda.synchronize(inputs.device)
+            return time.perf_counter() - start
+
+        layouts = (torch.contiguous_format, torch.channels_last)
+        times: dict = {layout: [] for layout in layouts}
+        previous = self.hard_layout
+        try:
+            with torch.random.fork_rng(devices=[inputs.device] if cuda else []):
+                for round_ in range(repeats + 1):  # the first round warms up
+                    for layout in layouts:  # interleaved: both see the same machine load
+                        self.hard_layout = layout
+                        elapsed = training_pass()
+                        if round_:
+                            times[layout].append(elapsed)
+        except BaseException:
+            self.hard_layout = previous
+            raise
+        finally:
+            with torch.no_grad():
+                for tensor, value in zip(stats, saved, strict=True):
+                    tensor.copy_(value)
+        self.hard_layout = min(layouts, key=lambda layout: statistics.median(times[layout]))
+        return self.hard_layout
 
     def _swap_bn_stats(self) -> None:
         """Exchange the model's BatchNorm running statistics with the hard network's."""

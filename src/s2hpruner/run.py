@@ -333,6 +333,9 @@ def build_model_and_pruner(cfg: RunConfig, spec, device: torch.device):
         temperature=cfg.temperature,
         separate_hard_bn_stats=cfg.separate_hard_bn_stats and cfg.method != "dmp",
     )
+    pruner.hard_layout = {
+        "contiguous": torch.contiguous_format, "channels_last": torch.channels_last
+    }.get(cfg.hard_layout)
     return model, pruner, example
 
 
@@ -385,6 +388,7 @@ def prune(cfg: RunConfig) -> dict:
         sampler.epoch, sampler.start_batch = epoch, state.step % steps_per_epoch
         train_loader.generator.manual_seed(cfg.seed * 100_003 + epoch)
         start = time.perf_counter()
+        tune_layout = cfg.hard_layout == "auto" and not cfg.deterministic
         for x, y in train_loader:
             phase = phase_of(state.step / steps_per_epoch, cfg)
             if phase in ("freeze", "dmp-freeze") and not pruner.freeze_ranks:
@@ -393,6 +397,9 @@ def prune(cfg: RunConfig) -> dict:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if cfg.channels_last and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
+            if tune_layout:  # the kept widths have moved since the last epoch
+                pruner.tune_hard_layout(x)
+                tune_layout = False
             try:
                 stats = train_step(model, pruner, x, y, opt, cfg, phase)
             except NonFiniteLossError as exc:

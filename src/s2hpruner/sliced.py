@@ -17,6 +17,11 @@ Attention head groups (transformers.py) slice qkv's rows and proj's columns like
 the attention module itself runs with ``num_heads`` set to the kept heads for the forward.
 
 The masked path stays the reference: tests check outputs, gradients and statistics agree.
+
+``layout`` runs the sliced pass in one memory format (NCHW or channels_last) whatever the
+model's: which one is faster depends on the kept widths and the kernels (on CPU, narrow dense
+convs are faster in NCHW, depthwise ones in channels_last), so the pruner can time both
+(:meth:`S2HPruner.tune_hard_layout`).
 """
 
 from __future__ import annotations
@@ -104,10 +109,15 @@ class SlicedHardForward:
         keep_flat: torch.Tensor,
         mask_flat: torch.Tensor,
         sites: dict[str, tuple[torch.Tensor, int]],
+        layout: torch.memory_format | None = None,
     ) -> Iterator[None]:
         """Run the model's layers sliced to ``keep_flat`` (bool per group channel, plus a
-        trailing True), multiplying mask sites by ``mask_flat`` (m_hat, plus a trailing 1)."""
+        trailing True), multiplying mask sites by ``mask_flat`` (m_hat, plus a trailing 1).
+        With ``layout``, 4-D inputs and conv weights are put in that memory format (else each
+        conv keeps its weight's)."""
         handles = []
+        if layout is not None:
+            handles += _layout_hooks(self.modules, set(self.names), layout)
         kept: dict[int, torch.Tensor] = {}  # kept indices per distinct map, found once
 
         def kept_of(index_map: torch.Tensor | None) -> torch.Tensor | None:
@@ -121,7 +131,7 @@ class SlicedHardForward:
             module = self.modules[name]
             out_idx = kept_of(self.out_maps.get(name))
             in_idx = kept_of(self.in_maps.get(name))
-            tensors = _sliced_tensors(module, out_idx, in_idx)
+            tensors = _sliced_tensors(module, out_idx, in_idx, layout)
             multiplier = None
             if name in sites:
                 index, dim = sites[name]
@@ -150,6 +160,25 @@ class SlicedHardForward:
         finally:
             for h in handles:
                 h.remove()
+
+
+def _layout_hooks(modules: dict[str, nn.Module], sliced: set[str], layout) -> list:
+    """Put the model's 4-D inputs, and the weights of the 2-D convs that are not sliced, in
+    ``layout`` (a conv's output follows its input's and weight's format)."""
+
+    def convert(module, inputs):
+        return tuple(
+            x.contiguous(memory_format=layout) if torch.is_tensor(x) and x.dim() == 4 else x
+            for x in inputs
+        )
+
+    handles = [modules[""].register_forward_pre_hook(convert)]
+    for name, module in modules.items():
+        if name not in sliced and isinstance(module, nn.Conv2d):
+            weight = {"weight": module.weight.clone(memory_format=layout)}
+            pre, post = _swap_hooks(weight, None, None, None)
+            handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+    return handles
 
 
 def _nchw_norm_hooks(module: nn.Module, channels: int) -> list:
@@ -206,8 +235,9 @@ def _in_size(module: nn.Module) -> int:
     return module.in_features if isinstance(module, nn.Linear) else module.in_channels
 
 
-def _sliced_tensors(module, out_idx, in_idx) -> dict[str, torch.Tensor]:
-    """Parameters and buffers of ``module`` restricted to the kept channels."""
+def _sliced_tensors(module, out_idx, in_idx, layout=None) -> dict[str, torch.Tensor]:
+    """Parameters and buffers of ``module`` restricted to the kept channels (4-D weights in
+    ``layout``, default: the weight's own)."""
     tensors: dict[str, torch.Tensor] = {}
     if isinstance(module, _NORMS):
         if out_idx is None:
@@ -222,11 +252,14 @@ def _sliced_tensors(module, out_idx, in_idx) -> dict[str, torch.Tensor]:
         weight = weight.index_select(0, out_idx)
     if in_idx is not None:
         weight = weight.index_select(1, in_idx)
-    if weight.dim() == 4 and module.weight.is_contiguous(memory_format=torch.channels_last):
-        # keep the fast conv path; clone, not contiguous(): a depthwise weight (k, 1, h, w)
-        # counts as channels_last already, and its NCHW strides send oneDNN down a path
-        # ~100x slower on tiny feature maps (mobilenet_v3's 5x5 convs on 1x1 inputs)
-        weight = weight.clone(memory_format=torch.channels_last)
+    if weight.dim() == 4:
+        if layout is None:
+            channels_last = module.weight.is_contiguous(memory_format=torch.channels_last)
+            layout = torch.channels_last if channels_last else torch.contiguous_format
+        # clone, not contiguous(): a depthwise weight (k, 1, h, w) with NCHW strides counts
+        # as channels_last already, and those strides send oneDNN down a path ~100x slower
+        # on tiny feature maps (mobilenet_v3's 5x5 convs on 1x1 inputs)
+        weight = weight.clone(memory_format=layout)
     tensors["weight"] = weight
     if module.bias is not None and out_idx is not None:
         tensors["bias"] = module.bias.index_select(0, out_idx)
