@@ -8,7 +8,12 @@ turns within each of 5 rounds (medians of repeated timings after warm-up), and a
 median over rounds of its within-round value, so a machine whose speed drifts (a shared VM)
 skews both sides alike. ``phases_over_plain_step`` times the pieces of a step alone: soft
 forward(+backward), the mask-only backward G_s adds, the sliced hard pass, and the exported
-network's own training pass (the floor of the hard pass on this machine). Peak memory is
+network's own training pass (the floor of the hard pass on this machine). Two floors go with
+``step_ratio``: ``floor_step_ratio``, the sum of the irreducible phases measured here (soft pass,
+G_s's mask-only backward, the exported network's training pass), i.e. what a perfect
+implementation of the step would cost with this machine's kernels; and
+``flops_proportional_floor`` = 1 + 1/3 + rho, what it would cost if every kernel's time were
+proportional to its FLOPs. Peak memory is
 measured in fresh subprocesses (one per kind of step) as the rise of the resident set's
 high-water mark over its value after warm-up (Linux ``/proc/self/clear_refs``), or with
 ``torch.cuda.max_memory_allocated`` on CUDA.
@@ -41,7 +46,7 @@ IN_CHANS, SIZE, CLASSES = 1, 28, 10  # Fashion-MNIST geometry
 
 
 def setup(model_name: str, target: float, batch: int, device: torch.device, seed: int = 0,
-          width_step: int | None = None):
+          width_step: int | None = None, round_to: int | None = None):
     torch.manual_seed(seed)
     model = create_model(model_name, num_classes=CLASSES, in_chans=IN_CHANS).to(device)
     model = model.to(memory_format=torch.channels_last)
@@ -49,7 +54,7 @@ def setup(model_name: str, target: float, batch: int, device: torch.device, seed
     x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, CLASSES, (batch,), device=device)
     pruner = S2HPruner(model, x[:1], target_flops=target, width_step=width_step,
-                        separate_hard_bn_stats=True)
+                       round_to=round_to, separate_hard_bn_stats=True)
     project_to_budget(pruner, target, 0.005)  # time the search where it spends its epochs
     pruner.tune_hard_layout(x)  # as training does at every epoch's start (hard_layout=auto)
     cfg = RunConfig(model=model_name, target_flops=target, batch_size=batch)
@@ -177,7 +182,7 @@ def peak_memory(kind: str, args) -> float:
     """Peak extra memory (bytes) of ``kind`` steps ('plain' or 's2h') in this process."""
     device = torch.device(args.device)
     bench = setup(args.model, args.target_flops, args.batch_size, device,
-                  width_step=args.width_step)
+                  width_step=args.width_step, round_to=args.round_to)
     step = bench.plain_step if kind == "plain" else bench.s2h_step
     for _ in range(3):
         step()
@@ -216,6 +221,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=10, help="timed calls per round")
     parser.add_argument("--width-step", type=int, default=None,
                         help="candidate width step d (SPEC section 3; default: the pruner's)")
+    parser.add_argument("--round-to", type=int, default=None,
+                        help="kept widths are multiples of this (default: any candidate width)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--memory-only", choices=("plain", "s2h"), help=argparse.SUPPRESS)
@@ -226,7 +233,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     device = torch.device(args.device)
     bench = setup(args.model, args.target_flops, args.batch_size, device,
-                  width_step=args.width_step)
+                  width_step=args.width_step, round_to=args.round_to)
     model, pruner, x = bench.model, bench.pruner, bench.x
     times = interleaved({"plain": bench.plain_step, "s2h": bench.s2h_step,
                          "s2h_model_layout": bench.s2h_step_model_layout,
@@ -234,13 +241,18 @@ def main(argv: list[str] | None = None) -> dict:
     phase_times = interleaved({"plain": bench.plain_step, **bench.phases()}, args.repeats)
     phases = {k: ratio(phase_times, k, "plain") for k in phase_times if k != "plain"}
     phases["mask_backward"] = phases["soft_forward_mask_backward"] - phases["soft_forward"]
+    # what an ideal implementation of the step costs with this machine's kernels: the soft
+    # pass, G_s's mask-only backward, and the exported network's own training pass
+    floor = (phases["soft_forward_backward"] + phases["mask_backward"]
+             + phases["exported_forward_backward"])
     memory = {}
     for kind in ("plain", "s2h"):
         out = subprocess.run(
             [sys.executable, "-m", "benchmarks.speed", "--memory-only", kind, "--model",
              args.model, "--target-flops", str(args.target_flops), "--batch-size",
              str(args.batch_size), "--device", args.device]
-            + ([] if args.width_step is None else ["--width-step", str(args.width_step)]),
+            + ([] if args.width_step is None else ["--width-step", str(args.width_step)])
+            + ([] if args.round_to is None else ["--round-to", str(args.round_to)]),
             capture_output=True, text=True, check=True,
             # fixed malloc thresholds: freed activations leave the resident set at once, so
             # its high-water mark is the real peak (glibc's adaptive thresholds keep them)
@@ -258,11 +270,14 @@ def main(argv: list[str] | None = None) -> dict:
         "target_flops": args.target_flops,
         "batch_size": args.batch_size,
         "width_step": args.width_step,
+        "round_to": args.round_to,
         "device": str(device),
         "sliced_hard_forward": pruner.sliced_hard,
         "hard_layout": str(pruner.hard_layout).removeprefix("torch."),
         "step_ratio": ratio(times, "s2h", "plain"),
         "step_ratio_model_layout": ratio(times, "s2h_model_layout", "plain"),
+        "floor_step_ratio": floor,
+        "flops_proportional_floor": 1.0 + 1.0 / 3.0 + flops_ratio,
         "bookkeeping_share": ratio(times, "bookkeeping", "s2h"),
         "peak_mem_ratio": memory["s2h"] / memory["plain"],
         "latency_speedup_b1": speed["b1"],

@@ -160,6 +160,7 @@ def test_from_yaml_overrides_win_and_none_overrides_are_ignored(file_values, ove
         ({"model": 20}, "model"),
         ({"data_root": 3}, "data_root"),
         ({"width_step": 1.5}, "width_step"),
+        ({"round_to": "8"}, "round_to"),
         ({"ignored_layers": "conv1"}, "ignored_layers"),
         ({"ignored_layers": ["conv1", 2]}, "ignored_layers"),
         ({"model_kwargs": ["width", 4]}, "model_kwargs"),
@@ -235,3 +236,10 @@ def test_unknown_hard_layout_is_refused_with_the_choices():
     with pytest.raises(ConfigError, match="hard_layout must be one of auto, model, contiguous"):
         RunConfig(hard_layout="nhwc").validate()
     RunConfig(hard_layout="contiguous").validate()
+
+
+@pytest.mark.parametrize("key", ["width_step", "round_to"])
+def test_channel_steps_below_one_are_rejected(key):
+    with pytest.raises(ConfigError, match=key):
+        RunConfig(**{key: 0}).validate()
+    RunConfig(**{key: 8}).validate()

@@ -36,6 +36,24 @@ def test_relaxed_mask_properties(case):
 
 @settings(max_examples=150, deadline=None)
 @given(group_case())
+def test_relaxed_mask_by_index_equals_the_matrix_form(case):
+    """The pruner's gather form of w equals the SPEC's sum over kept candidates, and so does
+    its gradient."""
+    channels, _, cands, logits = case
+    logits = logits.clone().requires_grad_(True)
+    c = torch.tensor(cands, dtype=torch.float64)
+    p = M.width_probabilities(logits)
+    reference = M.relaxed_mask(p, M.keep_matrix(c, channels).double())
+    gathered = M.relaxed_mask_by_index(p, M.first_keeping(c, channels))
+    assert torch.allclose(gathered, reference, atol=1e-12)
+    weights = torch.linspace(-1, 1, channels, dtype=torch.float64)
+    (g_ref,) = torch.autograd.grad((reference * weights).sum(), logits, retain_graph=True)
+    (g_new,) = torch.autograd.grad((gathered * weights).sum(), logits)
+    assert torch.allclose(g_new, g_ref, atol=1e-12)
+
+
+@settings(max_examples=150, deadline=None)
+@given(group_case())
 def test_hard_width_is_smallest_candidate_at_least_expected(case):
     channels, step, cands, logits = case
     c = torch.tensor(cands, dtype=torch.float64)

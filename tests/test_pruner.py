@@ -60,12 +60,12 @@ def randomise_bn_stats(model: torch.nn.Module, seed: int) -> None:
             m.bias.data.copy_(torch.randn(m.bias.shape, generator=gen) * 0.2)
 
 
-def check_exact_and_flops(model, shape, seed=0, target=0.5):
+def check_exact_and_flops(model, shape, seed=0, target=0.5, round_to=None):
     torch.manual_seed(seed)
     randomise_bn_stats(model, seed)
     model.eval()
     x = torch.randn(*shape)
-    pruner = S2HPruner(model, x, target_flops=target)
+    pruner = S2HPruner(model, x, target_flops=target, round_to=round_to)
     randomise(pruner, seed)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad(), pruner.mode("hard"):
@@ -87,7 +87,13 @@ def check_exact_and_flops(model, shape, seed=0, target=0.5):
     assert float(pruner.flops("full")) == pytest.approx(count_flops(model, x), rel=0.01)
     assert float(pruner.params("hard")) == pytest.approx(count_params(exported), rel=0.01)
     kept = pruner.kept_widths()
-    assert all(w in g.candidates for g, w in zip(pruner.groups, kept.values(), strict=True))
+    expected = pruner.widths("soft").detach()
+    for g, w, e in zip(pruner.groups, kept.values(), expected.tolist(), strict=True):
+        if round_to is None:
+            assert w in g.candidates
+        else:  # the next multiple of round_to at or above E (or the full width)
+            assert w % round_to == 0 or w == g.channels, (g.name, w)
+            assert e - 1e-3 <= w < e + round_to or w == g.channels, (g.name, w, e)
     return pruner, exported
 
 
@@ -110,6 +116,33 @@ def test_torchvision_cnn_exact_export_and_flops(name):
         warnings.simplefilter("ignore")
         model = torchvision.models.get_model(name, weights=None, num_classes=10)
     check_exact_and_flops(model, (2, 3, 64, 64), seed=len(name))
+
+
+@pytest.mark.parametrize(
+    ("name", "round_to", "shape"),
+    [("resnet20", 8, (3, 1, 28, 28)), ("resnet56", 16, (2, 3, 32, 32)),
+     ("torchvision/mobilenet_v2", 8, (2, 3, 64, 64))],
+)
+def test_round_to_keeps_aligned_widths_and_stays_exact(name, round_to, shape):
+    """round_to snaps the hard widths up to multiples of m; the hard network is still
+    exactly the exported one and the FLOPs predictions still match the counter."""
+    model = create_model(name, num_classes=10, in_chans=shape[1])
+    pruner, exported = check_exact_and_flops(model, shape, seed=5, round_to=round_to)
+    convs = [m for m in exported.modules() if isinstance(m, torch.nn.Conv2d)]
+    full = {g.channels for g in pruner.groups}
+    assert any(c.out_channels not in full for c in convs), "nothing was pruned"
+
+
+def test_round_to_raises_the_reachable_minimum():
+    model = create_model("resnet20", num_classes=10, in_chans=1)
+    x = torch.randn(1, 1, 28, 28)
+    fine = S2HPruner(model, x, target_flops=0.5).min_flops_ratio()
+    coarse = S2HPruner(model, x, target_flops=0.5, round_to=16).min_flops_ratio()
+    assert coarse > fine
+    with pytest.raises(BudgetError, match="round_to"):
+        S2HPruner(model, x, target_flops=0.35, round_to=16)
+    with pytest.raises(ValueError, match="round_to"):
+        S2HPruner(model, x, target_flops=0.5, round_to=0)
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])

@@ -29,6 +29,8 @@ HELP = {
     "model_kwargs": "extra keyword arguments of the model factory (YAML mapping, config file only)",
     "width_step": "channel step d of every group (default: smallest divisor of the channel "
     "count giving at most 32 candidate widths)",
+    "round_to": "make every kept channel width a multiple of this (or the full width), e.g. 8 "
+    "or 16, so the pruned model runs at full kernel speed (default: any candidate width)",
     "ignored_layers": "module names whose output channels are never pruned (repeatable)",
     "epochs": "total training epochs (all phases; fractions allowed)",
     "warmup_epochs": "epochs of weight training with the width logits frozen at initialisation",

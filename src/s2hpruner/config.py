@@ -32,6 +32,7 @@ class RunConfig:
     method: str = "s2h"
     model_kwargs: dict = field(default_factory=dict)
     width_step: int | None = None
+    round_to: int | None = None  # kept widths are multiples of this (fast kernels), or full
     ignored_layers: list[str] = field(default_factory=list)
     # schedule: warm-up (u frozen at init), joint search, last phase (u frozen, hard trained)
     epochs: float = 4.0
@@ -103,6 +104,10 @@ class RunConfig:
             raise ConfigError(
                 f"val_size must be >= 0 (a count, or a fraction < 1), got {self.val_size}"
             )
+        for name in ("width_step", "round_to"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{name} must be >= 1 (or unset), got {value}")
         if self.hard_layout not in HARD_LAYOUTS:
             raise ConfigError(
                 f"hard_layout must be one of {', '.join(HARD_LAYOUTS)}, got {self.hard_layout!r}"

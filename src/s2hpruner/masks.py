@@ -29,6 +29,21 @@ def relaxed_mask(probs: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return (keep @ probs.unsqueeze(-1)).squeeze(-1)
 
 
+def first_keeping(candidates: torch.Tensor, channels: int) -> torch.Tensor:
+    """F[r] = index of the smallest candidate that keeps rank r (c_k > r), or K if none:
+    the number of candidates <= r, since candidates are sorted."""
+    ranks = torch.arange(channels, device=candidates.device)
+    return (candidates.unsqueeze(-2) <= ranks.unsqueeze(-1)).sum(-1)
+
+
+def relaxed_mask_by_index(probs: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+    """:func:`relaxed_mask` as a gather from the tail sums of p (w_r = sum_{k >= F[r]} p_k):
+    the same numbers in O(K + C) per group instead of a (C, K) matrix product."""
+    tails = probs.flip(-1).cumsum(-1).flip(-1)
+    tails = torch.cat([tails, tails.new_zeros(*tails.shape[:-1], 1)], dim=-1)
+    return tails.gather(-1, first)
+
+
 def expected_width(probs: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
     """E = sum_k p_k c_k, differentiable in the logits."""
     return (probs * candidates).sum(-1)

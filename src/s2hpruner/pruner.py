@@ -36,9 +36,16 @@ class WidthSearch(nn.Module):
     (padded candidates repeat the group's largest one and get probability 0): the widths and
     masks of all groups then take a handful of batched ops per step instead of a loop.
     Channels of all groups are also numbered in one flat index (group by group).
+
+    ``round_to`` m makes every hard width of a channel group a multiple of m (or the group's
+    full width): H is the smallest such width >= E, instead of the smallest candidate. The
+    search keeps its fine candidates; only the kept widths snap to what vector units and
+    tensor cores run at full speed (as torch-pruning's ``round_to``). Head groups keep theirs.
     """
 
-    def __init__(self, groups: list[ChannelGroup], temperature: float = 1.0):
+    def __init__(
+        self, groups: list[ChannelGroup], temperature: float = 1.0, round_to: int | None = None
+    ):
         super().__init__()
         self.temperature = temperature
         self.logits = nn.ParameterList(
@@ -50,14 +57,21 @@ class WidthSearch(nn.Module):
             [torch.tensor(g.candidates + g.candidates[-1:] * (n_cand - len(g.candidates)),
                           dtype=torch.float32) for g in groups]
         )  # fmt: skip
+        hard = [_hard_widths(g, round_to) for g in groups]
+        n_hard = max(len(h) for h in hard)
+        hard_candidates = torch.stack(
+            [torch.tensor(h + h[-1:] * (n_hard - len(h)), dtype=torch.float32) for h in hard]
+        )
         real = torch.stack([torch.arange(n_cand) < len(g.candidates) for g in groups])
-        keep = M.keep_matrix(candidates, n_chan) * real.unsqueeze(1)  # padding keeps nothing
+        first = M.first_keeping(candidates, n_chan)  # padding candidates have p = 0
         channels = torch.tensor([g.channels for g in groups])
         group_of = torch.repeat_interleave(torch.arange(len(groups)), channels)
         offsets = torch.cumsum(channels, 0) - channels
         self.register_buffer("candidates", candidates)  # (G, K)
+        # (G, K'): the widths H may take; derived from round_to, so not in the state dict
+        self.register_buffer("hard_candidates", hard_candidates, persistent=False)
         self.register_buffer("real_candidate", real)  # (G, K) bool
-        self.register_buffer("keep", keep)  # (G, C, K): candidate k keeps rank r
+        self.register_buffer("first", first, persistent=False)  # (G, C): see M.first_keeping
         self.register_buffer("group_of", group_of)  # flat channel -> group
         self.register_buffer("offsets", offsets)  # group -> its first flat channel
         self.register_buffer("ranks", torch.arange(len(group_of)) - offsets[group_of])  # flat
@@ -81,19 +95,27 @@ class WidthSearch(nn.Module):
 
     def hard_widths(self) -> torch.Tensor:
         """H_g for every group (straight-through gradient to E_g)."""
-        return M.hard_width(self.expected_widths(), self.candidates)
+        return M.hard_width(self.expected_widths(), self.hard_candidates)
 
     def flat_masks(self, mode: str) -> torch.Tensor:
         """The relaxed ("soft") or hard mask of every channel, in the flat channel index."""
         probs = self.probabilities()
-        relaxed = M.relaxed_mask(probs, self.keep)  # (G, C) by rank
+        relaxed = M.relaxed_mask_by_index(probs, self.first)  # (G, C) by rank
         if mode == "hard":
-            hard = M.hard_width(M.expected_width(probs, self.candidates), self.candidates)
+            hard = M.hard_width(M.expected_width(probs, self.candidates), self.hard_candidates)
             relaxed = M.hard_mask(relaxed, hard.detach().round())
         return relaxed.flatten()[self.group_of * relaxed.shape[1] + self.ranks]
 
     def __len__(self) -> int:
         return len(self.logits)
+
+
+def _hard_widths(group: ChannelGroup, round_to: int | None) -> list[int]:
+    """The widths a group's hard network may keep: its candidates, or with ``round_to`` m the
+    multiples of m below its full width, and the full width."""
+    if round_to is None or group.kind == "heads":
+        return list(group.candidates)
+    return list(range(round_to, group.channels, round_to)) + [group.channels]
 
 
 class S2HPruner:
@@ -104,6 +126,8 @@ class S2HPruner:
         example_inputs: a batch (or tuple of inputs) used to trace the model and count FLOPs.
         target_flops: the budget rho*, a fraction of the full model's FLOPs in (0, 1].
         width_step: channel step d of every group (default: smallest divisor with <= 32 widths).
+        round_to: make every kept (hard) width a multiple of this, or the group's full width
+            (e.g. 8 or 16 for fast kernels); the search itself keeps the step ``width_step``.
         ignored_layers: modules (or their names) whose output channels are never pruned; the
             classifier is always ignored.
         temperature: tau of p = softmax(u / tau); constant, never annealed.
@@ -120,6 +144,7 @@ class S2HPruner:
         example_inputs,
         target_flops: float = 0.35,
         width_step: int | None = None,
+        round_to: int | None = None,
         ignored_layers: Iterable[nn.Module | str] = (),
         temperature: float = 1.0,
         max_candidates: int = 32,
@@ -140,7 +165,10 @@ class S2HPruner:
                 f"{type(model).__name__} has no prunable channel group (every conv/linear is "
                 "ignored, fixed, or has a single candidate width); nothing to search"
             )
-        self.search = WidthSearch(self.groups, temperature)
+        if round_to is not None and round_to < 1:
+            raise ValueError(f"round_to must be >= 1 (or None), got {round_to}")
+        self.round_to = round_to
+        self.search = WidthSearch(self.groups, temperature, round_to)
         self.resources = ResourceModel(model, example_inputs, self.groups)
         self.freeze_ranks = False
         self._modules = dict(model.named_modules())
@@ -159,7 +187,7 @@ class S2HPruner:
             raise BudgetError(
                 f"target_flops={self.target_flops:g} is below the smallest FLOPs ratio this model "
                 f"can reach with its candidate widths ({minimum:.4f}); choose a target >= "
-                f"{minimum:.4f} or a smaller width_step"
+                f"{minimum:.4f} or a smaller width_step (or round_to)"
             )
 
     # ----------------------------------------------------------------- state
@@ -188,6 +216,7 @@ class S2HPruner:
             "freeze_ranks": self.freeze_ranks,
             "hard_bn_stats": self.hard_bn_stats,
             "groups": [(g.name, g.channels, g.candidates) for g in self.groups],
+            "round_to": self.round_to,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -195,7 +224,13 @@ class S2HPruner:
         theirs = [tuple(x) for x in state["groups"]]
         if [(n, c, list(k)) for n, c, k in theirs] != mine:
             raise ValueError("pruner state belongs to a model with other channel groups")
-        self.search.load_state_dict(state["search"])
+        if state.get("round_to") != self.round_to:
+            raise ValueError(
+                f"pruner state was saved with round_to={state.get('round_to')}, this pruner has "
+                f"round_to={self.round_to}"
+            )
+        search = {k: v for k, v in state["search"].items() if k != "keep"}  # pre-0.1.1 table
+        self.search.load_state_dict(search)
         self.freeze_ranks = state["freeze_ranks"]
         if state.get("hard_bn_stats") is not None:
             device = self.resources.channels.device
@@ -396,8 +431,9 @@ class S2HPruner:
         return self.resources.params(self.widths(mode))
 
     def min_flops_ratio(self) -> float:
-        """FLOPs ratio with every group at its smallest candidate width."""
-        smallest = self.search.candidates[:, 0]
+        """FLOPs ratio with every group at its smallest hard width (the smallest candidate,
+        rounded up to ``round_to``)."""
+        smallest = M.hard_width(self.search.candidates[:, 0], self.search.hard_candidates)
         return float(self.resources.flops(smallest) / self.resources.full_flops)
 
     def kept_widths(self) -> dict[str, int]:
