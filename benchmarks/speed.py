@@ -274,6 +274,7 @@ def main(argv: list[str] | None = None) -> dict:
         "device": str(device),
         "sliced_hard_forward": pruner.sliced_hard,
         "hard_layout": str(pruner.hard_layout).removeprefix("torch."),
+        "hard_nchw_norms": pruner.hard_nchw_norms,
         "step_ratio": ratio(times, "s2h", "plain"),
         "step_ratio_model_layout": ratio(times, "s2h_model_layout", "plain"),
         "floor_step_ratio": floor,

@@ -266,3 +266,20 @@ def test_hard_mask_sends_no_gradient_through_pruned_channels():
         out = model(x).sum()
     grads = torch.autograd.grad(out, pruner.mask_parameters(), allow_unused=True)
     assert any(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_importance_is_the_mean_l1_norm_over_the_groups_producers():
+    """SPEC section 2: a channel's importance is the L1 norm of its weights, averaged over
+    the group's producing layers (a residual group has several)."""
+    model = create_model("resnet20", num_classes=10, in_chans=1)
+    pruner = S2HPruner(model, torch.randn(1, 1, 28, 28), target_flops=0.5)
+    modules = dict(model.named_modules())
+    importance = pruner.importance().split(pruner.search.sizes)
+    assert max(len(g.producers) for g in pruner.groups) > 1
+    for g, got in zip(pruner.groups, importance, strict=True):
+        total = torch.zeros(g.channels)
+        for piece in g.producers:
+            weight = modules[piece.module_name].weight.detach()
+            l1 = weight.abs().sum(dim=tuple(range(1, weight.dim())))
+            total[torch.tensor(piece.root_idxs)] += l1[torch.tensor(piece.module_idxs)]
+        assert torch.allclose(got, total / len(g.producers), rtol=1e-5), g.name

@@ -27,6 +27,9 @@ CASES = [
      (6, 1, 28, 28)),
     ("mobilenet_v3_small_layout_channels_last", lambda: create_model("mobilenet_v3_small"),
      (4, 3, 32, 32)),
+    # hard_nchw_norms=False: narrow BatchNorms stay in channels_last (tune_hard_layout's third)
+    ("resnet20_channels_last+cl_norms", lambda: create_model("resnet20", in_chans=1),
+     (6, 1, 28, 28)),
 ]
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 
@@ -56,12 +59,14 @@ def test_sliced_equals_masked(name, factory, shape, train):
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
     x = torch.randn(*shape)
+    name, _, norms = name.partition("+")
     name, _, layout = name.partition("_layout_")
     if name.endswith("channels_last"):
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     pruner = S2HPruner(model, x[:1], target_flops=0.5, separate_hard_bn_stats=True)
     pruner.hard_layout = LAYOUTS.get(layout)
+    pruner.hard_nchw_norms = norms != "cl_norms"
     expected_layout = layout or ("channels_last" if name.endswith("channels_last") else None)
     assert pruner.sliced_hard, pruner.unsliceable
     with torch.no_grad():
@@ -153,22 +158,25 @@ def _pruner(model_name="resnet20"):
     return model, S2HPruner(model, x[:1], target_flops=0.35, separate_hard_bn_stats=True), x
 
 
-@pytest.mark.parametrize("faster", ["nchw", "channels_last"])
-def test_tune_hard_layout_keeps_the_faster_layout(monkeypatch, faster):
-    """The choice follows the timings: a fake clock makes one layout's passes cheaper."""
+@pytest.mark.parametrize(
+    ("faster", "nchw_norms"), [("nchw", True), ("channels_last", True), ("channels_last", False)]
+)
+def test_tune_hard_layout_keeps_the_faster_layout(monkeypatch, faster, nchw_norms):
+    """The choice follows the timings: a fake clock makes one variant's passes cheaper."""
     import s2hpruner.pruner as pruner_module
 
     model, pruner, x = _pruner()
-    cost = {LAYOUTS[faster]: 1.0}
+    pruner.hard_nchw_norms = not nchw_norms  # the tuning must set it either way
+    fastest = (LAYOUTS[faster], nchw_norms)
     clock = [0.0]
 
     def fake_clock():
-        clock[0] += cost.get(pruner.hard_layout, 3.0)
+        clock[0] += 1.0 if (pruner.hard_layout, pruner.hard_nchw_norms) == fastest else 3.0
         return clock[0]
 
     monkeypatch.setattr(pruner_module.time, "perf_counter", fake_clock)
     assert pruner.tune_hard_layout(x) == LAYOUTS[faster]
-    assert pruner.hard_layout == LAYOUTS[faster]
+    assert (pruner.hard_layout, pruner.hard_nchw_norms) == fastest
 
 
 def test_tune_hard_layout_has_no_side_effects():

@@ -67,9 +67,10 @@ HELP = {
     "device": "auto (cuda if available, else cpu), cpu, cuda or cuda:N",
     "workers": "data loader worker processes",
     "channels_last": "channels-last memory format for 4-D activations (faster convs on CPU)",
-    "hard_layout": "memory format of the sliced hard pass: auto (time both at every epoch's "
-                   "start, keep the faster; the model's own with --deterministic), model, "
-                   "contiguous (NCHW) or channels_last",
+    "hard_layout": "memory format of the sliced hard pass: auto (time NCHW, channels_last and "
+                   "channels_last with narrow BatchNorms in NCHW at every epoch's start, keep "
+                   "the fastest; the model's own with --deterministic), model, contiguous "
+                   "(NCHW) or channels_last",
     "out": "run directory for config, metrics, checkpoints, exported model, report and plots",
     "resume": "continue from OUT/checkpoints/last.pt",
     "overwrite": "allow replacing a finished run in OUT",

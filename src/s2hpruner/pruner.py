@@ -179,6 +179,7 @@ class S2HPruner:
         self._sliced = None if self.unsliceable else SlicedHardForward(self.groups, self._modules)
         self.sliced_hard = sliced_hard and self._sliced is not None
         self.hard_layout: torch.memory_format | None = None  # None: the model's own
+        self.hard_nchw_norms = True  # narrow channels_last BatchNorms train in NCHW (sliced.py)
         device = next(model.parameters()).device
         self.to(device)
         self.update_ranks(force=True)
@@ -271,7 +272,8 @@ class S2HPruner:
         norms: dict[str, torch.Tensor] = {}
         for name, _ in self._importance_index:
             if name not in norms:
-                norms[name] = self._modules[name].weight.detach().abs().flatten(1).sum(1)
+                weight = self._modules[name].weight.detach().flatten(1)
+                norms[name] = torch.linalg.vector_norm(weight, ord=1, dim=1)
         source = torch.cat([norms[name][index] for name, index in self._importance_index])
         total = torch.zeros_like(self._producer_count, dtype=source.dtype)
         return total.index_add_(0, self._importance_dest, source) / self._producer_count
@@ -330,7 +332,9 @@ class S2HPruner:
         try:
             if mode == "hard" and sliced:
                 keep = flat.detach() > 0.5
-                with self._sliced.apply(keep, flat, self._sites, self.hard_layout):
+                with self._sliced.apply(
+                    keep, flat, self._sites, self.hard_layout, self.hard_nchw_norms
+                ):
                     yield
             else:
                 handles = []
@@ -348,12 +352,13 @@ class S2HPruner:
     def tune_hard_layout(
         self, inputs: torch.Tensor, repeats: int = 3
     ) -> torch.memory_format | None:
-        """Time the sliced hard network's training pass (forward and backward) in NCHW and
-        in channels_last, and run ``mode("hard")`` in the faster one from now on, as
-        ``cudnn.benchmark`` does for conv algorithms. Which is faster depends on the kept
-        widths and the kernels: on CPU narrow dense convs are faster in NCHW, depthwise ones
-        in channels_last (``benchmarks/kernels.py``). Both compute the same network; weights,
-        gradients, BatchNorm statistics and the RNG are left as they were."""
+        """Time the sliced hard network's training pass (forward and backward) in NCHW, in
+        channels_last, and in channels_last with narrow BatchNorms left in channels_last too
+        (``hard_nchw_norms=False``), and run ``mode("hard")`` in the fastest from now on, as
+        ``cudnn.benchmark`` does for conv algorithms. Which is fastest depends on the kept
+        widths, the feature map sizes and the kernels (``benchmarks/kernels.py``). All compute
+        the same network; weights, gradients, BatchNorm statistics and the RNG are left as
+        they were. Returns the chosen layout."""
         if not self.sliced_hard or not torch.is_tensor(inputs) or inputs.dim() != 4:
             return self.hard_layout
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -375,25 +380,28 @@ class S2HPruner:
                 torch.cuda.synchronize(inputs.device)
             return time.perf_counter() - start
 
-        layouts = (torch.contiguous_format, torch.channels_last)
-        times: dict = {layout: [] for layout in layouts}
-        previous = self.hard_layout
+        # (layout, narrow BatchNorms in NCHW); the flag only matters for channels_last
+        variants = [(torch.contiguous_format, True), (torch.channels_last, True),
+                    (torch.channels_last, False)]
+        times: dict = {variant: [] for variant in variants}
+        previous = (self.hard_layout, self.hard_nchw_norms)
         try:
             with torch.random.fork_rng(devices=[inputs.device] if cuda else []):
                 for round_ in range(repeats + 1):  # the first round warms up
-                    for layout in layouts:  # interleaved: both see the same machine load
-                        self.hard_layout = layout
+                    for variant in variants:  # interleaved: all see the same machine load
+                        self.hard_layout, self.hard_nchw_norms = variant
                         elapsed = training_pass()
                         if round_:
-                            times[layout].append(elapsed)
+                            times[variant].append(elapsed)
         except BaseException:
-            self.hard_layout = previous
+            self.hard_layout, self.hard_nchw_norms = previous
             raise
         finally:
             with torch.no_grad():
                 for tensor, value in zip(stats, saved, strict=True):
                     tensor.copy_(value)
-        self.hard_layout = min(layouts, key=lambda layout: statistics.median(times[layout]))
+        best = min(variants, key=lambda variant: statistics.median(times[variant]))
+        self.hard_layout, self.hard_nchw_norms = best
         return self.hard_layout
 
     def _swap_bn_stats(self) -> None:

@@ -110,11 +110,13 @@ class SlicedHardForward:
         mask_flat: torch.Tensor,
         sites: dict[str, tuple[torch.Tensor, int]],
         layout: torch.memory_format | None = None,
+        nchw_norms: bool = True,
     ) -> Iterator[None]:
         """Run the model's layers sliced to ``keep_flat`` (bool per group channel, plus a
         trailing True), multiplying mask sites by ``mask_flat`` (m_hat, plus a trailing 1).
         With ``layout``, 4-D inputs and conv weights are put in that memory format (else each
-        conv keeps its weight's)."""
+        conv keeps its weight's). ``nchw_norms`` trains narrow channels_last BatchNorms in NCHW
+        (:func:`_nchw_norm_hooks`)."""
         handles = []
         if layout is not None:
             handles += _layout_hooks(self.modules, set(self.names), layout)
@@ -145,7 +147,7 @@ class SlicedHardForward:
             pre, post = _swap_hooks(tensors, groups, out_idx, multiplier)
             handles.append(module.register_forward_pre_hook(pre))
             handles.append(module.register_forward_hook(post))
-            if isinstance(module, nn.BatchNorm2d) and out_idx is not None:
+            if nchw_norms and isinstance(module, nn.BatchNorm2d) and out_idx is not None:
                 handles += _nchw_norm_hooks(module, len(out_idx))
         for name, offset, channels in self.heads:
             kept = torch.nonzero(keep_flat[offset : offset + channels]).flatten()
@@ -187,7 +189,9 @@ def _nchw_norm_hooks(module: nn.Module, channels: int) -> list:
     PyTorch's channels_last CPU BatchNorm is vectorised over blocks of 16 channels; at the odd
     kept widths of a sliced layer its training forward and backward are 2-4 times slower than
     the NCHW kernel, even with the two layout copies (``benchmarks/kernels.py``). Same maths,
-    another kernel; nothing changes for widths that are multiples of 16, eval mode or CUDA."""
+    another kernel; nothing changes for widths that are multiples of 16, eval mode or CUDA.
+    On small feature maps the copies cost more than they save (mobilenet_v3 on 28x28 inputs),
+    so the pruner times the hard pass with and without it (``tune_hard_layout``)."""
     if channels % 16 == 0:
         return []
     converted = []

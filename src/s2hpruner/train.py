@@ -121,8 +121,9 @@ def compute_gradients(
         gap_hard = kl(soft.detach(), hard)  # G_h: weights via the hard net, u via m_hat
         gap_soft = kl(soft, hard.detach())  # G_s: u only, via the soft mask (decoupled)
         gap_to_masks = [] if cfg.method == "s2h-no-gap-on-mask" else masks
-        grads.add("task", task, weights, masks, retain_graph=True)
+        # G_h's backward first: it frees the hard graph before the two soft backwards
         grads.add("gap_hard", cfg.alpha * gap_hard, weights, gap_to_masks)
+        grads.add("task", task, weights, masks, retain_graph=cfg.method != "s2h-no-gs")
         if cfg.method != "s2h-no-gs":
             gap_soft_to_weights = weights if cfg.method == "s2h-coupled" else []
             grads.add("gap_soft", gap_soft, gap_soft_to_weights, gap_to_masks)

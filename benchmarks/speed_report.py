@@ -1,0 +1,94 @@
+"""Table and picture of the speed results: where an S2HPruner step's time goes, per model.
+
+    python -m benchmarks.speed_report benchmarks/results/speed_*.json \
+        --png benchmarks/results/speed.png
+
+Reads the JSON files written by ``benchmarks.speed`` and prints a Markdown table; the PNG shows,
+per run, the step split into its phases (soft pass, G_s's mask-only backward, sliced hard pass,
+the rest) next to this machine's floor and the FLOPs-proportional floor, all in plain steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+COLUMNS = ("run", "FLOPs ratio", "step_ratio", "floor here", "FLOPs-prop. floor",
+           "bookkeeping", "peak mem", "latency b1", "latency b64", "0.7/rho")
+
+
+def label(result: dict) -> str:
+    name = result["model"]
+    if result.get("round_to"):
+        name += f", round_to {result['round_to']}"
+    if result["machine"]["threads"] == 1:
+        name += ", 1 thread"
+    return name
+
+
+def row(result: dict) -> list[str]:
+    rho = result["flops_ratio"]
+    return [label(result), f"{rho:.3f}", f"{result['step_ratio']:.2f}",
+            f"{result['floor_step_ratio']:.2f}", f"{result['flops_proportional_floor']:.2f}",
+            f"{100 * result['bookkeeping_share']:.1f}%", f"{result['peak_mem_ratio']:.2f}",
+            f"{result['latency_speedup_b1']:.2f}x", f"{result['latency_speedup_b64']:.2f}x",
+            f"{0.7 / rho:.2f}x"]
+
+
+def table(results: list[dict]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(row(r)) + " |" for r in results]
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(1.9 * len(results) + 2, 4.2))
+    parts = [("soft pass", "soft_forward_backward", "#4c72b0"),
+             ("G_s mask backward", "mask_backward", "#55a868"),
+             ("sliced hard pass", "hard_forward_backward", "#c44e52")]
+    for i, r in enumerate(results):
+        phases, bottom = r["phases_over_plain_step"], 0.0
+        for name, key, color in parts:
+            ax.bar(i, phases[key], bottom=bottom, color=color, label=name if i == 0 else None)
+            bottom += phases[key]
+        rest = max(0.0, r["step_ratio"] - bottom)
+        ax.bar(i, rest, bottom=bottom, color="#999999", label="rest" if i == 0 else None)
+        ax.hlines(r["floor_step_ratio"], i - 0.45, i + 0.45, colors="black",
+                  label="floor with this machine's kernels" if i == 0 else None)
+        ax.hlines(r["flops_proportional_floor"], i - 0.45, i + 0.45, colors="black",
+                  linestyles="dashed", label="FLOPs-proportional floor" if i == 0 else None)
+        ax.text(i, max(bottom + rest, r["floor_step_ratio"]) + 0.05, f"{r['step_ratio']:.2f}",
+                ha="center")
+    ax.set_xticks(range(len(results)), [label(r).replace(", ", "\n") for r in results])
+    ax.set_ylabel("time / plain training step")
+    ax.set_title("S2HPruner step at 35% FLOPs, batch 128 (medians of interleaved rounds)")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("json", nargs="+", help="files written by benchmarks.speed")
+    parser.add_argument("--png", help="write the picture here")
+    args = parser.parse_args(argv)
+    results = [json.loads(Path(p).read_text()) for p in args.json]
+    text = table(results)
+    print(text)
+    if args.png:
+        plot(results, args.png)
+    return text
+
+
+if __name__ == "__main__":
+    main()
