@@ -8,12 +8,8 @@ turns within each of 5 rounds (medians of repeated timings after warm-up), and a
 median over rounds of its within-round value, so a machine whose speed drifts (a shared VM)
 skews both sides alike. ``phases_over_plain_step`` times the pieces of a step alone: soft
 forward(+backward), the mask-only backward G_s adds, the sliced hard pass, and the exported
-network's own training pass (the floor of the hard pass on this machine). Two floors go with
-``step_ratio``: ``floor_step_ratio``, the sum of the irreducible phases measured here (soft pass,
-G_s's mask-only backward, the exported network's training pass), i.e. what a perfect
-implementation of the step would cost with this machine's kernels; and
-``flops_proportional_floor`` = 1 + 1/3 + rho, what it would cost if every kernel's time were
-proportional to its FLOPs. Peak memory is
+network's own training pass (the floor of the hard pass on this machine); ``speed_report``
+turns them into floors for the step. Peak memory is
 measured in fresh subprocesses (one per kind of step) as the rise of the resident set's
 high-water mark over its value after warm-up (Linux ``/proc/self/clear_refs``), or with
 ``torch.cuda.max_memory_allocated`` on CUDA.
@@ -241,10 +237,6 @@ def main(argv: list[str] | None = None) -> dict:
     phase_times = interleaved({"plain": bench.plain_step, **bench.phases()}, args.repeats)
     phases = {k: ratio(phase_times, k, "plain") for k in phase_times if k != "plain"}
     phases["mask_backward"] = phases["soft_forward_mask_backward"] - phases["soft_forward"]
-    # what an ideal implementation of the step costs with this machine's kernels: the soft
-    # pass, G_s's mask-only backward, and the exported network's own training pass
-    floor = (phases["soft_forward_backward"] + phases["mask_backward"]
-             + phases["exported_forward_backward"])
     memory = {}
     for kind in ("plain", "s2h"):
         out = subprocess.run(
@@ -277,8 +269,6 @@ def main(argv: list[str] | None = None) -> dict:
         "hard_nchw_norms": pruner.hard_nchw_norms,
         "step_ratio": ratio(times, "s2h", "plain"),
         "step_ratio_model_layout": ratio(times, "s2h_model_layout", "plain"),
-        "floor_step_ratio": floor,
-        "flops_proportional_floor": 1.0 + 1.0 / 3.0 + flops_ratio,
         "bookkeeping_share": ratio(times, "bookkeeping", "s2h"),
         "peak_mem_ratio": memory["s2h"] / memory["plain"],
         "latency_speedup_b1": speed["b1"],
