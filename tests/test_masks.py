@@ -68,6 +68,22 @@ def test_hard_width_is_smallest_candidate_at_least_expected(case):
         assert float(h) == float(expected)
 
 
+@settings(max_examples=150, deadline=None)
+@given(st.integers(1, 96), st.integers(1, 16), st.floats(0.5, 96.0))
+def test_nearest_width_is_the_closest_aligned_width(channels, multiple, expected):
+    """round_to's H: the closest of m, 2m, ... and C to E (ties up), gradient straight through."""
+    widths = list(range(multiple, channels, multiple)) + [channels]
+    e = torch.tensor(min(expected, float(channels)), dtype=torch.float64, requires_grad=True)
+    h = M.nearest_width(e, torch.tensor(widths, dtype=torch.float64))
+    assert float(h) in widths
+    best = min(abs(w - float(e)) for w in widths)
+    assert abs(float(h) - float(e)) == best
+    if sum(abs(w - float(e)) == best for w in widths) > 1:
+        assert float(h) > float(e), "ties go up"
+    (grad,) = torch.autograd.grad(h, e)
+    assert float(grad) == 1.0
+
+
 def test_hard_width_straight_through_gradient():
     c = torch.tensor([2.0, 4.0, 6.0, 8.0])
     logits = torch.tensor([0.1, -0.3, 0.5, 1.0], requires_grad=True)

@@ -91,9 +91,9 @@ def check_exact_and_flops(model, shape, seed=0, target=0.5, round_to=None):
     for g, w, e in zip(pruner.groups, kept.values(), expected.tolist(), strict=True):
         if round_to is None:
             assert w in g.candidates
-        else:  # the next multiple of round_to at or above E (or the full width)
+        else:  # the multiple of round_to nearest to E (or the full width)
             assert w % round_to == 0 or w == g.channels, (g.name, w)
-            assert e - 1e-3 <= w < e + round_to or w == g.channels, (g.name, w, e)
+            assert abs(w - e) <= round_to / 2 + 1e-3 or (w == round_to and e < w), (g.name, w, e)
     return pruner, exported
 
 

@@ -62,6 +62,20 @@ def hard_width(expected: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor
     return expected + (rounded - expected).detach()
 
 
+def nearest_width(expected: torch.Tensor, widths: torch.Tensor) -> torch.Tensor:
+    """The width in ``widths`` (sorted) closest to E, ties going up, with a straight-through
+    gradient. Used for hardware-aligned widths (``round_to``), where rounding up as
+    :func:`hard_width` does would add up to m - 1 channels to every group."""
+    above = torch.searchsorted(widths, expected.detach().unsqueeze(-1))
+    above = above.clamp(max=widths.shape[-1] - 1)
+    below = (above - 1).clamp(min=0)
+    up = widths.gather(-1, above).squeeze(-1).to(expected.dtype)
+    down = widths.gather(-1, below).squeeze(-1).to(expected.dtype)
+    e = expected.detach()
+    rounded = torch.where((e - down < up - e) & (down <= e), down, up)
+    return expected + (rounded - expected).detach()
+
+
 def hard_mask(relaxed: torch.Tensor, kept: int | torch.Tensor) -> torch.Tensor:
     """m_hat = m * (1 + w - stopgrad(w)): value m (1 for the first ``kept`` ranks, else 0),
     gradient w.r.t. the logits only through kept channels."""

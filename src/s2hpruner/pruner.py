@@ -38,9 +38,11 @@ class WidthSearch(nn.Module):
     Channels of all groups are also numbered in one flat index (group by group).
 
     ``round_to`` m makes every hard width of a channel group a multiple of m (or the group's
-    full width): H is the smallest such width >= E, instead of the smallest candidate. The
-    search keeps its fine candidates; only the kept widths snap to what vector units and
-    tensor cores run at full speed (as torch-pruning's ``round_to``). Head groups keep theirs.
+    full width): H is the such width nearest to E (rounding up, as the SPEC's H does for the
+    fine candidates, would make the hard network up to m - 1 channels a group wider than the
+    soft one). The search keeps its fine candidates; only the kept widths snap to what vector
+    units and tensor cores run at full speed (as torch-pruning's ``round_to``). Head groups
+    keep theirs.
     """
 
     def __init__(
@@ -68,8 +70,11 @@ class WidthSearch(nn.Module):
         group_of = torch.repeat_interleave(torch.arange(len(groups)), channels)
         offsets = torch.cumsum(channels, 0) - channels
         self.register_buffer("candidates", candidates)  # (G, K)
-        # (G, K'): the widths H may take; derived from round_to, so not in the state dict
+        # (G, K'): the widths H may take, and whether H rounds to the nearest of them (round_to)
+        # or up (SPEC); derived from round_to, so not in the state dict
         self.register_buffer("hard_candidates", hard_candidates, persistent=False)
+        nearest = [round_to is not None and g.kind != "heads" for g in groups]
+        self.register_buffer("nearest", torch.tensor(nearest), persistent=False)
         self.register_buffer("real_candidate", real)  # (G, K) bool
         self.register_buffer("first", first, persistent=False)  # (G, C): see M.first_keeping
         self.register_buffer("group_of", group_of)  # flat channel -> group
@@ -95,14 +100,22 @@ class WidthSearch(nn.Module):
 
     def hard_widths(self) -> torch.Tensor:
         """H_g for every group (straight-through gradient to E_g)."""
-        return M.hard_width(self.expected_widths(), self.hard_candidates)
+        return self.hard_widths_of(self.expected_widths())
+
+    def hard_widths_of(self, expected: torch.Tensor) -> torch.Tensor:
+        """H for given expected widths: the SPEC's d * ceil(E / d), or the nearest multiple
+        of round_to for the groups it applies to (both straight-through)."""
+        ceil = M.hard_width(expected, self.hard_candidates)
+        if not self.nearest.any():
+            return ceil
+        return torch.where(self.nearest, M.nearest_width(expected, self.hard_candidates), ceil)
 
     def flat_masks(self, mode: str) -> torch.Tensor:
         """The relaxed ("soft") or hard mask of every channel, in the flat channel index."""
         probs = self.probabilities()
         relaxed = M.relaxed_mask_by_index(probs, self.first)  # (G, C) by rank
         if mode == "hard":
-            hard = M.hard_width(M.expected_width(probs, self.candidates), self.hard_candidates)
+            hard = self.hard_widths_of(M.expected_width(probs, self.candidates))
             relaxed = M.hard_mask(relaxed, hard.detach().round())
         return relaxed.flatten()[self.group_of * relaxed.shape[1] + self.ranks]
 
@@ -439,8 +452,8 @@ class S2HPruner:
 
     def min_flops_ratio(self) -> float:
         """FLOPs ratio with every group at its smallest hard width (the smallest candidate,
-        rounded up to ``round_to``)."""
-        smallest = M.hard_width(self.search.candidates[:, 0], self.search.hard_candidates)
+        rounded to ``round_to``)."""
+        smallest = self.search.hard_widths_of(self.search.candidates[:, 0])
         return float(self.resources.flops(smallest) / self.resources.full_flops)
 
     def kept_widths(self) -> dict[str, int]:
