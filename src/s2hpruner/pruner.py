@@ -75,6 +75,7 @@ class WidthSearch(nn.Module):
         self.register_buffer("hard_candidates", hard_candidates, persistent=False)
         nearest = [round_to is not None and g.kind != "heads" for g in groups]
         self.register_buffer("nearest", torch.tensor(nearest), persistent=False)
+        self.any_nearest = any(nearest)  # a Python bool: no device sync on the hot path
         self.register_buffer("real_candidate", real)  # (G, K) bool
         self.register_buffer("first", first, persistent=False)  # (G, C): see M.first_keeping
         self.register_buffer("group_of", group_of)  # flat channel -> group
@@ -106,7 +107,7 @@ class WidthSearch(nn.Module):
         """H for given expected widths: the SPEC's d * ceil(E / d), or the nearest multiple
         of round_to for the groups it applies to (both straight-through)."""
         ceil = M.hard_width(expected, self.hard_candidates)
-        if not self.nearest.any():
+        if not self.any_nearest:
             return ceil
         return torch.where(self.nearest, M.nearest_width(expected, self.hard_candidates), ceil)
 
