@@ -1,10 +1,13 @@
 """Baselines that end, like S2HPruner, with a physically pruned model at a FLOPs target.
 
 Every baseline trains with the recipe of s2hpruner's own runs, read from the same
-:class:`~s2hpruner.config.RunConfig`: SGD with Nesterov momentum, weight decay on weights only,
-a cosine learning rate over each training stage, the same batch size, data splits,
-augmentation, batch order (:class:`~s2hpruner.run.EpochSampler`) and initial weights. So a
-difference in accuracy comes from the method, not from the training. All of them train for
+:class:`~s2hpruner.app.config.RunConfig` and built by the same code
+(:func:`s2hpruner.app.optim.build_weight_optimizer`: SGD with Nesterov momentum or AdamW,
+weight decay on weights only, a cosine learning rate, here over each training stage), with the
+same batch size, data splits, augmentation, batch order
+(:class:`~s2hpruner.app.sampling.EpochSampler`) and initial weights
+(:func:`s2hpruner.app.run.build_model`). So a difference in accuracy comes from the method,
+not from the training. All of them train for
 ``cfg.epochs`` epochs in total:
 
 * ``l1``: train the full model for the whole budget, prune it by global L1 magnitude to the
@@ -25,6 +28,7 @@ model with that ratio.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
 import math
 import os
@@ -44,12 +48,14 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from s2hpruner import S2HPruner, count_flops, count_params
-from s2hpruner.config import RunConfig
-from s2hpruner.data import DataSplits
-from s2hpruner.groups import build_graph, classifier_layers
-from s2hpruner.models import create_model
-from s2hpruner.run import EpochSampler, build_splits, seed_everything
-from s2hpruner.train import evaluate, project_to_budget
+from s2hpruner.app import run as app_run
+from s2hpruner.app.checkpoint import seed_everything
+from s2hpruner.app.config import RunConfig
+from s2hpruner.app.data import DataSplits
+from s2hpruner.app.optim import build_weight_optimizer
+from s2hpruner.app.sampling import EpochSampler
+from s2hpruner.core.structure import build_graph, classifier_layers
+from s2hpruner.core.trainer import evaluate, project_to_budget
 
 BASELINES = ("l1", "l1-ft", "group-sl", "random")
 
@@ -91,8 +97,8 @@ def pick_device(name: str) -> torch.device:
 
 
 def load_data(cfg: RunConfig, device: torch.device) -> Data:
-    """The same splits and batch order as ``s2hpruner.run.prune`` builds for ``cfg``."""
-    splits = build_splits(cfg)
+    """The same splits and batch order as ``s2hpruner.app.run.prune`` builds for ``cfg``."""
+    splits = app_run.build_splits(cfg)
     sampler = EpochSampler(len(splits.train), cfg.seed, cfg.batch_size)
     loader = DataLoader(
         splits.train,
@@ -111,44 +117,25 @@ def load_data(cfg: RunConfig, device: torch.device) -> Data:
 
 
 def build_model(cfg: RunConfig, data: Data) -> nn.Module:
-    """The model with the initial weights S2HPruner's run of the same seed starts from."""
-    spec = data.splits.spec
-    model = create_model(
-        cfg.model, num_classes=spec.num_classes, in_chans=spec.in_chans, **cfg.model_kwargs
-    ).to(data.device)
-    return _memory_format(model, cfg)
+    """The model with the initial weights S2HPruner's run of the same seed starts from (built
+    by the run's own code: ``--init``/``--pretrained`` and ``channels_last`` included)."""
+    return app_run.build_model(cfg, data.splits.spec, data.device)
+
+
+def flops_target(cfg: RunConfig) -> float:
+    """The FLOPs budget of ``cfg`` (the run's default when none is given); the baselines
+    prune to FLOPs only."""
+    budgets = cfg.budgets()
+    if set(budgets) != {"flops"}:
+        raise ValueError(
+            f"the baselines prune to a FLOPs target only; this config has budgets {budgets}"
+        )
+    return budgets["flops"]
 
 
 def _memory_format(model: nn.Module, cfg: RunConfig) -> nn.Module:
     # torch-pruning builds new parameters when it prunes, so this is re-applied after pruning
     return model.to(memory_format=torch.channels_last) if cfg.channels_last else model
-
-
-def sgd(
-    model: nn.Module, cfg: RunConfig, steps: int, weight_decay: float | None = None
-) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    """s2hpruner's weight optimizer (decay on weights, none on biases and norms), with its
-    cosine schedule stretched over ``steps``: one training stage."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = cfg.weight_decay if weight_decay is None else weight_decay
-    optimizer = torch.optim.SGD(
-        [
-            {"params": [p for p in params if p.dim() > 1], "weight_decay": decay},
-            {"params": [p for p in params if p.dim() <= 1], "weight_decay": 0.0},
-        ],
-        lr=cfg.lr,
-        momentum=cfg.momentum,
-        nesterov=cfg.nesterov and cfg.momentum > 0,
-    )
-    warmup = cfg.lr_warmup_steps
-
-    def cosine(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        t = (step - warmup) / max(1, steps - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
-
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
 
 
 def train(
@@ -167,7 +154,10 @@ def train(
     stages sees the same batches as one trained in a single stage. ``after_backward`` runs
     between ``backward()`` and the optimizer step (where Group-SL adds its regulariser).
     """
-    optimizer, schedule = sgd(model, cfg, steps, weight_decay)
+    if weight_decay is not None:  # a stage with its own decay (Group-SL's sparse training)
+        cfg = dataclasses.replace(cfg, weight_decay=weight_decay)
+    # s2hpruner's weight optimizer and schedule, the cosine stretched over this stage
+    optimizer, schedule = build_weight_optimizer(model, cfg, steps)
     model.train()
     step, end, seconds = first_step, first_step + steps, 0.0
     bar = tqdm(total=steps, desc=desc, leave=False, disable=not cfg.progress, dynamic_ncols=True)
@@ -310,9 +300,9 @@ def random_architecture(
 ) -> tuple[nn.Module, int]:
     """A physically pruned copy of ``model`` with random widths at ``target`` FLOPs.
 
-    Random width logits, moved by ``project_to_budget`` until the hard FLOPs meet the target,
-    then exported: the kept channels keep their (random) initial weights. Returns the model and
-    the projection steps taken.
+    Random width logits, moved by ``project_to_budget`` until the hard FLOPs meet the pruner's
+    target, then exported: the kept channels keep their (random) initial weights. Returns the
+    model and the projection steps taken.
     """
     pruner = S2HPruner(model, example, target_flops=target)
     generator = torch.Generator().manual_seed(10_007 * seed + 1)  # leaves torch's RNG alone
@@ -320,7 +310,7 @@ def random_architecture(
         for logits in pruner.mask_parameters():
             noise = torch.randn(logits.shape, generator=generator) * logit_std
             logits.copy_(noise.to(logits.device))
-    steps = project_to_budget(pruner, target, tolerance=0.004)
+    steps = project_to_budget(pruner, tolerance=0.004)
     if abs(pruner.ratio("hard") - target) > 0.004:
         warnings.warn(
             f"random widths reach FLOPs {pruner.ratio('hard'):.4f}, not {target}", stacklevel=2
@@ -360,10 +350,11 @@ def run_baseline(
     if method not in BASELINES:
         raise ValueError(f"unknown baseline {method!r}; choose one of {', '.join(BASELINES)}")
     device = pick_device(cfg.device)
-    seed_everything(cfg.seed)  # the same order of seeding and building as s2hpruner.run
+    seed_everything(cfg.seed)  # the same order of seeding and building as s2hpruner.app.run
     data = load_data(cfg, device)
     model = build_model(cfg, data)
     example = data.example
+    target = flops_target(cfg)
     full_flops, full_params = count_flops(model, example), count_params(model)
     total = max(1, round(cfg.epochs * data.steps_per_epoch))
     eval_loader = partial(DataLoader, batch_size=cfg.eval_batch_size, num_workers=cfg.workers)
@@ -391,7 +382,7 @@ def run_baseline(
 
     if method == "random":
         model, projection_steps = random_architecture(
-            model, example, cfg.target_flops, cfg.seed, options.random_logit_std
+            model, example, target, cfg.seed, options.random_logit_std
         )
         model = _memory_format(model, cfg)
         record["projection_steps"] = projection_steps
@@ -419,7 +410,7 @@ def run_baseline(
             del sparse  # its dependency graph describes the unpruned model
         record["top1_dense"] = test("test dense")
         found = prune_to_flops(
-            model, example, factory, cfg.target_flops, options.flops_tolerance, options.max_probes
+            model, example, factory, target, options.flops_tolerance, options.max_probes
         )
         record.update(found)
         model = _memory_format(model, cfg)
@@ -440,7 +431,7 @@ def run_baseline(
         "method": method,
         "model": cfg.model,
         "dataset": cfg.dataset,
-        "target_flops": cfg.target_flops,
+        "target_flops": target,
         "seed": cfg.seed,
         "epochs": cfg.epochs,
         "top1_soft": None,

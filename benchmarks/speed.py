@@ -33,10 +33,12 @@ import torch
 import torch.nn.functional as F
 
 from s2hpruner import S2HPruner, count_flops
-from s2hpruner.config import RunConfig
-from s2hpruner.measure import latency_speedup, memory_format_of
-from s2hpruner.models import create_model
-from s2hpruner.train import build_optimizers, project_to_budget, train_step
+from s2hpruner.app.config import RunConfig
+from s2hpruner.app.models import create_model
+from s2hpruner.app.run import build_trainer
+from s2hpruner.core.layout import tune_hard_layout
+from s2hpruner.core.measure import latency_speedup, memory_format_of
+from s2hpruner.core.trainer import project_to_budget
 
 IN_CHANS, SIZE, CLASSES = 1, 28, 10  # Fashion-MNIST geometry
 
@@ -51,11 +53,13 @@ def setup(model_name: str, target: float, batch: int, device: torch.device, seed
     y = torch.randint(0, CLASSES, (batch,), device=device)
     pruner = S2HPruner(model, x[:1], target_flops=target, width_step=width_step,
                        round_to=round_to, separate_hard_bn_stats=True)
-    project_to_budget(pruner, target, 0.005)  # time the search where it spends its epochs
-    pruner.tune_hard_layout(x)  # as training does at every epoch's start (hard_layout=auto)
-    cfg = RunConfig(model=model_name, target_flops=target, batch_size=batch)
-    opt = build_optimizers(model, pruner, cfg, total_steps=10_000)
-    for group in opt.masks.param_groups:  # time full steps, but keep the widths at the budget
+    project_to_budget(pruner, 0.005)  # time the search where it spends its epochs
+    tune_hard_layout(pruner, x)  # as training does at every epoch's start (hard_layout=auto)
+    # the run's trainer, in the joint search phase for every step timed here
+    cfg = RunConfig(model=model_name, target_flops=target, batch_size=batch, warmup=0.0,
+                    freeze=0.0)  # fmt: skip
+    trainer, schedule = build_trainer(cfg, model, pruner, total_steps=10_000)
+    for group in trainer.mask_optimizer.param_groups:  # full steps, widths kept at the budget
         group["lr"] = 0.0
     plain_opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
 
@@ -65,7 +69,8 @@ def setup(model_name: str, target: float, batch: int, device: torch.device, seed
         plain_opt.step()
 
     def s2h_step():
-        train_step(model, pruner, x, y, opt, cfg, "joint")
+        trainer.step(x, y)  # both forwards, the four losses, both optimizer steps
+        schedule.step()  # as the run's loop does after every step
 
     def s2h_step_model_layout():
         """The same step with the hard pass in the model's layout (hard_layout=model)."""
@@ -81,12 +86,13 @@ def setup(model_name: str, target: float, batch: int, device: torch.device, seed
         soft = pruner.flat_masks("soft")
         hard = pruner.flat_masks("hard")
         if pruner.sliced_hard:
-            with pruner._sliced.apply(hard.detach() > 0.5, hard, pruner._sites):
+            with pruner._sliced.apply(hard.detach() > 0.5, hard, pruner.hard_layout,
+                                      pruner.hard_nchw_norms):  # fmt: skip
                 pass
-        ratio = pruner.flops_ratio(cfg.resource_on)
-        torch.autograd.grad((ratio - target) ** 2 + soft.sum() * 0 + hard.sum() * 0,
+        resource = pruner.resource_loss(cfg.resource_on)
+        torch.autograd.grad(resource + soft.sum() * 0 + hard.sum() * 0,
                             pruner.mask_parameters(), allow_unused=True)
-        pruner.ratio("hard")
+        float(pruner.budget_excess("hard").detach())  # the balancer's update
 
     return Bench(model, pruner, x, y, plain_step, s2h_step, s2h_step_model_layout, bookkeeping)
 

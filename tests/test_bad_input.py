@@ -16,10 +16,10 @@ import torch
 from fabricate import learnable_fashion_mnist
 from torch import nn
 
-import s2hpruner.run as run
 from s2hpruner import S2HPruner
-from s2hpruner.cli import main
-from s2hpruner.models import MODELS, create_model
+from s2hpruner.app.cli import main
+from s2hpruner.app.models import MODELS, create_model
+from s2hpruner.core.trainer import S2HTrainer
 
 TINY = ["--epochs", "1", "--freeze-epochs", "0.5", "--batch-size", "50", "--train-subset",
         "200", "--val-size", "100", "--latency-repeats", "1", "--no-progress",
@@ -144,18 +144,21 @@ def test_data_root_missing_files_names_exactly_those(setup, tmp_path, capsys):
 
 
 @pytest.mark.parametrize(
-    ("args", "message"),
+    ("args", "messages"),
     [
-        (["--val-size", "1000"], "val_size=1000 images must be in [0, 600)"),
-        (["--train-subset", "0"], "train_subset must be >= 1"),
-        (["--val-size", "-1"], "val_size must be >= 0"),
+        # the setting, its value and what the data set has
+        (["--val-size", "1000"], ["val_size=1000", "1000 images", "only 600 training images"]),
+        (["--train-subset", "0"], ["train_subset must be >= 1"]),
+        (["--val-size", "-1"], ["val_size must be >= 0"]),
     ],
 )
-def test_split_sizes_that_do_not_fit(setup, capsys, args, message):
+def test_split_sizes_that_do_not_fit(setup, capsys, args, messages):
     root, config, out = setup
     before = snapshot(out)
     assert prune(root, config, out, "--overwrite", *args) == 2
-    assert message in error_of(capsys)
+    err = error_of(capsys)
+    for message in messages:
+        assert message in err, (message, err)
     assert snapshot(out) == before
 
 
@@ -186,7 +189,7 @@ def _foreign(path: Path) -> None:
 
 def _damaged(path: Path) -> None:  # the right format tag, but parts missing or broken
     ckpt = torch.load(path, weights_only=False)
-    del ckpt["opt_masks"]
+    del ckpt["trainer"]["mask_optimizer"]
     ckpt["state"]["no_such_field"] = 1
     torch.save(ckpt, path)
 
@@ -291,9 +294,11 @@ def test_model_without_prunable_group(setup, tmp_path, monkeypatch, capsys):
 
 def _good_checkpoint_step(out: Path) -> int:
     ckpt = torch.load(out / "checkpoints" / "last.pt", weights_only=False)
-    tensors = [*ckpt["model"].values(), *ckpt["pruner"]["search"].values()]
-    for state in ckpt["opt_weights"]["state"].values():
-        tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
+    tensors = [*ckpt["model"].values(), *ckpt["pruner"].values()]
+    for optimizer in (ckpt["optimizer"], ckpt["trainer"]["mask_optimizer"]):
+        for state in optimizer["state"].values():
+            tensors += state.values()
+    tensors = [t for t in tensors if isinstance(t, torch.Tensor)]
     assert all(torch.isfinite(t).all() for t in tensors if t.is_floating_point())
     return ckpt["state"]["step"]
 
@@ -320,16 +325,16 @@ def test_non_finite_loss_names_the_step_and_keeps_the_last_good_checkpoint(
     """The weights turn non-finite in the update of step 3 (the loss of step 3 was finite);
     neither the checkpoint of step 3 nor any later one may replace the one of step 2."""
     root, config, _ = setup
-    real = run.train_step
+    real = S2HTrainer.step
 
-    def poisoned(model, pruner, x, y, opt, cfg, phase):
-        stats = real(model, pruner, x, y, opt, cfg, phase)
-        if opt.weights_schedule.last_epoch == 3:
+    def poisoned(self, x, y):
+        stats = real(self, x, y)
+        if self.step_count == 3:
             with torch.no_grad():
-                next(model.parameters()).view(-1)[0] = bad
+                next(self.model.parameters()).view(-1)[0] = bad
         return stats
 
-    monkeypatch.setattr(run, "train_step", poisoned)
+    monkeypatch.setattr(S2HTrainer, "step", poisoned)
     out = tmp_path / "poisoned"
     assert prune(root, config, out) == 2
     err = error_of(capsys)
@@ -339,26 +344,26 @@ def test_non_finite_loss_names_the_step_and_keeps_the_last_good_checkpoint(
 
     # the advice of the message works: resumed with a lower --lr, which replaces the
     # checkpoint's (0.05 by default) from the step of the checkpoint on
-    monkeypatch.setattr(run, "train_step", real)
+    monkeypatch.setattr(S2HTrainer, "step", real)
     assert prune(root, config, out, "--resume", "--lr", "0.01") == 0
     ckpt = torch.load(out / "checkpoints" / "last.pt", weights_only=False)
     assert ckpt["state"]["step"] == 4
-    assert [g["initial_lr"] for g in ckpt["opt_weights"]["param_groups"]] == [0.01, 0.01]
+    assert [g["initial_lr"] for g in ckpt["optimizer"]["param_groups"]] == [0.01, 0.01]
     assert ckpt["schedule"]["base_lrs"] == [0.01, 0.01]
     assert json.loads((out / "report.json").read_text())["epochs"] == 1.0
 
 
 def test_nan_loss_reports_the_failing_step(setup, tmp_path, monkeypatch, capsys):
-    """A NaN loss (train_step's own check) names the step that produced it."""
+    """A NaN loss (S2HTrainer.step's own check) names the step that produced it."""
     root, config, _ = setup
-    real = run.train_step
+    real = S2HTrainer.step
 
-    def nan_at_3(model, pruner, x, y, opt, cfg, phase):
-        if opt.weights_schedule.last_epoch == 2:  # the third step
+    def nan_at_3(self, x, y):
+        if self.step_count == 2:  # the third step
             x = torch.full_like(x, math.nan)
-        return real(model, pruner, x, y, opt, cfg, phase)
+        return real(self, x, y)
 
-    monkeypatch.setattr(run, "train_step", nan_at_3)
+    monkeypatch.setattr(S2HTrainer, "step", nan_at_3)
     out = tmp_path / "nanloss"
     assert prune(root, config, out) == 2
     err = error_of(capsys)

@@ -31,7 +31,7 @@ def smoke(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         # s2hpruner's latency timing is tested with s2hpruner; here it would only cost a minute
         fake = lambda *args, **kwargs: {"b1": 1.0, "b64": 1.0}  # noqa: E731
-        mp.setattr("s2hpruner.run.latency_speedup", fake, raising=False)
+        mp.setattr("s2hpruner.app.run.latency_speedup", fake, raising=False)
         assert compare.main(argv) == 0
     return argv, out
 

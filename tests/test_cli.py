@@ -8,8 +8,8 @@ import pytest
 import torch
 from fabricate import learnable_fashion_mnist
 
-from s2hpruner.cli import main
-from s2hpruner.run import REPORT_KEYS
+from s2hpruner.app.cli import main
+from s2hpruner.app.run import REPORT_KEYS
 
 
 @pytest.fixture(scope="module")

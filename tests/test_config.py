@@ -17,8 +17,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from s2hpruner.cli import build_parser, config_from_args, main
-from s2hpruner.config import ConfigError, RunConfig
+from s2hpruner.app.cli import build_parser, config_from_args, main
+from s2hpruner.app.config import ConfigError, RunConfig
 
 FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
 HINTS = typing.get_type_hints(RunConfig)

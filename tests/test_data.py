@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from s2hpruner.data import (
+from s2hpruner.app.data import (
     DATASETS,
     ArrayImages,
     DataFormatError,
@@ -32,9 +32,11 @@ from s2hpruner.data import (
     list_datasets,
     read_idx,
 )
-from s2hpruner.errors import DataNotFoundError, S2HError, UnknownNameError
+from s2hpruner.core.errors import DataNotFoundError, S2HError, UnknownNameError
 
-ALL_NAMES = ["cifar10", "cifar100", "digits", "fashion-mnist", "imagenet", "mnist", "tiny-imagenet"]
+ALL_NAMES = ["cifar10", "cifar100", "digits", "fashion-mnist", "imagefolder", "imagenet", "mnist",
+             "tiny-imagenet"]  # fmt: skip
+STATIC_NAMES = [n for n in ALL_NAMES if n != "imagefolder"]  # its spec is read from the folder
 FMNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 
 
@@ -94,7 +96,7 @@ def check_splits(splits: DataSplits, n_train_files: int, n_val: int, n_test: int
 
 def test_registry_names_and_specs_without_files():
     assert list_datasets() == ALL_NAMES == sorted(DATASETS)
-    for name in ALL_NAMES:
+    for name in STATIC_NAMES:
         spec = dataset_spec(name)
         assert spec.name == name and len(spec.mean) == len(spec.std) == spec.in_chans
     fm = dataset_spec("fashion-mnist")
@@ -121,7 +123,7 @@ def test_default_data_roots():
     assert default_data_root("fashion-mnist") == FMNIST_ROOT
     mnist = "/usr/share/datasets/mnist"
     assert default_data_root("mnist") == (mnist if os.path.isdir(mnist) else None)
-    for name in ("digits", "cifar10", "cifar100", "tiny-imagenet", "imagenet"):
+    for name in ("digits", "cifar10", "cifar100", "tiny-imagenet", "imagenet", "imagefolder"):
         assert default_data_root(name) is None
 
 

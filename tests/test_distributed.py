@@ -1,6 +1,6 @@
 """Data-parallel training with torch.distributed (gloo on CPU).
 
-* Two spawned processes run ``train_step`` on their halves of a fixed batch: after every step
+* Two spawned processes run ``S2HTrainer.step`` on their halves of a fixed batch: after every step
   both hold bitwise-identical weights, width logits and optimizer states, and the result
   matches one process running the doubled batch.
 * The run loop's distributed pieces: BatchNorm statistics (the model's and the pruner's
@@ -26,16 +26,21 @@ from fabricate import learnable_fashion_mnist
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from s2hpruner import S2HPruner
-from s2hpruner.config import RunConfig
-from s2hpruner.models import create_model
-from s2hpruner.train import Optimizers, build_optimizers, compute_gradients, train_step
+from s2hpruner import S2HPruner, S2HTrainer
+from s2hpruner.app.config import RunConfig
+from s2hpruner.app.metrics import reduced_sums
+from s2hpruner.app.models import create_model
+from s2hpruner.app.run import build_trainer
+from s2hpruner.app.sampling import EpochSampler, eval_loader
+from s2hpruner.core.trainer import evaluate
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 WORLD = 2
 B = 6  # per-rank batch; the single process gets 2 * B
-# (phase, steps): weights only, then the width search, then weights only with frozen widths
-SCHEDULE = [("warmup", 2), ("joint", 3), ("freeze", 2)]
+# (phase, steps): weights only, then the width search, then weights only with frozen widths;
+# the trainer's phases are fractions of the run: 2/8 warm-up, 2/8 frozen (exact in binary)
+SCHEDULE = [("warmup", 2), ("joint", 4), ("freeze", 2)]
+TOTAL = sum(n for _, n in SCHEDULE)
 
 
 def free_port() -> int:
@@ -56,32 +61,35 @@ def make_setup():
         for u in pruner.mask_parameters():
             u.normal_(0, 1.0)
     # SGD on the width logits: Adam's first steps are ~lr * sign(g) and would hide differences
-    cfg = RunConfig(target_flops=0.4, lr=0.05, mask_optimizer="sgd", mask_lr=0.5)
-    opt = build_optimizers(model, pruner, cfg, total_steps=10)
+    warmup, freeze = SCHEDULE[0][1] / TOTAL, SCHEDULE[-1][1] / TOTAL
+    cfg = RunConfig(target_flops=0.4, lr=0.05, mask_optimizer="sgd", mask_lr=0.5,
+                    warmup=warmup, freeze=freeze)  # fmt: skip
+    trainer, schedule = build_trainer(cfg, model, pruner, total_steps=TOTAL)
     model.eval()
-    return model, pruner, x, y, cfg, opt
+    return model, pruner, x, y, cfg, (trainer, schedule)
 
 
-def snapshot(model, pruner, opt: Optimizers, grads: dict) -> dict:
+def snapshot(model, pruner, trainer: S2HTrainer, grads: dict) -> dict:
     return {
         **grads,  # the gradients each optimizer applied in this step
         "weights": [p.detach().clone() for p in model.parameters()],
         "logits": [u.detach().clone() for u in pruner.mask_parameters()],
         "momentum": [
-            opt.weights.state[p]["momentum_buffer"].clone()
+            trainer.optimizer.state[p]["momentum_buffer"].clone()
             for p in model.parameters()
-            if "momentum_buffer" in opt.weights.state.get(p, {})
+            if "momentum_buffer" in trainer.optimizer.state.get(p, {})
         ],
         "mask_momentum": [
-            opt.masks.state[u]["momentum_buffer"].clone()
+            trainer.mask_optimizer.state[u]["momentum_buffer"].clone()
             for u in pruner.mask_parameters()
-            if "momentum_buffer" in opt.masks.state.get(u, {})
+            if "momentum_buffer" in trainer.mask_optimizer.state.get(u, {})
         ],
-        "gamma": opt.balancer.gamma,
+        "gamma": trainer.balancer.gamma,
     }
 
 
 def run_schedule(model, pruner, x, y, cfg, opt) -> list[dict]:
+    trainer, schedule = opt
     grads = {}
 
     def capture(name):
@@ -92,14 +100,16 @@ def run_schedule(model, pruner, x, y, cfg, opt) -> list[dict]:
 
         return hook
 
-    opt.weights.register_step_pre_hook(capture("weight_grads"))
-    opt.masks.register_step_pre_hook(capture("mask_grads"))
+    trainer.optimizer.register_step_pre_hook(capture("weight_grads"))
+    trainer.mask_optimizer.register_step_pre_hook(capture("mask_grads"))
     states = []
     for phase, steps in SCHEDULE:
         for _ in range(steps):
+            assert trainer.phase() == phase, (trainer.step_count, trainer.phase(), phase)
             grads.clear()
-            train_step(model, pruner, x, y, opt, cfg, phase)
-            states.append(snapshot(model, pruner, opt, dict(grads)))
+            trainer.step(x, y)
+            schedule.step()
+            states.append(snapshot(model, pruner, trainer, dict(grads)))
     return states
 
 
@@ -108,7 +118,7 @@ def worker(rank: int, port: int, folder: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
-        from s2hpruner import run
+        from s2hpruner.app import run
 
         result = {}
         # 1. training steps on this rank's half of the batch
@@ -125,26 +135,25 @@ def worker(rank: int, port: int, folder: str) -> None:
                     model(x[shard] * (1 + rank))
         stats = lambda: (  # noqa: E731
             [b.clone() for b in model.buffers() if b.is_floating_point()],
-            [t.clone() for s in pruner.hard_bn_stats.values() for t in s.values()
-             if t.is_floating_point()],
+            [t.clone() for t in pruner.hard_stats.buffers() if t.is_floating_point()],
         )  # fmt: skip
         result["bn_before"] = stats()
         run._average_bn_statistics(model, pruner)
         result["bn_after"] = stats()
 
         # 3. the epoch's loss sums are summed over ranks
-        result["sums"] = run._reduced_sums({"task": 1.5 + rank, "gamma": 2.0, "n": 3})
+        result["sums"] = reduced_sums({"task": 1.5 + rank, "gamma": 2.0, "n": 3})
 
         # 4. evaluation: 5 samples over 2 ranks; only sample 0 is classified right
         linear = nn.Sequential(nn.Flatten(), nn.Linear(2, 2, bias=False))
         with torch.no_grad():
             linear[1].weight.copy_(torch.eye(2))
         data = TensorDataset(torch.tensor([[1.0, 0.0]] * 5), torch.tensor([0, 1, 1, 1, 1]))
-        loader = run._eval_loader(data, RunConfig(eval_batch_size=2))
-        result["accuracy"] = run.evaluate(linear, loader, torch.device("cpu"))
+        loader = eval_loader(data, batch_size=2, workers=0)
+        result["accuracy"] = evaluate(linear, loader, torch.device("cpu"))
 
         # 5. the training order
-        sampler = run.EpochSampler(size=103, seed=5, batch_size=4)
+        sampler = EpochSampler(size=103, seed=5, batch_size=4)
         sampler.epoch = 1
         result["order"] = sampler.order()
         torch.save(result, Path(folder) / f"rank{rank}.pt")
@@ -192,10 +201,13 @@ def test_two_processes_match_one_process_with_the_doubled_batch(ranks, single):
     mean of the two half-batch gradients is the full-batch gradient up to float32 rounding
     (measured ~1e-7 relative; 1e-5 allowed), in every phase.
 
-    Width logits: train_step averages the raw task and gap gradients over ranks before the
+    Width logits: S2HTrainer.step averages the raw task and gap gradients over ranks before the
     norm balancing (the resource gradient is the same on every rank), so the balanced
     gradient is the whole batch's, up to rounding as well (1e-4 allowed: the balancing divides
-    by norms). test_joint_step_balances_the_rank_averaged_gradients pins the exact rule."""
+    by norms). test_joint_step_balances_the_rank_averaged_gradients pins the exact rule.
+
+    When the widths freeze, every rank projects them onto the budget from the same logits
+    (deterministic), as the single process does: they still agree afterwards."""
     dist_steps = ranks[0]["steps"]
     phases = [phase for phase, n in SCHEDULE for _ in range(n)]
     initial = make_setup()[1].mask_parameters()
@@ -220,29 +232,29 @@ def test_joint_step_balances_the_rank_averaged_gradients(ranks):
 
     Two rules are possible for the width logits under data parallelism: the mean over ranks of
     each rank's balanced gradient, or the balanced gradient of the rank-averaged raw task/gap
-    gradients (what one process with the whole batch computes, and what train_step does).
+    gradients (what one process with the whole batch computes, and what S2HTrainer.step does).
     They differ measurably here, and the distributed step must be exactly the second."""
-    model, pruner, x, y, cfg, opt = make_setup()
+    model, pruner, x, y, cfg, (trainer, _) = make_setup()
     n_warmup = SCHEDULE[0][1]
     with torch.no_grad():
         for p, v in zip(model.parameters(), ranks[0]["steps"][n_warmup - 1]["weights"],
                         strict=True):  # fmt: skip
             p.copy_(v)
     pruner.update_ranks()
-    opt.balancer.update(pruner.ratio("hard"), cfg.target_flops)
+    trainer.balancer.update(float(pruner.budget_excess("hard").detach()))
     masks = pruner.mask_parameters()
     per_rank, raw = [], []
     for r in range(WORLD):
         shard = slice(r * B, (r + 1) * B)
-        g = compute_gradients(model, pruner, x[shard], y[shard], cfg, "joint")
+        g = trainer.gradients(x[shard], y[shard], "joint")  # raw, per loss, not applied
         gap = [a + b for a, b in zip(g.masks["gap_hard"], g.masks["gap_soft"], strict=True)]
         raw.append((g.masks["task"], gap, g.masks["resource"]))
-        per_rank.append(opt.balancer.combine(masks, *raw[-1]))
+        per_rank.append(trainer.balancer.combine(masks, *raw[-1]))
     mean_of_balanced = [(a + b) / 2 for a, b in zip(*per_rank, strict=True)]
     mean_raw = [
         [(a + b) / 2 for a, b in zip(*parts, strict=True)] for parts in zip(*raw, strict=True)
     ]
-    balanced_of_mean = opt.balancer.combine(masks, *mean_raw)
+    balanced_of_mean = trainer.balancer.combine(masks, *mean_raw)
 
     def after(grads):  # plain SGD on the logits: the first step is u - lr * g
         return [u.detach() - cfg.mask_lr * g for u, g in zip(masks, grads, strict=True)]
@@ -304,15 +316,16 @@ def test_torchrun_prune_end_to_end(tmp_path):
     assert report["world_size"] == 2
     assert abs(report["flops_ratio"] - 0.5) <= 0.01
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    # 500 training images, 2 ranks x 25 per step: 10 steps per epoch, one line per epoch
-    assert [(r["epoch"], r["step"]) for r in records] == [(1.0, 10)]
-    assert set(records[0]["losses"]) >= {"task", "gamma"}
+    # 500 training images, 2 ranks x 25 per step: 10 steps per epoch; the starting model's
+    # line, then one line per epoch
+    assert [(r["epoch"], r["step"]) for r in records] == [(0.0, 0), (1.0, 10)]
+    assert set(records[-1]["losses"]) >= {"task", "gamma"}
     assert len(list((out / "tensorboard").iterdir())) == 1, "one event file (rank 0)"
     leftovers = [p.name for p in out.rglob("*.tmp")]
     assert not leftovers, leftovers
     ckpt = torch.load(out / "checkpoints" / "last.pt", weights_only=False)
     assert ckpt["state"]["step"] == 10
-    assert len(ckpt["state"]["history"]) == 1
+    assert len(ckpt["state"]["history"]) == 2
     # the exported model is the checkpoint's hard network
     pruned = torch.load(out / "model_pruned.pt", weights_only=False).eval()
     assert pruned(torch.randn(2, 1, 28, 28)).shape == (2, 10)

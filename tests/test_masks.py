@@ -4,8 +4,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from s2hpruner import masks as M
-from s2hpruner.groups import candidate_widths, default_width_step
+from s2hpruner.core import masks as M
+from s2hpruner.core.structure import candidate_widths, default_width_step
 
 
 @st.composite
@@ -151,8 +151,8 @@ def test_initial_logits_nearly_full(channels, step):
 def test_batched_groups_equal_one_group_at_a_time(cases, seed):
     """The pruner computes all groups' masks, widths and ranks in padded batches
     (WidthSearch); each group must get exactly what the one-group functions give it."""
-    from s2hpruner.groups import ChannelGroup
-    from s2hpruner.pruner import WidthSearch
+    from s2hpruner.core.search import WidthSearch
+    from s2hpruner.core.structure import ChannelGroup
 
     groups = [ChannelGroup(name=f"g{i}", channels=ch, step=st_, candidates=list(c))
               for i, (ch, st_, c, _) in enumerate(cases)]  # fmt: skip
@@ -160,19 +160,20 @@ def test_batched_groups_equal_one_group_at_a_time(cases, seed):
     with torch.no_grad():
         for u, (*_, logits) in zip(search.logits, cases, strict=True):
             u.copy_(logits)
-    importance = torch.randn(len(search.group_of), generator=torch.Generator().manual_seed(seed))
+    index = search.index
+    importance = torch.randn(len(index.group_of), generator=torch.Generator().manual_seed(seed))
     importance = importance.round(decimals=1)  # ties must break by channel index too
-    search.ranks.copy_(M.grouped_ranks(importance, search.group_of, search.offsets))
+    search.ranks.copy_(M.grouped_ranks(importance, index.group_of, index.group_offsets))
     soft, hard = search.flat_masks("soft"), search.flat_masks("hard")
     widths = search.hard_widths().detach()
     for i, (channels, _, cands, logits) in enumerate(cases):
         c = torch.tensor(cands, dtype=torch.float64)
         p = M.width_probabilities(logits)
-        ranks = M.channel_ranks(importance[search.offsets[i] : search.offsets[i] + channels])
+        ranks = M.channel_ranks(importance[index.offsets[i] : index.offsets[i] + channels])
         assert torch.equal(search.group_ranks(i), ranks)
         w = M.relaxed_mask(p, M.keep_matrix(c, channels).double())
         h = M.hard_width(M.expected_width(p, c), c)
         assert float(widths[i]) == float(h)
-        part = slice(int(search.offsets[i]), int(search.offsets[i]) + channels)
+        part = slice(index.offsets[i], index.offsets[i] + channels)
         assert torch.allclose(soft[part], w[ranks])
         assert torch.equal(hard[part], M.hard_mask(w, int(round(float(h))))[ranks])

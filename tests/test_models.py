@@ -7,9 +7,9 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from s2hpruner import models
-from s2hpruner.errors import UnknownNameError
-from s2hpruner.models import MODELS, create_model, list_models, register_model
+from s2hpruner.app import models
+from s2hpruner.app.models import MODELS, create_model, list_models, register_model
+from s2hpruner.core.errors import UnknownNameError
 
 # Smaller settings where the default is heavy; the defaults are checked by parameter count.
 FORWARD_KWARGS: dict[str, dict] = {

@@ -12,8 +12,8 @@ import torch
 import torchvision
 
 from s2hpruner import S2HPruner, count_flops, count_params
-from s2hpruner.errors import BudgetError, UnsupportedModelError
-from s2hpruner.models import MODELS, VISION_TRANSFORMERS, create_model
+from s2hpruner.app.models import MODELS, VISION_TRANSFORMERS, create_model
+from s2hpruner.core.errors import BudgetError, UnsupportedModelError
 
 # (registry name, kwargs, input shape): small inputs keep the suite fast
 REGISTRY_CASES = [

@@ -41,7 +41,8 @@ import os, sys, time
 from pathlib import Path
 import torch
 torch.set_num_threads(1)
-import s2hpruner.run as run
+import s2hpruner.app.run as run
+from s2hpruner.core.trainer import S2HTrainer
 
 def pause():
     Path(os.environ["S2H_TEST_MARKER"]).write_text("paused")
@@ -50,21 +51,21 @@ def pause():
 
 pause_step = int(os.environ.get("S2H_TEST_PAUSE_STEP", "0"))
 pause_save = int(os.environ.get("S2H_TEST_PAUSE_SAVE", "0"))
-real_step, real_save = run.train_step, run.save_checkpoint
+real_step, real_save = S2HTrainer.step, run.save_checkpoint
 
-def train_step(model, pruner, x, y, opt, cfg, phase):
-    out = real_step(model, pruner, x, y, opt, cfg, phase)
-    if opt.weights_schedule.last_epoch == pause_step:  # the schedule counts the steps
+def step(self, x, y):
+    out = real_step(self, x, y)
+    if self.step_count == pause_step:  # the trainer counts the steps it took
         pause()
     return out
 
-def save_checkpoint(path, model, pruner, opt, state, cfg):
+def save_checkpoint(path, model, pruner, trainer, schedule, state, cfg):
     if path.name == "last.pt" and state.step == pause_save:
         pause()
-    return real_save(path, model, pruner, opt, state, cfg)
+    return real_save(path, model, pruner, trainer, schedule, state, cfg)
 
-run.train_step, run.save_checkpoint = train_step, save_checkpoint
-from s2hpruner.cli import main
+S2HTrainer.step, run.save_checkpoint = step, save_checkpoint
+from s2hpruner.app.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -137,10 +138,18 @@ def _checkpoint(out: Path) -> dict:
     return torch.load(out / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
 
 
+def _frozen(ckpt: dict) -> bool:
+    """Whether the checkpoint's widths are frozen (the trainer's flag; the pruner's importance
+    order is frozen with them)."""
+    frozen = ckpt["trainer"]["widths_frozen"]
+    assert ckpt["pruner"]["_extra_state"]["freeze_ranks"] == frozen
+    return frozen
+
+
 def _metrics(out: Path) -> list[dict]:
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     for record in records:
-        record.pop("train_seconds")
+        record.pop("train_seconds", None)  # the starting model's line has none
     return records
 
 
@@ -175,19 +184,19 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(data_and_config, tmp_pa
     # 1. mid-epoch: killed at step 8, the checkpoint on disk is the one of step 5
     _run_and_kill(args, marker, S2H_TEST_PAUSE_STEP=8)
     ckpt = _checkpoint(resumed)
-    assert ckpt["state"]["step"] == 5 and not ckpt["pruner"]["freeze_ranks"]
-    metrics = resumed / "metrics.jsonl"
-    assert not metrics.exists() or not metrics.read_text()
+    assert ckpt["state"]["step"] == 5 and not _frozen(ckpt)
+    # only the starting model's line (step 0): no epoch has ended
+    assert [r["step"] for r in _metrics(resumed)] == [0]
     # 2. end of epoch 1: its metrics line is written, its checkpoint is not
     _run_and_kill([*args, "--resume"], marker, S2H_TEST_PAUSE_SAVE=STEPS_PER_EPOCH)
     ckpt = _checkpoint(resumed)
-    assert ckpt["state"]["step"] == 10 and ckpt["pruner"]["freeze_ranks"]
-    assert len((resumed / "metrics.jsonl").read_text().splitlines()) == 1
+    assert ckpt["state"]["step"] == 10 and _frozen(ckpt)
+    assert [r["step"] for r in _metrics(resumed)] == [0, 12]
     _run([*args, "--resume"])
 
-    # every epoch's metrics once, and equal except for the wall-clock time
+    # the starting model's line and every epoch's once, equal except for the wall-clock time
     assert _metrics(resumed) == _metrics(reference)
-    assert [r["step"] for r in _metrics(resumed)] == [12, 24]
+    assert [r["step"] for r in _metrics(resumed)] == [0, 12, 24]
 
     report_a = json.loads((reference / "report.json").read_text())
     report_b = json.loads((resumed / "report.json").read_text())
@@ -211,7 +220,7 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(data_and_config, tmp_pa
 
     # the final checkpoints agree on everything but the clock
     ckpt_a, ckpt_b = _checkpoint(reference), _checkpoint(resumed)
-    for key in ("model", "pruner", "opt_weights", "opt_masks", "schedule", "balancer", "rng"):
+    for key in ("model", "pruner", "optimizer", "schedule", "trainer", "rng"):
         _assert_equal_tree(ckpt_a[key], ckpt_b[key], key)
     for key in ("train_seconds", "history"):
         ckpt_a["state"].pop(key), ckpt_b["state"].pop(key)

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from s2hpruner.config import RunConfig
-from s2hpruner.data import list_datasets
-from s2hpruner.models import MODELS, list_models
+from s2hpruner.app.config import RunConfig
+from s2hpruner.app.data import list_datasets
+from s2hpruner.app.models import MODELS, list_models
 
 CONFIGS = sorted(Path(__file__).resolve().parents[1].glob("configs/**/*.yaml"))
 

@@ -9,7 +9,8 @@ import torch
 import torchvision
 
 from s2hpruner import S2HPruner
-from s2hpruner.models import create_model
+from s2hpruner.app.models import create_model
+from s2hpruner.core.layout import tune_hard_layout
 
 CASES = [
     ("resnet20", lambda: create_model("resnet20", in_chans=1), (6, 1, 28, 28)),
@@ -74,12 +75,12 @@ def test_sliced_equals_masked(name, factory, shape, train):
             u.normal_(0, 1.5)
     pruner.update_ranks()
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    stats = {k: {b: t.clone() for b, t in v.items()} for k, v in pruner.hard_bn_stats.items()}
+    stats = {k: v.clone() for k, v in pruner.hard_stats.state_dict().items()}
 
     out_m, grads_m = run(model, pruner, x, sliced=False, train=train)
-    stats_masked = pruner.hard_bn_stats
+    stats_masked = {k: {b: t.clone() for b, t in v.items()} for k, v in pruner.hard_stats.items()}
     model.load_state_dict(state)
-    pruner.hard_bn_stats = stats
+    pruner.hard_stats.load_state_dict(stats)
     conv_inputs = []  # (is channels_last, is NCHW); a 1-channel or 1x1 input is both
     hooks = [
         m.register_forward_pre_hook(
@@ -123,7 +124,7 @@ def test_sliced_equals_masked(name, factory, shape, train):
             ]
             for buf in ("running_mean", "running_var"):
                 a = stats_masked[piece.module_name][buf][idx]
-                b = pruner.hard_bn_stats[piece.module_name][buf][idx]
+                b = dict(pruner.hard_stats.items())[piece.module_name][buf][idx]
                 assert torch.allclose(a, b, atol=1e-5, rtol=1e-4), (piece.module_name, buf)
     # the model's own (soft) statistics are untouched by hard forwards
     for k, v in model.state_dict().items():
@@ -163,7 +164,7 @@ def _pruner(model_name="resnet20"):
 )
 def test_tune_hard_layout_keeps_the_faster_layout(monkeypatch, faster, nchw_norms):
     """The choice follows the timings: a fake clock makes one variant's passes cheaper."""
-    import s2hpruner.pruner as pruner_module
+    import s2hpruner.core.layout as layout_module
 
     model, pruner, x = _pruner()
     pruner.hard_nchw_norms = not nchw_norms  # the tuning must set it either way
@@ -174,8 +175,8 @@ def test_tune_hard_layout_keeps_the_faster_layout(monkeypatch, faster, nchw_norm
         clock[0] += 1.0 if (pruner.hard_layout, pruner.hard_nchw_norms) == fastest else 3.0
         return clock[0]
 
-    monkeypatch.setattr(pruner_module.time, "perf_counter", fake_clock)
-    assert pruner.tune_hard_layout(x) == LAYOUTS[faster]
+    monkeypatch.setattr(layout_module.time, "perf_counter", fake_clock)
+    assert tune_hard_layout(pruner, x) == LAYOUTS[faster]
     assert (pruner.hard_layout, pruner.hard_nchw_norms) == fastest
 
 
@@ -188,14 +189,14 @@ def test_tune_hard_layout_has_no_side_effects():
         for u in pruner.mask_parameters():
             u.normal_(0, 1.5)
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    hard = {k: {b: t.clone() for b, t in v.items()} for k, v in pruner.hard_bn_stats.items()}
+    hard = {k: {b: t.clone() for b, t in v.items()} for k, v in pruner.hard_stats.items()}
     rng = torch.get_rng_state()
-    layout = pruner.tune_hard_layout(x, repeats=1)
+    layout = tune_hard_layout(pruner, x, repeats=1)
     assert layout in (torch.contiguous_format, torch.channels_last)
     assert torch.equal(torch.get_rng_state(), rng)
     for k, v in model.state_dict().items():
         assert torch.equal(v, state[k]), k
-    for k, v in pruner.hard_bn_stats.items():
+    for k, v in pruner.hard_stats.items():
         for b, t in v.items():
             assert torch.equal(t, hard[k][b]), (k, b)
     assert all(p.grad is None for p in model.parameters())
@@ -204,4 +205,31 @@ def test_tune_hard_layout_has_no_side_effects():
     with pruner.mode("hard"):
         model(x)
     assert any(not torch.equal(t, hard[k][b])
-               for k, v in pruner.hard_bn_stats.items() for b, t in v.items())
+               for k, v in pruner.hard_stats.items() for b, t in v.items())
+
+
+def test_strided_pointwise_weight_gradient():
+    """ResNet shortcuts (1x1, stride 2) fed 2-7 kept channels in channels_last: PyTorch 2.14's
+    CPU kernel gets their weight gradient wrong, so the sliced pass runs them in NCHW. The
+    sliced gradients must equal the masked ones (and a finite difference)."""
+    torch.manual_seed(0)
+    model = create_model("resnet20", in_chans=1).to(memory_format=torch.channels_last)
+    x = torch.randn(6, 1, 28, 28).contiguous(memory_format=torch.channels_last)
+    pruner = S2HPruner(model, x[:1], target_flops=0.35)
+    name = "layer2.0.shortcut.0"
+    (stage1,) = [g for g in pruner.groups if name in {c.module_name for c in g.consumers}]
+    with torch.no_grad():  # keep 5 of stage 1's 16 channels, everything else full
+        for g, u in zip(pruner.groups, pruner.mask_parameters(), strict=True):
+            u.fill_(-30.0)
+            u[g.candidates.index(5) if g is stage1 else -1] = 30.0
+    assert pruner.kept_widths()[stage1.name] == 5
+    shortcut = dict(model.named_modules())[name]
+    model.eval()  # running statistics: no batch-statistics rounding in the comparison
+    grads = {}
+    for sliced in (False, True):
+        with pruner.mode("hard", sliced=sliced):
+            out = model(x)
+        loss = (out * torch.linspace(-1, 1, out.shape[-1])).sum()
+        grads[sliced] = torch.autograd.grad(loss, shortcut.weight)[0]
+    assert grads[False].norm() > 0
+    assert (grads[True] - grads[False]).norm() <= 1e-3 * grads[False].norm()

@@ -14,11 +14,10 @@ import torch
 from torch import nn
 
 from s2hpruner import S2HPruner, count_flops, count_params
-from s2hpruner.config import RunConfig
-from s2hpruner.data import dataset_spec
-from s2hpruner.models import VISION_TRANSFORMERS, create_model
-from s2hpruner.run import build_model_and_pruner
-from s2hpruner.train import build_optimizers, train_step
+from s2hpruner.app.config import RunConfig
+from s2hpruner.app.data import dataset_spec
+from s2hpruner.app.models import VISION_TRANSFORMERS, create_model
+from s2hpruner.app.run import build_model_and_pruner, build_trainer
 
 pytest.importorskip("timm")
 
@@ -209,16 +208,19 @@ def test_vit_fmnist_trains_in_joint_and_hard_phases():
     model = create_model("vit_fmnist", num_classes=10, in_chans=1)
     x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
     pruner = S2HPruner(model, x[:1], target_flops=0.35, separate_hard_bn_stats=True)
-    cfg = RunConfig(model="vit_fmnist", target_flops=0.35, optimizer="adamw", lr=1e-3)
-    opt = build_optimizers(model, pruner, cfg, total_steps=4)
-    assert isinstance(opt.weights, torch.optim.AdamW)
+    cfg = RunConfig(model="vit_fmnist", target_flops=0.35, optimizer="adamw", lr=1e-3, freeze=0.34)
+    trainer, _ = build_trainer(cfg, model, pruner, total_steps=3)
+    assert isinstance(trainer.optimizer, torch.optim.AdamW)
     start = {k: v.clone() for k, v in model.state_dict().items()}
     masks = pruner.mask_parameters()
     logits = [u.detach().clone() for u in masks]
     model.train()
-    for phase in ("joint", "joint", "freeze"):
-        losses = train_step(model, pruner, x, y, opt, cfg, phase)
+    phases = []
+    for _ in range(3):
+        phases.append(trainer.phase())
+        losses = trainer.step(x, y)
         assert all(torch.isfinite(torch.tensor(v)) for v in losses.values()), losses
+    assert phases == ["joint", "joint", "freeze"]
     assert any(not torch.equal(start[k], v) for k, v in model.state_dict().items())
     assert any(not torch.equal(a, b) for a, b in zip(logits, masks, strict=True))
     exported = pruner.export().eval()

@@ -24,9 +24,10 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from .errors import UnsupportedModelError
-from .groups import ChannelGroup
-from .transformers import attention_row
+from ..attention import attention_row
+from ..errors import UnsupportedModelError
+from ..index import is_depthwise
+from ..structure import ChannelGroup
 
 
 def _sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
@@ -67,12 +68,6 @@ def count_flops(model: nn.Module, example_inputs) -> int:
 def count_params(model: nn.Module) -> int:
     """Number of parameters (trainable or not) of ``model``."""
     return sum(p.numel() for p in model.parameters())
-
-
-def _is_depthwise(module: nn.Module) -> bool:
-    return isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d) and (
-        module.groups == module.out_channels and module.out_channels > 1
-    )
 
 
 class ResourceModel(nn.Module):
@@ -159,12 +154,7 @@ class ResourceModel(nn.Module):
             )
         kernel = float(torch.Size(module.kernel_size).numel())
         positions = sum(float(s[0] * torch.Size(s[2:]).numel()) for s in shapes)
-        if _is_depthwise(module):
-            mult = module.out_channels // module.in_channels
-            if mult != 1:
-                raise UnsupportedModelError(
-                    f"layer {name!r}: depthwise conv with channel multiplier {mult} is unsupported"
-                )
+        if is_depthwise(module):
             return (2.0 * kernel * positions, kernel, bias, 1.0, float(module.out_channels), True)
         if module.groups != 1:
             raise UnsupportedModelError(

@@ -7,9 +7,9 @@ The rule, applied to the gradients flattened over all groups:
 
 so the gap gradient always has ``beta`` times the task gradient's norm, and the resource
 gradient ``gamma`` times the accuracy gradient's norm, whatever the raw scales of the losses.
-``gamma`` grows by ``growth`` per step while the hard FLOPs ratio is farther than ``tolerance``
-from the target, and shrinks by the same factor (down to ``gamma_min``) once it is inside:
-the budget is always reached, and once it is, accuracy drives the search.
+``gamma`` grows by ``growth`` per step while the hard resource ratio is farther than
+``tolerance`` from the target, and shrinks by the same factor (down to ``gamma_min``) once it
+is inside: the budget is always reached, and once it is, accuracy drives the search.
 """
 
 from __future__ import annotations
@@ -41,9 +41,10 @@ class GradientBalancer:
     tolerance: float = 0.005
     eps: float = 1e-12
 
-    def update(self, flops_ratio: float, target: float) -> None:
-        """Grow gamma while the budget is violated beyond the tolerance, else let it decay."""
-        if abs(flops_ratio - target) > self.tolerance:
+    def update(self, budget_error: float) -> None:
+        """Grow gamma while the budget is missed by more than the tolerance (``budget_error``
+        is ratio - target, of the binding budget), else let it decay."""
+        if abs(budget_error) > self.tolerance:
             self.gamma = min(self.gamma * self.growth, self.gamma_max)
         else:
             self.gamma = max(self.gamma / self.growth, self.gamma_min)

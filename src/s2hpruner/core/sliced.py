@@ -13,7 +13,7 @@ in every mode (:func:`attach_mask`): the same network, but a per-channel product
 vectors replaces a product over the whole activation in the forward and the backward (and
 one saved activation fewer).
 
-Attention head groups (transformers.py) slice qkv's rows and proj's columns like any Linear;
+Attention head groups (attention.py) slice qkv's rows and proj's columns like any Linear;
 the attention module itself runs with ``num_heads`` set to the kept heads for the forward.
 
 The masked path stays the reference: tests check outputs, gradients and statistics agree.
@@ -21,7 +21,7 @@ The masked path stays the reference: tests check outputs, gradients and statisti
 ``layout`` runs the sliced pass in one memory format (NCHW or channels_last) whatever the
 model's: which one is faster depends on the kept widths and the kernels (on CPU, narrow dense
 convs are faster in NCHW, depthwise ones in channels_last), so the pruner can time both
-(:meth:`S2HPruner.tune_hard_layout`).
+(:func:`layout.tune_hard_layout`).
 """
 
 from __future__ import annotations
@@ -32,16 +32,13 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from .groups import ChannelGroup
-from .transformers import sliced_attention_hooks
+from .attention import sliced_attention_hooks
+from .index import CONVS as _CONVS
+from .index import NORMS as _NORMS
+from .index import ChannelIndex, is_depthwise
+from .structure import ChannelGroup
 
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 SLICEABLE = (*_CONVS, nn.Linear, *_NORMS)
-
-
-def _is_depthwise(module: nn.Module) -> bool:
-    return isinstance(module, _CONVS) and module.groups == module.in_channels == module.out_channels
 
 
 def unsliceable_modules(groups: list[ChannelGroup], modules: dict[str, nn.Module]) -> list[str]:
@@ -52,63 +49,32 @@ def unsliceable_modules(groups: list[ChannelGroup], modules: dict[str, nn.Module
         for piece in g.producers + g.consumers + g.norms:
             module = modules[piece.module_name]
             grouped = isinstance(module, _CONVS) and module.groups != 1
-            if type(module) not in SLICEABLE or (grouped and not _is_depthwise(module)):
+            if type(module) not in SLICEABLE or (grouped and not is_depthwise(module)):
                 bad.append(piece.module_name)
     return sorted(set(bad))
 
 
 class SlicedHardForward:
-    """Index maps from every layer's channels to the groups' channels, and the context that
-    swaps sliced weights in for one forward."""
+    """The context that swaps sliced weights in for one forward, reading the layer maps of
+    the :class:`ChannelIndex`."""
 
-    def __init__(self, groups: list[ChannelGroup], modules: dict[str, nn.Module]):
+    def __init__(self, groups: list[ChannelGroup], modules: dict[str, nn.Module],
+                 index: ChannelIndex):  # fmt: skip
         self.modules = modules
-        offsets, total = [], 0
-        for g in groups:
-            offsets.append(total)
-            total += g.channels
-        self.fixed = total  # index of the constant "always kept" entry
-        out_maps: dict[str, torch.Tensor] = {}
-        in_maps: dict[str, torch.Tensor] = {}
-        for gi, g in enumerate(groups):
-            for pieces, maps, size_of in (
-                (g.producers + g.norms, out_maps, _out_size),
-                (g.consumers, in_maps, _in_size),
-            ):
-                for piece in pieces:
-                    module = modules[piece.module_name]
-                    index = maps.setdefault(piece.module_name,
-                                            torch.full((size_of(module),), total))
-                    index[torch.tensor(piece.module_idxs)] = (
-                        torch.tensor(piece.root_idxs) + offsets[gi]
-                    )
-        for name, module in modules.items():  # depthwise convs: inputs follow outputs
-            if name in out_maps and _is_depthwise(module):
-                in_maps.pop(name, None)
-        shared: dict[tuple, torch.Tensor] = {}  # equal maps become one tensor (see apply)
-        self.out_maps = {k: shared.setdefault(tuple(v.tolist()), v) for k, v in out_maps.items()}
-        self.in_maps = {k: shared.setdefault(tuple(v.tolist()), v) for k, v in in_maps.items()}
-        # attention modules run with their kept heads only (transformers.py)
+        self.index = index
+        # attention modules run with their kept heads only (attention.py)
         self.heads = [
-            (g.root_module, offsets[gi], g.channels)
+            (g.root_module, index.offsets[gi], g.channels)
             for gi, g in enumerate(groups)
             if g.kind == "heads"
         ]
-        self.names = sorted(set(out_maps) | set(in_maps))
-
-    def to(self, device) -> SlicedHardForward:
-        moved: dict[int, torch.Tensor] = {}  # keep shared maps shared
-        for maps in (self.out_maps, self.in_maps):
-            for k, v in maps.items():
-                maps[k] = moved.setdefault(id(v), v.to(device))
-        return self
+        self.names = sorted(set(index.out) | set(index.inp))
 
     @contextlib.contextmanager
     def apply(
         self,
         keep_flat: torch.Tensor,
         mask_flat: torch.Tensor,
-        sites: dict[str, tuple[torch.Tensor, int]],
         layout: torch.memory_format | None = None,
         nchw_norms: bool = True,
     ) -> Iterator[None]:
@@ -117,46 +83,52 @@ class SlicedHardForward:
         With ``layout``, 4-D inputs and conv weights are put in that memory format (else each
         conv keeps its weight's). ``nchw_norms`` trains narrow channels_last BatchNorms in NCHW
         (:func:`_nchw_norm_hooks`)."""
+        index = self.index
         handles = []
         if layout is not None:
             handles += _layout_hooks(self.modules, set(self.names), layout)
         kept: dict[int, torch.Tensor] = {}  # kept indices per distinct map, found once
 
-        def kept_of(index_map: torch.Tensor | None) -> torch.Tensor | None:
-            if index_map is None:
+        def kept_of(map_id: int | None) -> torch.Tensor | None:
+            if map_id is None:
                 return None
-            if id(index_map) not in kept:
-                kept[id(index_map)] = torch.nonzero(keep_flat[index_map]).flatten()
-            return kept[id(index_map)]
+            if map_id not in kept:
+                kept[map_id] = torch.nonzero(keep_flat[index.map(map_id)]).flatten()
+            return kept[map_id]
 
         for name in self.names:
             module = self.modules[name]
-            out_idx = kept_of(self.out_maps.get(name))
-            in_idx = kept_of(self.in_maps.get(name))
-            tensors = _sliced_tensors(module, out_idx, in_idx, layout)
+            out_idx = kept_of(index.out.get(name))
+            in_idx = kept_of(index.inp.get(name))
+            module_layout = layout
+            if _strided_pointwise_on_cpu(module):
+                module_layout = torch.contiguous_format
+                handles.append(module.register_forward_pre_hook(_nchw_input))
+            tensors = _sliced_tensors(module, out_idx, in_idx, module_layout)
             multiplier = None
-            if name in sites:
-                index, dim = sites[name]
-                values = mask_flat[index] if out_idx is None else mask_flat[index][out_idx]
+            if name in index.site:
+                site, dim = index.site_map(name)
+                values = mask_flat[site] if out_idx is None else mask_flat[site][out_idx]
                 if _foldable(module):
                     tensors["weight"] = tensors.get("weight", module.weight) * values
                     tensors["bias"] = tensors.get("bias", module.bias) * values
                 else:
                     multiplier = (values, dim)
-            groups = len(out_idx) if (_is_depthwise(module) and out_idx is not None) else None
+            groups = len(out_idx) if (is_depthwise(module) and out_idx is not None) else None
             pre, post = _swap_hooks(tensors, groups, out_idx, multiplier)
             handles.append(module.register_forward_pre_hook(pre))
             handles.append(module.register_forward_hook(post))
             if nchw_norms and isinstance(module, nn.BatchNorm2d) and out_idx is not None:
                 handles += _nchw_norm_hooks(module, len(out_idx))
         for name, offset, channels in self.heads:
-            kept = torch.nonzero(keep_flat[offset : offset + channels]).flatten()
-            pre, post = sliced_attention_hooks(kept)
+            heads_kept = torch.nonzero(keep_flat[offset : offset + channels]).flatten()
+            pre, post = sliced_attention_hooks(heads_kept)
             handles.append(self.modules[name].register_forward_pre_hook(pre))
             handles.append(self.modules[name].register_forward_hook(post))
-        for name, (index, dim) in sites.items():  # sites on layers that are not sliced
+        for name in index.site:  # sites on layers that are not sliced
             if name not in self.names:
-                handles += attach_mask(self.modules[name], mask_flat[index], dim)
+                site, dim = index.site_map(name)
+                handles += attach_mask(self.modules[name], mask_flat[site], dim)
         try:
             yield
         finally:
@@ -181,6 +153,23 @@ def _layout_hooks(modules: dict[str, nn.Module], sliced: set[str], layout) -> li
             pre, post = _swap_hooks(weight, None, None, None)
             handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
     return handles
+
+
+def _strided_pointwise_on_cpu(module: nn.Module) -> bool:
+    """A strided 1x1 conv on the CPU. With a channels_last input of 2 to 7 channels (narrow
+    kept widths), PyTorch 2.14's CPU kernel computes a wrong weight gradient for it (the
+    forward is right; ``tests/test_sliced.py::test_strided_pointwise_weight_gradient``), so the
+    sliced pass runs these few layers (ResNet shortcuts) in NCHW."""
+    return (
+        isinstance(module, nn.Conv2d)
+        and module.kernel_size == (1, 1)
+        and module.stride != (1, 1)
+        and module.weight.device.type == "cpu"
+    )
+
+
+def _nchw_input(module: nn.Module, inputs: tuple) -> tuple:
+    return (inputs[0].contiguous(), *inputs[1:])
 
 
 def _nchw_norm_hooks(module: nn.Module, channels: int) -> list:
@@ -227,16 +216,6 @@ def attach_mask(module: nn.Module, values: torch.Tensor, dim: int) -> list:
         pre, post = _swap_hooks(tensors, None, None, None)
         return [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
     return [module.register_forward_hook(_swap_hooks({}, None, None, (values, dim))[1])]
-
-
-def _out_size(module: nn.Module) -> int:
-    if isinstance(module, _NORMS):
-        return module.num_features
-    return module.out_features if isinstance(module, nn.Linear) else module.out_channels
-
-
-def _in_size(module: nn.Module) -> int:
-    return module.in_features if isinstance(module, nn.Linear) else module.in_channels
 
 
 def _sliced_tensors(module, out_idx, in_idx, layout=None) -> dict[str, torch.Tensor]:

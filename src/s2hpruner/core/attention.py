@@ -36,7 +36,7 @@ import warnings
 import torch
 from torch import nn
 
-from .groups import ChannelGroup, ChannelSlice, candidate_widths, default_width_step
+from .structure import ChannelGroup, ChannelSlice, candidate_widths, default_width_step
 
 
 def _attention_types() -> tuple[type, ...]:

@@ -10,10 +10,13 @@ from pathlib import Path
 
 import yaml
 
-from .errors import S2HError
+from ..core.errors import S2HError
+from ..core.trainer import METHODS as _METHODS
 
-METHODS = ("s2h", "dmp", "s2h-no-gs", "s2h-coupled", "s2h-no-gap-on-mask")
+METHODS = tuple(_METHODS)
 HARD_LAYOUTS = ("auto", "model", "contiguous", "channels_last")
+AUTOCAST = ("bf16", "fp16")
+DEFAULT_TARGET_FLOPS = 0.35
 
 
 class ConfigError(S2HError, ValueError):
@@ -28,19 +31,31 @@ class RunConfig:
     model: str = "resnet20"
     dataset: str = "fashion-mnist"
     data_root: str | None = None
-    target_flops: float = 0.35
+    target_flops: float | None = None  # with no target at all: DEFAULT_TARGET_FLOPS
+    target_params: float | None = None
+    target_latency: float | None = None
+    latency_batch: int = 64  # batch size at which latency counts (target and report)
+    latency_cache: str | None = None  # latency table file (default: ~/.cache/s2hpruner)
     method: str = "s2h"
     model_kwargs: dict = field(default_factory=dict)
+    init: str | None = None  # start from these trained weights (state dict or checkpoint)
+    pretrained: bool = False  # torchvision/timm weights from the local cache only
+    image_size: int | None = None  # imagefolder: input size (default: from the images)
+    mean: list[float] | None = None  # imagefolder: normalisation (default: measured)
+    std: list[float] | None = None
     width_step: int | None = None
     round_to: int | None = None  # kept widths are multiples of this (fast kernels), or full
     ignored_layers: list[str] = field(default_factory=list)
-    # schedule: warm-up (u frozen at init), joint search, last phase (u frozen, hard trained)
+    # schedule: warm-up (u frozen at init), joint search, last phase (u frozen, hard trained);
+    # warmup and freeze are fractions of the run, *_epochs (if set) absolute and win
     epochs: float = 4.0
-    warmup_epochs: float = 0.0
-    freeze_epochs: float = 1.0
+    warmup: float = 0.0
+    freeze: float = 0.25
+    warmup_epochs: float | None = None
+    freeze_epochs: float | None = None
     batch_size: int = 128
     eval_batch_size: int = 500
-    val_size: float = 5000
+    val_size: float | None = None  # default: 10% of the training files, at most 5000
     train_subset: int | None = None
     augment: bool = True
     # weights: SGD + momentum (CNNs) or AdamW (transformers), weight decay, cosine schedule
@@ -65,12 +80,13 @@ class RunConfig:
     resource_on: str = "hard"  # R on the hard FLOPs ratio (straight-through) or on the soft one
     freeze_ranks_after_warmup: bool = False
     separate_hard_bn_stats: bool = True
+    autocast: str | None = None  # bf16 (CPU, CUDA) or fp16 (CUDA) mixed precision
     # run
     seed: int = 0
     device: str = "auto"
     workers: int = 0
     channels_last: bool = True
-    hard_layout: str = "auto"  # memory format of the sliced hard pass (see HARD_LAYOUTS)
+    hard_layout: str = "model"  # memory format of the sliced hard pass (see HARD_LAYOUTS)
     out: str = "runs/default"
     resume: bool = False
     overwrite: bool = False
@@ -82,25 +98,39 @@ class RunConfig:
     def validate(self) -> RunConfig:
         if self.method not in METHODS:
             raise ConfigError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if not 0.0 < float(self.target_flops) <= 1.0:
-            raise ConfigError(
-                f"target_flops must be in (0, 1] (a fraction of the full FLOPs), "
-                f"got {self.target_flops}"
-            )
+        for name, value in self.budgets().items():
+            if not 0.0 < float(value) <= 1.0:
+                raise ConfigError(
+                    f"target_{name} must be in (0, 1] (a fraction of the full model's {name}), "
+                    f"got {value}"
+                )
         if self.epochs <= 0:
             raise ConfigError(f"epochs must be > 0, got {self.epochs}")
-        if self.warmup_epochs < 0 or self.freeze_epochs < 0:
-            raise ConfigError("warmup_epochs and freeze_epochs must be >= 0")
-        if self.warmup_epochs + self.freeze_epochs >= self.epochs and self.method != "dmp":
+        for name in ("warmup", "freeze", "warmup_epochs", "freeze_epochs"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ConfigError(f"{name} must be >= 0, got {value}")
+        warmup, freeze = self.phase_fractions()
+        if warmup + freeze >= 1.0:
             raise ConfigError(
-                f"warmup_epochs ({self.warmup_epochs}) + freeze_epochs ({self.freeze_epochs}) "
-                f"leave no joint search phase within epochs={self.epochs}"
+                f"the warm-up ({warmup * self.epochs:g} epochs) and the frozen-width phase "
+                f"({freeze * self.epochs:g} epochs) leave no joint search phase within "
+                f"epochs={self.epochs:g}; lower --warmup/--freeze (fractions of the run) or "
+                "--warmup-epochs/--freeze-epochs"
             )
+        if self.autocast is not None and self.autocast not in AUTOCAST:
+            raise ConfigError(
+                f"autocast must be one of {', '.join(AUTOCAST)}, got {self.autocast!r}"
+            )
+        if self.latency_batch < 1:
+            raise ConfigError(f"latency_batch must be >= 1, got {self.latency_batch}")
+        if self.init is not None and self.pretrained:
+            raise ConfigError("--init and --pretrained both give starting weights; choose one")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.train_subset is not None and self.train_subset < 1:
             raise ConfigError(f"train_subset must be >= 1 (or unset), got {self.train_subset}")
-        if not self.val_size >= 0:
+        if self.val_size is not None and not self.val_size >= 0:
             raise ConfigError(
                 f"val_size must be >= 0 (a count, or a fraction < 1), got {self.val_size}"
             )
@@ -121,6 +151,23 @@ class RunConfig:
                 f"mask_optimizer must be 'adam' or 'sgd', got {self.mask_optimizer!r}"
             )
         return self
+
+    def budgets(self) -> dict[str, float]:
+        """The budgets of the run by resource; FLOPs at 0.35 when none is given."""
+        given = {
+            "flops": self.target_flops,
+            "params": self.target_params,
+            "latency": self.target_latency,
+        }
+        given = {k: float(v) for k, v in given.items() if v is not None}
+        return given or {"flops": DEFAULT_TARGET_FLOPS}
+
+    def phase_fractions(self) -> tuple[float, float]:
+        """(warm-up, frozen widths) as fractions of the run: absolute epochs win when set, and
+        a default frozen phase never takes more than half of a short run."""
+        warmup = self.warmup if self.warmup_epochs is None else self.warmup_epochs / self.epochs
+        freeze = self.freeze if self.freeze_epochs is None else self.freeze_epochs / self.epochs
+        return float(warmup), float(freeze)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -151,7 +151,7 @@ def find_groups(
     Attention modules (transformers.py) get one head group each, built by hand; their qkv and
     proj layers are ignored here, which also (silently) drops the residual stream's group.
     """
-    from . import transformers  # imports this module
+    from . import attention as attention_kind  # imports this module
     graph = graph or build_graph(model, example_inputs)
     names = {m: n for n, m in model.named_modules()}
     by_name = dict(model.named_modules())
@@ -163,7 +163,7 @@ def find_groups(
             layer = by_name[layer]
         ignored.append(layer)
     ignored += [m for m in classifier_layers(model, graph) if m not in ignored]
-    attention, attention_layers = transformers.find_attention(model)
+    attention, attention_layers = attention_kind.find_attention(model)
     user_ignored = list(ignored)
     ignored += [m for m in attention_layers if m not in ignored]
 
@@ -174,7 +174,7 @@ def find_groups(
         group = _to_channel_group(tp_group, graph, names, width_step, max_candidates)
         if group is not None:
             groups.append(group)
-    groups += transformers.head_groups(attention, user_ignored, max_candidates)
+    groups += attention_kind.head_groups(attention, user_ignored, max_candidates)
     return groups, graph
 
 

@@ -9,15 +9,16 @@ from pathlib import Path
 import torch
 import yaml
 
-from . import distributed as D
+from ..core import distributed as D
+from ..core.errors import CheckpointError, S2HError
+from ..core.resources import count_flops, count_params
+from ..core.trainer import evaluate
+from .checkpoint import load_checkpoint, load_model_and_pruner
 from .config import RunConfig
-from .data import build_datasets, dataset_spec
-from .errors import CheckpointError, S2HError
-from .export import atomic_torch_save, onnx_max_abs_diff, save_onnx, save_program
+from .data import build_datasets
+from .files import atomic_torch_save, onnx_max_abs_diff, save_onnx, save_program
 from .report import plot_run, summary_table
-from .resources import count_flops, count_params
-from .run import build_model_and_pruner, load_checkpoint, val_size
-from .train import evaluate
+from .run import build_model_and_pruner, build_splits
 
 
 def _run_config_near(path: Path) -> RunConfig | None:
@@ -31,14 +32,20 @@ def restore_from_checkpoint(path: str | Path, device: torch.device | str = "cpu"
     """(config, model, pruner, example) of a checkpoint, weights and widths loaded."""
     ckpt = load_checkpoint(Path(path), map_location=device)
     cfg = RunConfig.from_dict(ckpt["config"])
-    model, pruner, example = build_model_and_pruner(cfg, dataset_spec(cfg.dataset), device)
-    try:
-        model.load_state_dict(ckpt["model"])
-        pruner.load_state_dict(ckpt["pruner"])
-    except (RuntimeError, ValueError, KeyError) as exc:
-        raise CheckpointError(f"checkpoint {path} does not match its own config: {exc}") from exc
+    cfg.init, cfg.pretrained = None, False  # the checkpoint holds the weights
+    model, pruner, example = build_model_and_pruner(cfg, _spec_of(cfg), device)
+    load_model_and_pruner(ckpt, model, pruner)
     pruner.freeze_ranks = True
     return cfg, model, pruner, example
+
+
+def _spec_of(cfg: RunConfig):
+    """The data spec a run's model was built for (image folders are read for it)."""
+    from .data import dataset_spec, folder_spec
+
+    if cfg.dataset == "imagefolder":
+        return folder_spec(cfg.data_root, cfg.image_size)
+    return dataset_spec(cfg.dataset)
 
 
 def evaluate_path(args: argparse.Namespace) -> dict:
@@ -54,13 +61,11 @@ def evaluate_path(args: argparse.Namespace) -> dict:
     if dataset is None:
         raise S2HError(f"cannot tell which data set {path} was trained on; pass --dataset")
     root = args.data_root or (cfg.data_root if cfg else None)
-    splits = build_datasets(
-        dataset,
-        root,
-        val_size=val_size(cfg) if cfg else 5000,
-        seed=cfg.seed if cfg else 0,
-        augment=False,
-    )
+    if cfg is not None:
+        cfg.dataset, cfg.data_root = dataset, root
+        splits = build_splits(cfg, augment=False)
+    else:
+        splits = build_datasets(dataset, root, val_size=None, seed=0, augment=False)
     loader = torch.utils.data.DataLoader(getattr(splits, args.split), batch_size=args.batch_size)
     result = {"path": str(path), "dataset": dataset, "split": args.split}
     if is_checkpoint:
@@ -69,7 +74,7 @@ def evaluate_path(args: argparse.Namespace) -> dict:
         result["flops_ratio_hard"] = pruner.ratio("hard")
         return result
     if path.suffix == ".pt2":
-        from .export import load_program
+        from .files import load_program
 
         model = load_program(path).to(device)
     else:

@@ -6,32 +6,46 @@ torchvision name or explicitly as ``torchvision/<name>`` (needed where one of ou
 Weights are never downloaded: every model starts from random initialisation. The vision
 transformers (:data:`VISION_TRANSFORMERS`) are timm's (the ``vit`` extra) and take ``img_size``.
 
+Your own model needs no registration: ``"package.module:factory"`` or
+``"path/to/file.py:factory"`` names a callable that returns an ``nn.Module`` (see
+:func:`load_factory`); it gets whichever of num_classes / in_chans / image_size (or img_size) it
+names as parameters.
+
 All models avoid tricks that torch-pruning's ``DependencyGraph`` cannot trace (such as the
 zero-padding "option A" shortcut of the original CIFAR ResNets), so any of them can be pruned.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib
+import importlib.util
 import inspect
+import re
+import sys
 from collections.abc import Callable, Sequence
 from functools import cache
-from typing import TypeVar
+from pathlib import Path
+from types import ModuleType
+from typing import Any, TypeVar
 
 import torch
 import torchvision
 from torch import nn
 
-from .errors import UnknownNameError, UnsupportedModelError
+from ..core.errors import S2HError, UnknownNameError, UnsupportedModelError
 
 __all__ = [
     "MODELS",
     "VISION_TRANSFORMERS",
     "CifarResNet",
+    "ModelSpecError",
     "WideResNet",
     "cifar_resnet",
     "cifar_vgg",
     "create_model",
     "list_models",
+    "load_factory",
     "register_model",
     "wide_resnet",
 ]
@@ -41,6 +55,12 @@ TORCHVISION_PREFIX = "torchvision/"
 MODELS: dict[str, Callable[..., nn.Module]] = {}
 
 FactoryT = TypeVar("FactoryT", bound=Callable[..., nn.Module])
+
+_SPEC_FORMS = "'package.module:factory' or 'path/to/file.py:factory'"
+
+
+class ModelSpecError(S2HError, ValueError):
+    """A ``module:factory`` or ``file.py:factory`` model that cannot be loaded or built."""
 
 
 def register_model(fn: FactoryT) -> FactoryT:
@@ -75,14 +95,17 @@ def create_model(
 ) -> nn.Module:
     """Build model ``name`` with random weights; ``kwargs`` go to its factory.
 
-    ``image_size`` (the data's) is passed as ``img_size`` to registry factories that take one
-    (the vision transformers), unless ``kwargs`` already set it; other models ignore it.
+    ``name`` is a registry name, a torchvision name, or a user factory (``module:factory`` or
+    ``file.py:factory``, see :func:`load_factory`). ``image_size`` (the data's) is passed as
+    ``img_size`` to registry factories that take one (the vision transformers), unless
+    ``kwargs`` already set it; other models ignore it.
     """
+    if ":" in name:
+        return _user_model(name, num_classes, in_chans, image_size, kwargs)
     if name in MODELS:
         factory = MODELS[name]
-        takes_size = "img_size" in inspect.signature(factory).parameters
-        if image_size is not None and takes_size and "img_size" not in kwargs:
-            kwargs["img_size"] = image_size
+        size = {} if image_size is None else {"img_size": image_size}
+        kwargs = {**_accepted_kwargs(factory, size), **kwargs}
         return factory(num_classes=num_classes, in_chans=in_chans, **kwargs)
     tv_name = name.removeprefix(TORCHVISION_PREFIX)
     if tv_name in _torchvision_names():
@@ -94,6 +117,135 @@ def create_model(
         f"(e.g. 'resnet18', or '{TORCHVISION_PREFIX}resnet50' for torchvision's own one)",
     )
     raise error
+
+
+# --------------------------------------------------------------------------- user factories
+
+
+def _accepted_kwargs(factory: Callable[..., Any], offered: dict[str, Any]) -> dict[str, Any]:
+    """The entries of ``offered`` that ``factory`` names as keyword-capable parameters."""
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # some builtins have no signature: offer nothing
+        return {}
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {k: v for k, v in offered.items() if k in params and params[k].kind in named}
+
+
+def _load_file(spec: str, target: str) -> ModuleType:
+    """Import ``target`` (a .py file) under a stable name derived from its resolved path.
+
+    The module is registered in ``sys.modules`` (as ``s2hpruner_user_<stem>_<hash>``) so that
+    its classes pickle and deep-copy; loading the same spec in another process recreates that
+    name, which is what unpickling a whole model needs. The file's folder is *appended* to
+    ``sys.path`` so that it can import its sibling modules without shadowing installed ones. An
+    unchanged file is executed once per process (like an import); an edited one is re-executed.
+    """
+    path = Path(target).expanduser().resolve()
+    if not path.is_file():
+        raise ModelSpecError(
+            f"model {spec!r}: file {path} does not exist; fix: give the path of the Python file "
+            "that defines the factory (relative to the current folder, or absolute)"
+        )
+    stem = re.sub(r"\W", "_", path.stem)
+    name = f"s2hpruner_user_{stem}_{hashlib.sha1(str(path).encode()).hexdigest()[:10]}"
+    stamp = path.stat().st_mtime_ns
+    cached = sys.modules.get(name)
+    if cached is not None and getattr(cached, "__s2h_mtime__", None) == stamp:
+        return cached
+    if str(path.parent) not in sys.path:
+        sys.path.append(str(path.parent))
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    if module_spec is None or module_spec.loader is None:
+        raise ModelSpecError(f"model {spec!r}: {path} cannot be loaded as a Python module")
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[name] = module  # before running it: dataclasses and pickle look it up there
+    try:
+        module_spec.loader.exec_module(module)
+    except (ImportError, SyntaxError) as exc:
+        del sys.modules[name]
+        raise ModelSpecError(f"model {spec!r}: {path} fails to import: {exc}") from exc
+    except BaseException:
+        del sys.modules[name]
+        raise
+    module.__s2h_mtime__ = stamp  # type: ignore[attr-defined]
+    return module
+
+
+def load_factory(spec: str) -> Callable[..., Any]:
+    """The callable named by ``"package.module:factory"`` or ``"path/to/file.py:factory"``.
+
+    Why: users prune the model they already have without registering it. A target ending in
+    ``.py`` or containing a ``/`` is a file (see :func:`_load_file`), anything else a module
+    imported with :mod:`importlib`. ``factory`` may be dotted (``module:Class.build``).
+    """
+    target, _, attr = spec.rpartition(":")
+    if not target or not attr:
+        raise ModelSpecError(f"model {spec!r}: expected {_SPEC_FORMS}")
+    if target.endswith(".py") or "/" in target or "\\" in target:
+        module = _load_file(spec, target)
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ImportError as exc:
+            raise ModelSpecError(
+                f"model {spec!r}: cannot import module {target!r} ({exc}); fix: install it, add "
+                "its folder to PYTHONPATH, or give its file (the current folder is not searched): "
+                f"'./{target.replace('.', '/')}.py:{attr}'"
+            ) from exc
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            public = sorted(n for n in vars(module) if not n.startswith("_"))
+            raise ModelSpecError(
+                f"model {spec!r}: {target} has no attribute {attr!r}; it defines: "
+                f"{', '.join(public[:20]) or 'nothing public'}"
+            )
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ModelSpecError(
+            f"model {spec!r}: {attr} is a {type(obj).__name__}, not callable; fix: name a function "
+            "or class that returns the nn.Module"
+        )
+    return obj
+
+
+def _user_model(
+    spec: str, num_classes: int, in_chans: int, image_size: int | None, kwargs: dict[str, Any]
+) -> nn.Module:
+    """Call the factory of ``spec`` with the data's arguments it names, plus ``kwargs``.
+
+    A factory that only takes ``**kwargs`` (torchvision's builders, e.g.
+    ``torchvision.models:resnet18``) gets ``num_classes`` through them, so that the classifier
+    fits the data; in_chans and image_size are passed only to factories that name them.
+    """
+    factory = load_factory(spec)
+    offered: dict[str, Any] = {"num_classes": num_classes, "in_chans": in_chans}
+    if image_size is not None:
+        offered.update(image_size=image_size, img_size=image_size)
+    call = {**_accepted_kwargs(factory, offered), **kwargs}
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):
+        signature = None
+    if signature is not None:
+        takes_any = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
+        if takes_any and "num_classes" not in call:
+            call["num_classes"] = num_classes
+        try:
+            signature.bind(**call)
+        except TypeError as exc:
+            raise ModelSpecError(
+                f"model {spec!r}: cannot call it with {sorted(call)} ({exc}); its signature is "
+                f"{signature}; fix: pass model_kwargs that match it"
+            ) from exc
+    model = factory(**call)
+    if not isinstance(model, nn.Module):
+        raise ModelSpecError(
+            f"model {spec!r} returned a {type(model).__name__}, not a torch.nn.Module; fix: make "
+            "the factory return the model"
+        )
+    return model
 
 
 # --------------------------------------------------------------------------- helpers

@@ -14,17 +14,33 @@ import sys
 import typing
 from pathlib import Path
 
-from .config import HARD_LAYOUTS, METHODS, RunConfig
-from .errors import S2HError
+from ..core.errors import S2HError
+from .config import AUTOCAST, HARD_LAYOUTS, METHODS, RunConfig
 
 HELP = {
     "model": "model name: a registry name (resnet20, resnet56, resnet50, wrn28_10, vgg19_bn, "
-    "mobilenet_v3_small, ...) or any torchvision classification model name",
+    "mobilenet_v3_small, ...), any torchvision classification model name, or your own "
+    "factory as package.module:function or path/to/file.py:function",
     "dataset": "data set: fashion-mnist (default), mnist, digits, cifar10, cifar100, "
-    "tiny-imagenet, imagenet",
+    "tiny-imagenet, imagenet, or imagefolder (class folders under --data-root)",
     "data_root": "folder with the data set's files (default: the data set's standard location, "
     "e.g. /usr/share/datasets/fashion-mnist)",
-    "target_flops": "FLOPs budget as a fraction of the full model's FLOPs, in (0, 1]",
+    "target_flops": "FLOPs budget as a fraction of the full model's FLOPs, in (0, 1] "
+    "(0.35 when no budget is given)",
+    "target_params": "parameter budget as a fraction of the full model's parameters; with other "
+    "budgets, every one is met",
+    "target_latency": "latency budget as a fraction of the full model's latency measured on "
+    "--device at --latency-batch (per-layer tables, cached)",
+    "latency_batch": "batch size at which latency is measured (budget and report)",
+    "latency_cache": "file of measured latency tables (default: ~/.cache/s2hpruner/latency/, "
+    "or $S2HPRUNER_CACHE)",
+    "init": "start from trained weights: a state_dict (.pt, .pth, .safetensors), a checkpoint "
+    "holding one (state_dict, model, ema, ...), or a pickled nn.Module",
+    "pretrained": "start from torchvision/timm pretrained weights, read from the local cache "
+    "only (never downloaded)",
+    "image_size": "imagefolder: input size in pixels (default: from the images)",
+    "mean": "imagefolder: per-channel normalisation mean (default: measured on a sample)",
+    "std": "imagefolder: per-channel normalisation std (default: measured on a sample)",
     "method": f"training method: {', '.join(METHODS)}",
     "model_kwargs": "extra keyword arguments of the model factory (YAML mapping, config file only)",
     "width_step": "channel step d of every group (default: smallest divisor of the channel "
@@ -33,12 +49,16 @@ HELP = {
     "or 16, so the pruned model runs at full kernel speed (default: any candidate width)",
     "ignored_layers": "module names whose output channels are never pruned (repeatable)",
     "epochs": "total training epochs (all phases; fractions allowed)",
-    "warmup_epochs": "epochs of weight training with the width logits frozen at initialisation",
-    "freeze_epochs": "last epochs with widths frozen, training the hard network distilled from "
-    "the soft one",
+    "warmup": "fraction of the run training the weights with the width logits frozen at "
+    "initialisation",
+    "freeze": "fraction of the run at the end with widths frozen, training the hard network "
+    "distilled from the soft one",
+    "warmup_epochs": "warm-up in epochs (overrides --warmup)",
+    "freeze_epochs": "frozen-width phase in epochs (overrides --freeze)",
     "batch_size": "training batch size (per process under torchrun)",
     "eval_batch_size": "evaluation batch size",
-    "val_size": "validation images held out from the training files (count, or fraction < 1)",
+    "val_size": "validation images held out from the training files (count, or fraction < 1; "
+    "default: 10%% of them, at most 5000)",
     "train_subset": "use only this many training images (quick experiments)",
     "augment": "standard training augmentation of the data set",
     "optimizer": "optimizer of the weights: sgd (momentum) or adamw (transformers)",
@@ -54,23 +74,24 @@ HELP = {
     "alpha": "weight of the hard-network distillation loss G_h in the weights' loss",
     "beta": "norm of the gap gradient on the width logits, relative to the task gradient",
     "gamma_init": "initial norm of the resource gradient relative to task + gap gradients",
-    "gamma_growth": "per-step growth of gamma while the FLOPs ratio is off target by more "
+    "gamma_growth": "per-step growth of gamma while the budget is missed by more "
     "than the tolerance (it decays by the same factor inside)",
     "gamma_min": "lower bound of gamma",
     "gamma_max": "upper bound of gamma",
-    "budget_tolerance": "tolerance on the hard FLOPs ratio around the target",
-    "resource_on": "FLOPs ratio in the resource loss: hard (kept widths, straight-through "
+    "budget_tolerance": "tolerance on the hard resource ratio around the target",
+    "resource_on": "resource ratio in the resource loss: hard (kept widths, straight-through "
                    "gradient; what the exported model will have) or soft (expected widths)",
     "freeze_ranks_after_warmup": "stop recomputing the channel importance order after warm-up",
     "separate_hard_bn_stats": "keep separate BatchNorm running statistics for the hard network",
+    "autocast": "mixed precision: bf16 (CPU and CUDA) or fp16 (CUDA, with a grad scaler)",
     "seed": "random seed (data split, data order, initialisation)",
     "device": "auto (cuda if available, else cpu), cpu, cuda or cuda:N",
     "workers": "data loader worker processes",
     "channels_last": "channels-last memory format for 4-D activations (faster convs on CPU)",
-    "hard_layout": "memory format of the sliced hard pass: auto (time NCHW, channels_last and "
-                   "channels_last with narrow BatchNorms in NCHW at every epoch's start, keep "
-                   "the fastest; the model's own with --deterministic), model, contiguous "
-                   "(NCHW) or channels_last",
+    "hard_layout": "memory format of the sliced hard pass: model (the model's own), contiguous "
+                   "(NCHW), channels_last, or auto (time the layouts at every epoch's start and "
+                   "keep the fastest: faster on CPU, but picked by timing, so not reproducible "
+                   "bit for bit)",
     "out": "run directory for config, metrics, checkpoints, exported model, report and plots",
     "resume": "continue from OUT/checkpoints/last.pt",
     "overwrite": "allow replacing a finished run in OUT",
@@ -99,6 +120,8 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             )
         elif f.name == "ignored_layers":
             parser.add_argument(_flag(f.name), action="append", default=None, help=text)
+        elif f.name in ("mean", "std"):
+            parser.add_argument(_flag(f.name), type=float, nargs="+", default=None, help=text)
         else:
             kind = {int: int, float: float, str: str}.get(hint)
             if kind is None:  # Optional[...]
@@ -109,15 +132,16 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
                 type=kind,
                 default=None,
                 help=text,
-                choices={"method": METHODS, "hard_layout": HARD_LAYOUTS}.get(f.name),
+                choices={"method": METHODS, "hard_layout": HARD_LAYOUTS,
+                         "autocast": AUTOCAST}.get(f.name),  # fmt: skip
             )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="s2hpruner",
-        description="Prune an image model to a FLOPs budget with S2HPruner (soft-to-hard "
-        "distillation) and export the physically smaller network.",
+        description="Prune an image model to a FLOPs, parameter or latency budget with "
+        "S2HPruner (soft-to-hard distillation) and export the physically smaller network.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -201,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         print("s2hpruner: interrupted; resume with --resume", file=sys.stderr)
         return 130
     finally:
-        from . import distributed as D
+        from ..core import distributed as D
 
         D.cleanup()
     return 0

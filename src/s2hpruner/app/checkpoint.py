@@ -1,0 +1,190 @@
+"""Run checkpoints: everything a resumed run needs to continue bit for bit, written
+atomically, read with clear errors."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..core import distributed as D
+from ..core.errors import CheckpointError
+from ..core.pruner import S2HPruner
+from ..core.trainer import S2HTrainer
+from .config import RunConfig
+from .files import atomic_torch_save
+
+FORMAT = "s2hpruner-checkpoint-v2"
+
+# settings that decide the model, the data, the steps and the schedule of a run: a checkpoint
+# resumes only a run with the same ones (learning rates and loss weights may change)
+MUST_MATCH = (
+    "model",
+    "dataset",
+    "method",
+    "target_flops",
+    "target_params",
+    "target_latency",
+    "model_kwargs",
+    "init",
+    "pretrained",
+    "width_step",
+    "round_to",
+    "ignored_layers",
+    "separate_hard_bn_stats",
+    "epochs",
+    "warmup",
+    "freeze",
+    "warmup_epochs",
+    "freeze_epochs",
+    "batch_size",
+    "val_size",
+    "train_subset",
+    "seed",
+)
+
+
+@dataclass
+class RunState:
+    """Where the loop is; saved in checkpoints."""
+
+    step: int = 0
+    best_top1_hard: float = -1.0
+    train_seconds: float = 0.0
+    history: list = field(default_factory=list)
+    running: dict = field(default_factory=dict)  # loss sums of the current epoch
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(
+    path: Path,
+    model: nn.Module,
+    pruner: S2HPruner,
+    trainer: S2HTrainer,
+    schedule: torch.optim.lr_scheduler.LRScheduler,
+    state: RunState,
+    cfg: RunConfig,
+) -> None:
+    """Write the run's state to ``path`` atomically (rank 0 only)."""
+    if not D.is_main():
+        return
+    atomic_torch_save(
+        {
+            "format": FORMAT,
+            "config": cfg.to_dict(),
+            "world_size": D.world_size(),
+            "model": model.state_dict(),
+            "pruner": pruner.state_dict(),
+            "optimizer": trainer.optimizer.state_dict(),
+            "schedule": schedule.state_dict(),
+            "trainer": trainer.state_dict(),
+            "rng": rng_state(),
+            "state": state.__dict__,
+        },
+        path,
+    )
+
+
+def load_checkpoint(path: Path, map_location="cpu") -> dict:
+    """Read a checkpoint, turning any corruption into a clear :class:`CheckpointError`."""
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as exc:
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt or unreadable ({type(exc).__name__}: {exc}); "
+            "delete it and restart the run, or resume from another checkpoint"
+        ) from exc
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not an s2hpruner checkpoint (format {FORMAT})")
+    return ckpt
+
+
+def load_model_and_pruner(ckpt: dict, model: nn.Module, pruner: S2HPruner) -> None:
+    try:
+        model.load_state_dict(ckpt["model"])
+        pruner.load_state_dict(ckpt["pruner"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"checkpoint does not match the model: {exc}") from exc
+
+
+def restore(
+    ckpt: dict,
+    model: nn.Module,
+    pruner: S2HPruner,
+    trainer: S2HTrainer,
+    schedule: torch.optim.lr_scheduler.LRScheduler,
+    cfg: RunConfig,
+) -> RunState:
+    """Load a checkpoint into the live objects, checking it belongs to this run."""
+    saved = ckpt.get("config")
+    if not isinstance(saved, dict):
+        raise CheckpointError("checkpoint has no run config; it is corrupt or not from a run")
+    for key in MUST_MATCH:
+        if saved.get(key) != getattr(cfg, key):
+            raise CheckpointError(
+                f"checkpoint was made with {key}={saved.get(key)!r} but this run has "
+                f"{key}={getattr(cfg, key)!r}; use the same settings or another --out"
+            )
+    if ckpt.get("world_size", 1) != D.world_size():
+        raise CheckpointError(
+            f"checkpoint was made by {ckpt.get('world_size', 1)} process(es) but this run has "
+            f"{D.world_size()}; resume with the same torchrun --nproc_per_node"
+        )
+    load_model_and_pruner(ckpt, model, pruner)
+    try:
+        trainer.optimizer.load_state_dict(ckpt["optimizer"])
+        schedule.load_state_dict(ckpt["schedule"])
+        trainer.load_state_dict(ckpt["trainer"])
+        set_rng_state(ckpt["rng"])
+        state = RunState(**ckpt["state"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(
+            f"checkpoint's optimizer, schedule, RNG or loop state is damaged or does not match "
+            f"this run ({type(exc).__name__}: {exc}); restart the run or use another --out"
+        ) from exc
+    _use_learning_rates(trainer, schedule, cfg)
+    return state
+
+
+def _use_learning_rates(trainer: S2HTrainer, schedule, cfg: RunConfig) -> None:
+    """Let --lr and --mask-lr of a resumed run win over the checkpoint's (the way out of a NaN).
+
+    The schedule's factor is recomputed the way LambdaLR computes it, so an unchanged --lr
+    gives bit-identical learning rates.
+    """
+    optimizer = trainer.optimizer
+    schedule.base_lrs = [cfg.lr] * len(optimizer.param_groups)
+    for group, factor in zip(optimizer.param_groups, schedule.lr_lambdas, strict=True):
+        group["initial_lr"] = cfg.lr
+        group["lr"] = cfg.lr * factor(schedule.last_epoch)
+    schedule._last_lr = [group["lr"] for group in optimizer.param_groups]
+    for group in trainer.mask_optimizer.param_groups:
+        group["lr"] = cfg.mask_lr

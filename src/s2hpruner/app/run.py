@@ -1,0 +1,470 @@
+"""A whole pruning run: data, model, pruner, the loop over S2HTrainer, export, report.
+
+Run directory layout (only rank 0 writes):
+    config.yaml         the resolved RunConfig
+    metrics.jsonl       the starting model's val top-1, then one line per epoch
+    tensorboard/        the same as TensorBoard events
+    checkpoints/        last.pt (every N steps and every epoch), best.pt; written atomically
+    model_pruned.pt2    the exported hard network as a torch.export program (no s2hpruner needed)
+    model_pruned.pt     the exported nn.Module (pickled; needs the model's classes)
+    report.json         final figures, see ``REPORT_KEYS``
+    *.png               plots (see report.py)
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from torch import nn
+
+from ..core import distributed as D
+from ..core.balance import GradientBalancer
+from ..core.errors import CheckpointError, NonFiniteLossError, RunDirectoryError, S2HError
+from ..core.layout import tune_hard_layout
+from ..core.measure import latency_speedup, median_latency
+from ..core.pruner import S2HPruner
+from ..core.resources import count_flops, count_params
+from ..core.trainer import METHODS, S2HTrainer, evaluate
+from .checkpoint import (
+    RunState,
+    load_checkpoint,
+    restore,
+    save_checkpoint,
+    seed_everything,
+)
+from .config import ConfigError, RunConfig
+from .data import build_datasets
+from .files import atomic_torch_save, atomic_write_bytes, save_program
+from .metrics import MetricWriter, append_jsonl, reduced_sums
+from .models import create_model
+from .optim import build_mask_optimizer, build_weight_optimizer
+from .sampling import EpochSampler, eval_loader, train_loader
+
+REPORT_KEYS = (
+    "method",
+    "model",
+    "dataset",
+    "target_flops",
+    "target_params",
+    "target_latency",
+    "top1_hard",
+    "top1_soft",
+    "gap",
+    "flops_ratio",
+    "params_ratio",
+    "latency_speedup_b1",
+    "latency_speedup_b64",
+    "epochs",
+    "train_seconds",
+)
+_LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
+# ------------------------------------------------------------------------------ building
+def prepare_run_dir(cfg: RunConfig) -> Path:
+    """Refuse to clobber a finished run; make the folders. Nothing is deleted here."""
+    out = Path(cfg.out)
+    if (out / "report.json").exists() and not (cfg.overwrite or cfg.resume):
+        raise RunDirectoryError(
+            f"{out} holds a finished run (report.json exists); pass --overwrite to replace it, "
+            "or choose another --out"
+        )
+    if cfg.resume and not (out / "checkpoints" / "last.pt").exists():
+        raise CheckpointError(f"--resume: no checkpoint at {out / 'checkpoints' / 'last.pt'}")
+    if D.is_main():
+        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    D.barrier()
+    return out
+
+
+def build_splits(cfg: RunConfig, augment: bool | None = None):
+    """The run's train/val/test splits (val held out of the training files, seeded)."""
+    extra = {}
+    if cfg.dataset == "imagefolder":
+        extra = {"image_size": cfg.image_size, "mean": cfg.mean, "std": cfg.std}
+    try:
+        return build_datasets(
+            cfg.dataset,
+            cfg.data_root,
+            val_size=cfg.val_size,
+            seed=cfg.seed,
+            augment=cfg.augment if augment is None else augment,
+            train_subset=cfg.train_subset,
+            **extra,
+        )
+    except S2HError:
+        raise
+    except (ValueError, TypeError) as exc:  # the split sizes do not fit the data set
+        raise ConfigError(f"{exc}; choose another --val-size or --train-subset") from exc
+
+
+def build_model(cfg: RunConfig, spec, device: torch.device) -> nn.Module:
+    """The model of a run, with its starting weights (``--init`` or ``--pretrained``)."""
+    from .weights import load_init_weights, load_pretrained
+
+    model = create_model(
+        cfg.model,
+        num_classes=spec.num_classes,
+        in_chans=spec.in_chans,
+        image_size=spec.image_size,
+        **cfg.model_kwargs,
+    )
+    if cfg.init is not None:
+        load_init_weights(model, cfg.init)
+    elif cfg.pretrained:
+        load_pretrained(cfg.model, model)
+    model = model.to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def build_pruner(cfg: RunConfig, model: nn.Module, spec, device: torch.device) -> S2HPruner:
+    """The pruner of a run's model, with its budgets (and a latency table if one is set)."""
+    example = torch.zeros(1, spec.in_chans, spec.image_size, spec.image_size, device=device)
+    budgets = cfg.budgets()
+    latency_model = None
+    if "latency" in budgets:
+        from ..core.resources.latency import LatencyModel
+
+        def latency_model(model, example_inputs, groups):
+            return LatencyModel(
+                model, example_inputs, groups, batch_size=cfg.latency_batch, device=device,
+                cache=cfg.latency_cache, progress=cfg.progress and D.is_main(),
+            )  # fmt: skip
+
+    pruner = S2HPruner(
+        model,
+        example,
+        target_flops=budgets.get("flops"),
+        target_params=budgets.get("params"),
+        target_latency=budgets.get("latency"),
+        latency_model=latency_model,
+        width_step=cfg.width_step,
+        round_to=cfg.round_to,
+        ignored_layers=cfg.ignored_layers,
+        temperature=cfg.temperature,
+        separate_hard_bn_stats=cfg.separate_hard_bn_stats and METHODS[cfg.method].hard,
+    )
+    pruner.hard_layout = _LAYOUTS.get(cfg.hard_layout)
+    return pruner
+
+
+def build_model_and_pruner(cfg: RunConfig, spec, device: torch.device):
+    """(model, pruner, example input) of a run."""
+    model = build_model(cfg, spec, device)
+    pruner = build_pruner(cfg, model, spec, device)
+    return model, pruner, pruner.example_inputs
+
+
+def build_trainer(cfg: RunConfig, model: nn.Module, pruner: S2HPruner, total_steps: int):
+    """(S2HTrainer, weight LR schedule) of a run: the user-loop trainer, configured."""
+    optimizer, schedule = build_weight_optimizer(model, cfg, total_steps)
+    warmup, freeze = cfg.phase_fractions()
+    trainer = S2HTrainer(
+        model,
+        pruner,
+        optimizer,
+        total_steps,
+        method=cfg.method,
+        loss_fn=_cross_entropy(cfg.label_smoothing),
+        mask_optimizer=build_mask_optimizer(pruner.mask_parameters(), cfg),
+        alpha=cfg.alpha,
+        balancer=GradientBalancer(
+            beta=cfg.beta,
+            gamma=cfg.gamma_init,
+            growth=cfg.gamma_growth,
+            gamma_min=cfg.gamma_min,
+            gamma_max=cfg.gamma_max,
+            tolerance=cfg.budget_tolerance,
+        ),
+        warmup=warmup,
+        freeze=freeze,
+        resource_on=cfg.resource_on,
+        freeze_ranks_after_warmup=cfg.freeze_ranks_after_warmup,
+        autocast=cfg.autocast,
+    )
+    return trainer, schedule
+
+
+def _cross_entropy(label_smoothing: float):
+    def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(logits, target, label_smoothing=label_smoothing)
+
+    return loss_fn
+
+
+# ---------------------------------------------------------------------------------- loop
+def prune(cfg: RunConfig) -> dict:
+    """Train, prune and export; returns the report (also written to ``report.json``)."""
+    from tqdm.auto import tqdm
+
+    cfg.validate()
+    device = D.setup(cfg.device)
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True)
+    out = prepare_run_dir(cfg)
+    seed_everything(cfg.seed)
+    splits = build_splits(cfg)
+    model, pruner, example = build_model_and_pruner(cfg, splits.spec, device)
+    main = D.is_main()
+
+    sampler = EpochSampler(len(splits.train), cfg.seed, cfg.batch_size)
+    loader = train_loader(splits.train, sampler, cfg.workers)
+    steps_per_epoch = len(sampler.order()) // cfg.batch_size
+    if steps_per_epoch == 0:
+        raise RunDirectoryError("the training split is smaller than one batch; lower --batch-size")
+    total_steps = max(1, round(cfg.epochs * steps_per_epoch))
+    trainer, schedule = build_trainer(cfg, model, pruner, total_steps)
+    val_loader = eval_loader(splits.val, cfg.eval_batch_size, cfg.workers)
+    state = RunState()
+    last = out / "checkpoints" / "last.pt"
+    saved_step = None  # step of the newest good checkpoint of this run, if any
+    if cfg.resume:
+        state = restore(load_checkpoint(last, device), model, pruner, trainer, schedule, cfg)
+        saved_step = state.step
+    else:  # what the starting weights score: what pruning costs is measured against it
+        state.history.append(_start_record(model, pruner, val_loader, device, cfg))
+    if main:
+        # exactly the epochs of the checkpoint: a run killed between writing an epoch's line
+        # and its checkpoint repeats that epoch when resumed
+        lines = "".join(json.dumps(record) + "\n" for record in state.history)
+        atomic_write_bytes(out / "metrics.jsonl", lines.encode())
+        atomic_write_bytes(out / "config.yaml", yaml.safe_dump(cfg.to_dict()).encode())
+    writer = MetricWriter(out)
+
+    def save_interval(path: Path = last) -> None:
+        """End of an interval: average BatchNorm statistics over ranks, refuse to save a
+        non-finite state, save."""
+        nonlocal saved_step
+        _average_bn_statistics(model, pruner)
+        _check_finite(model, pruner, trainer, _non_finite(state, total_steps, last, saved_step))
+        save_checkpoint(path, model, pruner, trainer, schedule, state, cfg)
+        saved_step = state.step
+
+    model.train()
+    bar = tqdm(total=total_steps, initial=state.step, desc=f"{cfg.method} {cfg.model}",
+               disable=not (cfg.progress and main), dynamic_ncols=True)  # fmt: skip
+    while state.step < total_steps:
+        epoch = state.step // steps_per_epoch
+        sampler.epoch, sampler.start_batch = epoch, state.step % steps_per_epoch
+        loader.generator.manual_seed(cfg.seed * 100_003 + epoch)
+        tune_layout = cfg.hard_layout == "auto" and not cfg.deterministic
+        start = time.perf_counter()
+        for x, y in loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if cfg.channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            if tune_layout:  # the kept widths have moved since the last epoch
+                tune_hard_layout(pruner, x)
+                tune_layout = False
+            try:
+                losses = trainer.step(x, y)
+            except NonFiniteLossError as exc:
+                raise NonFiniteLossError(
+                    f"training step {state.step + 1} of {total_steps} (epoch {epoch + 1}): "
+                    f"{exc}; {_last_good(last, saved_step)}"
+                ) from None
+            schedule.step()
+            state.step += 1
+            for k, v in losses.items():
+                state.running[k] = state.running.get(k, 0.0) + v
+            state.running["n"] = state.running.get("n", 0) + 1
+            if state.step % 10 == 0:
+                bar.set_postfix(phase=trainer.phase(state.step - 1),
+                                loss=f"{losses.get('task', 0):.3f}",
+                                flops=f"{pruner.ratio('hard'):.3f}")  # fmt: skip
+            bar.update(1)
+            if state.step % steps_per_epoch == 0 or state.step == total_steps:
+                break
+            if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
+                state.train_seconds += time.perf_counter() - start
+                start = time.perf_counter()
+                save_interval()
+        state.train_seconds += time.perf_counter() - start
+        _average_bn_statistics(model, pruner)  # before evaluating the epoch
+        record = _epoch_record(state, steps_per_epoch, model, pruner, trainer, schedule,
+                               val_loader, device, cfg)  # fmt: skip
+        state.running = {}
+        state.history.append(record)
+        best = trainer.widths_frozen and record["val_top1_hard"] > state.best_top1_hard
+        if best:  # before last.pt is written, so that a resumed run knows the best so far
+            state.best_top1_hard = record["val_top1_hard"]
+        if main:
+            append_jsonl(out / "metrics.jsonl", record)
+            writer.log(record)
+        save_interval()
+        if best:
+            save_checkpoint(out / "checkpoints" / "best.pt", model, pruner, trainer, schedule,
+                            state, cfg)  # fmt: skip
+    bar.close()
+    report = finish(cfg, out, splits, model, pruner, trainer, example, device, state)
+    writer.close()
+    return report
+
+
+def _start_record(model, pruner, val_loader, device, cfg: RunConfig) -> dict:
+    top1 = evaluate(model, val_loader, device, progress=cfg.progress and D.is_main(),
+                    desc="val start")  # fmt: skip
+    return {"epoch": 0.0, "step": 0, "val_top1_full": top1, "init": cfg.init,
+            "pretrained": cfg.pretrained}  # fmt: skip
+
+
+def _average_bn_statistics(model, pruner: S2HPruner) -> None:
+    """Average BatchNorm running statistics, the model's and the hard network's, over ranks.
+
+    They only feed evaluation, and their momentum update is affine, so averaging before a
+    mid-epoch checkpoint gives the same epoch-end statistics as averaging once at the end.
+    """
+    D.average_buffers(model)
+    if pruner.hard_stats is not None:
+        D.average_tensors(list(pruner.hard_stats.buffers()))
+
+
+def _check_finite(model, pruner: S2HPruner, trainer: S2HTrainer, message: str) -> None:
+    """Raise :class:`NonFiniteLossError` if a weight, width logit, statistic or optimizer state
+    is NaN or infinite, so that such a state never replaces the last good checkpoint."""
+    tensors = [*model.parameters(), *model.buffers(), *pruner.parameters(), *pruner.buffers()]
+    for optimizer in (trainer.optimizer, trainer.mask_optimizer):
+        for param_state in optimizer.state.values():
+            tensors += [v for v in param_state.values() if isinstance(v, torch.Tensor)]
+    floats = [t for t in tensors if t.is_floating_point()]
+    if floats and not bool(torch.stack([torch.isfinite(t).all() for t in floats]).all()):
+        raise NonFiniteLossError(message)
+
+
+def _last_good(last: Path, saved_step: int | None) -> str:
+    if saved_step is None:
+        return "no checkpoint was saved before it (lower --lr or --mask-lr and restart)"
+    return (
+        f"the last good checkpoint is {last} (step {saved_step}); lower --lr or --mask-lr "
+        "and --resume"
+    )
+
+
+def _non_finite(state: RunState, total_steps: int, last: Path, saved_step: int | None) -> str:
+    return (
+        f"after training step {state.step} of {total_steps} the weights, width logits, "
+        f"BatchNorm statistics or optimizer states are NaN or infinite; not saving them; "
+        f"{_last_good(last, saved_step)}"
+    )
+
+
+def _epoch_record(state, steps_per_epoch, model, pruner, trainer, schedule, val_loader,
+                  device, cfg) -> dict:  # fmt: skip
+    running = reduced_sums(state.running)
+    n = max(1, running.pop("n", 1))
+    progress = cfg.progress and D.is_main()
+    soft = evaluate(model, val_loader, device, pruner, "soft", progress, "val soft")
+    hard = evaluate(model, val_loader, device, pruner, "hard", progress, "val hard")
+    return {
+        "epoch": round(state.step / steps_per_epoch, 4),
+        "step": state.step,
+        "phase": trainer.phase(state.step - 1),
+        "val_top1_soft": soft,
+        "val_top1_hard": hard,
+        "gap": soft - hard,
+        "flops_ratio_soft": pruner.ratio("soft"),
+        "flops_ratio_hard": pruner.ratio("hard"),
+        "target_flops": pruner.budgets.get("flops"),
+        "ratios_hard": pruner.ratios("hard"),
+        "budgets": pruner.budgets,
+        "budget_projection_steps": trainer.projection_steps,
+        "losses": {k: v / n for k, v in running.items()},
+        "lr": schedule.get_last_lr()[0],
+        "mask_lr": trainer.mask_optimizer.param_groups[0]["lr"],
+        "widths": pruner.kept_widths(),
+        "channels": {g.name: g.channels for g in pruner.groups},
+        "train_seconds": state.train_seconds,
+    }
+
+
+# -------------------------------------------------------------------------------- finish
+def finish(cfg, out, splits, model, pruner, trainer, example, device, state) -> dict:
+    """Export the hard network, measure it on the test split, write the report and plots."""
+    from .report import plot_run, summary_table
+
+    exported = trainer.export().eval()  # freezes the widths on the budget if not yet done
+    test_loader = eval_loader(splits.test, cfg.eval_batch_size, cfg.workers)
+    progress = cfg.progress and D.is_main()
+    top1_hard = evaluate(exported, test_loader, device, progress=progress, desc="test hard")
+    top1_soft = evaluate(model, test_loader, device, pruner, "soft", progress, "test soft")
+    if not D.is_main():
+        return {}
+    cpu_example = example.cpu()
+    model.eval()
+    full_cpu = model.cpu()
+    pruned_cpu = exported.cpu()
+    flops_full = count_flops(full_cpu, cpu_example)
+    flops_pruned = count_flops(pruned_cpu, cpu_example)
+    speed = latency_speedup(full_cpu, pruned_cpu, cpu_example, repeats=cfg.latency_repeats)
+    model.to(device)
+    exported.to(device)
+    report = {
+        "method": cfg.method,
+        "model": cfg.model,
+        "dataset": cfg.dataset,
+        "init": cfg.init,
+        "pretrained": cfg.pretrained,
+        "target_flops": pruner.budgets.get("flops"),
+        "target_params": pruner.budgets.get("params"),
+        "target_latency": pruner.budgets.get("latency"),
+        "top1_start_val": state.history[0].get("val_top1_full") if state.history else None,
+        "top1_hard": top1_hard,
+        "top1_soft": top1_soft,
+        "gap": top1_soft - top1_hard,
+        "flops_ratio": flops_pruned / flops_full,
+        "params_ratio": count_params(pruned_cpu) / count_params(full_cpu),
+        "predicted_flops_ratio": pruner.ratio("hard"),
+        "predicted_params_ratio": pruner.ratio("hard", "params"),
+        "budget_projection_steps": trainer.projection_steps,
+        "latency_speedup_b1": speed["b1"],
+        "latency_speedup_b64": speed["b64"],
+        "epochs": cfg.epochs,
+        "train_seconds": state.train_seconds,
+        "train_seconds_per_epoch": state.train_seconds / cfg.epochs,
+        "flops_full": flops_full,
+        "flops_pruned": flops_pruned,
+        "params_full": count_params(full_cpu),
+        "params_pruned": count_params(pruned_cpu),
+        "kept_widths": pruner.kept_widths(),
+        "channels": {g.name: g.channels for g in pruner.groups},
+        "device": str(device),
+        "world_size": D.world_size(),
+        "torch": torch.__version__,
+    }
+    if pruner.latency is not None:
+        report.update(_latency_report(model, exported, pruner, example, cfg, device))
+    atomic_torch_save(pruned_cpu.cpu(), out / "model_pruned.pt")
+    save_program(pruned_cpu.cpu(), cpu_example, out / "model_pruned.pt2")
+    atomic_write_bytes(out / "report.json", json.dumps(report, indent=2).encode())
+    plot_run(out)
+    print(summary_table(report))
+    return report
+
+
+def _latency_report(model, exported, pruner: S2HPruner, example, cfg, device) -> dict:
+    """Predicted and measured latency ratio of the exported model at the latency batch, on
+    the run's device, both timed back to back in rounds (medians)."""
+    batch = example[:1].expand(cfg.latency_batch, *example.shape[1:]).to(device)
+    layout = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    batch = batch.contiguous(memory_format=layout)
+    exported = exported.to(device, memory_format=layout).eval()
+    model.eval()
+    ratios = []
+    for _ in range(5):
+        full = median_latency(model, batch, repeats=max(5, cfg.latency_repeats // 3))
+        pruned = median_latency(exported, batch, repeats=max(5, cfg.latency_repeats // 3))
+        ratios.append(pruned / full)
+    ratios.sort()
+    return {
+        "latency_ratio_predicted": pruner.ratio("hard", "latency"),
+        "latency_ratio": ratios[len(ratios) // 2],
+        "latency_ratio_rounds": ratios,
+        "latency_batch": cfg.latency_batch,
+        "latency_correction": float(getattr(pruner.latency, "correction", 1.0)),
+    }

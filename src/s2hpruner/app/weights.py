@@ -1,0 +1,322 @@
+"""Start from weights the user already has: a checkpoint file, or cached pretrained weights.
+
+Why: pruning is usually applied to a trained model, so a run can begin from the user's own
+state dict (:func:`load_init_weights`) or from ImageNet weights (:func:`load_pretrained`).
+Nothing here downloads: pretrained weights are read from the torch hub cache (torchvision) or
+the Hugging Face cache (timm), and a missing file is reported with the exact path to fill.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import torch
+import torchvision
+from torch import nn
+
+from ..core.errors import CheckpointError
+from .models import MODELS
+
+__all__ = [
+    "STATE_DICT_KEYS",
+    "describe_state_dict_mismatch",
+    "load_init_weights",
+    "load_pretrained",
+    "read_state_dict",
+    "torchvision_cache_path",
+]
+
+#: where training scripts (timm, Lightning, torchvision references, DeiT...) keep the weights
+STATE_DICT_KEYS = (
+    "state_dict",
+    "model",
+    "model_state_dict",
+    "state_dict_ema",
+    "ema",
+    "module",
+    "net",
+    "weights",
+)
+_WRAPPERS = ("module.", "_orig_mod.")  # DataParallel / DDP, torch.compile
+_SHOWN = 10  # keys listed per kind of mismatch
+
+
+def _listing(items: list[str]) -> str:
+    shown = ", ".join(items[:_SHOWN])
+    return shown + (f" and {len(items) - _SHOWN} more" if len(items) > _SHOWN else "")
+
+
+def describe_state_dict_mismatch(
+    checkpoint: Mapping[str, Any], model_state: Mapping[str, Any]
+) -> str | None:
+    """None if ``checkpoint`` fits ``model_state`` key for key and shape for shape, else a
+    readable list of the missing, unexpected and mis-shaped keys (10 of each, with counts).
+
+    Missing BatchNorm ``num_batches_tracked`` counters are not a mismatch (old checkpoints lack
+    them and they do not affect the outputs).
+    """
+    missing = [
+        k for k in model_state if k not in checkpoint and not k.endswith("num_batches_tracked")
+    ]
+    unexpected = [k for k in checkpoint if k not in model_state]
+    shaped = []
+    for key, value in checkpoint.items():
+        want = getattr(model_state.get(key), "shape", None)
+        have = getattr(value, "shape", None)
+        if key in model_state and want is not None and have != want:
+            shaped.append(f"{key}: checkpoint {tuple(have or ())} vs model {tuple(want)}")
+    parts = [
+        f"{len(keys)} {kind} key(s): {_listing(keys)}"
+        for kind, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shaped))
+        if keys
+    ]
+    return "; ".join(parts) or None
+
+
+# --------------------------------------------------------------------------- reading files
+
+
+def _why(exc: BaseException) -> str:
+    """The first line of an exception's message (torch's run to paragraphs), or its type."""
+    lines = str(exc).strip().splitlines()
+    return lines[0][:200] if lines else type(exc).__name__
+
+
+def _torch_load(path: Path) -> Any:
+    """torch.load with weights_only=True; weights_only=False only for pickled Python objects.
+
+    A whole pickled ``nn.Module`` (or a checkpoint that also holds e.g. an argparse Namespace)
+    can only be read by running its pickle, which can execute code: pass files you trust.
+    """
+    corrupt = f"weights file {path} cannot be read"
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "Unsupported global" not in str(exc) and "Unsupported class" not in str(exc):
+            raise CheckpointError(f"{corrupt}: the file is corrupt or not a PyTorch file") from exc
+    except Exception as exc:  # zip, EOF, or unpickler errors (even IndexError) on a bad file
+        raise CheckpointError(f"{corrupt} ({_why(exc)}); the file is corrupt or truncated") from exc
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except (AttributeError, ImportError) as exc:
+        raise CheckpointError(
+            f"{path} holds a pickled object whose class cannot be imported ({_why(exc)}); fix: "
+            "make its module importable, or save model.state_dict() instead of the model"
+        ) from exc
+    except Exception as exc:  # any pickle failure: the file cannot be used
+        raise CheckpointError(f"{corrupt} ({type(exc).__name__}: {_why(exc)})") from exc
+
+
+def _as_state_dict(obj: Any) -> dict[str, Any] | None:
+    if isinstance(obj, nn.Module):
+        return dict(obj.state_dict())
+    if (
+        isinstance(obj, Mapping)
+        and obj
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+    ):
+        return dict(obj)
+    return None
+
+
+def read_state_dict(path: str | Path) -> tuple[dict[str, Any], str]:
+    """(state dict, where it was found) from a ``.safetensors`` file or a ``torch.save`` file
+    (``.pt``, ``.pth``, ``.bin``...) holding a state dict, a pickled module, or a checkpoint dict
+    with the state dict under one of :data:`STATE_DICT_KEYS` (possibly nested once)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CheckpointError(f"weights file {path} does not exist")
+    if path.suffix == ".safetensors":
+        try:
+            from safetensors import SafetensorError
+            from safetensors.torch import load_file
+        except ImportError as exc:
+            raise CheckpointError(
+                f"{path}: reading .safetensors needs the safetensors package "
+                "(pip install safetensors)"
+            ) from exc
+        try:
+            return load_file(str(path), device="cpu"), "safetensors"
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(
+                f"weights file {path} cannot be read as safetensors ({_why(exc)}); the file is "
+                "corrupt"
+            ) from exc
+    obj = _torch_load(path)
+    found = _as_state_dict(obj)
+    if found is not None:
+        return found, "pickled module" if isinstance(obj, nn.Module) else "state dict"
+    if isinstance(obj, Mapping):
+        for key in STATE_DICT_KEYS:
+            inner = obj.get(key)
+            found = _as_state_dict(inner)
+            if found is not None:
+                return found, key
+            if isinstance(inner, Mapping):
+                for key2 in STATE_DICT_KEYS:
+                    found = _as_state_dict(inner.get(key2))
+                    if found is not None:
+                        return found, f"{key}/{key2}"
+    keys = list(obj)[:20] if isinstance(obj, Mapping) else type(obj).__name__
+    raise CheckpointError(
+        f"{path} holds no state dict (found {keys}); expected tensors by name, a pickled "
+        f"nn.Module, or a checkpoint dict with one under {', '.join(STATE_DICT_KEYS)}"
+    )
+
+
+def _strip(state: dict[str, Any], model_keys: set[str]) -> tuple[dict[str, Any], str]:
+    """``state`` with the key prefix that best matches ``model_keys`` removed.
+
+    Candidates: none; leading ``module.`` / ``_orig_mod.`` (DDP, torch.compile, in any order);
+    a first component shared by every key (Lightning's ``model.``). The one matching the most
+    model keys wins, ties going to the smallest change.
+    """
+
+    def unwrap(key: str) -> str:
+        while key.startswith(_WRAPPERS):
+            key = key.split(".", 1)[1]
+        return key
+
+    candidates = [("", state), ("module./_orig_mod.", {unwrap(k): v for k, v in state.items()})]
+    firsts = {k.split(".", 1)[0] for k in state}
+    if len(firsts) == 1 and all("." in k for k in state):
+        first = firsts.pop()
+        candidates.append((first + ".", {k.split(".", 1)[1]: v for k, v in state.items()}))
+    prefix, best = max(candidates, key=lambda c: len(model_keys & set(c[1])))  # first on ties
+    return best, prefix
+
+
+def load_init_weights(model: nn.Module, path: str | Path) -> dict[str, Any]:
+    """Load the user's weights file into ``model``; every key and shape must match.
+
+    Returns ``{"path", "source" (where in the file), "tensors", "stripped_prefix"}``; raises
+    :class:`CheckpointError` naming the missing, unexpected and mis-shaped keys otherwise.
+    """
+    state, source = read_state_dict(path)
+    model_state = model.state_dict()
+    state, stripped = _strip(state, set(model_state))
+    problem = describe_state_dict_mismatch(state, model_state)
+    if problem:
+        raise CheckpointError(
+            f"weights file {path} ({source}) does not fit the model: {problem}; fix: build the "
+            "model these weights were trained with (same model, num_classes, in_chans, "
+            "model_kwargs)"
+        )
+    counters = {k: v for k, v in model_state.items() if k.endswith("num_batches_tracked")}
+    model.load_state_dict({**counters, **state})
+    return {"path": str(path), "source": source, "tensors": len(state), "stripped_prefix": stripped}
+
+
+# --------------------------------------------------------------------------- pretrained
+
+
+def torchvision_cache_path(name: str) -> Path:
+    """Where torchvision's DEFAULT weights of ``name`` live in the torch hub cache."""
+    weights = torchvision.models.get_model_weights(name).DEFAULT
+    filename = os.path.basename(urlparse(weights.url).path)
+    return Path(torch.hub.get_dir()) / "checkpoints" / filename
+
+
+def _timm_weights(model: nn.Module, cfg: Mapping[str, Any]) -> tuple[dict[str, Any], Path]:
+    """timm's weights of ``model`` from the Hugging Face cache, through timm's own filter."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    repo, _, revision = str(cfg["hf_hub_id"]).partition("@")
+    cache = Path(constants.HF_HUB_CACHE)
+    names = [cfg.get("hf_hub_filename") or "model.safetensors", "pytorch_model.bin"]
+    for filename in names:
+        found = try_to_load_from_cache(repo, filename, cache_dir=cache, revision=revision or None)
+        if isinstance(found, str):
+            break
+    else:
+        folder = cache / f"models--{repo.replace('/', '--')}"
+        raise CheckpointError(
+            f"timm weights {repo} are not in the Hugging Face cache (nothing is downloaded): "
+            f"expected {folder}/snapshots/<revision>/{names[0]} with {folder}/refs/main naming "
+            f"the revision; fix: on a machine with internet run `hf download {repo} {names[0]}` "
+            f"and copy its {folder.name} folder into {cache} (or set HF_HUB_CACHE)"
+        )
+    state, _ = read_state_dict(found)
+    filter_fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
+    if filter_fn is not None:  # e.g. resamples a ViT's position embedding to the image size
+        state = filter_fn(state, model)
+    return state, Path(found)
+
+
+def _names(value: Any) -> tuple[str, ...]:
+    return (value,) if isinstance(value, str) else tuple(value or ())
+
+
+def load_pretrained(model_name: str, model: nn.Module) -> dict[str, Any]:
+    """Load ImageNet weights into ``model`` (built by ``create_model(model_name, ...)``).
+
+    torchvision models read ``torch.hub.get_dir()/checkpoints/<file of DEFAULT weights>``;
+    timm models (the vision transformers) read the Hugging Face cache. When the data's
+    num_classes or in_chans differ from the weights' (1000, 3), everything else is loaded and
+    the classifier stays freshly initialised; a 1-channel stem gets the RGB kernels summed
+    (what a grey image copied to RGB would see), other channel counts a fresh stem. Returns
+    ``{"path", "tensors", "fresh" (keys left initialised), "adapted"}``.
+    """
+    cfg = getattr(model, "pretrained_cfg", None)
+    if isinstance(cfg, Mapping) and cfg.get("hf_hub_id"):
+        state, path = _timm_weights(model, cfg)
+        stems, heads = _names(cfg.get("first_conv")), _names(cfg.get("classifier"))
+    else:
+        name = model_name.removeprefix("torchvision/")
+        if name not in torchvision.models.list_models(module=torchvision.models):
+            raise CheckpointError(
+                f"no pretrained weights known for model {model_name!r}: --pretrained covers "
+                "torchvision classifiers and timm's vision transformers; for your own weights "
+                "use --init-weights FILE"
+            )
+        path = torchvision_cache_path(name)
+        if not path.is_file():
+            url = torchvision.models.get_model_weights(name).DEFAULT.url
+            raise CheckpointError(
+                f"pretrained weights of {name} are not in the torch hub cache (nothing is "
+                f"downloaded): expected {path}; fix: download {url} on a machine with internet "
+                f"and copy it to {path} (or set TORCH_HOME)"
+            )
+        state, _ = read_state_dict(path)
+        convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        stems, heads = tuple(convs[:1]), tuple(linears[-1:])
+
+    def under(key: str, names: tuple[str, ...]) -> bool:
+        return any(key == n or key.startswith(n + ".") for n in names)
+
+    model_state = model.state_dict()
+    loaded, fresh, adapted = {}, [], []
+    for key, target in model_state.items():
+        value = state.get(key)
+        if value is not None and value.shape == target.shape:
+            loaded[key] = value
+        elif under(key, stems) or under(key, heads):
+            grey = value is not None and value.ndim == 4 and target.shape[1] == 1
+            if grey and under(key, stems) and value.shape[1] == 3 and key.endswith("weight"):
+                loaded[key] = value.sum(1, keepdim=True)
+                adapted.append(key)
+            else:
+                fresh.append(key)
+    edge = [k for k in {*state, *model_state} if under(k, stems) or under(k, heads)]
+    problem = describe_state_dict_mismatch(
+        {k: v for k, v in state.items() if k not in edge},
+        {k: v for k, v in model_state.items() if k not in edge},
+    )
+    if problem:
+        hint = ""
+        if model_name in MODELS:
+            hint = (
+                f" (ours differs from torchvision's; for that one use 'torchvision/{model_name}')"
+            )
+        raise CheckpointError(
+            f"pretrained weights {path} do not fit model {model_name!r}{hint}: {problem}"
+        )
+    model.load_state_dict(loaded, strict=False)
+    return {"path": str(path), "tensors": len(loaded), "fresh": fresh, "adapted": adapted}

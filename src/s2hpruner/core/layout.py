@@ -1,0 +1,71 @@
+"""CPU memory-layout tuning of the sliced hard pass (opt-in: it picks a code path by timing).
+
+Which memory format trains the sliced hard network fastest depends on the kept widths, the
+feature map sizes and the kernels (``benchmarks/kernels.py``). All layouts compute the same
+network, but not bit for bit, so a run that tunes is not reproducible bit for bit: the
+application calls this only when asked (``hard_layout: auto``), like ``cudnn.benchmark``.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from .pruner import S2HPruner
+
+
+def tune_hard_layout(
+    pruner: S2HPruner, inputs: torch.Tensor, repeats: int = 3
+) -> torch.memory_format | None:
+    """Time the sliced hard network's training pass (forward and backward) in NCHW, in
+    channels_last, and in channels_last with narrow BatchNorms left in channels_last too
+    (``hard_nchw_norms=False``), and run ``mode("hard")`` in the fastest from now on, as
+    ``cudnn.benchmark`` does for conv algorithms. Which is fastest depends on the kept
+    widths, the feature map sizes and the kernels (``benchmarks/kernels.py``). All compute
+    the same network; weights, gradients, BatchNorm statistics and the RNG are left as
+    they were. Returns the chosen layout."""
+    if not pruner.sliced_hard or not torch.is_tensor(inputs) or inputs.dim() != 4:
+        return pruner.hard_layout
+    params = [p for p in pruner.model.parameters() if p.requires_grad]
+    params += pruner.mask_parameters()
+    stats = list(pruner.model.buffers())
+    stats += list(pruner.hard_stats.buffers())
+    saved = [t.clone() for t in stats]
+    cuda = inputs.device.type == "cuda"
+
+    def training_pass() -> float:
+        if cuda:
+            torch.cuda.synchronize(inputs.device)
+        start = time.perf_counter()
+        with pruner.mode("hard"):
+            out = pruner.model(inputs)
+        torch.autograd.grad(out.float().sum(), params, allow_unused=True)
+        if cuda:
+            torch.cuda.synchronize(inputs.device)
+        return time.perf_counter() - start
+
+    # (layout, narrow BatchNorms in NCHW); the flag only matters for channels_last
+    variants = [(torch.contiguous_format, True), (torch.channels_last, True),
+                (torch.channels_last, False)]
+    times: dict = {variant: [] for variant in variants}
+    previous = (pruner.hard_layout, pruner.hard_nchw_norms)
+    try:
+        with torch.random.fork_rng(devices=[inputs.device] if cuda else []):
+            for round_ in range(repeats + 1):  # the first round warms up
+                for variant in variants:  # interleaved: all see the same machine load
+                    pruner.hard_layout, pruner.hard_nchw_norms = variant
+                    elapsed = training_pass()
+                    if round_:
+                        times[variant].append(elapsed)
+    except BaseException:
+        pruner.hard_layout, pruner.hard_nchw_norms = previous
+        raise
+    finally:
+        with torch.no_grad():
+            for tensor, value in zip(stats, saved, strict=True):
+                tensor.copy_(value)
+    best = min(variants, key=lambda variant: statistics.median(times[variant]))
+    pruner.hard_layout, pruner.hard_nchw_norms = best
+    return pruner.hard_layout

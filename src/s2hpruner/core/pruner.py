@@ -1,0 +1,389 @@
+"""S2HPruner: the width search over a wrapped model, its three forward modes, and export.
+
+The pruner owns the width logits u (one per channel group). Inside ``pruner.mode("soft")`` the
+model's forward multiplies each group's channels by the relaxed mask w(u); inside
+``pruner.mode("hard")`` by the hard mask m_hat(u); ``"full"`` (and outside any mode) runs the
+model untouched. The masks are attached as forward hooks only while the context is open (on a
+BatchNorm they are folded into its affine parameters), so the wrapped model stays a plain
+``nn.Module`` and ``export()`` can copy it.
+
+The pruner is itself an ``nn.Module`` holding only its own state (width logits, the channel
+index, the resource tables, the hard network's BatchNorm statistics): ``pruner.to(device)``
+and ``pruner.state_dict()`` cover all of it. The wrapped model is not a submodule.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Callable, Iterable, Iterator
+
+import torch
+from torch import nn
+
+from . import masks as M
+from .attention import prune_heads
+from .errors import BudgetError, UnsupportedModelError
+from .index import ChannelIndex
+from .resources import ResourceModel
+from .search import WidthSearch
+from .sliced import SlicedHardForward, attach_mask, unsliceable_modules
+from .structure import ChannelGroup, build_graph, find_groups
+
+MODES = ("full", "soft", "hard")
+RESOURCES = ("flops", "params", "latency")
+_LABEL = {"flops": "FLOPs", "params": "parameter", "latency": "latency"}
+_BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+class HardNormStats(nn.Module):
+    """The hard network's own BatchNorm running statistics (the soft and hard networks see
+    different activations); swapped into the model while the hard network runs."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.layers: dict[str, str] = {}  # model layer name -> buffer prefix here
+        for name, module in model.named_modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+                prefix = f"bn{len(self.layers)}"
+                self.layers[name] = prefix
+                for buffer in _BN_BUFFERS:
+                    self.register_buffer(f"{prefix}_{buffer}", getattr(module, buffer).clone())
+
+    def swap(self, modules: dict[str, nn.Module]) -> None:
+        """Exchange the model's statistics with these (a second call swaps them back)."""
+        mine = self._buffers
+        for name, prefix in self.layers.items():
+            theirs = modules[name]._buffers  # setattr's checks cost ~20 us a buffer
+            for buffer in _BN_BUFFERS:
+                key = f"{prefix}_{buffer}"
+                mine[key], theirs[buffer] = theirs[buffer], mine[key]
+
+    def items(self) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
+        """(layer name, {buffer: tensor}) of every BatchNorm."""
+        for name, prefix in self.layers.items():
+            yield name, {b: self._buffers[f"{prefix}_{b}"] for b in _BN_BUFFERS}
+
+
+class S2HPruner(nn.Module):
+    """Differentiable width search with soft and hard masks over a model's channel groups.
+
+    Args:
+        model: the network to prune; it is not modified (masks act through temporary hooks).
+        example_inputs: a batch (or tuple of inputs) used to trace the model and count FLOPs.
+        target_flops: budget as a fraction of the full model's FLOPs in (0, 1].
+        target_params: budget as a fraction of the full model's parameters.
+        target_latency: budget as a fraction of the full model's latency, measured by
+            ``latency_model``: a :class:`~s2hpruner.core.resources.latency.LatencyModel`, or
+            a function ``(model, example_inputs, groups) -> LatencyModel`` called once the
+            groups are known. Every budget given is met; with none, ``target_flops=0.35``.
+        width_step: channel step d of every group (default: smallest divisor with <= 32 widths).
+        round_to: make every kept (hard) width a multiple of this, or the group's full width
+            (e.g. 8 or 16 for fast kernels); the search itself keeps the step ``width_step``.
+        ignored_layers: modules (or their names) whose output channels are never pruned; the
+            classifier is always ignored.
+        temperature: tau of p = softmax(u / tau); constant, never annealed.
+        separate_hard_bn_stats: keep the hard network's BatchNorm running statistics apart
+            from the soft network's (the two see different activations); the exported model
+            gets the hard ones. Use it whenever the hard network is trained (S2HPruner); DMP
+            never runs it in training.
+        sliced_hard: run the hard network on the kept channels only (sliced.py), when every
+            layer of the groups allows it; else the masked forward is used.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        example_inputs,
+        target_flops: float | None = None,
+        width_step: int | None = None,
+        round_to: int | None = None,
+        ignored_layers: Iterable[nn.Module | str] = (),
+        temperature: float = 1.0,
+        max_candidates: int = 32,
+        separate_hard_bn_stats: bool = True,
+        sliced_hard: bool = True,
+        target_params: float | None = None,
+        target_latency: float | None = None,
+        latency_model: nn.Module | Callable[..., nn.Module] | None = None,
+    ):
+        super().__init__()
+        if target_flops is None and target_params is None and target_latency is None:
+            target_flops = 0.35
+        self.budgets = {
+            name: _fraction(name, value)
+            for name, value in (
+                ("flops", target_flops),
+                ("params", target_params),
+                ("latency", target_latency),
+            )
+            if value is not None
+        }
+        if round_to is not None and round_to < 1:
+            raise ValueError(f"round_to must be >= 1 (or None), got {round_to}")
+        object.__setattr__(self, "model", model)  # wrapped, not a submodule
+        self.example_inputs = example_inputs
+        groups, _ = find_groups(model, example_inputs, width_step, ignored_layers, max_candidates)
+        self.groups: list[ChannelGroup] = [g for g in groups if len(g.candidates) > 1]
+        if not self.groups:
+            raise UnsupportedModelError(
+                f"{type(model).__name__} has no prunable channel group (every conv/linear is "
+                "ignored, fixed, or has a single candidate width); nothing to search"
+            )
+        self.round_to = round_to
+        self.layers = dict(model.named_modules())
+        self.index = ChannelIndex(self.groups, self.layers)
+        self.search = WidthSearch(self.groups, self.index, temperature, round_to)
+        self.resources = ResourceModel(model, example_inputs, self.groups)
+        if "latency" in self.budgets and latency_model is None:
+            raise BudgetError(
+                "target_latency needs a latency_model (LatencyModel(model, example_inputs, "
+                "pruner_groups, ...)); build one with s2hpruner.core.resources.latency"
+            )
+        if latency_model is not None and not isinstance(latency_model, nn.Module):
+            latency_model = latency_model(model, example_inputs, self.groups)
+        self.latency = latency_model
+        self.freeze_ranks = False
+        self.hard_stats = HardNormStats(model) if separate_hard_bn_stats else None
+        self.unsliceable = unsliceable_modules(self.groups, self.layers)
+        self._sliced = (
+            None if self.unsliceable else SlicedHardForward(self.groups, self.layers, self.index)
+        )
+        self.sliced_hard = sliced_hard and self._sliced is not None
+        self.hard_layout: torch.memory_format | None = None  # None: the model's own
+        self.hard_nchw_norms = True  # narrow channels_last BatchNorms train in NCHW (sliced.py)
+        self.to(next(model.parameters()).device)
+        self.update_ranks(force=True)
+        for name, target in self.budgets.items():
+            minimum = self.min_ratio(name)
+            if target < minimum:
+                raise BudgetError(
+                    f"target_{name}={target:g} is below the smallest {_LABEL[name]} ratio this "
+                    f"model can reach with its candidate widths ({minimum:.4f}); choose a target >= "
+                    f"{minimum:.4f} or a smaller width_step (or round_to)"
+                )
+
+    @property
+    def target_flops(self) -> float | None:
+        return self.budgets.get("flops")
+
+    # ----------------------------------------------------------------- state
+    def mask_parameters(self) -> list[nn.Parameter]:
+        """The width logits u, one ``nn.Parameter`` per group (give them their own optimizer)."""
+        return list(self.search.logits)
+
+    def get_extra_state(self) -> dict:
+        return {
+            "freeze_ranks": self.freeze_ranks,
+            "groups": [(g.name, g.channels, list(g.candidates)) for g in self.groups],
+            "round_to": self.round_to,
+        }
+
+    def set_extra_state(self, state: dict) -> None:
+        mine = [(g.name, g.channels, list(g.candidates)) for g in self.groups]
+        if [(n, c, list(k)) for n, c, k in state["groups"]] != mine:
+            raise ValueError("pruner state belongs to a model with other channel groups")
+        if state.get("round_to") != self.round_to:
+            raise ValueError(
+                f"pruner state was saved with round_to={state.get('round_to')}, this pruner has "
+                f"round_to={self.round_to}"
+            )
+        self.freeze_ranks = bool(state["freeze_ranks"])
+
+    # ------------------------------------------------------------ importance
+    @torch.no_grad()
+    def update_ranks(self, force: bool = False) -> None:
+        """Rank each group's channels by the L1 norm of their producers' weights (rank 0 first).
+
+        Called once per training step; a no-op when ``freeze_ranks`` is set (unless forced).
+        """
+        if self.freeze_ranks and not force:
+            return
+        ranks = M.grouped_ranks(self.importance(), self.index.group_of, self.index.group_offsets)
+        self.search.ranks.copy_(ranks)
+
+    def importance(self) -> torch.Tensor:
+        """Per flat group channel: mean over the group's producers of its L1 weight norm."""
+        norms: dict[str, torch.Tensor] = {}
+        sources = []
+        for name, map_id in self.index.importance_sources:
+            if name not in norms:
+                weight = self.layers[name].weight.detach().flatten(1)
+                norms[name] = torch.linalg.vector_norm(weight, ord=1, dim=1)
+            sources.append(norms[name][self.index.map(map_id)])
+        source = torch.cat(sources)
+        total = torch.zeros_like(self.index.producer_count, dtype=source.dtype)
+        return total.index_add_(0, self.index.importance_dest, source) / self.index.producer_count
+
+    # ----------------------------------------------------------------- masks
+    def relaxed_masks(self) -> list[torch.Tensor]:
+        """w per group, indexed by channel (not rank)."""
+        return list(self.search.flat_masks("soft").split(self.search.sizes))
+
+    def hard_masks(self) -> list[torch.Tensor]:
+        """m_hat per group, indexed by channel: value 0/1, gradient only through kept channels."""
+        return list(self.search.flat_masks("hard").split(self.search.sizes))
+
+    def flat_masks(self, mode: str) -> torch.Tensor:
+        """All groups' masks for ``mode`` ("soft" or "hard") in one vector, plus a trailing 1
+        that layers' channels outside any group point to."""
+        masks = self.search.flat_masks(mode)
+        return torch.cat([masks, torch.ones(1, device=masks.device, dtype=masks.dtype)])
+
+    @contextlib.contextmanager
+    def mode(self, mode: str, sliced: bool | None = None) -> Iterator[None]:
+        """Forward the wrapped model inside this context to get the ``mode`` network.
+
+        In "hard" mode, ``sliced`` (default: ``self.sliced_hard``) computes only the kept
+        channels; ``sliced=False`` is the masked reference path. Both give the same network.
+        """
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; use one of {MODES}")
+        if mode == "full":
+            yield
+            return
+        flat = self.flat_masks(mode)
+        sliced = self.sliced_hard if sliced is None else sliced
+        if sliced and self._sliced is None:
+            raise UnsupportedModelError(
+                f"no sliced hard forward for this model (layers {self.unsliceable}); "
+                "use the masked one"
+            )
+        swap = mode == "hard" and self.hard_stats is not None
+        if swap:
+            self.hard_stats.swap(self.layers)
+        try:
+            if mode == "hard" and sliced:
+                keep = flat.detach() > 0.5
+                with self._sliced.apply(keep, flat, self.hard_layout, self.hard_nchw_norms):
+                    yield
+            else:
+                handles = []
+                for name in self.index.site:
+                    site, dim = self.index.site_map(name)
+                    handles += attach_mask(self.layers[name], flat[site], dim)
+                try:
+                    yield
+                finally:
+                    for h in handles:
+                        h.remove()
+        finally:
+            if swap:
+                self.hard_stats.swap(self.layers)
+
+    # ------------------------------------------------------------- resources
+    def widths(self, mode: str) -> torch.Tensor:
+        """Group widths of ``mode``: expected E ("soft"), hard H ("hard") or all channels."""
+        if mode == "soft":
+            return self.search.expected_widths()
+        if mode == "hard":
+            return self.search.hard_widths()
+        if mode == "full":
+            return self.resources.channels.float()
+        raise ValueError(f"unknown mode {mode!r}; use one of {MODES}")
+
+    def _cost(self, resource: str) -> tuple[Callable[[torch.Tensor], torch.Tensor], float]:
+        """(cost of widths, cost of the full model) of a resource."""
+        if resource == "flops":
+            return self.resources.flops, self.resources.full_flops
+        if resource == "params":
+            return self.resources.params, self.resources.full_params
+        if resource == "latency" and self.latency is not None:
+            return self.latency.cost, self.latency.full
+        raise ValueError(f"unknown or unavailable resource {resource!r}; use one of {RESOURCES}")
+
+    def resource_ratio(self, resource: str, mode: str = "hard") -> torch.Tensor:
+        """Cost of the ``mode`` network over the full one (soft: differentiable in u; hard:
+        straight-through to the expected widths)."""
+        cost, full = self._cost(resource)
+        return cost(self.widths(mode)) / full
+
+    def flops(self, mode: str = "hard") -> torch.Tensor:
+        """FLOPs of the ``mode`` network on the example inputs (soft: differentiable in u)."""
+        return self.resources.flops(self.widths(mode))
+
+    def flops_ratio(self, mode: str = "hard") -> torch.Tensor:
+        return self.resource_ratio("flops", mode)
+
+    @torch.no_grad()
+    def ratio(self, mode: str = "hard", resource: str = "flops") -> float:
+        """A resource ratio of ``mode`` as a plain number (for logs and checks)."""
+        return float(self.resource_ratio(resource, mode))
+
+    @torch.no_grad()
+    def ratios(self, mode: str = "hard") -> dict[str, float]:
+        """Every budgeted resource's ratio, by name."""
+        return {name: self.ratio(mode, name) for name in self.budgets}
+
+    def budget_excess(self, mode: str = "hard") -> torch.Tensor:
+        """max over budgets of (ratio - target): 0 when the binding budget is met exactly,
+        positive when one is exceeded. With one budget, just rho - rho*."""
+        return torch.stack(
+            [self.resource_ratio(name, mode) - target for name, target in self.budgets.items()]
+        ).max()
+
+    def resource_loss(self, mode: str = "hard") -> torch.Tensor:
+        """R = (max_b (rho_b - rho_b*))^2: the SPEC's (rho - rho*)^2 for one budget; with
+        several, the binding one is driven to its target and the others stay below theirs."""
+        return self.budget_excess(mode) ** 2
+
+    def params(self, mode: str = "hard") -> torch.Tensor:
+        return self.resources.params(self.widths(mode))
+
+    def min_ratio(self, resource: str = "flops") -> float:
+        """A resource's ratio with every group at its smallest hard width (the smallest
+        candidate, rounded to ``round_to``)."""
+        smallest = self.search.hard_widths_of(self.search.candidates[:, 0])
+        cost, full = self._cost(resource)
+        return float(cost(smallest) / full)
+
+    def min_flops_ratio(self) -> float:
+        return self.min_ratio("flops")
+
+    def kept_widths(self) -> dict[str, int]:
+        """Hard width of every group, by group name."""
+        widths = self.search.hard_widths().detach().round().long().tolist()
+        return {g.name: w for g, w in zip(self.groups, widths, strict=True)}
+
+    def kept_channels(self) -> dict[str, list[int]]:
+        """Channel indices each group keeps in the hard network (its H most important)."""
+        kept = {}
+        for i, (g, width) in enumerate(zip(self.groups, self.kept_widths().values(), strict=True)):
+            ranks = self.search.group_ranks(i)
+            kept[g.name] = sorted(torch.nonzero(ranks < width).flatten().tolist())
+        return kept
+
+    # ----------------------------------------------------------------- export
+    def export(self) -> nn.Module:
+        """A new, physically pruned copy of the model: exactly the current hard network."""
+        pruned = copy.deepcopy(self.model)
+        if self.hard_stats is not None:
+            modules = dict(pruned.named_modules())
+            for name, stats in self.hard_stats.items():
+                for buffer, tensor in stats.items():
+                    setattr(modules[name], buffer, tensor.clone())
+        graph = build_graph(pruned, self.example_inputs)
+        modules = dict(pruned.named_modules())
+        heads = []
+        for g, keep in zip(self.groups, self.kept_channels().values(), strict=True):
+            remove = sorted(set(range(g.channels)) - set(keep))
+            if not remove:
+                continue
+            if g.kind == "heads":  # outside torch-pruning's groups: attention.py
+                heads.append((modules[g.root_module], keep))
+                continue
+            root = modules[g.root_module]
+            handler = graph.get_pruner_of_module(root).prune_out_channels
+            tp_group = graph.get_pruning_group(root, handler, remove)
+            tp_group.prune()
+        for module, keep in heads:
+            prune_heads(module, keep)
+        return pruned
+
+
+def _fraction(name: str, value: float) -> float:
+    if not 0.0 < float(value) <= 1.0:
+        raise BudgetError(
+            f"target_{name} must be a fraction of the full model's {name} in (0, 1], got {value}"
+        )
+    return float(value)

@@ -1,0 +1,396 @@
+"""Latency resource (HALP-style): per-layer tables measured on the target device.
+
+What is timed: every conv/linear call whose input or output width depends on a group, rebuilt
+as a fresh layer of the same type, kernel, stride, padding, dilation, bias (depthwise: in ==
+out) followed by the BatchNorm that directly consumes its output, if any, in eval mode under
+no_grad, at the run's batch size, the call's real input shape and the given memory format.
+Each cell of a grid of (input width, output width) is the median over ``rounds`` rounds (the
+whole grid in turn, so one noisy moment hits one round of many cells, not one cell) of a
+median over ``repeats`` timings after warm-up. Calls with the same signature share one table.
+
+Prediction: the in/out widths of each call follow ResourceModel's rule ``fixed + counts @
+(widths / channels)``, looked up by bilinear interpolation (linear extrapolation outside the
+grid), so the value is exact at grid points. Tables keep the raw medians (alignment effects are
+real), but a noisy non-monotone table would reward growing a width; the gradient is therefore
+taken from a monotone version (mean of the upper and lower monotone envelopes, equal to the raw
+table when that is monotone) by a straight-through sum.
+
+    cost(w) = correction * (tables(w) + fixed * act(w) / act(full))
+    fixed = max(measured_full - tables(full), 0)
+    correction = measured_full / (tables(full) + fixed)
+
+``fixed`` is the work outside the table layers (ReLUs, residual adds, pooling, unpruned layers,
+attention matmuls); it is mostly elementwise on activations, so it is scaled by act(w), the
+table layers' output elements (on a 2-core CPU, a constant fixed part over-predicted a
+half-width ResNet-20 by 35%, this rule by ~6%). ``correction`` is 1 unless the isolated layers
+sum to more than the whole model; either way ``cost(full) == measured_full``. ``validate``
+compares the prediction with a pruned model's measured latency.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import platform
+import statistics
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import UnsupportedModelError
+from ..measure import median_latency, memory_format_of
+from ..structure import ChannelGroup
+
+_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+_BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+_ALIGN = 8  # channels a CPU/GPU kernel handles at once (AVX2 fp32 lanes, tensor-core tiles)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters(), torch.empty(0)).device
+
+
+def _as_device(device: torch.device | str | None, model: nn.Module) -> torch.device:
+    """``device`` (default: the model's), with an explicit CUDA index so that it compares."""
+    device = torch.device(device) if device is not None else _device_of(model)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _formatted(t: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
+    try:
+        return t.contiguous(memory_format=fmt)
+    except RuntimeError:  # channels_last on a tensor that is not 4-D
+        return t.contiguous()
+
+
+def _time_cell(cell: nn.Module, x: torch.Tensor, repeats: int) -> float:
+    """Median seconds of one cell (tests replace this to make tables deterministic)."""
+    return median_latency(cell, x, repeats, warmup=2)
+
+
+def measure_latency(model: nn.Module, example_inputs: torch.Tensor, batch_size: int,
+                    device: torch.device | str | None = None, repeats: int = 20,
+                    memory_format: torch.memory_format | None = None) -> float:
+    """Median seconds of one eval-mode forward of ``batch_size`` copies of the first example
+    (no_grad, after warm-up); the model is copied only if it must change device or layout."""
+    device = _as_device(device, model)
+    fmt = memory_format or memory_format_of(model)
+    if device != _device_of(model) or fmt != memory_format_of(model):
+        model = copy.deepcopy(model).to(device=device, memory_format=fmt)
+    x = example_inputs[:1].expand(batch_size, *example_inputs.shape[1:]).to(device)
+    return median_latency(model, _formatted(x, fmt), repeats)
+
+
+def _read_json(path: Path) -> dict:
+    """The cache's content; a missing or corrupt file is an empty cache (it is re-measured)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def device_name(device: torch.device) -> str:
+    """GPU name, or CPU model name: part of the cache key."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _width_rows(groups: Sequence[ChannelGroup]):
+    """{layer: (in_counts, out_counts)} with ResourceModel's counting, for touched layers."""
+    index = {g.name: i for i, g in enumerate(groups)}
+    rows: dict[str, tuple[list[float], list[float]]] = {}
+    for g in groups:
+        for pieces, side in ((g.consumers, 0), (g.producers + g.norms, 1)):
+            for p in pieces:
+                row = rows.setdefault(p.module_name, ([0.0] * len(groups), [0.0] * len(groups)))
+                row[side][index[g.name]] += len(p.module_idxs)
+    return rows
+
+
+def _record_calls(model: nn.Module, example_inputs: torch.Tensor):
+    """[(layer, input shape, BatchNorm consuming the output or None, output positions)] for
+    every conv/linear call (positions: output elements per channel)."""
+    calls: list[list] = []
+    outputs: dict[int, tuple[int, torch.Tensor]] = {}
+    handles = []
+    for name, module in model.named_modules():
+        if isinstance(module, _LAYERS):
+
+            def pre(mod, args, name=name):
+                calls.append([name, tuple(args[0].shape), None, 0])
+
+            def post(mod, args, out):
+                outputs[id(out)] = (len(calls) - 1, out)  # keep `out` alive: ids stay unique
+                calls[-1][3] = out.numel() // out.shape[-1 if isinstance(mod, nn.Linear) else 1]
+
+            handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+
+            def bn_pre(mod, args):
+                if id(args[0]) in outputs:
+                    calls[outputs[id(args[0])][0]][2] = mod
+
+            handles.append(module.register_forward_pre_hook(bn_pre))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(example_inputs)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return calls
+
+
+def _axis(fixed: float, counts, groups: Sequence[ChannelGroup], points: int) -> list[int]:
+    """Grid of one width axis, from the smallest-candidate width to full, on reachable widths
+    (multiples of the group's step when the axis follows one group).
+
+    Kernels process ``_ALIGN`` channels at a time, so latency is a staircase in the width. When
+    the step is finer than that, about half the points are aligned widths and the other half
+    the next width after each, so interpolation sees the jump instead of smoothing it."""
+    frac = [c / g.channels for c, g in zip(counts, groups, strict=True)]
+    full = round(fixed + sum(counts))
+    if not any(counts):
+        return [full]
+    smallest = sum(f * min(g.candidates) for f, g in zip(frac, groups, strict=True))
+    low = max(1, round(fixed + smallest))
+    used = [i for i, c in enumerate(counts) if c]
+    step = frac[used[0]] * groups[used[0]].step if len(used) == 1 and fixed == 0 else 1
+    step = int(step) if float(step).is_integer() and step >= 1 else 1
+    staircase = step < _ALIGN and points >= 4
+    align = math.lcm(step, _ALIGN) if staircase else step
+    raw = torch.linspace(low, full, points // 2 + 1 if staircase else max(points, 2)).tolist()
+    anchors = {round(v / align) * align for v in raw} - {0}
+    grid = {low, full} | {a + step for a in anchors if staircase} | anchors
+    return sorted(v for v in grid if low <= v <= full)
+
+
+def _signature(name: str, module: nn.Module, bn: nn.Module | None, shape: tuple, counts,
+               groups: Sequence[ChannelGroup], grid_points: int):
+    """What a call's timing depends on (its table's key, grids included), and its width rule
+    ``([in_fixed, out_fixed], in_counts, out_counts)``; depthwise convs have one axis."""
+    linear = isinstance(module, nn.Linear)
+    full_in = module.in_features if linear else module.in_channels
+    full_out = module.out_features if linear else module.out_channels
+    depthwise = not linear and module.groups > 1
+    if depthwise and module.groups != full_out or depthwise and full_in != full_out:
+        raise UnsupportedModelError(f"layer {name!r}: grouped conv is not supported")
+    ins = [0.0] * len(groups) if depthwise else counts[0]
+    fixed = [0.0 if depthwise else full_in - sum(ins), full_out - sum(counts[1])]
+    grids = [[full_out] if depthwise else _axis(fixed[0], ins, groups, grid_points),
+             _axis(fixed[1], counts[1], groups, grid_points)]
+    sig = {"layer": type(module).__name__, "input": list(shape), "in": full_in, "out": full_out,
+           "bias": module.bias is not None, "bn": bn is not None, "depthwise": depthwise,
+           "grids": grids, "dtype": str(module.weight.dtype)}
+    if not linear:
+        sig.update(kernel=module.kernel_size, stride=module.stride, padding=module.padding,
+                   dilation=module.dilation, padding_mode=module.padding_mode)
+    return sig, (fixed, ins, counts[1])
+
+
+def _cell(module: nn.Module, bn: nn.Module | None, cin: int, cout: int) -> nn.Module:
+    if isinstance(module, nn.Linear):
+        layer: nn.Module = nn.Linear(cin, cout, module.bias is not None)
+    else:
+        conv = next(c for c in _LAYERS if isinstance(module, c))
+        layer = conv(
+            cin, cout, module.kernel_size, module.stride, module.padding, module.dilation,
+            groups=cout if module.groups > 1 else 1, bias=module.bias is not None,
+            padding_mode=module.padding_mode)
+    if bn is None:
+        return layer
+    dims = 1 if isinstance(module, nn.Linear) else len(module.kernel_size)
+    return nn.Sequential(layer, _BN[dims](cout, affine=bn.affine))
+
+
+def _interp(grid: torch.Tensor, x: torch.Tensor):
+    """Segment indices and fractions of ``x`` in ``grid`` (linear extrapolation outside)."""
+    if grid.numel() == 1:
+        zero = torch.zeros_like(x, dtype=torch.long)
+        return zero, zero, torch.zeros_like(x)
+    i = (torch.searchsorted(grid, x.detach().contiguous(), right=True) - 1).clamp(0, len(grid) - 2)
+    return i, i + 1, (x - grid[i]) / (grid[i + 1] - grid[i])
+
+
+def bilinear(in_grid, out_grid, table, ins: torch.Tensor, outs: torch.Tensor) -> torch.Tensor:
+    """``table`` (..., len(in_grid), len(out_grid)) interpolated at (ins[k], outs[k])."""
+    i0, i1, t = _interp(in_grid, ins)
+    j0, j1, u = _interp(out_grid, outs)
+    return ((1 - t) * (1 - u) * table[..., i0, j0] + (1 - t) * u * table[..., i0, j1]
+            + t * (1 - u) * table[..., i1, j0] + t * u * table[..., i1, j1])
+
+
+def monotone(table: torch.Tensor) -> torch.Tensor:
+    """Mean of the upper (cummax) and lower (reverse cummin) envelopes, non-decreasing in
+    both axes; equal to ``table`` when that already is."""
+    upper = table.cummax(0).values.cummax(1).values
+    lower = table.flip(0, 1).cummin(0).values.cummin(1).values.flip(0, 1)
+    return (upper + lower) / 2
+
+
+class LatencyModel(nn.Module):
+    """Latency of the pruned network as a function of the group widths, from per-layer tables
+    measured on the target device (HALP-style)."""
+
+    def __init__(self, model: nn.Module, example_inputs: torch.Tensor,
+                 groups: Sequence[ChannelGroup], batch_size: int = 64,
+                 device: torch.device | str | None = None, grid_points: int = 8,
+                 repeats: int = 7, cache: str | Path | None = None,
+                 memory_format: torch.memory_format | None = None, progress: bool = False,
+                 rounds: int = 3):
+        super().__init__()
+        self.device = _as_device(device, model)
+        self.memory_format = memory_format or memory_format_of(model)
+        self.batch_size, self.repeats = batch_size, repeats
+        self.example = example_inputs[:1].detach().cpu().clone()
+        modules, rows = dict(model.named_modules()), _width_rows(groups)
+        sigs: dict[str, dict] = {}
+        entries: list[tuple] = []  # per call: (key, fixed, in_counts, out_counts, positions)
+        scale = batch_size / example_inputs.shape[0]
+        for name, shape, bn, positions in _record_calls(model, example_inputs):
+            module, counts = modules[name], rows.get(name)
+            if counts is None or not any(counts[0] + counts[1]):
+                continue  # no width of this call depends on a group: part of the fixed cost
+            sig, widths = _signature(name, module, bn, shape, counts, groups, grid_points)
+            sig["input"][0] = max(1, round(shape[0] * scale))
+            sig["device"] = str(self.device)
+            key = json.dumps(sig, sort_keys=True, default=str)
+            sigs.setdefault(key, {"sig": sig, "module": module, "bn": bn})
+            entries.append((key, *widths, positions * scale))
+        self.signatures = list(sigs)
+        self.cache_path, self.cache_key = self._cache_location(cache)
+        tables = self._tables(sigs, rounds, progress)
+        self.is_monotone: list[bool] = []  # per table: raw medians already monotone?
+        for k, key in enumerate(self.signatures):
+            raw = torch.tensor(tables[key], dtype=torch.float64)
+            smooth = monotone(raw)
+            self.is_monotone.append(bool(torch.equal(raw, smooth)))
+            self.register_buffer(f"table_{k}", torch.stack([raw, smooth]))
+            for a, axis in enumerate(("in", "out")):
+                grid = torch.tensor(sigs[key]["sig"]["grids"][a], dtype=torch.float64)
+                self.register_buffer(f"{axis}_grid_{k}", grid)
+            rows_k = [e for e, entry in enumerate(entries) if entry[0] == key]
+            self.register_buffer(f"entries_{k}", torch.tensor(rows_k, dtype=torch.long))
+
+        def tensor(values, width: int) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.float64).reshape(len(entries), width)
+
+        self.register_buffer("fixed", tensor([e[1] for e in entries], 2))
+        self.register_buffer("positions", tensor([e[4] for e in entries], 1)[:, 0])
+        self.register_buffer("in_counts", tensor([e[2] for e in entries], len(groups)))
+        self.register_buffer("out_counts", tensor([e[3] for e in entries], len(groups)))
+        self.register_buffer("channels", torch.tensor([float(g.channels) for g in groups],
+                                                      dtype=torch.float64))
+        self.measured_full = measure_latency(model, example_inputs, batch_size, self.device,
+                                             repeats * rounds, self.memory_format)
+        tables_full = float(self.table_sum(self.channels))
+        self.activations_full = float(self.activations(self.channels)) or 1.0
+        self.fixed_part = max(self.measured_full - tables_full, 0.0)
+        self.correction = self.measured_full / (tables_full + self.fixed_part)
+        self.full = float(self.cost(self.channels))
+
+    def _cache_location(self, cache: str | Path | None) -> tuple[Path, str]:
+        folder = os.environ.get("S2HPRUNER_CACHE") or Path.home() / ".cache/s2hpruner/latency"
+        path = Path(cache) if cache is not None else Path(folder) / "latency.json"
+        key = {"device": device_name(self.device), "torch": torch.__version__,
+               "threads": torch.get_num_threads(), "batch": self.batch_size,
+               "memory_format": str(self.memory_format)}
+        return path, json.dumps(key, sort_keys=True)
+
+    def _tables(self, sigs: dict[str, dict], rounds: int, progress: bool) -> dict[str, list]:
+        """Tables of all signatures: cached ones read, the others measured and cached."""
+        stored = _read_json(self.cache_path)
+        tables = dict(stored.get(self.cache_key, {}))
+        todo = [key for key in sigs if key not in tables]
+        if progress and todo:
+            from tqdm import tqdm
+
+            todo = tqdm(todo, desc="latency tables", unit="layer")
+        for key in todo:
+            tables[key] = self._measure(sigs[key], rounds)
+        if len(tables) > len(stored.get(self.cache_key, {})):
+            self._write_cache(tables)
+        return {key: tables[key] for key in sigs}
+
+    @torch.no_grad()
+    def _measure(self, spec: dict, rounds: int) -> list[list[float]]:
+        sig, module, bn = spec["sig"], spec["module"], spec["bn"]
+        in_grid, out_grid = sig["grids"]
+        dtype = module.weight.dtype
+        times: dict[tuple[int, int], list[float]] = {}
+        for _ in range(max(1, rounds)):
+            for cin in in_grid:
+                for cout in out_grid:
+                    c_in = cout if sig["depthwise"] else cin
+                    cell = _cell(module, bn, c_in, cout).to(self.device, dtype).eval()
+                    cell = cell.to(memory_format=self.memory_format)
+                    shape = list(sig["input"])
+                    shape[-1 if isinstance(module, nn.Linear) else 1] = c_in
+                    x = torch.randn(shape, device=self.device, dtype=dtype)
+                    x = _formatted(x, self.memory_format)
+                    times.setdefault((cin, cout), []).append(_time_cell(cell, x, self.repeats))
+        return [[statistics.median(times[i, o]) for o in out_grid] for i in in_grid]
+
+    def _write_cache(self, tables: dict[str, list]) -> None:
+        """Merge into the file as it is now, written atomically (tempfile + os.replace)."""
+        self.cache_path.parent.mkdir(parents=True, exist_ok=True)
+        data = _read_json(self.cache_path)
+        data.setdefault(self.cache_key, {}).update(tables)
+        fd, tmp = tempfile.mkstemp(dir=self.cache_path.parent, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f)
+        os.replace(tmp, self.cache_path)
+
+    def _widths(self, widths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        frac = widths.to(self.channels.device, torch.float64) / self.channels
+        return self.fixed[:, 0] + self.in_counts @ frac, self.fixed[:, 1] + self.out_counts @ frac
+
+    def activations(self, widths: torch.Tensor) -> torch.Tensor:
+        """Output elements of the table layers: what the untimed elementwise work scales with."""
+        return (self._widths(widths)[1] * self.positions).sum()
+
+    def table_sum(self, widths: torch.Tensor) -> torch.Tensor:
+        """Sum of the interpolated tables (seconds): value from the raw tables, gradient from
+        their monotone versions."""
+        ins, outs = self._widths(widths)
+        total = ins.new_zeros(())
+        for k in range(len(self.signatures)):
+            rows = getattr(self, f"entries_{k}")
+            grids = getattr(self, f"in_grid_{k}"), getattr(self, f"out_grid_{k}")
+            raw, smooth = bilinear(*grids, getattr(self, f"table_{k}"), ins[rows], outs[rows])
+            total = total + (smooth + (raw - smooth).detach()).sum()
+        return total
+
+    def cost(self, widths: torch.Tensor) -> torch.Tensor:
+        """Predicted seconds per batch at the given group widths, differentiable in them."""
+        fixed = self.fixed_part * self.activations(widths) / self.activations_full
+        return self.correction * (self.table_sum(widths) + fixed)
+
+    def ratio(self, widths: torch.Tensor) -> torch.Tensor:
+        """Latency relative to the full model (1 at full widths)."""
+        return self.cost(widths) / self.full
+
+    @torch.no_grad()
+    def validate(self, pruned_model: nn.Module, widths: torch.Tensor) -> dict[str, float]:
+        """Measured vs predicted latency of an exported model at the widths it was cut to."""
+        measured = measure_latency(pruned_model, self.example, self.batch_size, self.device,
+                                   self.repeats * 3, self.memory_format)
+        predicted = float(self.cost(widths))
+        return {"measured": measured, "predicted": predicted, "error": predicted / measured - 1,
+                "full": self.full, "measured_full": self.measured_full}

@@ -1,0 +1,448 @@
+"""S2HTrainer: one S2HPruner step in your own training loop (SPEC section 5).
+
+Read :meth:`S2HTrainer.gradients` first: the two forwards, the four losses and where each
+gradient goes are all on one screen. :class:`Method` says, per method and ablation, which loss
+reaches the weights theta and which the width logits u; nothing else in the step branches on
+the method's name.
+
+    trainer = S2HTrainer(model, pruner, optimizer, total_steps=epochs * len(loader))
+    for x, y in loader:
+        losses = trainer.step(x, y)       # both forwards, the losses, both optimizer steps
+        scheduler.step()                  # your schedule, your logging
+    pruned = trainer.export()             # the physically pruned hard network
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import distributed as D
+from .balance import GradientBalancer
+from .errors import BudgetError, NonFiniteLossError
+from .pruner import S2HPruner
+
+PHASES = ("warmup", "joint", "freeze")
+
+
+@dataclass(frozen=True)
+class Method:
+    """Where each loss goes: the routing table of S2HPruner and its ablations (SPEC 5-6).
+
+    ``hard`` runs the hard network; ``gap_hard_to_masks`` lets G_h reach u through m_hat;
+    ``gap_soft`` computes G_s (to u through the soft mask); ``gap_soft_to_weights`` lets G_s
+    reach theta too (the coupled ablation). Task loss L always reaches theta and u; the
+    resource loss only u; G_h always theta (when the hard network runs)."""
+
+    name: str
+    hard: bool = True
+    gap_hard_to_masks: bool = True
+    gap_soft: bool = True
+    gap_soft_to_weights: bool = False
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("s2h"),
+        Method("dmp", hard=False, gap_hard_to_masks=False, gap_soft=False),
+        Method("s2h-no-gs", gap_soft=False),
+        Method("s2h-coupled", gap_soft_to_weights=True),
+        Method("s2h-no-gap-on-mask", gap_hard_to_masks=False, gap_soft=False),
+    )
+}
+
+
+def kl(target_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """KL(softmax(target) || softmax(logits)), averaged over the batch."""
+    return F.kl_div(
+        F.log_softmax(logits, dim=-1),
+        F.log_softmax(target_logits, dim=-1),
+        log_target=True,
+        reduction="batchmean",
+    )
+
+
+def logits_of(output) -> torch.Tensor:
+    """The class logits of a model's output: a tensor, the first of a tuple or list, a dict's
+    ``"logits"`` entry, or an object's ``.logits`` (Hugging Face)."""
+    if torch.is_tensor(output):
+        return output
+    if isinstance(output, dict):
+        return output["logits"]
+    if isinstance(output, tuple | list):
+        return output[0]
+    if hasattr(output, "logits"):
+        return output.logits
+    raise TypeError(f"cannot find logits in a model output of type {type(output).__name__}; "
+                    "pass output=... to S2HTrainer")  # fmt: skip
+
+
+@dataclass
+class StepGradients:
+    """Gradients of one step, kept apart by the loss they come from, so that where each loss
+    reaches (weights, width logits, or both) is explicit and testable."""
+
+    weights: dict[str, list] = field(default_factory=dict)
+    masks: dict[str, list] = field(default_factory=dict)
+    losses: dict[str, float] = field(default_factory=dict)
+
+    def add(self, name, loss, weights: list, masks: list, retain_graph: bool = False) -> None:
+        self.losses[name] = float(loss.detach())
+        if not weights and not masks:
+            return
+        grads = torch.autograd.grad(
+            loss, weights + masks, retain_graph=retain_graph, allow_unused=True
+        )
+        if weights:
+            self.weights[name] = list(grads[: len(weights)])
+        if masks:
+            self.masks[name] = list(grads[len(weights) :])
+
+
+def _sum(*sources: Sequence[torch.Tensor | None] | None) -> list | None:
+    """Element-wise sum of per-parameter gradient lists (None entries and lists skipped)."""
+    sources = [s for s in sources if s is not None]
+    if not sources:
+        return None
+    out = list(sources[0])
+    for source in sources[1:]:
+        out = [
+            a if b is None else (b if a is None else a + b)
+            for a, b in zip(out, source, strict=True)
+        ]
+    return out
+
+
+def project_to_budget(
+    pruner: S2HPruner, tolerance: float, lr: float = 0.02, max_steps: int = 5000
+) -> int:
+    """Move the width logits, on the resource loss alone, until every budget's hard ratio is
+    met (the binding one within ``tolerance`` of its target). Used once when the widths
+    freeze, so that the exported model always meets the budget; during a healthy search it
+    does nothing. Where one channel of a large residual group moves a ratio by more than the
+    tolerance, the closest widths seen are kept. Returns the steps taken (0: untouched)."""
+    masks = pruner.mask_parameters()
+    optimizer = torch.optim.Adam(masks, lr=lr)
+    best = (float("inf"), [u.detach().clone() for u in masks])
+    for step in range(max_steps):
+        excess = pruner.budget_excess("hard")  # straight-through gradient to E
+        error = abs(float(excess.detach()))
+        if error < best[0]:
+            best = (error, [u.detach().clone() for u in masks])
+        if error <= tolerance:
+            return step
+        optimizer.zero_grad()
+        (excess**2).backward(inputs=masks)
+        optimizer.step()
+    with torch.no_grad():
+        for u, kept in zip(masks, best[1], strict=True):
+            u.copy_(kept)
+    return max_steps
+
+
+class S2HTrainer:
+    """Runs S2HPruner's step (both forwards, the four losses and their routing, the
+    norm-balanced width-logit update) in the caller's loop.
+
+    Args:
+        model: the network being pruned (the one ``pruner`` wraps), on its device.
+        pruner: its :class:`S2HPruner`.
+        optimizer: the caller's optimizer of the model's weights; the trainer calls its
+            ``step()`` and ``zero_grad()``. The LR schedule stays with the caller.
+        total_steps: steps of the whole run; the phases are fractions of it.
+        method: ``"s2h"`` or an ablation, see :data:`METHODS`.
+        loss_fn: ``loss_fn(logits, target)``, default cross-entropy (label smoothing, mixup
+            targets or a teacher's soft targets work as long as the function takes them).
+        output: picks the logits from the model's output (default :func:`logits_of`).
+        mask_optimizer: optimizer of the width logits (default Adam, ``mask_lr``, no decay).
+        alpha: weight of G_h in the weights' loss.
+        balancer: the norm balancing of u's gradients (``balance.py``).
+        warmup: fraction of the steps with u frozen at its start (weights only).
+        freeze: fraction of the steps at the end with u frozen and the hard network trained,
+            distilled from the soft one (DMP trains its soft network). When the widths freeze,
+            they are projected onto the budget if the search did not meet it.
+        resource_on: R on the ``"hard"`` ratio (straight-through) or the ``"soft"`` one.
+        freeze_ranks_after_warmup: fix the importance order once the search starts.
+        autocast: ``None``, ``"bf16"`` (CPU and CUDA) or ``"fp16"`` (CUDA, with a grad scaler).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        pruner: S2HPruner,
+        optimizer: torch.optim.Optimizer,
+        total_steps: int,
+        *,
+        method: str | Method = "s2h",
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        output: Callable[[object], torch.Tensor] = logits_of,
+        mask_optimizer: torch.optim.Optimizer | None = None,
+        mask_lr: float = 0.05,
+        alpha: float = 1.0,
+        balancer: GradientBalancer | None = None,
+        warmup: float = 0.0,
+        freeze: float = 0.25,
+        resource_on: str = "hard",
+        freeze_ranks_after_warmup: bool = False,
+        autocast: str | None = None,
+    ):
+        if isinstance(method, str):
+            if method not in METHODS:
+                raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+            method = METHODS[method]
+        if total_steps < 1:
+            raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+        if not (warmup >= 0.0 and freeze >= 0.0 and warmup + freeze < 1.0):
+            raise ValueError(
+                f"warmup ({warmup}) and freeze ({freeze}) are fractions of the run that must "
+                "leave a joint search phase: each >= 0 and warmup + freeze < 1"
+            )
+        if resource_on not in ("hard", "soft"):
+            raise ValueError(f"resource_on must be 'hard' or 'soft', got {resource_on!r}")
+        if autocast not in (None, "bf16", "fp16"):
+            raise ValueError(f"autocast must be None, 'bf16' or 'fp16', got {autocast!r}")
+        self.model, self.pruner, self.optimizer = model, pruner, optimizer
+        self.total_steps = int(total_steps)
+        self.method = method
+        self.loss_fn = loss_fn or F.cross_entropy
+        self.output = output
+        self.mask_optimizer = mask_optimizer or torch.optim.Adam(
+            pruner.mask_parameters(), lr=mask_lr, betas=(0.9, 0.999)
+        )
+        self.alpha = alpha
+        self.balancer = balancer or GradientBalancer()
+        self.warmup, self.freeze = float(warmup), float(freeze)
+        self.resource_on = resource_on
+        self.freeze_ranks_after_warmup = freeze_ranks_after_warmup
+        self.autocast = autocast
+        self.scaler = torch.amp.GradScaler("cuda") if autocast == "fp16" else None
+        self.step_count = 0
+        self.widths_frozen = False
+        self.projection_steps: int | None = None  # steps project_to_budget took, once frozen
+
+    # ----------------------------------------------------------------- phases
+    def phase(self, step: int | None = None) -> str:
+        """"warmup" (u frozen at init), "joint" (u searched) or "freeze" (u fixed)."""
+        progress = (self.step_count if step is None else step) / self.total_steps
+        if progress < self.warmup:
+            return "warmup"
+        if progress >= 1.0 - self.freeze:
+            return "freeze"
+        return "joint"
+
+    def freeze_widths(self) -> int:
+        """Fix the architecture: freeze the importance order and project the widths onto the
+        budget (warning when the search had not met it). Returns the projection's steps."""
+        if self.widths_frozen:
+            return self.projection_steps or 0
+        self.widths_frozen = True
+        self.pruner.freeze_ranks = True
+        before = self.pruner.ratios("hard")
+        self.projection_steps = project_to_budget(self.pruner, self.balancer.tolerance)
+        if self.projection_steps:
+            warnings.warn(
+                f"the search ended off its budget (hard ratios {_fmt(before)}, targets "
+                f"{_fmt(self.pruner.budgets)}); projected the widths onto it in "
+                f"{self.projection_steps} steps (now {_fmt(self.pruner.ratios('hard'))}). "
+                "A longer joint phase or a larger gamma_growth lets the search meet it itself.",
+                stacklevel=2,
+            )
+        return self.projection_steps
+
+    # ------------------------------------------------------------------- step
+    def _forward(self, x: torch.Tensor, mode: str) -> torch.Tensor:
+        with self.pruner.mode(mode), self._autocast(x):
+            return self.output(self.model(x)).float()
+
+    def _autocast(self, x: torch.Tensor):
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.autocast == "bf16" else torch.float16
+        return torch.autocast(x.device.type, dtype=dtype)
+
+    def gradients(self, x: torch.Tensor, y, phase: str) -> StepGradients:
+        """The forwards and losses of one step of ``self.method``, and where each loss's
+        gradient goes (not yet applied)."""
+        m, alpha, loss_fn = self.method, self.alpha, self.loss_fn
+        weights = [p for p in self.model.parameters() if p.requires_grad]
+        masks = self.pruner.mask_parameters() if phase == "joint" else []
+        grads = StepGradients()
+
+        if not m.hard:  # DMP: the soft network only; it is discretised at the end
+            soft = self._forward(x, "soft")
+            grads.add("task", self._scaled(loss_fn(soft, y)), weights, masks)
+
+        elif phase == "freeze":  # widths fixed: train the hard network, distilled from soft
+            with torch.no_grad():
+                soft = self._forward(x, "soft")
+            hard = self._forward(x, "hard")
+            grads.add("task", self._scaled(loss_fn(hard, y) + alpha * kl(soft, hard)), weights, [])
+
+        else:
+            soft = self._forward(x, "soft")  # 1. soft forward and task loss L
+            task = loss_fn(soft, y)
+            hard = self._forward(x, "hard")  # 2. hard forward
+            gap_hard = kl(soft.detach(), hard)  # 3. G_h: theta via the hard net, u via m_hat
+            gap_soft = kl(soft, hard.detach())  #    G_s: u only, via the soft mask (decoupled)
+            # G_h's backward first: it frees the hard graph before the two soft backwards
+            to_masks = masks if m.gap_hard_to_masks else []
+            grads.add("gap_hard", self._scaled(alpha * gap_hard), weights, to_masks)
+            grads.add("task", self._scaled(task), weights, masks, retain_graph=m.gap_soft)
+            if m.gap_soft:
+                to_weights = weights if m.gap_soft_to_weights else []
+                grads.add("gap_soft", self._scaled(gap_soft), to_weights, masks)
+            else:
+                grads.losses["gap_soft"] = float(gap_soft.detach())
+
+        if masks:  # 4. resource loss R, on the width logits only
+            resource = self.pruner.resource_loss(self.resource_on)
+            grads.add("resource", self._scaled(resource), [], masks)
+        if self.scaler is not None:  # report unscaled losses
+            grads.losses = {k: v / self.scaler.get_scale() for k, v in grads.losses.items()}
+        return grads
+
+    def _scaled(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss if self.scaler is None else self.scaler.scale(loss)
+
+    def step(self, x: torch.Tensor, y) -> dict[str, float]:
+        """One optimisation step: the weights get the sum of their gradients, the width
+        logits the norm-balanced combination of task, gap and resource gradients. Returns
+        the losses (and the balancer's ``gamma``)."""
+        phase = self.phase()
+        if phase == "freeze" and not self.widths_frozen:
+            self.freeze_widths()
+        if phase != "warmup" and self.freeze_ranks_after_warmup and not self.pruner.freeze_ranks:
+            self.pruner.update_ranks(force=True)  # the order of the warmed-up weights, kept
+            self.pruner.freeze_ranks = True
+        weights = [p for p in self.model.parameters() if p.requires_grad]
+        masks = self.pruner.mask_parameters()
+        self.pruner.update_ranks()
+        grads = self.gradients(x, y, phase)
+        loss = sum(v for k, v in grads.losses.items() if k != "resource")
+        if not math.isfinite(loss):
+            raise NonFiniteLossError(f"non-finite loss {loss} ({grads.losses})")
+
+        _set_grads(weights, _sum(*grads.weights.values()))
+        D.average_gradients(weights)
+        search = "resource" in grads.masks
+        if search:  # balance the rank-averaged sources: N processes = one with N times the batch
+            task = D.average_gradient_list(grads.masks["task"], masks)
+            gap = _sum(grads.masks.get("gap_hard"), grads.masks.get("gap_soft"))
+            gap = None if gap is None else D.average_gradient_list(gap, masks)
+            self.balancer.update(float(self.pruner.budget_excess("hard").detach()))
+            _set_grads(masks, self.balancer.combine(masks, task, gap, grads.masks["resource"]))
+        self._optimizer_step(self.optimizer)
+        if search:
+            self._optimizer_step(self.mask_optimizer)
+        if self.scaler is not None:
+            self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.mask_optimizer.zero_grad(set_to_none=True)
+        self.step_count += 1
+        return {**grads.losses, "gamma": self.balancer.gamma}
+
+    def _optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.scaler is None:
+            optimizer.step()
+        else:  # unscales, and skips the step on inf/NaN gradients
+            self.scaler.step(optimizer)
+
+    # ------------------------------------------------------------- the end
+    def export(self) -> nn.Module:
+        """The physically pruned hard network (the widths are frozen and meet the budget)."""
+        if not self.widths_frozen:
+            self.freeze_widths()
+        return self.pruner.export()
+
+    def state_dict(self) -> dict:
+        """Everything of the trainer a resumed run needs (save the model, the pruner and your
+        optimizer beside it)."""
+        return {
+            "step_count": self.step_count,
+            "widths_frozen": self.widths_frozen,
+            "projection_steps": self.projection_steps,
+            "mask_optimizer": self.mask_optimizer.state_dict(),
+            "balancer": self.balancer.state_dict(),
+            "scaler": None if self.scaler is None else self.scaler.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step_count = int(state["step_count"])
+        self.widths_frozen = bool(state["widths_frozen"])
+        self.projection_steps = state["projection_steps"]
+        self.mask_optimizer.load_state_dict(state["mask_optimizer"])
+        self.balancer.load_state_dict(state["balancer"])
+        if self.scaler is not None and state.get("scaler") is not None:
+            self.scaler.load_state_dict(state["scaler"])
+
+
+def _set_grads(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None] | None):
+    if grads is None:
+        grads = [None] * len(params)
+    for p, g in zip(params, grads, strict=True):
+        p.grad = None if g is None else g.detach()
+
+
+def _fmt(ratios: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.4f}" for k, v in ratios.items())
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader,
+    device: torch.device | str,
+    pruner: S2HPruner | None = None,
+    mode: str = "full",
+    progress: bool = False,
+    desc: str = "eval",
+    output: Callable[[object], torch.Tensor] = logits_of,
+) -> float:
+    """Top-1 accuracy (percent) of ``model`` (in ``mode`` of ``pruner`` if given), summed
+    over ranks when distributed."""
+    from tqdm.auto import tqdm
+
+    was_training = model.training
+    _set_training(model, False)
+    correct = torch.zeros((), device=device)
+    total = torch.zeros((), device=device)
+    try:
+        for x, y in tqdm(loader, desc=desc, leave=False, disable=not progress):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            mode_ctx = contextlib.nullcontext() if pruner is None else pruner.mode(mode)
+            with mode_ctx:
+                logits = output(model(x))
+            correct += (logits.argmax(-1) == y).sum()
+            total += y.numel()
+    finally:
+        _set_training(model, was_training)
+    correct, total = D.all_reduce_sum(correct), D.all_reduce_sum(total)
+    return float(100.0 * correct / total.clamp_min(1))
+
+
+def _set_training(model: nn.Module, training: bool) -> None:
+    """``model.train(training)``; a loaded torch.export program has no modes (always eval)."""
+    with contextlib.suppress(NotImplementedError):
+        model.train(training)
+
+
+__all__ = [
+    "METHODS",
+    "PHASES",
+    "BudgetError",
+    "Method",
+    "S2HTrainer",
+    "StepGradients",
+    "evaluate",
+    "kl",
+    "logits_of",
+    "project_to_budget",
+]

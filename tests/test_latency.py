@@ -1,0 +1,205 @@
+"""Latency resource: tables, interpolation, gradient, cache. Table timings are faked (a known
+function of the cell's widths) so that nothing asserts wall-clock values."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from s2hpruner.core.resources import latency
+from s2hpruner.core.resources.latency import LatencyModel, bilinear, measure_latency, monotone
+from s2hpruner.core.structure import find_groups
+
+
+def tiny_net() -> nn.Sequential:
+    """conv -> depthwise -> strided conv -> flatten -> linear -> linear (a flattened map).
+
+    The depthwise conv alone has a 5x5 kernel: at width 1 it is an ordinary 1->1 conv, and the
+    fake timer tells it apart by its kernel."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 16, 5, padding=2, groups=16), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1, stride=2), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.Flatten(), nn.Linear(32 * 4 * 4, 24), nn.ReLU(), nn.Linear(24, 10),
+    )  # fmt: skip
+
+
+def setup(model: nn.Module | None = None):
+    model = model or tiny_net()
+    example = torch.randn(2, 3, 8, 8)
+    groups, _ = find_groups(model, example, None, (), 32)
+    return model, example, [g for g in groups if len(g.candidates) > 1]
+
+
+def cell_widths(cell: nn.Module, x: torch.Tensor) -> tuple[int, int]:
+    """(in, out) widths of a timed cell; 0 input width for a depthwise conv (one axis)."""
+    layer = cell[0] if isinstance(cell, nn.Sequential) else cell
+    cin = x.shape[-1] if isinstance(layer, nn.Linear) else x.shape[1]
+    depthwise = getattr(layer, "kernel_size", None) == (5, 5)
+    return 0 if depthwise else cin, layer.weight.shape[0]
+
+
+def smooth_time(cin: float, cout: float) -> float:
+    """Bilinear in (cin, cout), so bilinear interpolation reproduces it everywhere."""
+    return 1e-6 * (1 + cin + 2 * cout + cin * cout / 8)
+
+
+class FakeTimer:
+    def __init__(self, fn=smooth_time):
+        self.fn, self.calls = fn, 0
+
+    def __call__(self, cell, x, repeats):
+        self.calls += 1
+        return self.fn(*cell_widths(cell, x))
+
+
+@pytest.fixture
+def fake(monkeypatch, tmp_path):
+    timer = FakeTimer()
+    monkeypatch.setattr(latency, "_time_cell", timer)
+    monkeypatch.setattr(latency, "measure_latency", lambda *args, **kwargs: 1.0)
+    monkeypatch.setenv("S2HPRUNER_CACHE", str(tmp_path))
+    return timer
+
+
+def build(example_model=None, **kwargs) -> LatencyModel:
+    model, example, groups = setup(example_model)
+    options = {"batch_size": 4, "grid_points": 3, "repeats": 3, "rounds": 1} | kwargs
+    return LatencyModel(model, example, groups, **options)
+
+
+def widths_of(model, groups, a, b, c) -> torch.Tensor:
+    """Group widths from the widths of conv 0 (and the depthwise), conv 6 and linear 10."""
+    by_producer = {p.module_name: i for i, g in enumerate(groups) for p in g.producers}
+    widths = torch.zeros(len(groups), dtype=torch.float64)
+    widths[by_producer["0"]], widths[by_producer["6"]], widths[by_producer["10"]] = a, b, c
+    return widths
+
+
+def test_interpolation_exact_at_grid_points_and_linear_between():
+    torch.manual_seed(0)
+    in_grid = torch.tensor([1.0, 3.0, 7.0, 16.0], dtype=torch.float64)
+    out_grid = torch.tensor([2.0, 5.0, 9.0], dtype=torch.float64)
+    table = torch.rand(4, 3, dtype=torch.float64)
+    ins, outs = torch.meshgrid(in_grid, out_grid, indexing="ij")
+    at_points = bilinear(in_grid, out_grid, table, ins.flatten(), outs.flatten())
+    torch.testing.assert_close(at_points, table.flatten(), rtol=0, atol=1e-15)
+    for t in (0.25, 0.5, 0.9):  # linear along an edge, bilinear inside a cell
+        x, y = torch.tensor([3 + 4 * t]), torch.tensor([5 + 4 * t])
+        edge = bilinear(in_grid, out_grid, table, x, torch.tensor([5.0]))
+        torch.testing.assert_close(edge, (1 - t) * table[1, 1:2] + t * table[2, 1:2])
+        inside = bilinear(in_grid, out_grid, table, x, y)
+        corners = table[1:3, 1:3]
+        expected = ((1 - t) * (1 - t) * corners[0, 0] + (1 - t) * t * corners[0, 1]
+                    + t * (1 - t) * corners[1, 0] + t * t * corners[1, 1])  # fmt: skip
+        torch.testing.assert_close(inside, expected.reshape(1))
+
+
+def test_cost_follows_the_tables_at_any_width(fake):
+    model, _, groups = setup()
+    lm = build()
+    assert lm.correction == 1.0 and lm.measured_full == 1.0
+    sigs = [json.loads(key) for key in lm.signatures]
+    assert [s["grids"][0] for s in sigs if s["depthwise"]] == [[16]]  # one axis: in == out
+    flat = next(s["grids"][0] for s in sigs if s["in"] == 512)
+    assert all(v % 16 == 0 for v in flat) and flat[-1] == 512  # snapped to reachable widths
+
+    def tables(a, b, c):  # conv0, depthwise, conv6, flattened linear, last linear
+        terms = [(3, a), (0, a), (a, b), (16 * b, c), (c, 10)]
+        return sum(smooth_time(i, o) for i, o in terms)
+
+    def activations(a, b, c):  # output elements at batch 4: 8x8, 8x8, 4x4, 1, 1 positions
+        return 4 * (64 * a + 64 * a + 16 * b + c + 10)
+
+    fixed = 1.0 - tables(16, 32, 24)  # the measured whole model takes 1 s
+    for a, b, c in [(16, 32, 24), (1, 1, 1), (8, 16, 12), (5.5, 20.25, 3.7)]:
+        cost = lm.cost(widths_of(model, groups, a, b, c))
+        scaled = fixed * activations(a, b, c) / activations(16, 32, 24)
+        assert float(cost) == pytest.approx(tables(a, b, c) + scaled, rel=1e-12)
+    assert float(lm.cost(lm.channels)) == pytest.approx(lm.full, rel=1e-12)
+    assert float(lm.ratio(lm.channels)) == pytest.approx(1.0, rel=1e-12)
+    assert all(lm.is_monotone)
+
+
+def test_correction_when_layers_alone_exceed_the_model(monkeypatch, fake):
+    monkeypatch.setattr(latency, "measure_latency", lambda *args, **kwargs: 1e-9)
+    lm = build()
+    assert lm.fixed_part == 0.0 and lm.correction < 1.0
+    assert lm.full == pytest.approx(1e-9, rel=1e-12)
+    assert float(lm.cost(lm.channels / 2)) < lm.full
+
+
+def test_gradient_and_monotone_tables(fake):
+    model, _, groups = setup()
+    lm = build()
+    widths = widths_of(model, groups, 6.3, 11.1, 9.9).requires_grad_()
+    lm.cost(widths).backward()
+    assert torch.isfinite(widths.grad).all() and (widths.grad > 0).all()
+    low, high = widths_of(model, groups, 4, 10, 8), widths_of(model, groups, 12, 30, 20)
+    for g in range(len(groups)):  # monotone tables: raising any one width never costs less
+        raised = low.clone()
+        raised[g] = high[g]
+        assert float(lm.cost(raised)) >= float(lm.cost(low))
+
+
+def test_non_monotone_table_keeps_values_but_gives_non_negative_gradient(monkeypatch, fake):
+    def bumpy(cin, cout):  # output width 16 measured faster than 8: an alignment effect
+        return smooth_time(cin, cout) + (5e-5 if cout == 8 else 0.0)
+
+    monkeypatch.setattr(latency, "_time_cell", FakeTimer(bumpy))
+    model, _, groups = setup()
+    lm = build()
+    assert not all(lm.is_monotone)
+    k = lm.is_monotone.index(False)
+    raw, smooth = getattr(lm, f"table_{k}")
+    assert (smooth.diff(dim=0) >= 0).all() and (smooth.diff(dim=1) >= 0).all()
+    assert torch.equal(monotone(smooth), smooth)
+    widths = widths_of(model, groups, 12.0, 20.0, 12.0).requires_grad_()
+    lm.cost(widths).backward()
+    assert torch.isfinite(widths.grad).all() and (widths.grad >= 0).all()
+
+
+def test_cache_is_reused_and_keyed(fake, tmp_path):
+    build()
+    assert fake.calls > 0 and (tmp_path / "latency.json").exists()
+    first = fake.calls
+    again = build()
+    assert fake.calls == first  # every table came from the cache
+    assert not list(tmp_path.glob("*.tmp"))
+    build(batch_size=8)
+    assert fake.calls > first  # another batch size is another key
+    data = json.loads((tmp_path / "latency.json").read_text())
+    assert {json.loads(key)["batch"] for key in data} == {4, 8}
+    elsewhere = build(cache=tmp_path / "sub" / "own.json")
+    assert (tmp_path / "sub" / "own.json").exists()
+    assert elsewhere.full == again.full
+
+
+def test_real_timings(tmp_path, monkeypatch):
+    monkeypatch.setenv("S2HPRUNER_CACHE", str(tmp_path))
+    model, example, groups = setup()
+    seconds = measure_latency(model, example, batch_size=4, repeats=3)
+    assert isinstance(seconds, float) and seconds > 0
+    lm = LatencyModel(model, example, groups, batch_size=4, grid_points=3, repeats=3, rounds=1,
+                      progress=True)  # fmt: skip
+    assert lm.measured_full > 0 and lm.correction > 0
+    assert float(lm.cost(lm.channels)) == pytest.approx(lm.full, rel=1e-9)
+    widths = (lm.channels / 2).float().requires_grad_()
+    cost = lm.cost(widths)
+    cost.backward()
+    assert torch.isfinite(widths.grad).all() and math.isfinite(cost.detach().item())
+    report = lm.validate(model, lm.channels)
+    assert report["measured"] > 0 and report["predicted"] == pytest.approx(lm.full)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cost_on_cuda(fake):
+    lm = build().cuda()
+    widths = (lm.channels / 2).float().requires_grad_()
+    lm.cost(widths).backward()
+    assert torch.isfinite(widths.grad).all()
