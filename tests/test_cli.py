@@ -39,7 +39,9 @@ def test_prune_writes_a_complete_run_directory(finished_run):
     assert report["top1_hard"] > 50.0, "the fabricated task is learnable"
     assert report["gap"] == pytest.approx(report["top1_soft"] - report["top1_hard"])
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in records] == [1.0, 2.0, 3.0, 4.0]
+    assert [r["epoch"] for r in records] == [0.0, 1.0, 2.0, 3.0, 4.0]
+    assert 0.0 <= records[0]["val_top1_full"] <= 100.0  # the starting model, before pruning
+    assert report["top1_start_val"] == records[0]["val_top1_full"]
     for key in ("val_top1_soft", "val_top1_hard", "gap", "flops_ratio_soft", "flops_ratio_hard",
                 "losses", "lr", "widths"):
         assert key in records[-1]

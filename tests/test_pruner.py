@@ -124,8 +124,9 @@ def test_torchvision_cnn_exact_export_and_flops(name):
      ("torchvision/mobilenet_v2", 8, (2, 3, 64, 64))],
 )
 def test_round_to_keeps_aligned_widths_and_stays_exact(name, round_to, shape):
-    """round_to snaps the hard widths up to multiples of m; the hard network is still
-    exactly the exported one and the FLOPs predictions still match the counter."""
+    """round_to snaps the hard widths to the nearest multiple of m (or the full width); the
+    hard network is still exactly the exported one and the FLOPs predictions still match the
+    counter."""
     model = create_model(name, num_classes=10, in_chans=shape[1])
     pruner, exported = check_exact_and_flops(model, shape, seed=5, round_to=round_to)
     convs = [m for m in exported.modules() if isinstance(m, torch.nn.Conv2d)]

@@ -66,7 +66,7 @@ class RunConfig:
     nesterov: bool = True
     lr_warmup_steps: int = 0
     label_smoothing: float = 0.0
-    # width logits: own optimizer, norm-balanced gradients (see balance.py)
+    # width logits: own optimizer, norm-balanced gradients (see core/balance.py)
     mask_optimizer: str = "adam"
     mask_lr: float = 0.05
     temperature: float = 1.0

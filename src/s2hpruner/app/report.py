@@ -30,9 +30,12 @@ def _save(fig, path: Path) -> None:
 
 
 def plot_run(run_dir: str | Path) -> list[Path]:
-    """accuracy.png (soft vs hard per epoch), flops.png (ratio vs target), widths.png."""
+    """accuracy.png (soft vs hard per epoch, and the starting model), flops.png (hard ratio
+    of every budgeted resource against its target), widths.png."""
     run_dir = Path(run_dir)
     records = read_metrics(run_dir)
+    start = next((r for r in records if "val_top1_full" in r), None)
+    records = [r for r in records if "val_top1_soft" in r]  # the epochs
     if not records:
         return []
     epochs = [r["epoch"] for r in records]
@@ -41,6 +44,8 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(epochs, [r["val_top1_soft"] for r in records], "o-", label="soft network")
     ax.plot(epochs, [r["val_top1_hard"] for r in records], "s-", label="hard network")
+    if start is not None:
+        ax.axhline(start["val_top1_full"], color="gray", ls=":", label="starting model")
     ax.set(xlabel="epoch", ylabel="validation top-1 (%)", title="Soft vs hard accuracy")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -48,10 +53,18 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     written.append(run_dir / "accuracy.png")
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(epochs, [r["flops_ratio_soft"] for r in records], "o-", label="soft (expected widths)")
-    ax.plot(epochs, [r["flops_ratio_hard"] for r in records], "s-", label="hard (kept widths)")
-    ax.axhline(records[-1]["target_flops"], color="k", ls="--", label="target")
-    ax.set(xlabel="epoch", ylabel="FLOPs ratio", title="FLOPs against the budget", ylim=(0, 1.05))
+    ax.plot(epochs, [r["flops_ratio_soft"] for r in records], "o-", label="FLOPs, soft")
+    ax.plot(epochs, [r["flops_ratio_hard"] for r in records], "s-", label="FLOPs, hard (kept)")
+    budgets = records[-1].get("budgets") or {"flops": records[-1]["target_flops"]}
+    for i, (name, target) in enumerate(budgets.items()):
+        color = f"C{i + 2}"
+        if name != "flops":
+            ratios = [r.get("ratios_hard", {}).get(name, float("nan")) for r in records]
+            ax.plot(epochs, ratios, "^-", color=color, label=f"{name}, hard (kept)")
+        ax.axhline(target, color=color if name != "flops" else "k", ls="--",
+                   label=f"{name} target")  # fmt: skip
+    ax.set(xlabel="epoch", ylabel="ratio of the full model", title="Resources against the budget",
+           ylim=(0, 1.05))  # fmt: skip
     ax.grid(alpha=0.3)
     ax.legend()
     _save(fig, run_dir / "flops.png")
@@ -86,7 +99,9 @@ def summary_table(report: dict) -> str:
     rows = [
         ("method", report["method"]),
         ("model / dataset", f"{report['model']} / {report['dataset']}"),
-        ("target FLOPs", f"{report['target_flops']:.3f}"),
+        ("budgets", ", ".join(f"{k} {report[f'target_{k}']:.3f}"
+                              for k in ("flops", "params", "latency")
+                              if report.get(f"target_{k}") is not None)),
         ("top-1 hard (exported, test)", f"{report['top1_hard']:.2f}%"),
         ("top-1 soft (test)", f"{report['top1_soft']:.2f}%"),
         ("gap soft - hard", f"{report['gap']:+.2f} points"),
@@ -98,6 +113,12 @@ def summary_table(report: dict) -> str:
         ),
         ("epochs / train time", f"{report['epochs']:g} / {report['train_seconds']:.0f} s"),
     ]
+    if report.get("top1_start_val") is not None:
+        rows.insert(3, ("top-1 of the starting model (val)", f"{report['top1_start_val']:.2f}%"))
+    if report.get("latency_ratio") is not None:
+        rows.append(("latency ratio measured / predicted",
+                     f"{report['latency_ratio']:.3f} / {report['latency_ratio_predicted']:.3f} "
+                     f"(batch {report['latency_batch']})"))  # fmt: skip
     width = max(len(k) for k, _ in rows)
     line = "-" * (width + 30)
     return "\n".join([line] + [f"{k:<{width}}  {v}" for k, v in rows] + [line])

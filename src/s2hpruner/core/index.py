@@ -54,6 +54,22 @@ def channel_dim(module: nn.Module) -> int:
     return -1 if isinstance(module, nn.Linear) else 1
 
 
+def width_counts(groups: Sequence[ChannelGroup]) -> dict[str, tuple[list[float], list[float]]]:
+    """{layer: (in_counts, out_counts)}: how many of a layer's input and output channels carry
+    each group's channels (a flattened map feeding a Linear carries each one H*W times). A
+    layer's width is then ``fixed + counts @ (widths / channels)``: the resource models'
+    rule."""
+    position = {g.name: i for i, g in enumerate(groups)}
+    rows: dict[str, tuple[list[float], list[float]]] = {}
+    for g in groups:
+        for pieces, side in ((g.consumers, 0), (g.producers + g.norms, 1)):
+            for piece in pieces:
+                empty = ([0.0] * len(groups), [0.0] * len(groups))
+                row = rows.setdefault(piece.module_name, empty)
+                row[side][position[g.name]] += len(piece.module_idxs)
+    return rows
+
+
 class ChannelIndex(nn.Module):
     """Flat channel numbering of the groups and every layer's map into it (buffers, so that
     ``.to()`` moves them)."""

@@ -159,8 +159,8 @@ class S2HPruner(nn.Module):
             if target < minimum:
                 raise BudgetError(
                     f"target_{name}={target:g} is below the smallest {_LABEL[name]} ratio this "
-                    f"model can reach with its candidate widths ({minimum:.4f}); choose a target >= "
-                    f"{minimum:.4f} or a smaller width_step (or round_to)"
+                    f"model can reach with its candidate widths ({minimum:.4f}); choose a target "
+                    f">= {minimum:.4f} or a smaller width_step (or round_to)"
                 )
 
     @property

@@ -67,7 +67,7 @@ class ChannelGroup:
     norms: list[ChannelSlice] = field(default_factory=list)  # BatchNorm channels
     mask_sites: list[ChannelSlice] = field(default_factory=list)  # outputs the mask multiplies
     root_module: str = ""
-    kind: str = "channels"  # or "heads": attention heads of root_module (transformers.py)
+    kind: str = "channels"  # or "heads": attention heads of root_module (attention.py)
     head_dim: int = 0  # channels per head of a "heads" group
 
     def __repr__(self) -> str:
@@ -148,7 +148,7 @@ def find_groups(
     emulate removing a channel there. A group touching a layer kind the pruner cannot mask
     or count raises :class:`UnsupportedModelError` naming that layer.
 
-    Attention modules (transformers.py) get one head group each, built by hand; their qkv and
+    Attention modules (attention.py) get one head group each, built by hand; their qkv and
     proj layers are ignored here, which also (silently) drops the residual stream's group.
     """
     from . import attention as attention_kind  # imports this module

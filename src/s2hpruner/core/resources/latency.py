@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
+from ..index import width_counts
 from ..measure import median_latency, memory_format_of
 from ..structure import ChannelGroup
 
@@ -107,18 +108,6 @@ def device_name(device: torch.device) -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
-
-
-def _width_rows(groups: Sequence[ChannelGroup]):
-    """{layer: (in_counts, out_counts)} with ResourceModel's counting, for touched layers."""
-    index = {g.name: i for i, g in enumerate(groups)}
-    rows: dict[str, tuple[list[float], list[float]]] = {}
-    for g in groups:
-        for pieces, side in ((g.consumers, 0), (g.producers + g.norms, 1)):
-            for p in pieces:
-                row = rows.setdefault(p.module_name, ([0.0] * len(groups), [0.0] * len(groups)))
-                row[side][index[g.name]] += len(p.module_idxs)
-    return rows
 
 
 def _record_calls(model: nn.Module, example_inputs: torch.Tensor):
@@ -259,7 +248,7 @@ class LatencyModel(nn.Module):
         self.memory_format = memory_format or memory_format_of(model)
         self.batch_size, self.repeats = batch_size, repeats
         self.example = example_inputs[:1].detach().cpu().clone()
-        modules, rows = dict(model.named_modules()), _width_rows(groups)
+        modules, rows = dict(model.named_modules()), width_counts(groups)
         sigs: dict[str, dict] = {}
         entries: list[tuple] = []  # per call: (key, fixed, in_counts, out_counts, positions)
         scale = batch_size / example_inputs.shape[0]

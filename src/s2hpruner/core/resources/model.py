@@ -10,7 +10,7 @@ Each conv/linear layer l contributes ``coef_l * in_l * out_l``, where a width is
 plus, for every group g touching that dimension, ``count_lg * width_g / channels_g`` (a
 flattened map feeding a Linear carries each group channel H*W times). Depthwise convs have one
 input channel per output, so they contribute ``coef_l * out_l``; so does the attention of a
-head group (transformers.py): ``out_l`` is its number of kept heads and ``coef_l`` the q @ k^T
+head group (attention.py): ``out_l`` is its number of kept heads and ``coef_l`` the q @ k^T
 plus attn @ v FLOPs of one head. The same table gives parameter counts. Evaluating it at
 expected widths E gives soft FLOPs, differentiable in the width logits; at hard widths H it
 gives the exported model's FLOPs.
@@ -26,7 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from ..attention import attention_row
 from ..errors import UnsupportedModelError
-from ..index import is_depthwise
+from ..index import is_depthwise, width_counts
 from ..structure import ChannelGroup
 
 
@@ -79,19 +79,9 @@ class ResourceModel(nn.Module):
         modules = dict(model.named_modules())
         calls = _record_output_shapes(model, example_inputs)
         n_groups = len(groups)
-        index = {g.name: i for i, g in enumerate(groups)}
 
-        in_counts: dict[str, list[float]] = {}
-        out_counts: dict[str, list[float]] = {}
-        for g in groups:
-            for piece in g.consumers:
-                in_counts.setdefault(piece.module_name, [0.0] * n_groups)[index[g.name]] += len(
-                    piece.module_idxs
-                )
-            for piece in g.producers + g.norms:
-                out_counts.setdefault(piece.module_name, [0.0] * n_groups)[index[g.name]] += len(
-                    piece.module_idxs
-                )
+        counts = width_counts(groups)
+        no_group = [0.0] * n_groups
 
         rows = []  # (flop_coef, weight_coef, per_out_params, in_fixed, out_fixed, in_is_one)
         in_rows, out_rows = [], []
@@ -103,8 +93,7 @@ class ResourceModel(nn.Module):
                 row = (0.0, 0.0, per_out, 1.0, float(module.num_features), True)
             else:
                 continue
-            ins = in_counts.get(name, [0.0] * n_groups)
-            outs = out_counts.get(name, [0.0] * n_groups)
+            ins, outs = counts.get(name, (no_group, no_group))
             in_fixed = row[3] - sum(ins) if not row[5] else 1.0
             out_fixed = row[4] - sum(outs)
             rows.append((row[0], row[1], row[2], in_fixed, out_fixed, row[5]))

@@ -1,0 +1,182 @@
+"""End to end, as a user with their own things: images in class folders, a model class in their
+own .py file, weights trained with plain PyTorch, pruned with ``--init``; the defaults on small
+data and one epoch; parameter budgets and combined budgets."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from s2hpruner import S2HPruner, count_flops, count_params
+from s2hpruner.app.cli import main
+
+USER_MODEL = '''
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    """A user's own CNN: not in any registry."""
+
+    def __init__(self, num_classes=10, in_chans=1, width=24):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(in_chans, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Conv2d(width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(),
+            nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(2 * width, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.body(x))
+'''
+
+
+def write_digit_folders(root: Path) -> None:
+    """scikit-learn's digits as 8-bit greyscale PNGs in train/ and test/ class folders."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = (digits.images * 255 / 16).astype(np.uint8)
+    for i, (image, label) in enumerate(zip(images, digits.target, strict=True)):
+        split = "test" if i % 5 == 0 else "train"
+        folder = root / split / f"digit_{label}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image, mode="L").save(folder / f"{i:04d}.png")
+
+
+@pytest.fixture(scope="module")
+def user_setup(tmp_path_factory):
+    """Folders, a model file and its weights trained with plain PyTorch."""
+    import importlib.util
+
+    from s2hpruner.app.data import build_datasets
+
+    root = tmp_path_factory.mktemp("user")
+    write_digit_folders(root / "digits")
+    (root / "my_net.py").write_text(USER_MODEL)
+    spec = importlib.util.spec_from_file_location("my_net_for_training", root / "my_net.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    torch.manual_seed(0)
+    model = module.Net()
+    splits = build_datasets("imagefolder", str(root / "digits"), val_size=None, augment=False)
+    loader = torch.utils.data.DataLoader(splits.train, batch_size=32, shuffle=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for _ in range(3):  # plain PyTorch: the user's own training, before s2hpruner
+        for x, y in loader:
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    torch.save({"epoch": 3, "model_state_dict": model.state_dict()}, root / "ckpt.pt")
+    return root
+
+
+def test_prune_a_users_trained_model_on_image_folders(user_setup, capsys):
+    root = user_setup
+    out = root / "run"
+    code = main([
+        "prune", "--model", f"{root / 'my_net.py'}:Net", "--init", str(root / "ckpt.pt"),
+        "--dataset", "imagefolder", "--data-root", str(root / "digits"),
+        "--target-flops", "0.5", "--epochs", "2", "--batch-size", "32", "--lr", "0.01",
+        "--out", str(out), "--no-progress", "--latency-repeats", "3",
+    ])  # fmt: skip
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["epoch"] == 0 and first["init"] == str(root / "ckpt.pt")
+    assert first["val_top1_full"] > 60.0, "the starting model is the trained one, not random"
+    assert report["top1_start_val"] == first["val_top1_full"]
+    assert abs(report["flops_ratio"] - 0.5) <= 0.01
+    assert report["top1_hard"] > 60.0
+    capsys.readouterr()
+    assert main(["eval", str(out / "model_pruned.pt2")]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["top1"] == pytest.approx(report["top1_hard"], abs=0.01)
+    assert main(["eval", str(out / "checkpoints" / "last.pt")]) == 0  # rebuilds Net from file
+    assert json.loads(capsys.readouterr().out)["top1_hard"] == pytest.approx(
+        report["top1_hard"], abs=0.01
+    )
+
+
+def test_init_with_a_wrong_checkpoint_exits_2_naming_the_keys(user_setup, capsys, tmp_path):
+    root = user_setup
+    wrong = {k: v for k, v in torch.load(root / "ckpt.pt")["model_state_dict"].items()
+             if not k.startswith("fc.")}  # fmt: skip
+    wrong["extra.weight"] = torch.zeros(3)
+    wrong["body.0.weight"] = torch.zeros(5, 1, 3, 3)
+    torch.save(wrong, tmp_path / "wrong.pt")
+    code = main([
+        "prune", "--model", f"{root / 'my_net.py'}:Net", "--init", str(tmp_path / "wrong.pt"),
+        "--dataset", "imagefolder", "--data-root", str(root / "digits"), "--epochs", "1",
+        "--out", str(tmp_path / "run"), "--no-progress",
+    ])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2
+    for key in ("fc.weight", "extra.weight", "body.0.weight"):
+        assert key in err, err
+    assert not (tmp_path / "run" / "report.json").exists()
+
+
+def test_digits_with_one_epoch_and_every_other_option_default(tmp_path, monkeypatch):
+    """No option the user did not set may make the run fail: the validation split fits the
+    data set, and the phases are fractions of whatever epochs were asked for."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["prune", "--dataset", "digits", "--epochs", "1", "--no-progress"]) == 0
+    report = json.loads((tmp_path / "runs" / "default" / "report.json").read_text())
+    assert abs(report["flops_ratio"] - 0.35) <= 0.01
+
+
+def test_target_params_is_met_by_the_independent_counter(tmp_path):
+    out = tmp_path / "run"
+    code = main([
+        "prune", "--dataset", "digits", "--epochs", "1", "--target-params", "0.3",
+        "--out", str(out), "--no-progress", "--latency-repeats", "3",
+    ])  # fmt: skip
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["target_params"] == 0.3 and report["target_flops"] is None
+    assert abs(report["params_ratio"] - 0.3) <= 0.01, report["params_ratio"]
+    assert report["predicted_params_ratio"] == pytest.approx(report["params_ratio"], rel=0.01)
+
+
+def test_combined_budgets_meet_every_one():
+    """FLOPs and parameters together: the binding budget is met, the other is not exceeded."""
+    from s2hpruner.app.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("resnet20", num_classes=10, in_chans=1)
+    x = torch.zeros(1, 1, 28, 28)
+    pruner = S2HPruner(model, x, target_flops=0.6, target_params=0.3)
+    from s2hpruner.core.trainer import project_to_budget
+
+    project_to_budget(pruner, tolerance=0.005)
+    exported = pruner.export()
+    flops = count_flops(exported, x) / count_flops(model, x)
+    params = count_params(exported) / count_params(model)
+    assert params == pytest.approx(0.3, abs=0.01)  # binding
+    assert flops <= 0.6 + 0.01
+    assert float(pruner.budget_excess("hard")) == pytest.approx(0.0, abs=0.006)
+
+
+def test_latency_budget_run_reports_measured_and_predicted_latency(tmp_path):
+    """A latency budget end to end on digits: per-layer tables measured (and cached), the
+    widths searched against them, and the report holds both latency ratios."""
+    out, cache = tmp_path / "run", tmp_path / "latency.json"
+    args = [
+        "prune", "--dataset", "digits", "--epochs", "1", "--target-latency", "0.5",
+        "--latency-batch", "16", "--latency-cache", str(cache), "--out", str(out),
+        "--no-progress", "--latency-repeats", "3",
+    ]  # fmt: skip
+    assert main(args) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["target_latency"] == 0.5 and report["latency_batch"] == 16
+    assert report["latency_ratio_predicted"] == pytest.approx(0.5, abs=0.01)  # the budget
+    assert 0.0 < report["latency_ratio"] < 1.5  # measured: a real timing, no threshold
+    assert report["flops_ratio"] < 0.95  # widths really moved
+    tables = json.loads(cache.read_text())
+    assert tables and all(isinstance(v, dict) for v in tables.values())
