@@ -47,7 +47,7 @@ def valid_value(hint) -> st.SearchStrategy:
     if hint is str:
         return text
     if origin is list or hint is list:
-        return st.lists(text, max_size=3)
+        return st.lists(valid_value(args[0]) if args else text, max_size=3)
     if origin is dict or hint is dict:  # NaN inside a dict would make the equality below fail
         return st.dictionaries(text, st.none() | st.booleans() | st.integers() | numbers | text,
                                max_size=3)  # fmt: skip

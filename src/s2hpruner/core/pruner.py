@@ -27,7 +27,12 @@ from .errors import BudgetError, UnsupportedModelError
 from .index import ChannelIndex
 from .resources import ResourceModel
 from .search import WidthSearch
-from .sliced import SlicedHardForward, attach_mask, unsliceable_modules
+from .sliced import (
+    SlicedHardForward,
+    attach_mask,
+    narrow_pointwise_hooks,
+    unsliceable_modules,
+)
 from .structure import ChannelGroup, build_graph, find_groups
 
 MODES = ("full", "soft", "hard")
@@ -258,7 +263,7 @@ class S2HPruner(nn.Module):
                 with self._sliced.apply(keep, flat, self.hard_layout, self.hard_nchw_norms):
                     yield
             else:
-                handles = []
+                handles = narrow_pointwise_hooks(self.layers)
                 for name in self.index.site:
                     site, dim = self.index.site_map(name)
                     handles += attach_mask(self.layers[name], flat[site], dim)

@@ -156,10 +156,11 @@ def _layout_hooks(modules: dict[str, nn.Module], sliced: set[str], layout) -> li
 
 
 def _strided_pointwise_on_cpu(module: nn.Module) -> bool:
-    """A strided 1x1 conv on the CPU. With a channels_last input of 2 to 7 channels (narrow
-    kept widths), PyTorch 2.14's CPU kernel computes a wrong weight gradient for it (the
-    forward is right; ``tests/test_sliced.py::test_strided_pointwise_weight_gradient``), so the
-    sliced pass runs these few layers (ResNet shortcuts) in NCHW."""
+    """A strided 1x1 conv on the CPU. With a channels_last input of fewer channels than one
+    vector register holds (2-7 with AVX2, up to 15 with AVX-512), oneDNN 3.12 (PyTorch 2.14)
+    computes its weight gradient wrong and writes past its buffer (heap corruption, oneDNN
+    issue 6035; the forward is right). Narrow kept widths hit it, so these few layers (ResNet
+    shortcuts) run in NCHW: ``tests/test_sliced.py::test_strided_pointwise_weight_gradient``."""
     return (
         isinstance(module, nn.Conv2d)
         and module.kernel_size == (1, 1)
@@ -170,6 +171,22 @@ def _strided_pointwise_on_cpu(module: nn.Module) -> bool:
 
 def _nchw_input(module: nn.Module, inputs: tuple) -> tuple:
     return (inputs[0].contiguous(), *inputs[1:])
+
+
+def narrow_pointwise_hooks(modules: dict[str, nn.Module]) -> list:
+    """The NCHW detour of :func:`_strided_pointwise_on_cpu` for the soft and masked passes:
+    there every layer has its full width, so only layers narrower than 16 input channels
+    need it (input in NCHW, and an NCHW copy of the 1x1 weight, which gradients flow through:
+    a channels_last 1x1 weight alone keeps the conv on the faulty path)."""
+    handles = []
+    for module in modules.values():
+        if _strided_pointwise_on_cpu(module) and module.in_channels < 16:
+            weight = {"weight": module.weight.clone(memory_format=torch.contiguous_format)}
+            pre, post = _swap_hooks(weight, None, None, None)
+            handles += [module.register_forward_pre_hook(_nchw_input),
+                        module.register_forward_pre_hook(pre),
+                        module.register_forward_hook(post)]  # fmt: skip
+    return handles
 
 
 def _nchw_norm_hooks(module: nn.Module, channels: int) -> list:

@@ -1,0 +1,113 @@
+"""A latency budget against a FLOPs budget at the same measured latency (issue: --target-latency).
+
+For each model: one S2HPruner run at ``--target-latency`` (batch 64, CPU); then the FLOPs
+target that gives the same measured latency is found by calibration (below), and one
+S2HPruner run at that FLOPs target, with the same epochs, seed and recipe. Both exported
+models' latency ratios are measured side by side on this machine.
+
+Calibration of the FLOPs target: for FLOPs targets f on a grid, the starting widths are
+projected onto f (``project_to_budget``, no training), the model is exported and its latency
+ratio measured at the latency batch; f is interpolated where that ratio equals the latency
+run's measured ratio. It calibrates the proxy (FLOPs) to the goal (latency) on this machine,
+as a user without a latency budget would by trial and error, in minutes instead of runs.
+
+    python -m benchmarks.latency_budget --models resnet20 mobilenet_v3_small --epochs 2 \\
+        --json benchmarks/results/latency_budget.json
+
+Each finished run is stored at once; a rerun skips what the JSON already holds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from s2hpruner.app.config import RunConfig
+from s2hpruner.app.data import dataset_spec
+from s2hpruner.app.files import atomic_write_bytes
+from s2hpruner.app.run import build_model_and_pruner, prune
+from s2hpruner.core.measure import median_latency
+from s2hpruner.core.trainer import project_to_budget
+
+KEYS = ("top1_hard", "top1_soft", "flops_ratio", "params_ratio", "latency_ratio",
+        "latency_ratio_predicted", "train_seconds", "target_flops", "target_latency")  # fmt: skip
+
+
+def measured_latency_ratio(full: torch.nn.Module, pruned: torch.nn.Module, example, batch: int,
+                           rounds: int = 5) -> float:  # fmt: skip
+    """Median over rounds of (pruned / full) medians, timed back to back, channels_last."""
+    x = example[:1].expand(batch, *example.shape[1:]).contiguous(memory_format=torch.channels_last)
+    pruned = pruned.to(memory_format=torch.channels_last).eval()
+    full = full.eval()
+    ratios = [median_latency(pruned, x, 10) / median_latency(full, x, 10) for _ in range(rounds)]
+    return statistics.median(ratios)
+
+
+def calibrate(model_name: str, latency_ratio: float, batch: int, grid=(0.2, 0.3, 0.4, 0.5,
+              0.6, 0.7, 0.8)) -> tuple[float, list]:  # fmt: skip
+    """The FLOPs target whose projected starting widths measure ``latency_ratio``."""
+    cfg = RunConfig(model=model_name, progress=False)
+    points = []
+    for f in grid:
+        torch.manual_seed(0)
+        cfg.target_flops = f
+        model, pruner, example = build_model_and_pruner(cfg, dataset_spec(cfg.dataset), "cpu")
+        project_to_budget(pruner, tolerance=0.005)
+        points.append((f, measured_latency_ratio(model, pruner.export(), example, batch)))
+    ratios = np.array([r for _, r in points])
+    order = np.argsort(ratios)
+    target = float(np.interp(latency_ratio, ratios[order], np.array(grid)[order]))
+    return round(target, 3), points
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=["resnet20", "mobilenet_v3_small"])
+    parser.add_argument("--target-latency", type=float, default=0.5)
+    parser.add_argument("--latency-batch", type=int, default=64)
+    parser.add_argument("--epochs", type=float, default=2.0)
+    parser.add_argument("--out", default="runs/latency_budget")
+    parser.add_argument("--json", type=Path, default=Path("benchmarks/results/latency_budget.json"))
+    args = parser.parse_args()
+    results = json.loads(args.json.read_text()) if args.json.exists() else {"runs": []}
+    results["machine"] = {"cpu": platform.processor() or platform.machine(),
+                          "threads": torch.get_num_threads(), "torch": torch.__version__}
+    done = {(r["model"], r["budget"]) for r in results["runs"]}
+
+    def save():
+        atomic_write_bytes(args.json, json.dumps(results, indent=2).encode())
+
+    for name in args.models:
+        common = dict(model=name, epochs=args.epochs, latency_batch=args.latency_batch,
+                      progress=False, overwrite=True)  # fmt: skip
+        if (name, "latency") not in done:
+            report = prune(RunConfig(**common, target_latency=args.target_latency,
+                                     out=f"{args.out}/{name}_latency"))  # fmt: skip
+            results["runs"].append({"model": name, "budget": "latency",
+                                    **{k: report.get(k) for k in KEYS}})  # fmt: skip
+            save()
+        lat = next(r for r in results["runs"] if (r["model"], r["budget"]) == (name, "latency"))
+        if (name, "flops") not in done:
+            target, points = calibrate(name, lat["latency_ratio"], args.latency_batch)
+            report = prune(RunConfig(**common, target_flops=target,
+                                     out=f"{args.out}/{name}_flops"))  # fmt: skip
+            # the FLOPs run's measured latency, at the same batch, to compare like with like
+            model, pruner, example = build_model_and_pruner(
+                RunConfig(model=name, progress=False), dataset_spec("fashion-mnist"), "cpu")
+            exported = torch.load(f"{args.out}/{name}_flops/model_pruned.pt", weights_only=False)
+            ratio = measured_latency_ratio(model, exported, example, args.latency_batch)
+            results["runs"].append({"model": name, "budget": "flops", "calibration": points,
+                                    **{k: report.get(k) for k in KEYS},
+                                    "latency_ratio": ratio})  # fmt: skip
+            save()
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
