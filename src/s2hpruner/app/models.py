@@ -543,16 +543,41 @@ def vgg11_bn_cifar(num_classes: int = 10, in_chans: int = 3) -> nn.Module:
 # --------------------------------------------------------------------------- MobileNetV3
 
 
-@register_model
-def mobilenet_v3_small(num_classes: int = 10, in_chans: int = 3, **kwargs) -> nn.Module:
-    """Torchvision MobileNetV3-Small as defined (its 32x downsampling still runs on 28x28)."""
-    return _torchvision_model("mobilenet_v3_small", num_classes, in_chans, **kwargs)
+def _mobilenet_cifar_stem(model: nn.Module) -> nn.Module:
+    """The usual CIFAR adaptation of a torchvision MobileNetV3: stride 1 in the stem conv and
+    in the first stride-2 inverted-residual block (its depthwise conv), so the total stride is
+    8 instead of 32 (32x32 inputs end on 4x4 maps, not 1x1). Shapes and weights are unchanged:
+    pretrained weights still load, and the pruner sees the same channel dependencies."""
+    stem = next(m for m in model.features[0].modules() if isinstance(m, nn.Conv2d))
+    stem.stride = (1, 1)
+    for block in list(model.features)[1:]:
+        for m in block.modules():
+            if isinstance(m, nn.Conv2d) and m.stride != (1, 1):
+                m.stride = (1, 1)
+                return model
+    raise UnsupportedModelError(f"{type(model).__name__} has no stride-2 block after its stem")
 
 
 @register_model
-def mobilenet_v3_large(num_classes: int = 10, in_chans: int = 3, **kwargs) -> nn.Module:
-    """Torchvision MobileNetV3-Large as defined (its 32x downsampling still runs on 28x28)."""
-    return _torchvision_model("mobilenet_v3_large", num_classes, in_chans, **kwargs)
+def mobilenet_v3_small(
+    num_classes: int = 10, in_chans: int = 3, cifar_stem: bool = False, **kwargs
+) -> nn.Module:
+    """Torchvision MobileNetV3-Small as defined (its 32x downsampling still runs on 28x28);
+    ``cifar_stem=True`` makes its total stride 8 instead of 32, for 32x32 inputs (see
+    :func:`_mobilenet_cifar_stem`)."""
+    model = _torchvision_model("mobilenet_v3_small", num_classes, in_chans, **kwargs)
+    return _mobilenet_cifar_stem(model) if cifar_stem else model
+
+
+@register_model
+def mobilenet_v3_large(
+    num_classes: int = 10, in_chans: int = 3, cifar_stem: bool = False, **kwargs
+) -> nn.Module:
+    """Torchvision MobileNetV3-Large as defined (its 32x downsampling still runs on 28x28);
+    ``cifar_stem=True`` makes its total stride 8 instead of 32, for 32x32 inputs (see
+    :func:`_mobilenet_cifar_stem`)."""
+    model = _torchvision_model("mobilenet_v3_large", num_classes, in_chans, **kwargs)
+    return _mobilenet_cifar_stem(model) if cifar_stem else model
 
 
 # --------------------------------------------------------------------------- vision transformers
