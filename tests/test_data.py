@@ -259,7 +259,7 @@ def test_idx_labels_must_match_images(tmp_path):
 @pytest.mark.skipif(not os.path.isdir(FMNIST_ROOT), reason="dataset-fashion-mnist not installed")
 def test_real_fashion_mnist():
     splits = build_datasets("fashion-mnist")
-    assert len(splits.train) + len(splits.val) == 60000 and len(splits.val) == 6000
+    assert len(splits.train) + len(splits.val) == 60000 and len(splits.val) == 5000  # 10%, capped
     assert len(splits.test) == 10000
     assert splits.spec.num_classes == 10
     assert sorted(set(splits.test.targets.tolist())) == list(range(10))

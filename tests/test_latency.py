@@ -203,3 +203,58 @@ def test_cost_on_cuda(fake):
     widths = (lm.channels / 2).float().requires_grad_()
     lm.cost(widths).backward()
     assert torch.isfinite(widths.grad).all()
+
+
+def test_latency_state_round_trips_for_resume(fake, monkeypatch):
+    """The whole-model timing travels with the tables in the state dict, so a resumed run
+    keeps the same cost function even if the machine times differently now."""
+    first = build()
+    state = first.state_dict()
+    monkeypatch.setattr(latency, "measure_latency", lambda *args, **kwargs: 3.0)
+    second = build()
+    assert second.measured_full == 3.0
+    second.load_state_dict(state)
+    assert second.measured_full == first.measured_full and second.full == first.full
+    w = torch.tensor([float(g.channels) / 2 for g in setup()[2]], dtype=torch.float64)
+    assert torch.equal(second.cost(w), first.cost(w))
+
+
+class StepLatency(nn.Module):
+    """A latency model whose table has an alignment bump: a 16-channel group at 9-12 costs more
+    than at 16 (as a 9-channel conv can, on a vector unit 8 or 16 channels wide)."""
+
+    def __init__(self, channels: list[int], bumped: int):
+        super().__init__()
+        self.full, self.bumped = float(sum(channels)), bumped
+
+    def cost(self, widths: torch.Tensor) -> torch.Tensor:
+        w = widths[self.bumped]
+        return widths.sum() + ((w >= 9) & (w <= 12)).to(widths.dtype) * 20.0
+
+
+def test_slow_widths_are_skipped_and_export_stays_exact():
+    from s2hpruner import S2HPruner
+    from s2hpruner.app.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("resnet20", num_classes=10, in_chans=1).eval()
+    x = torch.randn(4, 1, 16, 16)
+
+    def table(model, example, groups):
+        bumped = next(i for i, g in enumerate(groups) if g.channels == 16)
+        return StepLatency([g.channels for g in groups], bumped)
+
+    pruner = S2HPruner(model, x[:1], target_latency=0.6, latency_model=table)
+    first = pruner.groups[pruner.latency.bumped]
+    assert pruner.slow_widths == {first.name: [9, 10, 11, 12]}
+    with torch.no_grad():  # expected width 10 for group 0: its hard width skips to 13
+        for g, u in zip(pruner.groups, pruner.mask_parameters(), strict=True):
+            u.fill_(-30.0)
+            u[g.candidates.index(10) if g is first else -1] = 30.0
+    assert pruner.kept_widths()[first.name] == 13
+    with pruner.mode("hard"):
+        hard = model(x)
+    assert torch.allclose(pruner.export().eval()(x), hard, atol=1e-5)
+    unskipped = S2HPruner(model, x[:1], target_latency=0.6, latency_model=table,
+                          skip_slow_widths=False)  # fmt: skip
+    assert unskipped.slow_widths == {}

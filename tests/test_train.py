@@ -151,6 +151,24 @@ def test_phases_are_fractions_and_frozen_phases_leave_width_logits_alone():
     assert all(torch.equal(b, u) for b, u in zip(frozen, pruner.mask_parameters(), strict=True))
 
 
+def test_phase_boundaries_are_whole_steps():
+    """Fractions that are not exact in binary still give exactly round(f * steps) steps."""
+    for total, warmup, freeze in [(10, 0.0, 0.7), (1000, 0.1, 0.7), (7, 0.3, 0.3), (3, 0, 1 / 3)]:
+        *_, trainer, _, _ = setup("s2h", warmup=warmup, freeze=freeze)
+        trainer.total_steps = total
+        trainer.__init__(trainer.model, trainer.pruner, trainer.optimizer, total,
+                         warmup=warmup, freeze=freeze)  # fmt: skip
+        phases = [trainer.phase(s) for s in range(total)]
+        assert phases.count("warmup") == round(warmup * total)
+        assert phases.count("freeze") == round(freeze * total)
+        assert phases == sorted(phases, key=["warmup", "joint", "freeze"].index)
+
+
+def test_fp16_without_cuda_is_refused_with_the_fix():
+    with pytest.raises(ValueError, match="bf16"):
+        setup("s2h", autocast="fp16")
+
+
 def test_projection_onto_the_budget_is_recorded_and_warned():
     model, pruner, trainer, x, y = setup("s2h")
     assert abs(pruner.ratio("hard") - 0.35) > 0.01  # random logits: off budget

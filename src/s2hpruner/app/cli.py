@@ -34,6 +34,8 @@ HELP = {
     "latency_batch": "batch size at which latency is measured (budget and report)",
     "latency_cache": "file of measured latency tables (default: ~/.cache/s2hpruner/latency/, "
     "or $S2HPRUNER_CACHE)",
+    "skip_slow_widths": "with --target-latency, never keep a width that the measured tables "
+    "say is slower than a wider one (alignment effects)",
     "init": "start from trained weights: a state_dict (.pt, .pth, .safetensors), a checkpoint "
     "holding one (state_dict, model, ema, ...), or a pickled nn.Module",
     "pretrained": "start from torchvision/timm pretrained weights, read from the local cache "

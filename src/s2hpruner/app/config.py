@@ -10,6 +10,7 @@ from pathlib import Path
 
 import yaml
 
+from ..core.balance import GradientBalancer
 from ..core.errors import S2HError
 from ..core.trainer import METHODS as _METHODS
 
@@ -36,6 +37,7 @@ class RunConfig:
     target_latency: float | None = None
     latency_batch: int = 64  # batch size at which latency counts (target and report)
     latency_cache: str | None = None  # latency table file (default: ~/.cache/s2hpruner)
+    skip_slow_widths: bool = True  # latency budget: never keep a width slower than a wider one
     method: str = "s2h"
     model_kwargs: dict = field(default_factory=dict)
     init: str | None = None  # start from these trained weights (state dict or checkpoint)
@@ -71,12 +73,12 @@ class RunConfig:
     mask_lr: float = 0.05
     temperature: float = 1.0
     alpha: float = 1.0  # weight of G_h in the weights' loss
-    beta: float = 1.0  # gap gradient norm relative to the task gradient (on u)
-    gamma_init: float = 1.0  # resource gradient norm relative to task + gap (on u)
-    gamma_growth: float = 1.05  # per step, while the budget is violated beyond the tolerance
-    gamma_min: float = 0.1
-    gamma_max: float = 100.0
-    budget_tolerance: float = 0.005
+    beta: float = GradientBalancer.beta  # gap gradient norm relative to the task's (on u)
+    gamma_init: float = GradientBalancer.gamma  # resource gradient norm relative to task + gap
+    gamma_growth: float = GradientBalancer.growth  # per step, while the budget is missed
+    gamma_min: float = GradientBalancer.gamma_min
+    gamma_max: float = GradientBalancer.gamma_max
+    budget_tolerance: float = GradientBalancer.tolerance
     resource_on: str = "hard"  # R on the hard FLOPs ratio (straight-through) or on the soft one
     freeze_ranks_after_warmup: bool = False
     separate_hard_bn_stats: bool = True
@@ -163,8 +165,7 @@ class RunConfig:
         return given or {"flops": DEFAULT_TARGET_FLOPS}
 
     def phase_fractions(self) -> tuple[float, float]:
-        """(warm-up, frozen widths) as fractions of the run: absolute epochs win when set, and
-        a default frozen phase never takes more than half of a short run."""
+        """(warm-up, frozen widths) as fractions of the run: absolute epochs win when set."""
         warmup = self.warmup if self.warmup_epochs is None else self.warmup_epochs / self.epochs
         freeze = self.freeze if self.freeze_epochs is None else self.freeze_epochs / self.epochs
         return float(warmup), float(freeze)

@@ -191,7 +191,7 @@ def default_data_root(name: str) -> str | None:
 def build_datasets(
     name: str,
     data_root: str | None = None,
-    val_size: float | None = 0.1,
+    val_size: float | None = None,
     seed: int = 0,
     augment: bool = True,
     train_subset: int | None = None,
@@ -349,7 +349,7 @@ def _register(spec: DataSpec) -> Callable[[Callable[[str | None], Any]], Callabl
     def decorate(load: Callable[[str | None], Any]) -> Callable[..., Any]:
         def factory(
             data_root: str | None = None,
-            val_size: float | None = 0.1,
+            val_size: float | None = None,
             seed: int = 0,
             augment: bool = True,
             train_subset: int | None = None,
@@ -974,7 +974,7 @@ def folder_spec(
 
 def _imagefolder(
     data_root: str | None = None,
-    val_size: float | None = 0.1,
+    val_size: float | None = None,
     seed: int = 0,
     augment: bool = True,
     train_subset: int | None = None,

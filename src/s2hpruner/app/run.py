@@ -132,10 +132,17 @@ def build_pruner(cfg: RunConfig, model: nn.Module, spec, device: torch.device) -
         from ..core.resources.latency import LatencyModel
 
         def latency_model(model, example_inputs, groups):
-            return LatencyModel(
+            """Rank 0 measures and caches the tables, the other ranks read them, and all
+            share rank 0's whole-model timing: one cost function for every rank."""
+            if not D.is_main():
+                D.barrier()
+            table = LatencyModel(
                 model, example_inputs, groups, batch_size=cfg.latency_batch, device=device,
                 cache=cfg.latency_cache, progress=cfg.progress and D.is_main(),
             )  # fmt: skip
+            if D.is_main():
+                D.barrier()
+            return table
 
     pruner = S2HPruner(
         model,
@@ -144,12 +151,17 @@ def build_pruner(cfg: RunConfig, model: nn.Module, spec, device: torch.device) -
         target_params=budgets.get("params"),
         target_latency=budgets.get("latency"),
         latency_model=latency_model,
+        skip_slow_widths=cfg.skip_slow_widths,
         width_step=cfg.width_step,
         round_to=cfg.round_to,
         ignored_layers=cfg.ignored_layers,
         temperature=cfg.temperature,
         separate_hard_bn_stats=cfg.separate_hard_bn_stats and METHODS[cfg.method].hard,
     )
+    if pruner.latency is not None:  # every rank uses rank 0's timings (and calibration)
+        table = pruner.latency
+        values = D.broadcast_floats([getattr(table, n) for n in table._SCALARS])
+        table.set_extra_state(dict(zip(table._SCALARS, values, strict=True)))
     pruner.hard_layout = _LAYOUTS.get(cfg.hard_layout)
     return pruner
 
@@ -205,6 +217,9 @@ def prune(cfg: RunConfig) -> dict:
 
     cfg.validate()
     device = D.setup(cfg.device)
+    if cfg.autocast == "fp16" and device.type != "cuda":
+        raise ConfigError(f"--autocast fp16 needs a CUDA device (this run is on {device}); "
+                          "use --autocast bf16 on the CPU")  # fmt: skip
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
     out = prepare_run_dir(cfg)
@@ -467,4 +482,6 @@ def _latency_report(model, exported, pruner: S2HPruner, example, cfg, device) ->
         "latency_ratio_rounds": ratios,
         "latency_batch": cfg.latency_batch,
         "latency_correction": float(getattr(pruner.latency, "correction", 1.0)),
+        "latency_skipped_widths": pruner.slow_widths,
+        "latency_calibration": pruner.latency_calibration,
     }

@@ -273,7 +273,7 @@ def load_pretrained(model_name: str, model: nn.Module) -> dict[str, Any]:
             raise CheckpointError(
                 f"no pretrained weights known for model {model_name!r}: --pretrained covers "
                 "torchvision classifiers and timm's vision transformers; for your own weights "
-                "use --init-weights FILE"
+                "use --init FILE"
             )
         path = torchvision_cache_path(name)
         if not path.is_file():

@@ -117,6 +117,17 @@ def average_buffers(module: torch.nn.Module) -> None:
     average_tensors(list(module.buffers()))
 
 
+def broadcast_floats(values: Sequence[float]) -> list[float]:
+    """Rank 0's values on every rank (e.g. a measured latency all ranks must share)."""
+    if not is_distributed():
+        return list(values)
+    tensor = torch.tensor(list(values), dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        tensor = tensor.cuda()
+    dist.broadcast(tensor, src=0)
+    return tensor.cpu().tolist()
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()

@@ -31,7 +31,8 @@ def tune_hard_layout(
     params = [p for p in pruner.model.parameters() if p.requires_grad]
     params += pruner.mask_parameters()
     stats = list(pruner.model.buffers())
-    stats += list(pruner.hard_stats.buffers())
+    if pruner.hard_stats is not None:
+        stats += list(pruner.hard_stats.buffers())
     saved = [t.clone() for t in stats]
     cuda = inputs.device.type == "cuda"
 

@@ -94,6 +94,9 @@ class S2HPruner(nn.Module):
             never runs it in training.
         sliced_hard: run the hard network on the kept channels only (sliced.py), when every
             layer of the groups allows it; else the masked forward is used.
+        skip_slow_widths: with a latency model, never keep a width that its tables say is
+            slower than a wider one (alignment effects: 9 channels can cost more than 16);
+            the skipped widths are in ``slow_widths``.
     """
 
     def __init__(
@@ -111,6 +114,7 @@ class S2HPruner(nn.Module):
         target_params: float | None = None,
         target_latency: float | None = None,
         latency_model: nn.Module | Callable[..., nn.Module] | None = None,
+        skip_slow_widths: bool = True,
     ):
         super().__init__()
         if target_flops is None and target_params is None and target_latency is None:
@@ -159,6 +163,13 @@ class S2HPruner(nn.Module):
         self.hard_nchw_norms = True  # narrow channels_last BatchNorms train in NCHW (sliced.py)
         self.to(next(model.parameters()).device)
         self.update_ranks(force=True)
+        self.slow_widths: dict[str, list[int]] = {}
+        self.latency_calibration: dict[str, float] = {}
+        if self.latency is not None:
+            if hasattr(self.latency, "calibrate"):
+                self.latency_calibration = self._calibrate_latency()
+            if skip_slow_widths:
+                self.slow_widths = self._skip_slow_widths()
         for name, target in self.budgets.items():
             minimum = self.min_ratio(name)
             if target < minimum:
@@ -334,6 +345,46 @@ class S2HPruner(nn.Module):
 
     def params(self, mode: str = "hard") -> torch.Tensor:
         return self.resources.params(self.widths(mode))
+
+    @torch.no_grad()
+    def _calibrate_latency(self) -> dict[str, float]:
+        """Export the network at about half of every group's width and give its measured
+        latency to the latency model as a second calibration point (its first is the full
+        network): the latency a narrow network keeps whatever its widths is then known."""
+        logits = self.mask_parameters()
+        saved = [u.detach().clone() for u in logits]
+        try:
+            for g, u in zip(self.groups, logits, strict=True):
+                half = min(range(len(g.candidates)), key=lambda k: abs(2 * g.candidates[k] -
+                                                                       g.channels))  # fmt: skip
+                u.fill_(-30.0)
+                u[half] = 30.0
+            widths = self.search.hard_widths().detach()
+            probe = self.export().eval()
+        finally:
+            for u, value in zip(logits, saved, strict=True):
+                u.copy_(value)
+        return self.latency.calibrate(self.model, probe, widths)
+
+    @torch.no_grad()
+    def _skip_slow_widths(self) -> dict[str, list[int]]:
+        """Drop, per group, the hard widths the latency tables price above some wider width
+        (the other groups at full width): keeping more channels for less time is free."""
+        full = self.resources.channels.to(torch.float64)
+        allowed, skipped = [], {}
+        for i, g in enumerate(self.groups):
+            widths = sorted({int(w) for w in self.search.hard_candidates[i].tolist()})
+            costs = []
+            for width in widths:
+                probe = full.clone()
+                probe[i] = width
+                costs.append(float(self.latency.cost(probe)))
+            keep = [w for k, w in enumerate(widths) if all(costs[k] < c for c in costs[k + 1 :])]
+            allowed.append(keep)
+            if len(keep) < len(widths):
+                skipped[g.name] = sorted(set(widths) - set(keep))
+        self.search.restrict_hard_widths(allowed)
+        return skipped
 
     def min_ratio(self, resource: str = "flops") -> float:
         """A resource's ratio with every group at its smallest hard width (the smallest

@@ -72,6 +72,13 @@ class WidthSearch(nn.Module):
         self.register_buffer("ranks", ranks)  # rank of every flat channel (state: importance)
         self.sizes = index.sizes
 
+    def restrict_hard_widths(self, allowed: list[list[int]]) -> None:
+        """Let group i's hard width take only ``allowed[i]`` (sorted, ending at the full
+        width): H becomes the smallest allowed width >= E (or the nearest, with round_to)."""
+        n = max(len(a) for a in allowed)
+        table = [torch.tensor(a + a[-1:] * (n - len(a)), dtype=torch.float32) for a in allowed]
+        self.hard_candidates = torch.stack(table).to(self.hard_candidates.device)
+
     def group_ranks(self, i: int) -> torch.Tensor:
         """Rank of each channel of group ``i`` (0 = most important)."""
         start = self.index.offsets[i]

@@ -94,12 +94,16 @@ class StepGradients:
     masks: dict[str, list] = field(default_factory=dict)
     losses: dict[str, float] = field(default_factory=dict)
 
-    def add(self, name, loss, weights: list, masks: list, retain_graph: bool = False) -> None:
+    def add(self, name, loss, weights: list, masks: list, retain_graph: bool = False,
+            scale: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:  # fmt: skip
+        """Record ``loss`` and take its gradient with respect to ``weights`` and ``masks``
+        (of ``scale(loss)`` when a grad scaler is in use)."""
         self.losses[name] = float(loss.detach())
         if not weights and not masks:
             return
+        scaled = loss if scale is None else scale(loss)
         grads = torch.autograd.grad(
-            loss, weights + masks, retain_graph=retain_graph, allow_unused=True
+            scaled, weights + masks, retain_graph=retain_graph, allow_unused=True
         )
         if weights:
             self.weights[name] = list(grads[: len(weights)])
@@ -224,6 +228,11 @@ class S2HTrainer:
         self.freeze_ranks_after_warmup = freeze_ranks_after_warmup
         self.autocast = autocast
         self.scaler = torch.amp.GradScaler("cuda") if autocast == "fp16" else None
+        # phase boundaries in whole steps, fixed once (no float comparisons at the edges)
+        self.warmup_end = round(self.warmup * self.total_steps)
+        self.freeze_start = self.total_steps - round(self.freeze * self.total_steps)
+        if autocast == "fp16" and next(model.parameters()).device.type != "cuda":
+            raise ValueError("autocast='fp16' needs CUDA (and its grad scaler); use 'bf16' on CPU")
         self.step_count = 0
         self.widths_frozen = False
         self.projection_steps: int | None = None  # steps project_to_budget took, once frozen
@@ -231,10 +240,10 @@ class S2HTrainer:
     # ----------------------------------------------------------------- phases
     def phase(self, step: int | None = None) -> str:
         """"warmup" (u frozen at init), "joint" (u searched) or "freeze" (u fixed)."""
-        progress = (self.step_count if step is None else step) / self.total_steps
-        if progress < self.warmup:
+        step = self.step_count if step is None else step
+        if step < self.warmup_end:
             return "warmup"
-        if progress >= 1.0 - self.freeze:
+        if step >= self.freeze_start:
             return "freeze"
         return "joint"
 
@@ -272,19 +281,20 @@ class S2HTrainer:
         """The forwards and losses of one step of ``self.method``, and where each loss's
         gradient goes (not yet applied)."""
         m, alpha, loss_fn = self.method, self.alpha, self.loss_fn
+        scale = None if self.scaler is None else self.scaler.scale  # fp16: scaled backward
         weights = [p for p in self.model.parameters() if p.requires_grad]
         masks = self.pruner.mask_parameters() if phase == "joint" else []
         grads = StepGradients()
 
         if not m.hard:  # DMP: the soft network only; it is discretised at the end
             soft = self._forward(x, "soft")
-            grads.add("task", self._scaled(loss_fn(soft, y)), weights, masks)
+            grads.add("task", loss_fn(soft, y), weights, masks, scale=scale)
 
         elif phase == "freeze":  # widths fixed: train the hard network, distilled from soft
             with torch.no_grad():
                 soft = self._forward(x, "soft")
             hard = self._forward(x, "hard")
-            grads.add("task", self._scaled(loss_fn(hard, y) + alpha * kl(soft, hard)), weights, [])
+            grads.add("task", loss_fn(hard, y) + alpha * kl(soft, hard), weights, [], scale=scale)
 
         else:
             soft = self._forward(x, "soft")  # 1. soft forward and task loss L
@@ -294,23 +304,18 @@ class S2HTrainer:
             gap_soft = kl(soft, hard.detach())  #    G_s: u only, via the soft mask (decoupled)
             # G_h's backward first: it frees the hard graph before the two soft backwards
             to_masks = masks if m.gap_hard_to_masks else []
-            grads.add("gap_hard", self._scaled(alpha * gap_hard), weights, to_masks)
-            grads.add("task", self._scaled(task), weights, masks, retain_graph=m.gap_soft)
+            grads.add("gap_hard", alpha * gap_hard, weights, to_masks, scale=scale)
+            grads.add("task", task, weights, masks, retain_graph=m.gap_soft, scale=scale)
             if m.gap_soft:
                 to_weights = weights if m.gap_soft_to_weights else []
-                grads.add("gap_soft", self._scaled(gap_soft), to_weights, masks)
+                grads.add("gap_soft", gap_soft, to_weights, masks, scale=scale)
             else:
                 grads.losses["gap_soft"] = float(gap_soft.detach())
 
         if masks:  # 4. resource loss R, on the width logits only
             resource = self.pruner.resource_loss(self.resource_on)
-            grads.add("resource", self._scaled(resource), [], masks)
-        if self.scaler is not None:  # report unscaled losses
-            grads.losses = {k: v / self.scaler.get_scale() for k, v in grads.losses.items()}
+            grads.add("resource", resource, [], masks, scale=scale)
         return grads
-
-    def _scaled(self, loss: torch.Tensor) -> torch.Tensor:
-        return loss if self.scaler is None else self.scaler.scale(loss)
 
     def step(self, x: torch.Tensor, y) -> dict[str, float]:
         """One optimisation step: the weights get the sum of their gradients, the width
