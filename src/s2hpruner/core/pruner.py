@@ -30,6 +30,7 @@ from .search import WidthSearch
 from .sliced import (
     SlicedHardForward,
     attach_mask,
+    narrow_pointwise,
     narrow_pointwise_hooks,
     unsliceable_modules,
 )
@@ -154,6 +155,7 @@ class S2HPruner(nn.Module):
         self.latency = latency_model
         self.freeze_ranks = False
         self.hard_stats = HardNormStats(model) if separate_hard_bn_stats else None
+        self._narrow_pointwise = narrow_pointwise(self.layers)  # see sliced.py
         self.unsliceable = unsliceable_modules(self.groups, self.layers)
         self._sliced = (
             None if self.unsliceable else SlicedHardForward(self.groups, self.layers, self.index)
@@ -274,7 +276,7 @@ class S2HPruner(nn.Module):
                 with self._sliced.apply(keep, flat, self.hard_layout, self.hard_nchw_norms):
                     yield
             else:
-                handles = narrow_pointwise_hooks(self.layers)
+                handles = narrow_pointwise_hooks(self._narrow_pointwise)
                 for name in self.index.site:
                     site, dim = self.index.site_map(name)
                     handles += attach_mask(self.layers[name], flat[site], dim)

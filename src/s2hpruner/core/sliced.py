@@ -173,14 +173,24 @@ def _nchw_input(module: nn.Module, inputs: tuple) -> tuple:
     return (inputs[0].contiguous(), *inputs[1:])
 
 
-def narrow_pointwise_hooks(modules: dict[str, nn.Module]) -> list:
+def narrow_pointwise(modules: dict[str, nn.Module]) -> list[nn.Module]:
+    """The strided 1x1 convs narrower than 16 input channels (found once, at set-up)."""
+    return [
+        m for m in modules.values()
+        if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.stride != (1, 1)
+        and m.in_channels < 16
+    ]  # fmt: skip
+
+
+def narrow_pointwise_hooks(convs: list[nn.Module]) -> list:
     """The NCHW detour of :func:`_strided_pointwise_on_cpu` for the soft and masked passes:
     there every layer has its full width, so only layers narrower than 16 input channels
-    need it (input in NCHW, and an NCHW copy of the 1x1 weight, which gradients flow through:
-    a channels_last 1x1 weight alone keeps the conv on the faulty path)."""
+    (:func:`narrow_pointwise`) need it: input in NCHW, and an NCHW copy of the 1x1 weight,
+    which gradients flow through (a channels_last 1x1 weight alone keeps the conv on the
+    faulty path)."""
     handles = []
-    for module in modules.values():
-        if _strided_pointwise_on_cpu(module) and module.in_channels < 16:
+    for module in convs:
+        if _strided_pointwise_on_cpu(module):
             weight = {"weight": module.weight.clone(memory_format=torch.contiguous_format)}
             pre, post = _swap_hooks(weight, None, None, None)
             handles += [module.register_forward_pre_hook(_nchw_input),
