@@ -114,7 +114,8 @@ def create_model(
     # errors.py builds the message; extend it so users know the fallback exists.
     error.args = (
         f"{error.args[0]}; any torchvision classification model name is accepted too "
-        f"(e.g. 'resnet18', or '{TORCHVISION_PREFIX}resnet50' for torchvision's own one)",
+        f"(e.g. 'resnet18', or '{TORCHVISION_PREFIX}resnet50' for torchvision's own one), "
+        "and so is your own factory as 'package.module:function' or 'path/to/file.py:function'",
     )
     raise error
 
