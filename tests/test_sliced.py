@@ -233,3 +233,17 @@ def test_strided_pointwise_weight_gradient():
         grads[sliced] = torch.autograd.grad(loss, shortcut.weight)[0]
     assert grads[False].norm() > 0
     assert (grads[True] - grads[False]).norm() <= 1e-3 * grads[False].norm()
+
+
+def test_tune_hard_layout_without_separate_hard_statistics():
+    """DMP (and --no-separate-hard-bn-stats) keeps no hard BatchNorm statistics: layout
+    tuning must still run and leave the model's statistics as they were."""
+    torch.manual_seed(0)
+    model = create_model("resnet20", in_chans=1).to(memory_format=torch.channels_last)
+    x = torch.randn(8, 1, 28, 28).contiguous(memory_format=torch.channels_last)
+    pruner = S2HPruner(model, x[:1], target_flops=0.35, separate_hard_bn_stats=False)
+    assert pruner.hard_stats is None
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    assert tune_hard_layout(pruner, x, repeats=1) in (torch.contiguous_format, torch.channels_last)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
