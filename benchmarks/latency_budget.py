@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +31,7 @@ from s2hpruner.app.config import RunConfig
 from s2hpruner.app.data import dataset_spec
 from s2hpruner.app.files import atomic_write_bytes
 from s2hpruner.app.run import build_model_and_pruner, prune
-from s2hpruner.core.measure import median_latency
+from s2hpruner.core.measure import latency_ratio
 from s2hpruner.core.trainer import project_to_budget
 
 KEYS = ("top1_hard", "top1_soft", "flops_ratio", "params_ratio", "latency_ratio",
@@ -44,9 +43,7 @@ def measured_latency_ratio(full: torch.nn.Module, pruned: torch.nn.Module, examp
     """Median over rounds of (pruned / full) medians, timed back to back, channels_last."""
     x = example[:1].expand(batch, *example.shape[1:]).contiguous(memory_format=torch.channels_last)
     pruned = pruned.to(memory_format=torch.channels_last).eval()
-    full = full.eval()
-    ratios = [median_latency(pruned, x, 10) / median_latency(full, x, 10) for _ in range(rounds)]
-    return statistics.median(ratios)
+    return latency_ratio(full.eval(), pruned, x, repeats=10, rounds=rounds)[0]
 
 
 def calibrate(model_name: str, latency_ratio: float, batch: int, grid=(0.2, 0.3, 0.4, 0.5,

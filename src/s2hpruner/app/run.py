@@ -25,7 +25,7 @@ from ..core import distributed as D
 from ..core.balance import GradientBalancer
 from ..core.errors import CheckpointError, NonFiniteLossError, RunDirectoryError, S2HError
 from ..core.layout import tune_hard_layout
-from ..core.measure import latency_speedup, median_latency
+from ..core.measure import latency_ratio, latency_speedup
 from ..core.pruner import S2HPruner
 from ..core.resources import count_flops, count_params
 from ..core.trainer import METHODS, S2HTrainer, evaluate
@@ -470,15 +470,10 @@ def _latency_report(model, exported, pruner: S2HPruner, example, cfg, device) ->
     batch = batch.contiguous(memory_format=layout)
     exported = exported.to(device, memory_format=layout).eval()
     model.eval()
-    ratios = []
-    for _ in range(5):
-        full = median_latency(model, batch, repeats=max(5, cfg.latency_repeats // 3))
-        pruned = median_latency(exported, batch, repeats=max(5, cfg.latency_repeats // 3))
-        ratios.append(pruned / full)
-    ratios.sort()
+    ratio, ratios, _, _ = latency_ratio(model, exported, batch, max(5, cfg.latency_repeats // 3))
     return {
         "latency_ratio_predicted": pruner.ratio("hard", "latency"),
-        "latency_ratio": ratios[len(ratios) // 2],
+        "latency_ratio": ratio,
         "latency_ratio_rounds": ratios,
         "latency_batch": cfg.latency_batch,
         "latency_correction": float(getattr(pruner.latency, "correction", 1.0)),

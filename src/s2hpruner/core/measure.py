@@ -44,6 +44,21 @@ def same_memory_format(model: nn.Module, reference: nn.Module) -> nn.Module:
     return model.to(memory_format=memory_format_of(reference))
 
 
+def latency_ratio(
+    full: nn.Module, pruned: nn.Module, x: torch.Tensor, repeats: int, rounds: int = 5
+) -> tuple[float, list[float], float, float]:
+    """pruned / full latency on ``x``: the median over ``rounds`` of the ratio of the two
+    medians timed back to back in that round (a shared machine drifts between rounds; a ratio
+    within one round does not). Returns (ratio, per-round ratios, full s, pruned s)."""
+    full_times, pruned_times = [], []
+    for _ in range(rounds):
+        full_times.append(median_latency(full, x, repeats))
+        pruned_times.append(median_latency(pruned, x, repeats))
+    ratios = [p / f for f, p in zip(full_times, pruned_times, strict=True)]
+    return (statistics.median(ratios), ratios, statistics.median(full_times),
+            statistics.median(pruned_times))  # fmt: skip
+
+
 def latency_speedup(
     full: nn.Module,
     pruned: nn.Module,
@@ -63,13 +78,10 @@ def latency_speedup(
     for b in batch_sizes:
         x = example[:1].expand(b, *example.shape[1:]).contiguous(memory_format=layout)
         reps = repeats if b == 1 else max(5, repeats // 3)
-        full_times, pruned_times = [], []
-        for _ in range(rounds):
-            full_times.append(median_latency(full, x, reps))
-            pruned_times.append(median_latency(pruned, x, reps))
-        ratios = [f / p for f, p in zip(full_times, pruned_times, strict=True)]
-        out[f"b{b}"] = statistics.median(ratios)
-        out[f"b{b}_rounds"] = ratios
-        out[f"b{b}_full_seconds"] = statistics.median(full_times)
-        out[f"b{b}_pruned_seconds"] = statistics.median(pruned_times)
+        _, ratios, full_s, pruned_s = latency_ratio(full, pruned, x, reps, rounds)
+        speedups = [1.0 / r for r in ratios]
+        out[f"b{b}"] = statistics.median(speedups)
+        out[f"b{b}_rounds"] = speedups
+        out[f"b{b}_full_seconds"] = full_s
+        out[f"b{b}_pruned_seconds"] = pruned_s
     return out

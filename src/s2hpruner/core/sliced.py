@@ -161,11 +161,12 @@ def _strided_pointwise_on_cpu(module: nn.Module) -> bool:
     computes its weight gradient wrong and writes past its buffer (heap corruption, oneDNN
     issue 6035; the forward is right). Narrow kept widths hit it, so these few layers (ResNet
     shortcuts) run in NCHW: ``tests/test_sliced.py::test_strided_pointwise_weight_gradient``."""
+    return _strided_pointwise(module) and module.weight.device.type == "cpu"
+
+
+def _strided_pointwise(module: nn.Module) -> bool:
     return (
-        isinstance(module, nn.Conv2d)
-        and module.kernel_size == (1, 1)
-        and module.stride != (1, 1)
-        and module.weight.device.type == "cpu"
+        isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1) and module.stride != (1, 1)
     )
 
 
@@ -175,11 +176,7 @@ def _nchw_input(module: nn.Module, inputs: tuple) -> tuple:
 
 def narrow_pointwise(modules: dict[str, nn.Module]) -> list[nn.Module]:
     """The strided 1x1 convs narrower than 16 input channels (found once, at set-up)."""
-    return [
-        m for m in modules.values()
-        if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.stride != (1, 1)
-        and m.in_channels < 16
-    ]  # fmt: skip
+    return [m for m in modules.values() if _strided_pointwise(m) and m.in_channels < 16]
 
 
 def narrow_pointwise_hooks(convs: list[nn.Module]) -> list:

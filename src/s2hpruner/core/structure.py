@@ -251,13 +251,6 @@ def _reaches_consumer_unnormalised(start, norm_modules: set[nn.Module]) -> bool:
     return False
 
 
-def module_channel_dim(module: nn.Module) -> int:
-    """The dimension of a module's output that holds its channels."""
-    if isinstance(module, nn.Linear):
-        return -1
-    return 1
-
-
 def describe(groups: Sequence[ChannelGroup]) -> str:
     """A readable table of the groups (for logs and the CLI)."""
     lines = [f"{'group':40s} {'channels':>8s} {'step':>5s} {'producers':>9s} {'sites':>5s}"]
