@@ -13,11 +13,14 @@ not from the training. All of them train for
 * ``l1``: train the full model for the whole budget, prune it by global L1 magnitude to the
   target FLOPs, no fine-tuning.
 * ``l1-ft``: train for ``pretrain_fraction`` of the budget, prune as ``l1``, fine-tune for the
-  rest.
+  rest. With ``pretrain_fraction`` 0 (a run from trained weights, ``cfg.init``) it prunes the
+  starting model at once and fine-tunes for the whole budget. ``l1_global`` chooses global
+  allocation (one threshold over all layers) or uniform (every layer loses the same share).
 * ``group-sl``: sparse training with torch-pruning's ``GroupNormPruner`` regulariser for
   ``sparse_fraction`` of the budget, prune by group L2 norm, fine-tune for the rest.
 * ``random``: random widths at the target FLOPs (S2HPruner with random width logits, projected
-  to the budget, exported with its random init), trained for the whole budget.
+  to the budget, exported with the kept channels' starting weights: random from scratch, the
+  trained ones from ``cfg.init``), trained for the whole budget.
 
 Importance-based methods reach the target by searching (bisection with interpolation)
 torch-pruning's global pruning ratio on deep copies until the exported FLOPs (counted by
@@ -54,6 +57,7 @@ from s2hpruner.app.config import RunConfig
 from s2hpruner.app.data import DataSplits
 from s2hpruner.app.optim import build_weight_optimizer
 from s2hpruner.app.sampling import EpochSampler
+from s2hpruner.core.sliced import narrow_pointwise
 from s2hpruner.core.structure import build_graph, classifier_layers
 from s2hpruner.core.trainer import evaluate, project_to_budget
 
@@ -67,7 +71,8 @@ PrunerFactory = Callable[[nn.Module, torch.Tensor, float, list], tp.pruner.BaseP
 class BaselineOptions:
     """Method-specific choices; documented in RESULTS.md next to the numbers."""
 
-    pretrain_fraction: float = 0.5  # l1-ft: share of the budget trained before pruning
+    pretrain_fraction: float = 0.5  # l1-ft: share of the budget trained before pruning (may be 0)
+    l1_global: bool = True  # l1, l1-ft: global allocation (True) or uniform per layer (False)
     sparse_fraction: float = 0.5  # group-sl: share of the budget spent in sparse training
     group_sl_reg: float = 5e-4  # GroupNormPruner reg (torch-pruning's benchmark default)
     # torch-pruning's benchmark turns weight decay off while its regulariser is on: the
@@ -119,7 +124,10 @@ def load_data(cfg: RunConfig, device: torch.device) -> Data:
 def build_model(cfg: RunConfig, data: Data) -> nn.Module:
     """The model with the initial weights S2HPruner's run of the same seed starts from (built
     by the run's own code: ``--init``/``--pretrained`` and ``channels_last`` included)."""
-    return app_run.build_model(cfg, data.splits.spec, data.device)
+    model = app_run.build_model(cfg, data.splits.spec, data.device)
+    if cfg.channels_last:
+        _narrow_shortcuts_in_nchw(model)
+    return model
 
 
 def flops_target(cfg: RunConfig) -> float:
@@ -135,7 +143,28 @@ def flops_target(cfg: RunConfig) -> float:
 
 def _memory_format(model: nn.Module, cfg: RunConfig) -> nn.Module:
     # torch-pruning builds new parameters when it prunes, so this is re-applied after pruning
-    return model.to(memory_format=torch.channels_last) if cfg.channels_last else model
+    if not cfg.channels_last:
+        return model
+    model = model.to(memory_format=torch.channels_last)
+    _narrow_shortcuts_in_nchw(model)
+    return model
+
+
+def _nchw_input(module: nn.Module, inputs: tuple) -> tuple:
+    return (inputs[0].contiguous(), *inputs[1:])
+
+
+def _narrow_shortcuts_in_nchw(model: nn.Module) -> None:
+    """Train strided 1x1 convs narrower than 16 input channels (pruned ResNet shortcuts) in
+    NCHW, input and weight: on channels_last CPU tensors oneDNN 3.12 computes their weight
+    gradient wrong and corrupts the heap (see ``s2hpruner.core.sliced``, oneDNN issue 6035)."""
+    for conv in narrow_pointwise(dict(model.named_modules())):
+        if conv.weight.device.type != "cpu":
+            continue
+        conv.weight.data = conv.weight.data.clone(memory_format=torch.contiguous_format)
+        if not getattr(conv, "_nchw_detour", False):
+            conv.register_forward_pre_hook(_nchw_input)
+            conv._nchw_detour = True
 
 
 def train(
@@ -191,13 +220,20 @@ def train(
 # ----------------------------------------------------------------------------- pruning
 
 
-def l1_pruner(model: nn.Module, example: torch.Tensor, ratio: float, ignored: list):
-    """Global L1-magnitude channel pruning (group mean, torch-pruning's mean normaliser)."""
+def l1_pruner(
+    model: nn.Module,
+    example: torch.Tensor,
+    ratio: float,
+    ignored: list,
+    global_pruning: bool = True,
+):
+    """L1-magnitude channel pruning (group mean, torch-pruning's mean normaliser): one global
+    threshold over all layers, or (``global_pruning=False``) the same share in every layer."""
     return tp.pruner.BasePruner(
         model,
         example,
         importance=tp.importance.MagnitudeImportance(p=1),
-        global_pruning=True,
+        global_pruning=global_pruning,
         pruning_ratio=ratio,
         ignored_layers=ignored,
     )
@@ -323,7 +359,10 @@ def random_architecture(
 
 
 def _split(total: int, fraction: float) -> int:
-    """Steps of the first of two stages: at least one step in each."""
+    """Steps of the first of two stages: at least one step in each, unless ``fraction`` is 0
+    (no first stage at all)."""
+    if fraction <= 0.0:
+        return 0
     if total < 2:
         raise ValueError("a two-stage method needs at least 2 training steps; raise the epochs")
     return min(total - 1, max(1, round(total * fraction)))
@@ -380,6 +419,11 @@ def run_baseline(
     def test(desc: str) -> float:
         return evaluate(model, test_loader, device, progress=cfg.progress, desc=desc)
 
+    if cfg.init is not None or cfg.pretrained:  # what the starting weights score (as s2h runs)
+        record["top1_start_val"] = evaluate(
+            model, eval_loader(data.splits.val), device, progress=cfg.progress, desc="val start"
+        )
+
     if method == "random":
         model, projection_steps = random_architecture(
             model, example, target, cfg.seed, options.random_logit_std
@@ -388,26 +432,29 @@ def run_baseline(
         record["projection_steps"] = projection_steps
         stage("train", total, "pruned")
     else:  # importance-based: train (dense or sparse), prune to the target, maybe fine-tune
-        factory: PrunerFactory = l1_pruner
+        factory: PrunerFactory = partial(l1_pruner, global_pruning=options.l1_global)
         if method == "l1":
             first = total
             stage("train", total, "dense")
         elif method == "l1-ft":
             first = _split(total, options.pretrain_fraction)
-            stage("pretrain", first, "dense")
+            if first:  # none when pruning a trained model at once
+                stage("pretrain", first, "dense")
         else:
             first = _split(total, options.sparse_fraction)
             factory = partial(group_sl_pruner, reg=options.group_sl_reg)
-            sparse = make_pruner(factory, model, example, 0.0, classifier_names(model, example))
-            sparse.update_regularizer()  # groups do not change until the pruning below
-            stage(
-                "sparse",
-                first,
-                "dense",
-                weight_decay=options.sparse_weight_decay,
-                after_backward=sparse.regularize,
-            )
-            del sparse  # its dependency graph describes the unpruned model
+            if first:
+                ignored = classifier_names(model, example)
+                sparse = make_pruner(factory, model, example, 0.0, ignored)
+                sparse.update_regularizer()  # groups do not change until the pruning below
+                stage(
+                    "sparse",
+                    first,
+                    "dense",
+                    weight_decay=options.sparse_weight_decay,
+                    after_backward=sparse.regularize,
+                )
+                del sparse  # its dependency graph describes the unpruned model
         record["top1_dense"] = test("test dense")
         found = prune_to_flops(
             model, example, factory, target, options.flops_tolerance, options.max_probes
@@ -424,13 +471,16 @@ def run_baseline(
     )
     flops, params = count_flops(model, example), count_params(model)
     # plain training of the full model (the sparse stage also pays for the regulariser)
-    dense = stages[0] if stages[0]["network"] == "dense" and stages[0]["name"] != "sparse" else None
+    first_stage = stages[0] if stages else {}
+    plain = first_stage.get("network") == "dense" and first_stage.get("name") != "sparse"
+    dense = first_stage if plain else None
     if run_dir is not None:
         _save_model(model, Path(run_dir) / "model_pruned.pt")
     return {
         "method": method,
         "model": cfg.model,
         "dataset": cfg.dataset,
+        "init": cfg.init,
         "target_flops": target,
         "seed": cfg.seed,
         "epochs": cfg.epochs,
@@ -449,4 +499,22 @@ def run_baseline(
         "conv_out_channels": {
             name: m.out_channels for name, m in model.named_modules() if isinstance(m, nn.Conv2d)
         },
+    }
+
+
+def time_dense(cfg: RunConfig, steps: int) -> dict:
+    """Seconds per epoch of plain training of the full model, timed over ``steps`` steps of the
+    run's recipe and batch order (the run's starting weights, thrown away after): the plain
+    side of the compute ratio when no method of the benchmark trains the full model."""
+    device = pick_device(cfg.device)
+    seed_everything(cfg.seed)
+    data = load_data(cfg, device)
+    model = build_model(cfg, data)
+    steps = max(1, min(steps, data.steps_per_epoch))
+    seconds = train(model, data, cfg, 0, steps, "time plain step")
+    return {
+        "dense_seconds_per_epoch": seconds / steps * data.steps_per_epoch,
+        "timed_steps": steps,
+        "timed_seconds": seconds,
+        "steps_per_epoch": data.steps_per_epoch,
     }

@@ -1,6 +1,7 @@
 """Compare S2HPruner with DMP, its ablations and importance-based baselines (BENCHMARK.md).
 
-    python -m benchmarks.compare --profile quick|full [--out benchmarks/results] [--resume]
+    python -m benchmarks.compare --profile quick|full|from-trained [--out benchmarks/results]
+        [--resume] [--max-runs N] [--targets ...] [--seeds ...] [--budgets ...]
 
 Every method gets the same model, data splits, augmentation, seed and initial weights, and
 ends with an exported, physically pruned model whose FLOPs are counted by
@@ -11,9 +12,23 @@ ends with an exported, physically pruned model whose FLOPs are counted by
   ``compute_methods`` run again with epochs x (S2HPruner seconds per epoch / plain seconds per
   epoch of the full model), both measured by this benchmark for the same target and seed.
 
-Each finished run is written at once (whole JSON, atomically) to ``<out>/<profile>.json``, so
-``--resume`` skips runs whose (method, target, seed, budget) is already there; an interrupted
-S2HPruner run also resumes from its own checkpoint. ``RESULTS.md`` (beside ``<out>``) and
+The ``from-trained`` profile starts every method from one trained checkpoint (``init``, made
+once by ``benchmarks.pretrain``) and adds:
+
+* ``long`` and ``long-compute`` budgets: ``long_factor`` x the epochs (and x the compute ratio);
+* a hyper-parameter search on the validation split: for each method in ``search``, at the
+  ``tune_seed`` and on the ``tune_budgets``, every candidate is a complete run; the one with the
+  best validation top-1 becomes the run (the test split is only reported), every candidate is
+  kept in the JSON's ``tuning`` list. Other seeds and the long budgets reuse the choice of the
+  same method, target and (shorter) budget; the methods of ``borrow`` (the S2HPruner
+  ablations) reuse S2HPruner's choice, so that an ablation differs from it in one part only;
+* the compute ratio's plain side timed on the full model (``dense_timing_steps`` steps), since
+  no method trains the full model there.
+
+Each finished run is written at once (whole JSON, atomically) to ``<out>/<profile>.json``
+(``-`` in the profile's name becomes ``_``), so ``--resume`` skips runs whose (method, target,
+seed, budget) is already there, and every finished search candidate; an interrupted S2HPruner
+run also resumes from its own checkpoint. ``RESULTS.md`` (beside ``<out>``) and
 ``<out>/<profile>.png`` are regenerated from the JSON; ``--report-only`` does only that.
 """
 
@@ -21,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
 import platform
@@ -28,6 +44,7 @@ import shlex
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,13 +52,25 @@ import torch
 import torch_pruning as tp
 from tqdm.auto import tqdm
 
+from s2hpruner.app.checkpoint import seed_everything
 from s2hpruner.app.config import METHODS, ConfigError, RunConfig
-from s2hpruner.app.run import prune
+from s2hpruner.app.run import build_model, build_splits, prune
+from s2hpruner.app.sampling import eval_loader
+from s2hpruner.core.trainer import evaluate
 
-from .baselines import BASELINES, BaselineOptions, pick_device, run_baseline
-from .report import write_reports
+from .baselines import BASELINES, BaselineOptions, pick_device, run_baseline, time_dense
+from .report import file_stem, write_reports
 
 ALL_METHODS = (*METHODS, *BASELINES)
+MAIN_METHODS = ("s2h", "dmp", "l1-ft", "group-sl", "random")
+ABLATIONS = tuple(m for m in METHODS if m not in MAIN_METHODS)
+# a budget, and the (base) budget it lengthens; "compute" budgets scale by the compute ratio
+BUDGETS = ("epochs", "compute", "long", "long-compute")
+LONG = {"long": "epochs", "long-compute": "compute"}
+COMPUTE = ("compute", "long-compute")
+# what a search candidate may set: RunConfig fields, and BaselineOptions fields
+RUN_HYPER = ("lr", "freeze", "freeze_epochs", "weight_decay", "mask_lr")
+OPTION_HYPER = tuple(f.name for f in dataclasses.fields(BaselineOptions))
 
 
 @dataclass(frozen=True)
@@ -59,13 +88,35 @@ class Profile:
     epochs: float = 4.0
     batch_size: int = 256
     lr: float = 0.1
-    val_size: float = 5000
+    val_size: float | None = 5000
     train_subset: int | None = None
     # S2HPruner family: epochs of the last phase, with the widths frozen. Absolute, whatever
     # the epochs: passed as RunConfig.freeze_epochs, which overrides the fraction
-    # RunConfig.freeze (so the stored benchmarks keep their meaning)
-    freeze_epochs: float = 1.0
+    # RunConfig.freeze (so the stored benchmarks keep their meaning); None: the fraction
+    freeze_epochs: float | None = 1.0
+    freeze: float = 0.25
     options: BaselineOptions = field(default_factory=BaselineOptions)
+    # starting weights of every method (None: the seed's random init); a missing file stops
+    # the benchmark with ``pretrain_command``
+    init: str | None = None
+    pretrain_command: str | None = None
+    model_kwargs: dict = field(default_factory=dict)
+    # validation-split search: method -> candidates (overrides of RUN_HYPER / OPTION_HYPER),
+    # the first is the base recipe (it wins ties); borrow: method -> method whose choice it uses
+    search: dict[str, tuple[dict, ...]] = field(default_factory=dict)
+    borrow: dict[str, str] = field(default_factory=dict)
+    tune_seed: int = 0
+    tune_budgets: tuple[str, ...] = ("epochs", "compute")
+    long_factor: float = 3.0
+    long_targets: tuple[float, ...] = ()
+    long_methods: tuple[str, ...] = ()
+    # plain seconds per epoch timed on this many steps of the full model when no method trains
+    # it (0: taken from an l1/l1-ft run's dense stage, as in the from-scratch profiles)
+    dense_timing_steps: int = 0
+    # selection only: method -> the only targets it runs at; target -> the only seeds it runs
+    only_at: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    seed_limits: dict[float, tuple[int, ...]] = field(default_factory=dict)
+    budgets: tuple[str, ...] = BUDGETS
     data_root: str | None = None
     latency_repeats: int = 30
     progress: bool = True
@@ -81,6 +132,66 @@ RESULT_FIELDS = (
     "train_subset",
     "freeze_epochs",
     "options",
+    "freeze",
+    "init",
+    "model_kwargs",
+    "search",
+    "borrow",
+    "tune_seed",
+    "tune_budgets",
+    "long_factor",
+    "dense_timing_steps",
+)
+# fields added after benchmarks were stored: a stored file without them used these values
+LATER_FIELDS = ("freeze", "init", "model_kwargs", "search", "borrow", "tune_seed",
+                "tune_budgets", "long_factor", "dense_timing_steps")  # fmt: skip
+
+CHECKPOINT = "benchmarks/cache/resnet20_fmnist_5ep.pt"
+PRETRAIN_COMMAND = f"python -m benchmarks.pretrain --model resnet20 --epochs 5 --out {CHECKPOINT}"
+FINE_TUNE_LRS = (0.01, 0.03)  # baselines fine-tuning a trained net: 1/10 and ~1/3 of its lr
+SINGLE_NETWORK = ("l1-ft", "group-sl", "random")
+
+
+def _grid(**values: tuple) -> tuple[dict, ...]:
+    """Every combination of ``values``, the first value of each key first (the base recipe)."""
+    combos: list[dict] = [{}]
+    for key, options in values.items():
+        combos = [{**c, key: v} for v in options for c in combos]
+    return tuple(combos)
+
+
+FROM_TRAINED = Profile(
+    "from-trained",
+    targets=(0.15, 0.35, 0.55),
+    methods=(*MAIN_METHODS, *ABLATIONS),
+    compute_methods=SINGLE_NETWORK,
+    seeds=(0, 1),
+    epochs=1.0,  # configs/fmnist_resnet20_from_trained.yaml
+    batch_size=128,
+    lr=0.02,
+    val_size=None,  # the split benchmarks.pretrain held out (seed 0): unseen by the checkpoint
+    freeze_epochs=None,
+    freeze=0.4,
+    # l1-ft prunes the trained model at once; group-sl's sparse share is searched
+    options=BaselineOptions(pretrain_fraction=0.0, sparse_fraction=0.25),
+    init=CHECKPOINT,
+    pretrain_command=PRETRAIN_COMMAND,
+    search={
+        "s2h": _grid(lr=(0.02, 0.01), freeze=(0.4, 0.25)),
+        "dmp": _grid(lr=(0.02, 0.01), freeze=(0.4, 0.25)),
+        "l1-ft": _grid(lr=FINE_TUNE_LRS, l1_global=(True, False)),
+        "group-sl": _grid(lr=FINE_TUNE_LRS, sparse_fraction=(0.25, 0.5)),
+        "random": _grid(lr=FINE_TUNE_LRS),
+    },
+    borrow={m: "s2h" for m in ABLATIONS},
+    tune_seed=0,
+    tune_budgets=("epochs", "compute"),
+    long_factor=3.0,
+    long_targets=(0.35,),
+    long_methods=MAIN_METHODS,
+    dense_timing_steps=100,
+    only_at={m: (0.35,) for m in ABLATIONS},
+    seed_limits={0.15: (0,), 0.55: (0,)},
 )
 
 PROFILES = {
@@ -94,6 +205,7 @@ PROFILES = {
         seeds=(0, 1),
         epochs=8.0,
     ),
+    "from-trained": FROM_TRAINED,
 }
 
 
@@ -119,33 +231,79 @@ def run_key(record: dict) -> tuple:
     return (record["method"], round(record["target_flops"], 6), record["seed"], record["budget"])
 
 
+def _at(target: float, targets: tuple[float, ...]) -> bool:
+    return any(abs(target - t) < 1e-9 for t in targets)
+
+
 def plan_runs(profile: Profile) -> list[RunSpec]:
     """Per seed and target: every method on the epochs budget, then the compute-matched runs
-    (which need that seed's and target's S2HPruner and plain timings)."""
+    (which need that seed's and target's S2HPruner and plain timings), then the long budgets.
+    Seeds run in order, so the search seed's choices exist before the other seeds reuse them."""
     plan = []
     for seed in profile.seeds:
         for target in profile.targets:
-            plan += [RunSpec(m, target, seed, "epochs") for m in profile.methods]
-            plan += [RunSpec(m, target, seed, "compute") for m in profile.compute_methods]
+            limit = next((v for k, v in profile.seed_limits.items() if _at(target, (k,))), None)
+            if limit is not None and seed not in limit:
+                continue
+            methods = [
+                m for m in profile.methods if m not in profile.only_at
+                or _at(target, profile.only_at[m])
+            ]  # fmt: skip
+            single = [m for m in profile.compute_methods if m in methods]
+            long = _at(target, profile.long_targets)
+            runs = {
+                "epochs": methods,
+                "compute": single,
+                "long": [m for m in methods if m in profile.long_methods] if long else [],
+                "long-compute": [m for m in single if m in profile.long_methods] if long else [],
+            }
+            for budget in BUDGETS:
+                if budget in profile.budgets:
+                    plan += [RunSpec(m, target, seed, budget) for m in runs[budget]]
     return plan
 
 
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def settings(profile: Profile) -> dict:
-    """The fields that change results, as stored (JSON types) in the benchmark file."""
+    """The fields that change results, as stored (JSON types) in the benchmark file; with a
+    starting checkpoint, also its sha256 (a resumed benchmark must start from the same one)."""
     values = {k: getattr(profile, k) for k in RESULT_FIELDS}
     values["options"] = dataclasses.asdict(profile.options)
+    if profile.init is not None:
+        values["init_sha256"] = file_sha256(profile.init)
     return json.loads(json.dumps(values))
 
 
-def run_config(profile: Profile, spec: RunSpec, epochs: float, run_dir: Path) -> RunConfig:
-    """One RunConfig for every method: the baselines read their recipe from it too."""
-    return RunConfig(
+def stored_settings(stored: dict) -> dict:
+    """A stored file's settings, with the values that fields added later had before."""
+    defaults = settings(Profile("defaults"))
+    values = {k: stored.get(k, defaults[k]) for k in LATER_FIELDS}
+    options = {**defaults["options"], **stored.get("options", {})}
+    return {**stored, **values, "options": options}
+
+
+def run_config(
+    profile: Profile, spec: RunSpec, epochs: float, run_dir: Path, hyper: dict | None = None
+) -> RunConfig:
+    """One RunConfig for every method: the baselines read their recipe from it too. ``hyper``:
+    a search candidate's RunConfig values (a ``freeze`` fraction drops ``freeze_epochs``)."""
+    cfg = RunConfig(
         model=profile.model,
+        model_kwargs=dict(profile.model_kwargs),
         dataset=profile.dataset,
         data_root=profile.data_root,
+        init=profile.init,
         target_flops=spec.target,
         method=spec.method,
         epochs=epochs,
+        freeze=profile.freeze,
         freeze_epochs=profile.freeze_epochs,  # absolute: overrides the fraction cfg.freeze
         # the sliced hard pass in the fastest memory layout, timed at every epoch's start, as
         # the benchmark has always run it (the run's default is now "model": reproducible bit
@@ -160,6 +318,31 @@ def run_config(profile: Profile, spec: RunSpec, epochs: float, run_dir: Path) ->
         latency_repeats=profile.latency_repeats,
         progress=profile.progress,
     )
+    values = {k: v for k, v in (hyper or {}).items() if k in RUN_HYPER}
+    if "freeze" in values and "freeze_epochs" not in values:
+        values["freeze_epochs"] = None
+    return dataclasses.replace(cfg, **values)
+
+
+def run_options(profile: Profile, hyper: dict | None = None) -> BaselineOptions:
+    """The profile's baseline options with a search candidate's values."""
+    values = {k: v for k, v in (hyper or {}).items() if k in OPTION_HYPER}
+    return dataclasses.replace(profile.options, **values)
+
+
+def candidate_name(hyper: dict) -> str:
+    """A candidate's folder name and label, e.g. ``lr0.02-freeze0.4`` or ``lr0.01-uniform``."""
+    parts = []
+    for key, value in hyper.items():
+        if key == "l1_global":
+            parts.append("global" if value else "uniform")
+        elif isinstance(value, bool):
+            parts.append(key if value else f"no-{key}")
+        elif isinstance(value, int | float):
+            parts.append(f"{key}{value:g}")
+        else:
+            parts.append(f"{key}{value}")
+    return "-".join(parts) or "base"
 
 
 # ----------------------------------------------------------------------------- storage
@@ -203,6 +386,43 @@ def write_json(path: Path, data: dict) -> None:
         raise
 
 
+def checkpoint_record(profile: Profile) -> dict:
+    """The starting checkpoint: path, sha256, and its validation (the search seed's split) and
+    test top-1, measured once here; ``benchmarks.pretrain``'s own record too, if beside it."""
+    assert profile.init is not None
+    spec = RunSpec("l1-ft", profile.targets[0], profile.tune_seed, "epochs")
+    cfg = run_config(profile, spec, profile.epochs, Path("unused"))
+    device = pick_device(cfg.device)
+    seed_everything(cfg.seed)
+    splits = build_splits(cfg, augment=False)
+    model = build_model(cfg, splits.spec, device).eval()  # the runs' own builder, with init
+
+    def top1(dataset, desc: str) -> float:
+        loader = eval_loader(dataset, cfg.eval_batch_size, cfg.workers)
+        return evaluate(model, loader, device, progress=cfg.progress, desc=desc)
+
+    record = {
+        "path": profile.init,
+        "sha256": file_sha256(profile.init),
+        "val_top1": top1(splits.val, "checkpoint val"),
+        "test_top1": top1(splits.test, "checkpoint test"),
+        "val_split_seed": profile.tune_seed,
+        "pretrain_command": profile.pretrain_command,
+        "pretrain": None,
+    }
+    made = Path(profile.init).with_suffix(".json")
+    if made.is_file():
+        record["pretrain"] = json.loads(made.read_text())
+        stored = record["pretrain"].get("val_top1")
+        if stored is not None and abs(stored - record["val_top1"]) > 0.5:
+            tqdm.write(
+                f"warning: {profile.init} scored {stored:.2f}% on validation when it was made "
+                f"and {record['val_top1']:.2f}% on this benchmark's: the splits may differ, so "
+                "the checkpoint may have trained on validation images"
+            )
+    return record
+
+
 def open_results(path: Path, profile: Profile, command: str, resume: bool, overwrite: bool):
     """The stored benchmark when resuming (checked to have the same settings), else a new one."""
     if path.exists() and not overwrite:
@@ -212,7 +432,7 @@ def open_results(path: Path, profile: Profile, command: str, resume: bool, overw
                 "--overwrite to start again"
             )
         results = json.loads(path.read_text())
-        stored, current = results.get("settings", {}), settings(profile)
+        stored, current = stored_settings(results.get("settings", {})), settings(profile)
         diff = [k for k in current if stored.get(k) != current[k]]
         if diff:
             details = "; ".join(f"{k}: stored {stored.get(k)!r}, now {current[k]!r}" for k in diff)
@@ -220,6 +440,10 @@ def open_results(path: Path, profile: Profile, command: str, resume: bool, overw
                 f"--resume: {path} was made with other settings ({details}); use the same "
                 "flags, another --out, or --overwrite"
             )
+        results.setdefault("tuning", [])
+        if profile.init is not None and "checkpoint" not in results:
+            results["checkpoint"] = checkpoint_record(profile)
+            write_json(path, results)
         return results
     results = {
         "profile": profile.name,
@@ -229,7 +453,10 @@ def open_results(path: Path, profile: Profile, command: str, resume: bool, overw
         "settings": settings(profile),
         "compute_ratios": {},
         "runs": [],
+        "tuning": [],
     }
+    if profile.init is not None:
+        results["checkpoint"] = checkpoint_record(profile)
     write_json(path, results)
     return results
 
@@ -237,9 +464,12 @@ def open_results(path: Path, profile: Profile, command: str, resume: bool, overw
 # ----------------------------------------------------------------------------- runs
 
 
-def compute_ratio(results: dict, target: float, seed: int) -> dict | None:
+def compute_ratio(
+    results: dict, target: float, seed: int, timer: Callable[[], dict] | None = None
+) -> dict | None:
     """S2HPruner seconds per epoch over plain seconds per epoch of the full model, from this
-    benchmark's epochs-budget runs of the same target and seed (stored once, then reused)."""
+    benchmark's epochs-budget runs of the same target and seed (stored once, then reused).
+    Without an l1/l1-ft run that trained the full model, ``timer`` times it (if given)."""
     key = f"t{target:g}-s{seed}"
     if key in results["compute_ratios"]:
         return results["compute_ratios"][key]
@@ -249,10 +479,14 @@ def compute_ratio(results: dict, target: float, seed: int) -> dict | None:
         return next((r for r in results["runs"] if run_key(r) == spec.key), None)
 
     s2h = find("s2h")
+    if s2h is None:
+        return None
     plain = next(
         (r for r in map(find, ("l1", "l1-ft")) if r and r.get("dense_seconds_per_epoch")), None
     )
-    if s2h is None or plain is None:
+    if plain is None and timer is not None:
+        plain = {**timer(), "method": "full model timed"}
+    if plain is None:
         return None
     ratio = {
         "ratio": s2h["train_seconds_per_epoch"] / plain["dense_seconds_per_epoch"],
@@ -260,6 +494,8 @@ def compute_ratio(results: dict, target: float, seed: int) -> dict | None:
         "plain_seconds_per_epoch": plain["dense_seconds_per_epoch"],
         "plain_method": plain["method"],
     }
+    if "timed_steps" in plain:
+        ratio["plain_timed_steps"] = plain["timed_steps"]
     results["compute_ratios"][key] = ratio
     return ratio
 
@@ -275,6 +511,7 @@ def prune_record(cfg: RunConfig, resume: bool) -> dict:
         "method",
         "model",
         "dataset",
+        "init",
         "target_flops",
         "epochs",
         "top1_hard",
@@ -283,6 +520,8 @@ def prune_record(cfg: RunConfig, resume: bool) -> dict:
         "flops_ratio",
         "params_ratio",
         "predicted_flops_ratio",
+        "top1_start_val",
+        "budget_projection_steps",
         "latency_speedup_b1",
         "latency_speedup_b64",
         "train_seconds",
@@ -302,26 +541,76 @@ def prune_record(cfg: RunConfig, resume: bool) -> dict:
     return record
 
 
-def execute(spec: RunSpec, profile: Profile, results: dict, out: Path, resume: bool) -> dict | None:
-    """Run one planned run and return its record (None when a compute run cannot be matched)."""
-    run_dir = out / "runs" / profile.name / spec.name
-    epochs, extra = profile.epochs, {}
-    if spec.budget == "compute":
-        ratio = compute_ratio(results, spec.target, spec.seed)
-        if ratio is None:
-            tqdm.write(
-                f"skip {spec.name}: the compute budget needs this target's and seed's s2h run "
-                "and an l1 or l1-ft run (for plain seconds per epoch) on the epochs budget"
-            )
-            return None
-        epochs = round(profile.epochs * ratio["ratio"], 2)
-        extra = {"compute_ratio": ratio["ratio"]}
-    cfg = run_config(profile, spec, epochs, run_dir)
+def budget_epochs(
+    spec: RunSpec, profile: Profile, results: dict, out: Path
+) -> tuple[float, dict] | None:
+    """(epochs, extra record fields) of a run's budget; None when a compute-matched run cannot
+    be matched yet."""
+    epochs = profile.epochs * (profile.long_factor if spec.budget in LONG else 1.0)
+    if spec.budget not in COMPUTE:
+        return epochs, {}
+
+    def timer() -> dict:
+        cfg = run_config(profile, RunSpec("l1-ft", spec.target, spec.seed, "epochs"),
+                         profile.epochs, out / "runs" / profile.name / "timing")  # fmt: skip
+        return time_dense(cfg, profile.dense_timing_steps)
+
+    ratio = compute_ratio(
+        results, spec.target, spec.seed, timer if profile.dense_timing_steps > 0 else None
+    )
+    if ratio is None:
+        tqdm.write(
+            f"skip {spec.name}: the compute budget needs this target's and seed's s2h run "
+            "and an l1 or l1-ft run (for plain seconds per epoch) on the epochs budget"
+        )
+        return None
+    return round(epochs * ratio["ratio"], 2), {"compute_ratio": ratio["ratio"]}
+
+
+def search_candidates(spec: RunSpec, profile: Profile) -> tuple[dict, ...]:
+    """The candidates searched for this run (none: it uses a stored choice or the base)."""
+    if spec.seed != profile.tune_seed or spec.budget not in profile.tune_budgets:
+        return ()
+    return tuple(profile.search.get(spec.method, ()))
+
+
+def choice_source(spec: RunSpec, profile: Profile) -> RunSpec | None:
+    """The searched run whose choice this run reuses (None: the profile's base recipe): the
+    same (or borrowed) method and target at the search seed, on the same budget or, for a
+    long one, the budget it lengthens."""
+    method = profile.borrow.get(spec.method, spec.method)
+    if method not in profile.search or not profile.tune_budgets:
+        return None
+    budget = spec.budget if spec.budget in profile.tune_budgets else LONG.get(spec.budget)
+    if budget not in profile.tune_budgets:
+        budget = "epochs" if "epochs" in profile.tune_budgets else profile.tune_budgets[0]
+    return RunSpec(method, spec.target, profile.tune_seed, budget)
+
+
+def chosen(results: dict, source: RunSpec) -> dict | None:
+    """The chosen candidate of a finished search, from the ``tuning`` list."""
+    return next(
+        (t for t in results.get("tuning", []) if t["chosen"] and run_key(t) == source.key), None
+    )
+
+
+def pick(entries: list[dict], order: list[str]) -> dict:
+    """The candidate with the best validation top-1; ties go to the earlier candidate (the
+    first is the base recipe). The test split plays no part."""
+    ranked = sorted(entries, key=lambda e: order.index(e["candidate"]))
+    return max(ranked, key=lambda e: -1.0 if e["val_top1"] is None else e["val_top1"])
+
+
+def run_one(
+    spec: RunSpec, profile: Profile, epochs: float, hyper: dict, run_dir: Path, resume: bool
+) -> dict:
+    """One training run of ``spec`` with ``hyper`` and its record (test and val top-1)."""
+    cfg = run_config(profile, spec, epochs, run_dir, hyper)
     start = time.perf_counter()
     if spec.method in METHODS:
         record = prune_record(cfg, resume)
     else:
-        record = run_baseline(spec.method, cfg, profile.options, run_dir)
+        record = run_baseline(spec.method, cfg, run_options(profile, hyper), run_dir)
     first = {
         "method": spec.method,
         "target_flops": spec.target,
@@ -335,41 +624,117 @@ def execute(spec: RunSpec, profile: Profile, results: dict, out: Path, resume: b
         "params_ratio": record.pop("params_ratio"),
         "wall_seconds": time.perf_counter() - start,
     }
+    if cfg.init is not None:
+        first["init_sha256"] = file_sha256(cfg.init)
+    if hyper:
+        first["hyper"] = dict(hyper)
     rest = {k: v for k, v in record.items() if k not in first}
-    return {**first, **extra, **rest, "run_dir": str(run_dir)}
+    return {**first, **rest, "run_dir": str(run_dir)}
+
+
+def execute(
+    spec: RunSpec,
+    profile: Profile,
+    results: dict,
+    out: Path,
+    resume: bool,
+    save: Callable[[], None] | None = None,
+) -> dict | None:
+    """Run one planned run and return its record (None when a compute run cannot be matched,
+    or its choice of hyper-parameters is not made yet). A searched run runs every candidate
+    not yet in ``results["tuning"]`` (``save`` stores each at once) and returns the chosen."""
+    run_dir = out / "runs" / profile.name / spec.name
+    found = budget_epochs(spec, profile, results, out)
+    if found is None:
+        return None
+    epochs, extra = found
+    candidates = search_candidates(spec, profile)
+    if candidates:
+        order = [candidate_name(c) for c in candidates]
+        tuning = results.setdefault("tuning", [])
+        for hyper, name in zip(candidates, order, strict=True):
+            if any(run_key(t) == spec.key and t["candidate"] == name for t in tuning):
+                continue
+            record = {**run_one(spec, profile, epochs, hyper, run_dir / name, resume), **extra}
+            tuning.append({
+                "method": spec.method, "target_flops": spec.target, "seed": spec.seed,
+                "budget": spec.budget, "candidate": name, "hyper": dict(hyper),
+                "val_top1": record.get("val_top1"), "flops_ratio": record["flops_ratio"],
+                "chosen": False, "record": record,
+            })  # fmt: skip
+            tqdm.write(f"  candidate {spec.name} {name}: val top-1 {record.get('val_top1')}")
+            if save is not None:
+                save()
+        entries = [t for t in tuning if run_key(t) == spec.key and t["candidate"] in order]
+        best = pick(entries, order)
+        for entry in entries:
+            entry["chosen"] = entry is best
+        return {**best["record"], "candidate": best["candidate"], "selected_by": "val_top1",
+                "candidates": order}  # fmt: skip
+    hyper: dict = {}
+    source = choice_source(spec, profile)
+    if source is not None:
+        choice = chosen(results, source)
+        if choice is None:
+            tqdm.write(
+                f"skip {spec.name}: it reuses the choice of {source.name}, whose search has not "
+                "run yet (run the whole plan, or that seed, target and budget first)"
+            )
+            return None
+        hyper = choice["hyper"]
+    record = run_one(spec, profile, epochs, hyper, run_dir, resume)
+    if source is not None:
+        record.update(candidate=candidate_name(hyper), hyper_from=source.name)
+    return {**record, **extra}
 
 
 def summary_line(record: dict) -> str:
     soft = ""
     if record["top1_soft"] is not None:
         soft = f" (soft {record['top1_soft']:.2f}%, gap {record['gap']:.2f})"
+    chosen_text = f" [{record['candidate']}]" if record.get("candidate") else ""
     return (
         f"done {record['method']} [{record['budget']}] target {record['target_flops']:g} "
-        f"seed {record['seed']} epochs {record['epochs']:g}: top-1 {record['top1_hard']:.2f}%"
-        f"{soft}, FLOPs {record['flops_ratio']:.3f}, params {record['params_ratio']:.3f}, "
-        f"{record['wall_seconds'] / 60:.1f} min"
+        f"seed {record['seed']} epochs {record['epochs']:g}{chosen_text}: top-1 "
+        f"{record['top1_hard']:.2f}%{soft}, FLOPs {record['flops_ratio']:.3f}, params "
+        f"{record['params_ratio']:.3f}, {record['wall_seconds'] / 60:.1f} min"
     )
 
 
-def run_benchmark(profile: Profile, path: Path, command: str, resume: bool, overwrite: bool):
-    """Every planned run not yet in ``path``, each stored as soon as it finishes."""
+def run_benchmark(
+    profile: Profile,
+    path: Path,
+    command: str,
+    resume: bool,
+    overwrite: bool,
+    max_runs: int | None = None,
+):
+    """Every planned run not yet in ``path``, each stored as soon as it finishes; with
+    ``max_runs``, at most that many of them (a slice: resume to continue)."""
     results = open_results(path, profile, command, resume, overwrite)
-    had_runs = bool(results["runs"])
+    had_runs = bool(results["runs"] or results.get("tuning"))
     plan = plan_runs(profile)
     done = {run_key(r) for r in results["runs"]}
     todo = [spec for spec in plan if spec.key not in done]
     print(f"{profile.name}: {len(plan)} runs planned, {len(plan) - len(todo)} already in {path}")
+    if max_runs is not None:
+        todo = todo[:max_runs]
+        print(f"--max-runs {max_runs}: this call runs {len(todo)}")
+
+    def save() -> None:
+        if had_runs and command not in results["resumed_by"]:
+            results["resumed_by"].append(command)
+        write_json(path, results)
+
     bar = tqdm(total=len(plan), initial=len(plan) - len(todo), desc="runs", unit="run")
     for spec in todo:
         bar.set_postfix_str(spec.name)
-        record = execute(spec, profile, results, path.parent, resume)
+        record = execute(spec, profile, results, path.parent, resume, save)
         bar.update(1)
         if record is None:
             continue
-        if had_runs and command not in results["resumed_by"]:
-            results["resumed_by"].append(command)
         results["runs"].append(record)
-        write_json(path, results)
+        save()
         tqdm.write(summary_line(record))
     bar.close()
     return results
@@ -402,6 +767,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--targets", type=_list(float), help="comma list of FLOPs ratios")
     p.add_argument("--seeds", type=_list(int), help="comma list of seeds")
+    p.add_argument("--budgets", type=_list(str), help=f"comma list of {', '.join(BUDGETS)}")
+    p.add_argument("--search-methods", type=_list(str),
+                   help="only these methods get the validation search (others: base recipe)")
+    p.add_argument("--max-runs", type=int,
+                   help="run at most N of the planned runs not yet stored (a slice)")
     p.add_argument("--epochs", type=float)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
@@ -409,6 +779,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-subset", type=int, help="train on the first N training images")
     p.add_argument("--freeze-epochs", type=float,
                    help="S2HPruner family: epochs with frozen widths at the end (absolute)")
+    p.add_argument("--init", help="starting checkpoint of every method (from-trained)")
     p.add_argument("--data-root")
     p.add_argument("--latency-repeats", type=int)
     p.add_argument("--no-progress", action="store_true", help="no per-step progress bars")
@@ -425,19 +796,27 @@ def resolve_profile(args: argparse.Namespace) -> Profile:
             "compute_methods",
             "targets",
             "seeds",
+            "budgets",
             "epochs",
             "batch_size",
             "lr",
             "val_size",
             "train_subset",
             "freeze_epochs",
+            "init",
             "data_root",
             "latency_repeats",
         )
-        if getattr(args, k) is not None
+        if getattr(args, k, None) is not None
     }
     if args.no_progress:
         overrides["progress"] = False
+    if getattr(args, "search_methods", None) is not None:
+        unknown = sorted(set(args.search_methods) - set(profile.search))
+        if unknown:
+            raise SystemExit(f"--search-methods: no search defined for {unknown}; the profile "
+                             f"searches {', '.join(profile.search) or 'nothing'}")  # fmt: skip
+        overrides["search"] = {m: c for m, c in profile.search.items() if m in args.search_methods}
     profile = dataclasses.replace(profile, **overrides)
     unknown = sorted(set(profile.methods) - set(ALL_METHODS))
     if unknown:
@@ -445,14 +824,33 @@ def resolve_profile(args: argparse.Namespace) -> Profile:
     bad = sorted(set(profile.compute_methods) - set(BASELINES))
     if bad:
         raise SystemExit(f"--compute-methods takes single-network methods only, not {bad}")
+    bad = sorted(set(profile.budgets) - set(BUDGETS))
+    if bad:
+        raise SystemExit(f"unknown budget(s) {bad}; choose from {', '.join(BUDGETS)}")
+    if getattr(args, "max_runs", None) is not None and args.max_runs < 1:
+        raise SystemExit("--max-runs must be >= 1")
+    if profile.init is not None and not Path(profile.init).is_file():
+        command = profile.pretrain_command or "python -m benchmarks.pretrain ... --out <file>"
+        raise SystemExit(
+            f"profile {profile.name!r} starts every method from the trained checkpoint "
+            f"{profile.init}, which does not exist; make it once with:\n    {command}\n"
+            "(or pass another checkpoint with --init)"
+        )
+    for method, candidates in profile.search.items():
+        for hyper in candidates:
+            unknown = sorted(set(hyper) - set(RUN_HYPER) - set(OPTION_HYPER))
+            if unknown:
+                raise SystemExit(f"search of {method}: unknown hyper-parameter(s) {unknown}")
     # a compute-matched run complements the same method's epochs-budget run
     profile = dataclasses.replace(
         profile, compute_methods=tuple(m for m in profile.compute_methods if m in profile.methods)
     )
     for spec in plan_runs(profile):
         if spec.method in METHODS:
+            hypers = search_candidates(spec, profile) or ({},)
             try:
-                run_config(profile, spec, profile.epochs, Path("unused")).validate()
+                for hyper in hypers:
+                    run_config(profile, spec, profile.epochs, Path("unused"), hyper).validate()
             except ConfigError as exc:
                 raise SystemExit(f"{spec.name}: {exc}") from None
         elif not 0.0 < spec.target <= 1.0:
@@ -468,7 +866,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.report_only:
         profile = resolve_profile(args)
         command = shlex.join(["python", "-m", "benchmarks.compare", *argv])
-        run_benchmark(profile, out / f"{profile.name}.json", command, args.resume, args.overwrite)
+        path = out / f"{file_stem(profile.name)}.json"
+        run_benchmark(profile, path, command, args.resume, args.overwrite, args.max_runs)
     try:
         written = write_reports(out, markdown)
     except FileNotFoundError as exc:

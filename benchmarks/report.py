@@ -1,8 +1,8 @@
 """RESULTS.md and the accuracy-against-FLOPs plots, regenerated from the benchmark JSON.
 
-Nothing here trains or measures: every number comes from ``<out>/<profile>.json``, so the
-table can always be rebuilt (``python -m benchmarks.compare --report-only``) and checked
-against the raw records.
+Nothing here trains or measures: every number comes from ``<out>/<profile>.json`` (``-`` in a
+profile's name becomes ``_`` in its file names), so the table can always be rebuilt
+(``python -m benchmarks.compare --report-only``) and checked against the raw records.
 """
 
 from __future__ import annotations
@@ -35,6 +35,24 @@ DESCRIPTIONS = {
     "fine-tune",
     "random": "random widths at the target FLOPs (inherited random init), trained from scratch",
 }
+# what the methods do when they all start from one trained checkpoint (profile from-trained)
+FROM_TRAINED = {
+    "l1-ft": "prune the trained model at once by L1 magnitude (global or uniform allocation, "
+    "chosen on validation), fine-tune for the whole budget",
+    "group-sl": "sparse-train the trained model with GroupNormPruner's regulariser for a share "
+    "of the budget (chosen on validation), prune by group L2 norm, fine-tune for the rest",
+    "random": "random widths at the target FLOPs, inheriting the kept channels' trained "
+    "weights, fine-tuned for the whole budget",
+}
+BUDGET_ORDER = ("epochs", "compute", "long", "long-compute")
+# a compute-matched budget and the budget whose two-network runs are its reference
+REFERENCE = {"compute": "epochs", "long-compute": "long"}
+MARKERS = {"epochs": "o", "compute": "o", "long": "s", "long-compute": "s"}
+
+
+def file_stem(profile: str) -> str:
+    """The stem of a profile's JSON and PNG: ``from-trained`` -> ``from_trained``."""
+    return profile.replace("-", "_")
 
 
 def load_results(out: Path) -> list[dict]:
@@ -49,7 +67,7 @@ def load_results(out: Path) -> list[dict]:
         if (
             isinstance(data, dict)
             and isinstance(data.get("runs"), list)
-            and data.get("profile") == path.stem
+            and file_stem(str(data.get("profile"))) == path.stem
             and {"machine", "settings"} <= set(data)
         ):
             found.append(data)
@@ -68,9 +86,13 @@ def _order(method: str) -> tuple[int, str]:
     return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), method)
 
 
+def _budget_rank(budget: str) -> int:
+    """Epochs-budget tables first: the compute table refers back to them; long ones last."""
+    return BUDGET_ORDER.index(budget) if budget in BUDGET_ORDER else len(BUDGET_ORDER)
+
+
 def _budget(item) -> int:
-    """Epochs-budget tables first: the compute table refers back to them."""
-    return 0 if item[0][1] == "epochs" else 1
+    return _budget_rank(item[0][1])
 
 
 def aggregate(runs: list[dict]) -> dict[tuple[float, str], list[dict]]:
@@ -140,17 +162,24 @@ def profile_markdown(results: dict, image: str | None) -> list[str]:
         f"torch-pruning {m['torch_pruning']}",
         f"- Model `{s['model']}` on `{s['dataset']}`: {s['epochs']:g} epochs, batch "
         f"{s['batch_size']}, lr {s['lr']:g} (SGD, Nesterov momentum 0.9, weight decay 5e-4 on "
-        f"weights, cosine per stage), val split {s['val_size']:g}, train subset "
-        f"{s['train_subset'] or 'all'}; S2HPruner family: last {s['freeze_epochs']:g} epoch(s) "
-        "with frozen widths",
+        f"weights, cosine per stage), val split {_val_size(s)}, train subset "
+        f"{s['train_subset'] or 'all'}; S2HPruner family: {_frozen(s)} with frozen widths",
     ]
     o = s["options"]
+    pretrain = (
+        "prunes the starting model at once"
+        if o["pretrain_fraction"] <= 0
+        else f"pre-trains {o['pretrain_fraction']:.0%} of the budget"
+    )
     lines.append(
-        f"- Baselines: `l1-ft` pre-trains {o['pretrain_fraction']:.0%} of the budget; "
+        f"- Baselines: `l1-ft` {pretrain}; "
         f"`group-sl` sparse-trains {o['sparse_fraction']:.0%} (reg {o['group_sl_reg']:g}, "
         f"weight decay {o['sparse_weight_decay']:g} while regularising); importance methods "
-        f"search the global pruning ratio to within {o['flops_tolerance']:g} of the target"
+        f"search the {'global ' if o.get('l1_global', True) else ''}pruning ratio to within "
+        f"{o['flops_tolerance']:g} of the target"
+        + (" (values the search below chooses override these)" if s.get("search") else "")
     )
+    lines += _checkpoint_lines(results)
     ratios = results.get("compute_ratios", {})
     if ratios:
         parts = [
@@ -162,26 +191,129 @@ def profile_markdown(results: dict, image: str | None) -> list[str]:
             "- Compute ratio (S2HPruner seconds per epoch / plain seconds per epoch of the full "
             f"model, measured in this benchmark): {'; '.join(parts)}"
         )
+        if any(r.get("plain_timed_steps") for r in ratios.values()):
+            steps = sorted({r["plain_timed_steps"] for r in ratios.values() if
+                            r.get("plain_timed_steps")})  # fmt: skip
+            lines.append(
+                "  (no method trains the full model here, so its plain seconds per epoch were "
+                f"timed on {', '.join(map(str, steps))} training steps of the starting model "
+                "with the same recipe and batches)"
+            )
     if image:
         lines += ["", f"![top-1 against FLOPs ratio]({image})"]
 
+    if s.get("search"):
+        lines += [""] + _search_lines(results)
+
     tables = aggregate(results["runs"])
+    long = s.get("long_factor", 3.0)
     for (target, budget), rows in sorted(tables.items(), key=lambda kv: (kv[0][0], _budget(kv))):
         lines += ["", f"### Target {target:g}, {budget} budget", ""]
-        if budget == "epochs":
-            lines.append("Every method trains for the same number of epochs.")
+        if budget not in REFERENCE:
+            lines.append(
+                "Every method trains for the same number of epochs"
+                + (f" ({long:g} x the base budget)." if budget == "long" else ".")
+            )
             lines += [""] + _table(rows)
             continue
+        base = REFERENCE[budget]
+        epochs = "the epochs" if base == "epochs" else f"the {base} budget's epochs"
         lines.append(
-            "Single-network methods train for the epochs x the compute ratio; the two-network "
-            "S2HPruner runs of the epochs budget are repeated here as the reference."
+            f"Single-network methods train for {epochs} x the compute ratio; the two-network "
+            f"S2HPruner runs of the {base} budget are repeated here as the reference."
         )
-        reference = [r for r in tables.get((target, "epochs"), []) if r["method"] in TWO_NETWORK]
+        reference = [r for r in tables.get((target, base), []) if r["method"] in TWO_NETWORK]
         lines += [""] + _table(
             reference + rows,
-            lambda row: (
-                f"`{row['method']}`" + (" (epochs budget)" if row["method"] in TWO_NETWORK else "")
+            lambda row, base=base: (
+                f"`{row['method']}`" + (f" ({base} budget)" if row["method"] in TWO_NETWORK else "")
             ),
+        )
+    return lines
+
+
+def _val_size(s: dict) -> str:
+    if s.get("val_size") is None:
+        return "10% of the training files (at most 5,000)"
+    return f"{s['val_size']:g}"
+
+
+def _frozen(s: dict) -> str:
+    if s.get("freeze_epochs") is not None:
+        return f"last {s['freeze_epochs']:g} epoch(s)"
+    return f"last {s.get('freeze', 0.25):.0%} of the run"
+
+
+def _checkpoint_lines(results: dict) -> list[str]:
+    """Where every method starts: the checkpoint, its hash and what it scores."""
+    c = results.get("checkpoint")
+    if not c:
+        return []
+    lines = [
+        f"- Every method starts from the trained checkpoint `{c['path']}` (sha256 "
+        f"`{c['sha256'][:16]}…`): **{c['test_top1']:.2f}%** test top-1, {c['val_top1']:.2f}% "
+        f"validation top-1 (seed {c['val_split_seed']}'s split, held out when it was trained)",
+    ]
+    if c.get("pretrain_command"):
+        made = c.get("pretrain") or {}
+        extra = f", {made['train_seconds']:.0f} s" if made.get("train_seconds") else ""
+        lines.append(f"  (made once with plain PyTorch: `{c['pretrain_command']}`{extra})")
+    lines += [f"- `{m}` from a trained model: {text}" for m, text in FROM_TRAINED.items()]
+    return lines
+
+
+def _hyper_text(hyper: dict) -> str:
+    parts = []
+    for key, value in hyper.items():
+        if key == "l1_global":
+            parts.append("global L1" if value else "uniform L1")
+        elif key == "freeze":
+            parts.append(f"freeze {value:.0%}")
+        elif key == "sparse_fraction":
+            parts.append(f"sparse {value:.0%}")
+        else:
+            parts.append(f"{key} {value:g}" if isinstance(value, int | float) else f"{key} {value}")
+    return ", ".join(parts) or "base"
+
+
+def _search_lines(results: dict) -> list[str]:
+    """The validation-split search: every candidate's val top-1, the chosen one in bold."""
+    s = results["settings"]
+    ran = {run["method"] for run in results["runs"]}
+    borrowed = ", ".join(
+        f"`{m}` uses `{b}`'s" for m, b in sorted(s.get("borrow", {}).items()) if m in ran
+    )
+    lines = [
+        "### Hyper-parameter search (validation split)",
+        "",
+        f"Seed {s.get('tune_seed', 0)}, on the {' and '.join(s.get('tune_budgets', []))} "
+        "budgets: every candidate is a complete run; the one with the best validation top-1 "
+        "(exported model for the baselines, hard network after the last epoch for the S2HPruner "
+        "family; ties go to the first, the base recipe) is the run reported below. The test "
+        "split plays no part. Other seeds reuse the search seed's choice (their validation "
+        "split is not the one the checkpoint held out), the long budgets reuse the choice of "
+        "the budget they lengthen"
+        + (f", and {borrowed} choice (an ablation differs in one part only)." if borrowed else "."),
+        "",
+        "| Method | Target | Budget | Epochs | Candidates: val top-1 (%) |",
+        "|---|---|---|---|---|",
+    ]
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for entry in results.get("tuning", []):
+        key = (_order(entry["method"]), round(entry["target_flops"], 6),
+               _budget_rank(entry["budget"]), entry["method"], entry["budget"])  # fmt: skip
+        groups[key].append(entry)
+    for key in sorted(groups):
+        entries = groups[key]
+        cells = []
+        for e in entries:
+            val = "–" if e["val_top1"] is None else f"{e['val_top1']:.2f}"
+            text = f"{_hyper_text(e['hyper'])}: {val}"
+            cells.append(f"**{text}**" if e["chosen"] else text)
+        epochs = entries[0]["record"].get("epochs")
+        lines.append(
+            f"| `{key[3]}` | {key[1]:g} | {key[4]} | {'–' if epochs is None else f'{epochs:g}'} "
+            f"| {'; '.join(cells)} |"
         )
     return lines
 
@@ -197,7 +329,10 @@ def markdown(all_results: list[dict], images: dict[str, str]) -> str:
         "Where several seeds ran, cells show mean ± standard deviation. Soft top-1 and gap "
         "exist only for methods with a soft network.",
         "",
-        "Methods:",
+        "Methods:"
+        if not any(r.get("checkpoint") for r in all_results)
+        else "Methods (as run from scratch; a profile that starts from a trained model says in "
+        "its section what changes):",
         "",
     ]
     seen = {run["method"] for r in all_results for run in r["runs"]}
@@ -226,28 +361,40 @@ def plot(results: dict, path: Path) -> Path:
     colours = {m: plt.cm.tab10(i % 10) for i, m in enumerate(methods)}
     for target in sorted({round(r["target_flops"], 6) for r in results["runs"]}):
         ax.axvline(target, color="grey", linestyle=":", linewidth=1)
-    ordered = sorted(series.items(), key=lambda kv: (_order(kv[0][0]), kv[0][1] != "epochs"))
+    start = (results.get("checkpoint") or {}).get("test_top1")
+    if start is not None:
+        ax.axhline(start, color="black", linestyle="-.", linewidth=1,
+                   label=f"starting model ({start:.2f}%)")  # fmt: skip
+    ordered = sorted(
+        series.items(),
+        key=lambda kv: (_order(kv[0][0]), _budget_rank(kv[0][1])),
+    )
     for (method, budget), points in ordered:
         points.sort()
         xs, ys, errs = zip(*points, strict=True)
-        compute = budget == "compute"
+        compute = budget in REFERENCE
         ax.errorbar(
             xs,
             ys,
             yerr=errs,
             color=colours[method],
-            marker="o",
+            marker=MARKERS.get(budget, "o"),
             capsize=3,
             linestyle="--" if compute else "-",
             markerfacecolor="none" if compute else colours[method],
-            label=f"{method} ({budget})" if compute else method,
+            label=method if budget == "epochs" else f"{method} ({budget})",
         )
     ax.set_xlabel("FLOPs ratio of the exported model")
     ax.set_ylabel("test top-1 of the exported model (%)")
     s = results["settings"]
-    ax.set_title(f"{results['profile']}: {s['model']} on {s['dataset']}, {s['epochs']:g} epochs")
+    title = f"{results['profile']}: {s['model']} on {s['dataset']}, {s['epochs']:g} epochs"
+    if s.get("init"):
+        title += " from a trained model"
+    ax.set_title(title)
     ax.grid(alpha=0.3)
-    if series:
+    if len(series) > 8:  # many methods and budgets: the legend beside the axes
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    elif series:
         ax.legend(fontsize=8, loc="best")
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
@@ -263,7 +410,7 @@ def write_reports(out: Path, markdown_path: Path) -> list[Path]:
         raise FileNotFoundError(f"no benchmark JSON (with a 'runs' list) in {out}")
     images, written = {}, []
     for results in all_results:
-        png = plot(results, Path(out) / f"{results['profile']}.png")
+        png = plot(results, Path(out) / f"{file_stem(results['profile'])}.png")
         images[results["profile"]] = Path(os.path.relpath(png, markdown_path.parent)).as_posix()
         written.append(png)
     _write(markdown_path, markdown(all_results, images).encode())

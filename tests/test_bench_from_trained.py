@@ -1,0 +1,236 @@
+"""The from-trained benchmark profile end to end on a tiny model and the digits data set: every
+method starts from one fabricated checkpoint, the search picks by validation top-1, other seeds
+and budgets reuse the choice, and a resumed benchmark runs nothing twice."""
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # benchmarks/ is a package beside src/, not installed
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import compare  # noqa: E402
+from s2hpruner.app.models import create_model  # noqa: E402
+
+RUN_KEYS = {"method", "target_flops", "seed", "epochs", "budget", "top1_hard", "top1_soft",
+            "gap", "flops_ratio", "params_ratio", "wall_seconds", "init_sha256", "val_top1",
+            "top1_start_val"}
+TINY = {"dataset": "digits", "model_kwargs": {"width": 4}, "batch_size": 32, "val_size": 100,
+        "train_subset": 64, "latency_repeats": 1, "dense_timing_steps": 2, "progress": False,
+        "options": compare.BaselineOptions(pretrain_fraction=0.0, flops_tolerance=0.02,
+                                           max_probes=8)}
+
+
+def _checkpoint(path: Path) -> Path:
+    """A tiny resnet20 (width 4) for digits' 8x8 grey images, random weights: a stand-in for
+    benchmarks.pretrain's output (a state dict)."""
+    torch.manual_seed(123)
+    model = create_model("resnet20", num_classes=10, in_chans=1, image_size=8, width=4)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def _fast(mp: pytest.MonkeyPatch) -> None:
+    # s2hpruner's latency timing and torch.export are tested with s2hpruner; here they would
+    # only cost time
+    mp.setattr("s2hpruner.app.run.latency_speedup", lambda *a, **k: {"b1": 1.0, "b64": 1.0})
+    mp.setattr("s2hpruner.app.run.save_program", lambda *a, **k: None)
+
+
+@pytest.fixture
+def no_latency(monkeypatch):
+    _fast(monkeypatch)
+
+
+def _tiny_profile(**changes) -> compare.Profile:
+    return dataclasses.replace(compare.FROM_TRAINED, **{**TINY, **changes})
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """targets 0.35, seeds 0 and 1, the epochs, compute and long budgets; s2h and l1-ft search
+    two candidates each, the ablation borrows s2h's choice, random has no search (15 runs)."""
+    tmp = tmp_path_factory.mktemp("from_trained")
+    ckpt = _checkpoint(tmp / "cache" / "tiny.pt")
+    out = tmp / "results"
+    profile = _tiny_profile(
+        methods=("s2h", "s2h-no-gs", "l1-ft", "random"),
+        only_at={"s2h-no-gs": (0.35,)},
+        search={
+            "s2h": compare._grid(lr=(0.02, 0.01)),
+            "l1-ft": compare._grid(l1_global=(True, False)),
+        },
+        compute_methods=("l1-ft",),
+        long_methods=("l1-ft",),
+    )
+    argv = ["--profile", "from-trained", "--out", str(out), "--init", str(ckpt),
+            "--targets", "0.35", "--budgets", "epochs,compute,long", "--no-progress"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(compare.PROFILES, "from-trained", profile)
+        _fast(mp)
+        assert compare.main(argv) == 0
+    return argv, out, ckpt, profile
+
+
+def test_full_profile_plan():
+    """The shipped profile: the protocol of issue 15, 54 runs."""
+    plan = compare.plan_runs(compare.FROM_TRAINED)
+    assert len(plan) == len({s.key for s in plan}) == 54
+    by = {(s.method, s.target, s.seed, s.budget) for s in plan}
+    for target in (0.15, 0.35, 0.55):
+        for method in compare.MAIN_METHODS:
+            assert (method, target, 0, "epochs") in by
+        for method in ("l1-ft", "group-sl", "random"):
+            assert (method, target, 0, "compute") in by
+    for method in compare.ABLATIONS:
+        assert {t for m, t, _, _ in by if m == method} == {0.35}
+    assert {t for _, t, seed, _ in by if seed == 1} == {0.35}
+    assert {t for _, t, _, b in by if b.startswith("long")} == {0.35}
+    assert {m for m, _, _, b in by if b == "long-compute"} == {"l1-ft", "group-sl", "random"}
+    assert not {m for m, _, _, b in by if b in compare.COMPUTE} & set(compare.METHODS)
+    s = compare.FROM_TRAINED.search
+    assert len(s["s2h"]) == len(s["l1-ft"]) == len(s["group-sl"]) == 4
+    assert s["s2h"][0] == {"lr": 0.02, "freeze": 0.4}, "the shipped recipe first (wins ties)"
+    assert compare.FROM_TRAINED.init == compare.CHECKPOINT
+
+
+def test_missing_checkpoint_names_the_pretrain_command(tmp_path):
+    args = compare.parse_args(["--profile", "from-trained", "--init", str(tmp_path / "no.pt")])
+    with pytest.raises(SystemExit, match="benchmarks.pretrain --model resnet20 --epochs 5"):
+        compare.resolve_profile(args)
+
+
+def test_pick_uses_validation_only():
+    entries = [
+        {"candidate": "a", "val_top1": 80.0, "record": {"top1_hard": 99.0}},
+        {"candidate": "b", "val_top1": 81.0, "record": {"top1_hard": 10.0}},
+        {"candidate": "c", "val_top1": 81.0, "record": {"top1_hard": 50.0}},
+    ]
+    assert compare.pick(entries, ["a", "b", "c"])["candidate"] == "b"
+    assert compare.pick(entries, ["c", "b", "a"])["candidate"] == "c", "ties: the earlier"
+
+
+def test_json_schema_and_one_starting_checkpoint(smoke):
+    _, out, ckpt, _ = smoke
+    data = json.loads((out / "from_trained.json").read_text())
+    assert data["profile"] == "from-trained"
+    assert data["command"].startswith("python -m benchmarks.compare --profile from-trained")
+    sha = compare.file_sha256(ckpt)
+    assert data["checkpoint"]["sha256"] == sha == data["settings"]["init_sha256"]
+    assert data["checkpoint"]["path"] == str(ckpt)
+    assert 0.0 <= data["checkpoint"]["test_top1"] <= 100.0
+    runs = data["runs"]
+    planned = {("s2h", "epochs"), ("s2h-no-gs", "epochs"), ("l1-ft", "epochs"),
+               ("random", "epochs"), ("l1-ft", "compute"), ("l1-ft", "long")}
+    for seed in (0, 1):
+        assert {(r["method"], r["budget"]) for r in runs if r["seed"] == seed} == planned
+    for run in runs:
+        assert set(run) >= RUN_KEYS, run["method"]
+        assert run["init_sha256"] == sha, "every method starts from the same file"
+        assert run["init"] == str(ckpt)
+        assert abs(run["flops_ratio"] - 0.35) <= 0.03, (run["method"], run["flops_ratio"])
+        assert run["epochs"] == {"epochs": 1.0, "long": 3.0}.get(
+            run["budget"], round(run.get("compute_ratio", 0) * 1.0, 2))
+    for seed in (0, 1):  # the same weights score the same on that seed's validation split
+        start = {r["top1_start_val"] for r in runs if r["seed"] == seed}
+        assert len(start) == 1, (seed, start)
+    seed0 = next(r for r in runs if r["seed"] == 0)
+    assert seed0["top1_start_val"] == pytest.approx(data["checkpoint"]["val_top1"])
+    l1 = next(r for r in runs if r["method"] == "l1-ft" and r["budget"] == "epochs")
+    assert [s["name"] for s in l1["stages"]] == ["finetune"], "pruned at once, then fine-tuned"
+    assert l1["top1_dense"] == pytest.approx(data["checkpoint"]["test_top1"])
+    ratio = data["compute_ratios"]["t0.35-s0"]
+    assert ratio["plain_timed_steps"] == 2 and ratio["ratio"] > 0
+
+
+def test_search_picks_by_validation_and_is_reused(smoke):
+    _, out, _, profile = smoke
+    data = json.loads((out / "from_trained.json").read_text())
+    tuning, runs = data["tuning"], data["runs"]
+    keys = {compare.run_key(t) for t in tuning}
+    assert keys == {("s2h", 0.35, 0, "epochs"), ("l1-ft", 0.35, 0, "epochs"),
+                    ("l1-ft", 0.35, 0, "compute")}, "searched on seed 0, epochs and compute"
+    for key in keys:
+        entries = [t for t in tuning if compare.run_key(t) == key]
+        assert len(entries) == 2
+        assert sum(t["chosen"] for t in entries) == 1
+        best = next(t for t in entries if t["chosen"])
+        assert best["val_top1"] == max(t["val_top1"] for t in entries)
+        run = next(r for r in runs if compare.run_key(r) == key)
+        assert run["candidate"] == best["candidate"] and run["selected_by"] == "val_top1"
+        assert run["top1_hard"] == best["record"]["top1_hard"]
+        assert run["hyper"] == best["hyper"]
+    chosen = {compare.run_key(t): t["hyper"] for t in tuning if t["chosen"]}
+    for run in runs:
+        source = compare.choice_source(compare.RunSpec(
+            run["method"], run["target_flops"], run["seed"], run["budget"]), profile)
+        if source is None:
+            assert "hyper" not in run, run["method"]  # random: the base recipe
+        elif compare.run_key(run) != source.key:
+            assert run["hyper"] == chosen[source.key], (run["method"], run["budget"])
+            assert run["hyper_from"] == source.name
+    ablation = next(r for r in runs if r["method"] == "s2h-no-gs" and r["seed"] == 0)
+    assert ablation["hyper_from"] == "s2h-epochs-t0.35-s0"
+
+
+def test_reports(smoke):
+    _, out, _, _ = smoke
+    assert (out / "from_trained.png").stat().st_size > 0
+    text = (out.parent / "RESULTS.md").read_text()
+    for needle in ("## Profile `from-trained`", "Hyper-parameter search (validation split)",
+                   "starts from the trained checkpoint", "Target 0.35, long budget",
+                   "Target 0.35, compute budget", "Compute ratio", "uniform L1"):
+        assert needle in text, needle
+
+
+def test_resume_runs_nothing_new(smoke, monkeypatch):
+    argv, out, _, profile = smoke
+    before = (out / "from_trained.json").read_bytes()
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a finished run ran again")
+
+    monkeypatch.setitem(compare.PROFILES, "from-trained", profile)
+    monkeypatch.setattr(compare, "run_one", fail)
+    monkeypatch.setattr(compare, "checkpoint_record", fail)
+    assert compare.main([*argv, "--resume"]) == 0
+    assert (out / "from_trained.json").read_bytes() == before
+    with pytest.raises(SystemExit, match="other settings"):
+        compare.main([*argv, "--resume", "--lr", "0.05"])
+
+
+def test_interrupted_search_resumes_its_candidates(tmp_path, monkeypatch, no_latency):
+    ckpt = _checkpoint(tmp_path / "tiny.pt")
+    profile = _tiny_profile(
+        methods=("l1-ft",), compute_methods=(), long_methods=(), seeds=(0,), targets=(0.35,),
+        search={"l1-ft": compare._grid(lr=(0.01, 0.03))}, budgets=("epochs",),
+    )
+    monkeypatch.setitem(compare.PROFILES, "from-trained", profile)
+    argv = ["--profile", "from-trained", "--out", str(tmp_path / "results"), "--init", str(ckpt)]
+    calls, real = [], compare.run_one
+
+    def interrupted(spec, prof, epochs, hyper, run_dir, resume):
+        calls.append(hyper)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(spec, prof, epochs, hyper, run_dir, resume)
+
+    monkeypatch.setattr(compare, "run_one", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        compare.main(argv)
+    data = json.loads((tmp_path / "results" / "from_trained.json").read_text())
+    assert [t["candidate"] for t in data["tuning"]] == ["lr0.01"] and data["runs"] == []
+
+    calls.clear()
+    monkeypatch.setattr(compare, "run_one", lambda *a: calls.append(a[3]) or real(*a))
+    assert compare.main([*argv, "--resume", "--max-runs", "1"]) == 0
+    assert calls == [{"lr": 0.03}], "only the unfinished candidate ran"
+    data = json.loads((tmp_path / "results" / "from_trained.json").read_text())
+    assert len(data["runs"]) == 1 and len(data["tuning"]) == 2
+    assert data["resumed_by"] and "--resume" in data["resumed_by"][0]
