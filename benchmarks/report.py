@@ -413,5 +413,11 @@ def write_reports(out: Path, markdown_path: Path) -> list[Path]:
         png = plot(results, Path(out) / f"{file_stem(results['profile'])}.png")
         images[results["profile"]] = Path(os.path.relpath(png, markdown_path.parent)).as_posix()
         written.append(png)
-    _write(markdown_path, markdown(all_results, images).encode())
+    text = markdown(all_results, images)
+    coverage = Path(out) / "coverage.json"  # benchmarks.coverage owns that section: keep it
+    if coverage.exists():
+        from .coverage import markdown as coverage_markdown
+
+        text = text.rstrip("\n") + "\n\n" + coverage_markdown(json.loads(coverage.read_text()))
+    _write(markdown_path, text.encode())
     return [*written, markdown_path]

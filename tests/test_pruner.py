@@ -205,11 +205,19 @@ def test_impossible_budgets_fail_early_with_the_minimum():
 
 
 def test_unsupported_layer_named_in_error():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = torchvision.models.resnext50_32x4d(num_classes=10)
-    with pytest.raises(UnsupportedModelError, match="layer1.0.conv2"):
-        S2HPruner(model, torch.randn(1, 3, 64, 64))
+    class Net(torch.nn.Module):  # an LSTM consumes the conv's channels
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv1d(3, 8, 1)
+            self.lstm = torch.nn.LSTM(8, 8, batch_first=True)
+            self.head = torch.nn.Linear(8, 3)
+
+        def forward(self, x):
+            y, _ = self.lstm(self.conv(x).transpose(1, 2))
+            return self.head(y[:, -1])
+
+    with pytest.raises(UnsupportedModelError, match="'lstm'.*ignored_layers"):
+        S2HPruner(Net(), torch.randn(2, 3, 5))
 
 
 def test_model_with_nothing_to_prune():

@@ -23,10 +23,13 @@ model adds them as one row per head group that is linear in the kept heads
 (:func:`attention_row`). Swin's relative-position bias table holds one column per head: its
 parameters are counted per head and its columns are sliced on export.
 
-Supported: ``timm.layers.Attention`` (ViT, DeiT) without ``scale_norm`` or ``gated`` and
-``timm.models.swin_transformer.WindowAttention``. Any other module that looks like attention
-(a ``num_heads`` attribute and a ``qkv`` Linear) keeps its heads: its linears are ignored, with a
-warning, rather than pruned wrongly.
+Supported: ``timm.layers.Attention`` (ViT, DeiT) without ``scale_norm`` or ``gated``,
+``timm.models.swin_transformer.WindowAttention``, ``nn.MultiheadAttention`` (kinds/mha.py:
+torchvision's ViT) and Hugging Face ViT / DeiT attention (kinds/hf_attention.py). The functions
+here dispatch to those modules. Any other module that looks like attention (a ``num_heads``
+attribute and a ``qkv`` Linear, e.g. torchvision's Swin ``ShiftedWindowAttention``, whose
+functional forward derives the head width from the embedding width) keeps its heads: its
+linears are ignored, with a warning, rather than pruned wrongly.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ import warnings
 import torch
 from torch import nn
 
+from .kinds import hf_attention as hf
+from .kinds import mha
 from .structure import ChannelGroup, ChannelSlice, candidate_widths, default_width_step
 
 
@@ -79,9 +84,22 @@ def find_attention(model: nn.Module) -> tuple[dict[str, nn.Module], list[nn.Modu
     supported: dict[str, nn.Module] = {}
     ignored: list[nn.Module] = []
     for name, module in model.named_modules():
-        if not _looks_like_attention(module):
+        if isinstance(module, nn.MultiheadAttention):  # kinds/mha.py
+            reason = mha.unsupported_reason(module)
+            ignored += [module, module.out_proj]
+            if reason is None:
+                supported[name] = module
+                continue
+        elif hf.looks_like(module):  # kinds/hf_attention.py
+            reason = hf.unsupported_reason(module)
+            ignored += hf.linears(module)
+            if reason is None:
+                supported[name] = module
+                continue
+        elif not _looks_like_attention(module):
             continue
-        reason = _unsupported_reason(module)
+        else:
+            reason = _unsupported_reason(module)
         if reason is None:
             supported[name] = module
             ignored += [module.qkv, module.proj]
@@ -102,6 +120,12 @@ def head_groups(
     """One head group per attention module (none where the user ignored it or its qkv)."""
     groups = []
     for name, module in attention.items():
+        adapter = _adapter(module)
+        if adapter is not None:
+            group = _adapter_group(adapter, name, module, ignored, max_candidates)
+            if group is not None:
+                groups.append(group)
+            continue
         if module in ignored or module.qkv in ignored or module.num_heads < 2:
             continue
         heads, dim = module.num_heads, head_dim(module)
@@ -131,6 +155,40 @@ def head_groups(
     return groups
 
 
+def _adapter(module: nn.Module):
+    """The kinds/ module that handles this attention module (None: timm, here)."""
+    if isinstance(module, nn.MultiheadAttention):
+        return mha
+    if hf.looks_like(module):
+        return hf
+    return None
+
+
+def _num_heads(module: nn.Module) -> int:
+    return int(getattr(module, "num_heads", getattr(module, "num_attention_heads", 0)))
+
+
+def _adapter_group(adapter, name, module, ignored, max_candidates) -> ChannelGroup | None:
+    heads = _num_heads(module)
+    producers, consumers, sites = adapter.pieces(name, module)
+    layers = [module, *(m for m in module.modules() if isinstance(m, nn.Linear))]
+    if heads < 2 or any(m is i for m in layers for i in ignored):  # the user keeps them
+        return None
+    step = default_width_step(heads, max_candidates)
+    return ChannelGroup(
+        name=name,
+        channels=heads,
+        step=step,
+        candidates=candidate_widths(heads, step),
+        producers=[ChannelSlice(*p) for p in producers],
+        consumers=[ChannelSlice(*c) for c in consumers],
+        mask_sites=[ChannelSlice(*s) for s in sites],
+        root_module=name,
+        kind="heads",
+        head_dim=adapter.head_dim(module),
+    )
+
+
 def attention_row(
     group: ChannelGroup, module: nn.Module, qkv_shapes: list[torch.Size]
 ) -> tuple[float, float]:
@@ -142,6 +200,8 @@ def attention_row(
     scaled_dot_product_attention (see resources.count_flops for the CPU kernel). Parameters:
     one column of Swin's relative-position bias table per head.
     """
+    if isinstance(module, nn.MultiheadAttention):  # qkv_shapes: the query of each call
+        return mha.flops_and_params(module, qkv_shapes)
     flops = 0.0
     for shape in qkv_shapes:
         sequences = float(torch.Size(shape[:-2]).numel())
@@ -171,6 +231,19 @@ def _keep_linear(linear: nn.Linear, rows: list[int] | None, cols: list[int] | No
 def prune_heads(module: nn.Module, keep: list[int]) -> None:
     """Remove every head of ``module`` not in ``keep``: its q, k and v rows of qkv, its proj
     columns, its relative-position bias column; ``num_heads`` (and ``attn_dim``) follow."""
+    if isinstance(module, nn.MultiheadAttention):
+        if sorted(keep) != list(range(module.num_heads)):
+            mha.prune(module, keep)
+        return
+    if hf.looks_like(module):
+        keep = sorted(keep)
+        dim = hf.head_dim(module)
+        cols = [h * dim + j for h in keep for j in range(dim)]
+        for proj in hf.PROJECTIONS[:3]:
+            _keep_linear(getattr(module, proj), cols, None)
+        _keep_linear(module.o_proj, None, cols)
+        hf.set_heads(module, len(keep))
+        return
     heads, dim = module.num_heads, head_dim(module)
     keep = sorted(keep)
     if keep == list(range(heads)):
@@ -219,3 +292,51 @@ def sliced_attention_hooks(kept: torch.Tensor):
         return output
 
     return pre, post
+
+
+def sliced_head_handles(module: nn.Module, kept: torch.Tensor, values: torch.Tensor) -> list:
+    """Handles that make an attention module run with the ``kept`` heads only while the
+    sliced pass slices its linears (``values``: the kept heads' hard masks, for modules whose
+    projections are not separate layers)."""
+    if isinstance(module, nn.MultiheadAttention):
+        return [mha.sliced(module, kept, values)]
+    if hf.looks_like(module):
+        saved: dict[str, object] = {}
+
+        def pre(mod, inputs):
+            saved.update(hf.set_heads(mod, int(kept.numel())))
+
+        def post(mod, inputs, output):
+            for name, value in saved.items():
+                setattr(mod, name, value)
+            saved.clear()
+            return output
+
+        return [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+    pre, post = sliced_attention_hooks(kept)
+    return [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+
+
+def internal_sides(attention: dict[str, nn.Module]) -> set[tuple[int, str]]:
+    """(id(layer), side) of the channels the head groups own: q/k/v outputs and the output
+    projection's inputs. With the embedding width searched (``prune_embedding``), the other
+    sides of these layers join the residual stream's torch-pruning group. The layers of
+    ``nn.MultiheadAttention`` stay ignored (torch-pruning would prune its heads' width)."""
+    sides: set[tuple[int, str]] = set()
+    for module in attention.values():
+        if isinstance(module, nn.MultiheadAttention):
+            continue
+        if hf.looks_like(module):
+            sides |= {(id(getattr(module, p)), "out") for p in hf.PROJECTIONS[:3]}
+            sides.add((id(module.o_proj), "in"))
+        else:
+            sides |= {(id(module.qkv), "out"), (id(module.proj), "in")}
+    return sides
+
+
+def producer_weight(module: nn.Module) -> torch.Tensor:
+    """The weight whose rows are a producer's output channels (importance): the layer's own,
+    or an nn.MultiheadAttention's in_proj rows."""
+    if isinstance(module, nn.MultiheadAttention):
+        return module.in_proj_weight
+    return module.weight

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .errors import UnsupportedModelError
+from .kinds import norms as norm_kind
 from .structure import ChannelGroup
 
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -38,6 +39,10 @@ def out_channels(module: nn.Module) -> int:
     for attr in ("out_channels", "out_features", "num_features"):
         if hasattr(module, attr):
             return int(getattr(module, attr))
+    if norm_kind.is_channel_norm(module):
+        return norm_kind.channels(module)
+    if isinstance(module, nn.MultiheadAttention):  # its in_proj rows q, k, v (kinds/mha.py)
+        return 3 * module.num_heads * module.head_dim
     raise UnsupportedModelError(f"cannot tell the output channels of {type(module).__name__}")
 
 
@@ -101,13 +106,29 @@ class ChannelIndex(nn.Module):
                     )
             return maps
 
+        # the channel dim of each LayerNorm/GroupNorm (kinds/norms.py), else the layer's own
+        self.norm_dim = {n: d for g in groups for n, d in g.norm_dims.items()}
         for name, index in layer_map(lambda g: g.mask_sites, out_channels).items():
-            self.site[name] = (self._store(index), channel_dim(modules[name]))
+            dim = self.norm_dim.get(name, channel_dim(modules[name]))
+            self.site[name] = (self._store(index), dim)
         for name, index in layer_map(lambda g: g.producers + g.norms, out_channels).items():
             self.out[name] = self._store(index)
         for name, index in layer_map(lambda g: g.consumers, in_channels).items():
             if not (name in self.out and is_depthwise(modules[name])):  # follows its output
                 self.inp[name] = self._store(index)
+
+        # per-channel parameters outside layers (layer scale): name -> (map id, dim)
+        self.param: dict[str, tuple[int, int]] = {}
+        for gi, g in enumerate(groups):
+            for piece in g.parameters:
+                name, dim = piece.module_name, g.param_dims[piece.module_name]
+                if name in self.param:
+                    index = self.map(self.param[name][0]).clone()
+                else:
+                    index = torch.full((_parameter(modules, name).shape[dim],), self.constant)
+                roots = torch.tensor(piece.root_idxs) + self.offsets[gi]
+                index[torch.tensor(piece.module_idxs)] = roots
+                self.param[name] = (self._store(index), dim)
 
         # importance: producer channels -> flat channels, averaged over each group's producers
         self.importance_sources: list[tuple[str, int]] = []
@@ -138,3 +159,9 @@ class ChannelIndex(nn.Module):
         """(flat entry of each output channel, channel dim) of a mask site."""
         map_id, dim = self.site[name]
         return self.map(map_id), dim
+
+
+def _parameter(modules: dict[str, nn.Module], name: str) -> nn.Parameter:
+    """The parameter ``name`` ("owner.attr") of the model whose modules are ``modules``."""
+    owner, _, attr = name.rpartition(".")
+    return modules[owner]._parameters[attr]

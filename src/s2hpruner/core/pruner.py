@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
 
 from . import masks as M
-from .attention import prune_heads
+from .attention import producer_weight
 from .errors import BudgetError, UnsupportedModelError
 from .index import ChannelIndex
 from .resources import ResourceModel
@@ -30,11 +31,14 @@ from .search import WidthSearch
 from .sliced import (
     SlicedHardForward,
     attach_mask,
+    export_failures,
+    failing_groups,
     narrow_pointwise,
     narrow_pointwise_hooks,
+    prune_copy,
     unsliceable_modules,
 )
-from .structure import ChannelGroup, build_graph, find_groups
+from .structure import ChannelGroup, find_groups
 
 MODES = ("full", "soft", "hard")
 RESOURCES = ("flops", "params", "latency")
@@ -98,6 +102,9 @@ class S2HPruner(nn.Module):
         skip_slow_widths: with a latency model, never keep a width that its tables say is
             slower than a wider one (alignment effects: 9 channels can cost more than 16);
             the skipped widths are in ``slow_widths``.
+        prune_embedding: also search a transformer's embedding width (the residual stream
+            through its LayerNorms, attention projections and MLPs; kinds/norms.py). Off by
+            default: the heads and MLP widths are what transformers are usually pruned by.
     """
 
     def __init__(
@@ -116,6 +123,7 @@ class S2HPruner(nn.Module):
         target_latency: float | None = None,
         latency_model: nn.Module | Callable[..., nn.Module] | None = None,
         skip_slow_widths: bool = True,
+        prune_embedding: bool = False,
     ):
         super().__init__()
         if target_flops is None and target_params is None and target_latency is None:
@@ -133,8 +141,10 @@ class S2HPruner(nn.Module):
             raise ValueError(f"round_to must be >= 1 (or None), got {round_to}")
         object.__setattr__(self, "model", model)  # wrapped, not a submodule
         self.example_inputs = example_inputs
-        groups, _ = find_groups(model, example_inputs, width_step, ignored_layers, max_candidates)
-        self.groups: list[ChannelGroup] = [g for g in groups if len(g.candidates) > 1]
+        groups, _ = find_groups(model, example_inputs, width_step, ignored_layers, max_candidates,
+                                embedding=prune_embedding)  # fmt: skip
+        groups = [g for g in groups if len(g.candidates) > 1]
+        self.groups: list[ChannelGroup] = _working_groups(model, example_inputs, groups)
         if not self.groups:
             raise UnsupportedModelError(
                 f"{type(model).__name__} has no prunable channel group (every conv/linear is "
@@ -166,10 +176,11 @@ class S2HPruner(nn.Module):
         self.to(next(model.parameters()).device)
         self.update_ranks(force=True)
         self.slow_widths: dict[str, list[int]] = {}
-        self.latency_calibration: dict[str, float] = {}
+        self.latency_calibration: list[dict[str, float]] = []  # every measured refit
+        self.latency_floor: float | None = None  # measured ratio of the smallest network
         if self.latency is not None:
             if hasattr(self.latency, "calibrate"):
-                self.latency_calibration = self._calibrate_latency()
+                self._calibrate_latency()
             if skip_slow_widths:
                 self.slow_widths = self._skip_slow_widths()
         for name, target in self.budgets.items():
@@ -195,6 +206,8 @@ class S2HPruner(nn.Module):
             "freeze_ranks": self.freeze_ranks,
             "groups": [(g.name, g.channels, list(g.candidates)) for g in self.groups],
             "round_to": self.round_to,
+            "latency_floor": self.latency_floor,
+            "latency_calibration": self.latency_calibration,
         }
 
     def set_extra_state(self, state: dict) -> None:
@@ -207,6 +220,8 @@ class S2HPruner(nn.Module):
                 f"round_to={self.round_to}"
             )
         self.freeze_ranks = bool(state["freeze_ranks"])
+        self.latency_floor = state.get("latency_floor")
+        self.latency_calibration = list(state.get("latency_calibration", []))
 
     # ------------------------------------------------------------ importance
     @torch.no_grad()
@@ -226,7 +241,7 @@ class S2HPruner(nn.Module):
         sources = []
         for name, map_id in self.index.importance_sources:
             if name not in norms:
-                weight = self.layers[name].weight.detach().flatten(1)
+                weight = producer_weight(self.layers[name]).detach().flatten(1)
                 norms[name] = torch.linalg.vector_norm(weight, ord=1, dim=1)
             sources.append(norms[name][self.index.map(map_id)])
         source = torch.cat(sources)
@@ -348,25 +363,62 @@ class S2HPruner(nn.Module):
     def params(self, mode: str = "hard") -> torch.Tensor:
         return self.resources.params(self.widths(mode))
 
-    @torch.no_grad()
-    def _calibrate_latency(self) -> dict[str, float]:
-        """Export the network at about half of every group's width and give its measured
-        latency to the latency model as a second calibration point (its first is the full
-        network): the latency a narrow network keeps whatever its widths is then known."""
-        logits = self.mask_parameters()
-        saved = [u.detach().clone() for u in logits]
-        try:
-            for g, u in zip(self.groups, logits, strict=True):
-                half = min(range(len(g.candidates)), key=lambda k: abs(2 * g.candidates[k] -
-                                                                       g.channels))  # fmt: skip
-                u.fill_(-30.0)
-                u[half] = 30.0
-            widths = self.search.hard_widths().detach()
-            probe = self.export().eval()
-        finally:
-            for u, value in zip(logits, saved, strict=True):
+    def calibrate_latency(self, when: str = "", rounds: int = 5) -> dict[str, float]:
+        """Export the current hard network, measure its latency against the full model and
+        refit the latency model through it (``LatencyModel.fit``). Feedback, not a guess:
+        the trainer calls it during the search and when the widths freeze, so the predicted
+        latency is right where the search ends. Appends to ``latency_calibration``."""
+        widths = self.search.hard_widths().detach()
+        result = self.latency.calibrate(self.model, self.export().eval(), widths, rounds)
+        self.latency_calibration.append({"when": when, **result})
+        return result
+
+    def _with_logits(self, fill: Callable[[int, torch.Tensor], None]) -> list[torch.Tensor]:
+        """Set every group's width logits with ``fill(i, u)``; returns the saved values."""
+        saved = [u.detach().clone() for u in self.mask_parameters()]
+        with torch.no_grad():
+            for i, u in enumerate(self.mask_parameters()):
+                fill(i, u)
+        return saved
+
+    def _restore_logits(self, saved: list[torch.Tensor]) -> None:
+        with torch.no_grad():
+            for u, value in zip(self.mask_parameters(), saved, strict=True):
                 u.copy_(value)
-        return self.latency.calibrate(self.model, probe, widths)
+
+    def _calibrate_latency(self, tolerance: float = 0.02, iterations: int = 3) -> None:
+        """Before the search: measure the smallest network (``latency_floor``, the lowest
+        latency ratio reachable, whatever the tables say), then refit the latency model at
+        the widths the budgets project to, until its prediction there is within
+        ``tolerance`` of the measurement."""
+
+        def smallest(i: int, u: torch.Tensor) -> None:
+            u.fill_(-30.0)
+            u[0] = 30.0
+
+        saved = self._with_logits(smallest)
+        try:
+            with torch.no_grad():
+                self.latency_floor = self.latency.measure_ratio(self.model, self.export().eval())
+            target = self.budgets.get("latency")
+            if target is not None and target < self.latency_floor:
+                raise BudgetError(
+                    f"target_latency={target:g} is below the latency ratio of this model's "
+                    f"smallest network, measured at {self.latency_floor:.3f} on "
+                    f"{self.latency.device} at batch {self.latency.batch_size}: narrow layers "
+                    "stop getting faster here. Choose target_latency >= "
+                    f"{self.latency_floor:.2f}, a larger latency batch, or a budget in FLOPs"
+                )
+            if target is None:
+                return
+            self._restore_logits(saved)
+            for _ in range(iterations):
+                project_to_budget(self, tolerance=0.005)
+                check = self.calibrate_latency("build")
+                if abs(check["predicted_ratio_before"] - check["measured_ratio"]) <= tolerance:
+                    break
+        finally:
+            self._restore_logits(saved)
 
     @torch.no_grad()
     def _skip_slow_widths(self) -> dict[str, list[int]]:
@@ -393,6 +445,8 @@ class S2HPruner(nn.Module):
         candidate, rounded to ``round_to``)."""
         smallest = self.search.hard_widths_of(self.search.candidates[:, 0])
         cost, full = self._cost(resource)
+        if resource == "latency" and self.latency_floor is not None:
+            return self.latency_floor  # measured beats predicted
         return float(cost(smallest) / full)
 
     def min_flops_ratio(self) -> float:
@@ -414,29 +468,104 @@ class S2HPruner(nn.Module):
     # ----------------------------------------------------------------- export
     def export(self) -> nn.Module:
         """A new, physically pruned copy of the model: exactly the current hard network."""
-        pruned = copy.deepcopy(self.model)
-        if self.hard_stats is not None:
-            modules = dict(pruned.named_modules())
+        model = copy.deepcopy(self.model)
+        if self.hard_stats is not None:  # the copy gets the hard network's statistics
+            modules = dict(model.named_modules())
             for name, stats in self.hard_stats.items():
                 for buffer, tensor in stats.items():
                     setattr(modules[name], buffer, tensor.clone())
-        graph = build_graph(pruned, self.example_inputs)
-        modules = dict(pruned.named_modules())
-        heads = []
-        for g, keep in zip(self.groups, self.kept_channels().values(), strict=True):
-            remove = sorted(set(range(g.channels)) - set(keep))
-            if not remove:
-                continue
-            if g.kind == "heads":  # outside torch-pruning's groups: attention.py
-                heads.append((modules[g.root_module], keep))
-                continue
-            root = modules[g.root_module]
-            handler = graph.get_pruner_of_module(root).prune_out_channels
-            tp_group = graph.get_pruning_group(root, handler, remove)
-            tp_group.prune()
-        for module, keep in heads:
-            prune_heads(module, keep)
-        return pruned
+        return prune_copy(model, self.example_inputs, self.groups,
+                          list(self.kept_channels().values()), copy_model=False)  # fmt: skip
+
+
+def project_to_budget(
+    pruner: S2HPruner, tolerance: float, lr: float = 0.02, max_steps: int = 5000,
+    patience: int = 1000,
+) -> int:
+    """Move the width logits, on the resource loss alone, until every budget's hard ratio is
+    met (the binding one within ``tolerance`` of its target). Used once when the widths
+    freeze, so that the exported model always meets the budget; during a healthy search it
+    does nothing. Where one channel of a large residual group moves a ratio by more than the
+    tolerance, the closest widths seen are kept (after ``patience`` steps without getting
+    closer). Returns the steps taken (0: untouched)."""
+    masks = pruner.mask_parameters()
+    optimizer = torch.optim.Adam(masks, lr=lr)
+    best = (float("inf"), [u.detach().clone() for u in masks], 0)
+    for step in range(max_steps):
+        excess = pruner.budget_excess("hard")  # straight-through gradient to E
+        error = abs(float(excess.detach()))
+        if error < best[0]:
+            best = (error, [u.detach().clone() for u in masks], step)
+        if error <= tolerance:
+            return step
+        if step - best[2] > patience:
+            break
+        optimizer.zero_grad()
+        (excess**2).backward(inputs=masks)
+        optimizer.step()
+    with torch.no_grad():
+        for u, kept in zip(masks, best[1], strict=True):
+            u.copy_(kept)
+    return step + 1
+
+
+def _working_groups(model: nn.Module, example_inputs, groups: list[ChannelGroup]):
+    """The groups whose channels can really be removed: one that breaks the narrowed
+    forward (a channel count fixed in the model's code), or whose exported model is not the
+    hard network, is left out with a warning naming the layer that failed (issue 16: fail
+    at build time, not in the hard pass or export)."""
+    modules = dict(model.named_modules())
+    outside = [g for g in groups if _producer_out_of_range(g, modules)]
+    for g in outside:
+        piece = _producer_out_of_range(g, modules)
+        warnings.warn(
+            f"group {g.name!r} is left out of the search: its channel map points past the "
+            f"{producer_weight(modules[piece]).shape[0]} output channels of {piece!r} (a "
+            f"mapping torch-pruning got wrong); its channels are kept (list {g.root_module!r} "
+            "in ignored_layers to silence this)",
+            stacklevel=3,
+        )
+    groups = [g for g in groups if not any(g is o for o in outside)]
+    bad = failing_groups(model, example_inputs, groups, modules)
+    for i, error in bad.items():
+        warnings.warn(
+            f"group {groups[i].name!r} is left out of the search: the network with its "
+            f"channels removed fails at {error}; its channels are kept (list "
+            f"{groups[i].root_module!r} in ignored_layers to silence this)",
+            stacklevel=3,
+        )
+    first = next(iter(bad.items()), None)
+    first = None if first is None else (groups[first[0]].name, f"fails at {first[1]}")
+    groups = [g for i, g in enumerate(groups) if i not in bad]
+    bad = export_failures(model, example_inputs, groups)
+    for i, error in bad.items():
+        warnings.warn(
+            f"group {groups[i].name!r} is left out of the search: the model exported with "
+            f"its channels removed gives {error}; its channels are kept (list "
+            f"{groups[i].root_module!r} in ignored_layers to silence this)",
+            stacklevel=3,
+        )
+    if bad and first is None:
+        i, error = next(iter(bad.items()))
+        first = (groups[i].name, f"exports to {error}")
+    kept = [g for i, g in enumerate(groups) if i not in bad]
+    if not kept and first is not None:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has no channel group that can be pruned exactly: every "
+            f"one breaks the model's own code when narrowed (e.g. group {first[0]!r} "
+            f"{first[1]}): replace the layer named there with a standard one (nn.Conv2d, "
+            "nn.BatchNorm2d, nn.LayerNorm) or prune another model"
+        )
+    return kept
+
+
+def _producer_out_of_range(group: ChannelGroup, modules: dict[str, nn.Module]) -> str | None:
+    """The first producer whose mapped channel indices exceed its weight's rows, if any."""
+    for piece in group.producers:
+        rows = producer_weight(modules[piece.module_name]).shape[0]
+        if piece.module_idxs and max(piece.module_idxs) >= rows:
+            return piece.module_name
+    return None
 
 
 def _fraction(name: str, value: float) -> float:

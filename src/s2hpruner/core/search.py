@@ -61,7 +61,7 @@ class WidthSearch(nn.Module):
         # (G, K'): the widths H may take, and whether H rounds to the nearest of them (round_to)
         # or up (SPEC); derived from round_to, so not in the state dict
         self.register_buffer("hard_candidates", hard_candidates, persistent=False)
-        nearest = [round_to is not None and g.kind != "heads" for g in groups]
+        nearest = [round_to is not None and g.kind == "channels" for g in groups]
         self.register_buffer("nearest", torch.tensor(nearest), persistent=False)
         self.any_nearest = any(nearest)  # a Python bool: no device sync on the hot path
         self.register_buffer("real_candidate", real)  # (G, K) bool
@@ -124,6 +124,6 @@ class WidthSearch(nn.Module):
 def _hard_widths(group: ChannelGroup, round_to: int | None) -> list[int]:
     """The widths a group's hard network may keep: its candidates, or with ``round_to`` m the
     multiples of m below its full width, and the full width."""
-    if round_to is None or group.kind == "heads":
+    if round_to is None or group.kind != "channels":  # heads, grouped-conv units
         return list(group.candidates)
     return list(range(round_to, group.channels, round_to)) + [group.channels]

@@ -27,18 +27,25 @@ convs are faster in NCHW, depthwise ones in channels_last), so the pruner can ti
 from __future__ import annotations
 
 import contextlib
+import copy
+import time
 from collections.abc import Iterator
 
 import torch
 from torch import nn
 
-from .attention import sliced_attention_hooks
+from .attention import sliced_head_handles
 from .index import CONVS as _CONVS
 from .index import NORMS as _NORMS
 from .index import ChannelIndex, is_depthwise
+from .kinds import grouped as grouped_kind
+from .kinds import mha as mha_kind
+from .kinds import norms as norm_kind
+from .kinds.scale import SwapParameter
 from .structure import ChannelGroup
 
 SLICEABLE = (*_CONVS, nn.Linear, *_NORMS)
+_AFFINE_NORMS = (*_NORMS, *norm_kind.NORMS)  # per-channel affine: a mask folds into it
 
 
 def unsliceable_modules(groups: list[ChannelGroup], modules: dict[str, nn.Module]) -> list[str]:
@@ -46,12 +53,20 @@ def unsliceable_modules(groups: list[ChannelGroup], modules: dict[str, nn.Module
     a subclass may read channel counts in its own forward)."""
     bad = []
     for g in groups:
+        if _runs_own_heads(g, modules):
+            continue
         for piece in g.producers + g.consumers + g.norms:
             module = modules[piece.module_name]
-            grouped = isinstance(module, _CONVS) and module.groups != 1
-            if type(module) not in SLICEABLE or (grouped and not is_depthwise(module)):
+            if piece.module_name in g.norm_dims:  # LayerNorm/GroupNorm: kinds/norms.py
+                continue
+            if type(module) not in SLICEABLE:
                 bad.append(piece.module_name)
     return sorted(set(bad))
+
+
+def _runs_own_heads(group: ChannelGroup, modules: dict[str, nn.Module]) -> bool:
+    """A head group whose attention module slices its own projections (kinds/mha.py)."""
+    return group.kind == "heads" and isinstance(modules[group.root_module], nn.MultiheadAttention)
 
 
 class SlicedHardForward:
@@ -68,7 +83,10 @@ class SlicedHardForward:
             for gi, g in enumerate(groups)
             if g.kind == "heads"
         ]
-        self.names = sorted(set(index.out) | set(index.inp))
+        own = {p.module_name for g in groups if _runs_own_heads(g, modules)
+               for p in g.producers + g.consumers}  # fmt: skip
+        self.names = sorted((set(index.out) | set(index.inp)) - own)
+        self.own = own
 
     @contextlib.contextmanager
     def apply(
@@ -99,7 +117,7 @@ class SlicedHardForward:
         for name in self.names:
             module = self.modules[name]
             out_idx = kept_of(index.out.get(name))
-            in_idx = kept_of(index.inp.get(name))
+            in_idx = grouped_kind.weight_in_index(module, kept_of(index.inp.get(name)))
             module_layout = layout
             if _strided_pointwise_on_cpu(module):
                 module_layout = torch.contiguous_format
@@ -120,13 +138,16 @@ class SlicedHardForward:
             handles.append(module.register_forward_hook(post))
             if nchw_norms and isinstance(module, nn.BatchNorm2d) and out_idx is not None:
                 handles += _nchw_norm_hooks(module, len(out_idx))
+            if name in index.norm_dim:  # statistics over the kept channels it sees
+                handles.append(norm_kind.override(module, index.norm_dim[name], None))
+        for name, (map_id, dim) in index.param.items():  # layer scales, for the context
+            handles.append(SwapParameter(self.modules, name, dim, kept_of(map_id)))
         for name, offset, channels in self.heads:
             heads_kept = torch.nonzero(keep_flat[offset : offset + channels]).flatten()
-            pre, post = sliced_attention_hooks(heads_kept)
-            handles.append(self.modules[name].register_forward_pre_hook(pre))
-            handles.append(self.modules[name].register_forward_hook(post))
+            values = mask_flat[offset : offset + channels][heads_kept]
+            handles += sliced_head_handles(self.modules[name], heads_kept, values)
         for name in index.site:  # sites on layers that are not sliced
-            if name not in self.names:
+            if name not in self.names and name not in self.own:
                 site, dim = index.site_map(name)
                 handles += attach_mask(self.modules[name], mask_flat[site], dim)
         try:
@@ -228,25 +249,32 @@ def _nchw_norm_hooks(module: nn.Module, channels: int) -> list:
 
 def _foldable(module: nn.Module) -> bool:
     """A mask on this module's output can be folded into its affine parameters."""
-    return isinstance(module, _NORMS) and module.weight is not None and module.bias is not None
+    return isinstance(module, _AFFINE_NORMS) and module.weight is not None and (
+        module.bias is not None)
 
 
 def attach_mask(module: nn.Module, values: torch.Tensor, dim: int) -> list:
     """Multiply ``module``'s output channels (along ``dim``) by ``values`` until the returned
     hook handles are removed: folded into (gamma, beta) for an affine BatchNorm, on the
     output tensor otherwise."""
+    if isinstance(module, nn.MultiheadAttention):  # on the v rows of in_proj (kinds/mha.py)
+        return mha_kind.mask_hooks(module, values)
+    handles = []
+    if norm_kind.is_channel_norm(module):  # a channel whose mask is 0 is absent (kinds/norms)
+        handles.append(norm_kind.override(module, dim, values.detach() != 0))
     if _foldable(module):
         tensors = {"weight": module.weight * values, "bias": module.bias * values}
         pre, post = _swap_hooks(tensors, None, None, None)
-        return [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
-    return [module.register_forward_hook(_swap_hooks({}, None, None, (values, dim))[1])]
+        return handles + [module.register_forward_pre_hook(pre),
+                          module.register_forward_hook(post)]  # fmt: skip
+    return handles + [module.register_forward_hook(_swap_hooks({}, None, None, (values, dim))[1])]
 
 
 def _sliced_tensors(module, out_idx, in_idx, layout=None) -> dict[str, torch.Tensor]:
     """Parameters and buffers of ``module`` restricted to the kept channels (4-D weights in
     ``layout``, default: the weight's own)."""
     tensors: dict[str, torch.Tensor] = {}
-    if isinstance(module, _NORMS):
+    if isinstance(module, _AFFINE_NORMS):
         if out_idx is None:
             return tensors
         for name in ("weight", "bias", "running_mean", "running_var"):
@@ -306,3 +334,234 @@ def _swap_hooks(tensors, groups, out_idx, multiplier):
         return output * values.view(shape)
 
     return pre, post
+
+
+def failing_groups(
+    model: nn.Module, example_inputs, groups: list[ChannelGroup], modules: dict[str, nn.Module]
+) -> dict[int, str]:
+    """Groups whose removal breaks the model's forward: {group position: "layer: error"}.
+
+    The sliced pass runs, in eval mode and without gradients, with every group at about half
+    its width (not 1: a single channel broadcasts); a layer whose forward fixes a channel
+    count in code (a ``view`` into heads, a split) then fails where the exported model
+    would. Failing groups are found by bisection (a handful of forwards). Nothing is probed
+    when some layer is not sliceable."""
+    if not groups or unsliceable_modules(groups, modules):
+        return {}
+    index = ChannelIndex(groups, modules)
+    forward = SlicedHardForward(groups, modules, index)
+    inputs = tuple(example_inputs) if isinstance(example_inputs, list | tuple) else (
+        example_inputs,)  # fmt: skip
+    owner = {id(m): n for n, m in modules.items()}
+
+    def half(g: ChannelGroup) -> int:
+        return min(g.candidates, key=lambda c: (abs(2 * c - g.channels), c))
+
+    # a layer that raises mid-forward keeps its swapped-in tensors: restored after a failure
+    state = {n: (dict(m._parameters), dict(m._buffers), getattr(m, "groups", None))
+             for n, m in modules.items()}  # fmt: skip
+
+    def restore() -> None:
+        for n, (parameters, buffers, conv_groups) in state.items():
+            module = modules[n]
+            module._parameters.update(parameters)
+            module._buffers.update(buffers)
+            if conv_groups is not None:
+                module.groups = conv_groups
+
+    def run(subset: list[int]) -> str | None:
+        keep = torch.ones(index.constant + 1, dtype=torch.bool, device=index.group_of.device)
+        for i in subset:
+            start = index.offsets[i]
+            keep[start + half(groups[i]) : start + groups[i].channels] = False
+        try:
+            with torch.no_grad(), forward.apply(keep, keep.float()):
+                model(*inputs)
+        except Exception as exc:  # noqa: BLE001 - any failure is the model's, reported
+            restore()
+            tb, layer = exc.__traceback__, "?"
+            while tb is not None:
+                name = owner.get(id(tb.tb_frame.f_locals.get("self")))
+                if name is not None:
+                    layer = name or type(model).__name__
+                tb = tb.tb_next
+            return f"{layer!r}: {type(exc).__name__}: {str(exc)[:200]}"
+        return None
+
+    found: dict[int, str] = {}
+
+    def search(subset: list[int]) -> None:
+        error = run(subset)
+        if error is None:
+            return
+        if len(subset) == 1:
+            found[subset[0]] = error
+            return
+        half = len(subset) // 2
+        search(subset[:half])
+        search(subset[half:])
+
+    was_training = model.training
+    model.eval()
+    try:
+        everything = list(range(len(groups)))
+        error = run(everything)
+        if error is not None:
+            search(everything)
+            if not found:  # only some combination fails: blame them all
+                found = dict.fromkeys(everything, error)
+    finally:
+        model.train(was_training)
+    return found
+
+
+def prune_copy(model: nn.Module, example_inputs, groups: list[ChannelGroup],
+               kept: list[list[int]], copy_model: bool = True) -> nn.Module:  # fmt: skip
+    """A physically pruned deep copy of ``model`` keeping ``kept[i]`` of ``groups[i]``
+    (torch-pruning for channel groups, attention.py for heads, kinds/scale.py for layer
+    scales): what :meth:`S2HPruner.export` returns, shared with :func:`export_failures`.
+    ``copy_model=False`` prunes ``model`` itself (a copy the caller made)."""
+    from .attention import prune_heads
+    from .kinds import scale as layer_scale
+    from .structure import build_graph, index_mapping_once
+
+    pruned = copy.deepcopy(model) if copy_model else model
+    graph = build_graph(pruned, example_inputs)
+    modules = dict(pruned.named_modules())
+    scales = layer_scale.shapes(pruned, groups)
+    heads = []
+    with index_mapping_once():  # index maps once per pruning step, tolerant of broken ops
+        for g, keep in zip(groups, kept, strict=True):
+            remove = sorted(set(range(g.channels)) - set(keep))
+            if not remove:
+                continue
+            if g.kind == "heads":  # outside torch-pruning's groups: attention.py
+                heads.append((modules[g.root_module], keep))
+                continue
+            root = modules[g.root_module]
+            handler = graph.get_pruner_of_module(root).prune_out_channels
+            graph.get_pruning_group(root, handler, g.root_channels(remove)).prune()
+    for module, keep in heads:
+        prune_heads(module, keep)
+    layer_scale.fix_exported(pruned, groups, scales)
+    return pruned
+
+
+def _tensors(y) -> list[torch.Tensor]:
+    """Every tensor of a model output (tensor, tuple, dict, or an object with ``logits``)."""
+    if torch.is_tensor(y):
+        return [y]
+    if isinstance(y, list | tuple):
+        return [t for v in y for t in _tensors(v)]
+    if isinstance(y, dict):
+        return [t for v in y.values() for t in _tensors(v)]
+    logits = getattr(y, "logits", None)
+    return [logits] if torch.is_tensor(logits) else []
+
+
+def export_failures(
+    model: nn.Module, example_inputs, groups: list[ChannelGroup], tolerance: float = 1e-4,
+    max_exports: int = 24, max_seconds: float = 30.0,
+) -> dict[int, str]:
+    """Groups whose export is not the hard network: {group position: reason}.
+
+    The exported model is the ground truth, and only export runs the model's own code on
+    pruned layers: a channel count kept outside torch-pruning's reach (BlurPool's
+    ``groups=``, ScaledStdConv's gain, a buffer), statistics over all channels (RMS norms,
+    weight standardisation over the inputs), a reshape into heads. So every group is taken
+    to about half its width, the model is exported and run, and its output compared with the
+    masked hard network's; when they differ (or export fails), failing groups are found by
+    bisection, at most ``max_exports`` exports or ``max_seconds`` of bisection (what is still
+    undecided then is left out: building stays bounded in time)."""
+    if not groups:
+        return {}
+    from .index import ChannelIndex
+
+    modules = dict(model.named_modules())
+    index = ChannelIndex(groups, modules)
+    inputs = tuple(example_inputs) if isinstance(example_inputs, list | tuple) else (
+        example_inputs,)  # fmt: skip
+    owner = {id(m): n for n, m in modules.items()}
+
+    def half(g: ChannelGroup) -> int:
+        return min(g.candidates, key=lambda c: (abs(2 * c - g.channels), c))
+
+    def layer_of(exc: BaseException, owners: dict[int, str]) -> str:
+        tb, layer = exc.__traceback__, "?"
+        while tb is not None:
+            name = owners.get(id(tb.tb_frame.f_locals.get("self")))
+            if name is not None:
+                layer = name or type(model).__name__
+            tb = tb.tb_next
+        return layer
+
+    runs = [0]
+
+    def run(subset: list[int]) -> str | None:
+        runs[0] += 1
+        chosen = set(subset)
+        keep = torch.ones(index.constant + 1, dtype=torch.bool, device=index.group_of.device)
+        kept = []
+        for i, g in enumerate(groups):
+            width = half(g) if i in chosen else g.channels
+            keep[index.offsets[i] + width : index.offsets[i] + g.channels] = False
+            kept.append(list(range(width)))
+        flat = keep.float()
+        handles = []
+        try:
+            for name in index.site:
+                site, dim = index.site_map(name)
+                handles += attach_mask(modules[name], flat[site], dim)
+            with torch.no_grad():
+                masked = _tensors(model(*inputs))
+        finally:
+            for h in handles:
+                h.remove()
+        try:
+            pruned = prune_copy(model, example_inputs, groups, kept).eval()
+            with torch.no_grad():
+                out = _tensors(pruned(*inputs))
+        except Exception as exc:  # noqa: BLE001 - any failure is the model's, reported
+            names = {id(m): n for n, m in pruned.named_modules()} if "pruned" in locals() \
+                else owner
+            return f"{layer_of(exc, names)!r}: {type(exc).__name__}: {str(exc)[:200]}"
+        if len(out) != len(masked):
+            return "the exported model returns other outputs"
+        for a, b in zip(masked, out, strict=True):
+            if a.shape != b.shape:
+                return f"an output of shape {tuple(b.shape)}, not {tuple(a.shape)}"
+            scale = float(a.abs().max()) or 1.0
+            error = float((a - b).abs().max()) / scale
+            if not error < tolerance:
+                return f"an output that differs from the hard network's by {error:.1e}"
+        return None
+
+    found: dict[int, str] = {}
+
+    def search(subset: list[int], error: str) -> None:
+        if len(subset) == 1:
+            found[subset[0]] = error
+            return
+        if runs[0] >= max_exports or time.monotonic() > deadline:  # leave it all out
+            found.update(dict.fromkeys(subset, error))
+            return
+        middle = len(subset) // 2
+        parts = [subset[:middle], subset[middle:]]
+        errors = [run(p) for p in parts]
+        if all(e is None for e in errors):  # only the combination fails: blame them all
+            found.update(dict.fromkeys(subset, error))
+        for part, e in zip(parts, errors, strict=True):
+            if e is not None:
+                search(part, e)
+
+    was_training = model.training
+    model.eval()
+    try:
+        everything = list(range(len(groups)))
+        error = run(everything)
+        deadline = time.monotonic() + max_seconds
+        if error is not None:
+            search(everything, error)
+    finally:
+        model.train(was_training)
+    return found

@@ -11,7 +11,11 @@ plus, for every group g touching that dimension, ``count_lg * width_g / channels
 flattened map feeding a Linear carries each group channel H*W times). Depthwise convs have one
 input channel per output, so they contribute ``coef_l * out_l``; so does the attention of a
 head group (attention.py): ``out_l`` is its number of kept heads and ``coef_l`` the q @ k^T
-plus attn @ v FLOPs of one head. The same table gives parameter counts. Evaluating it at
+plus attn @ v FLOPs of one head (for ``nn.MultiheadAttention``, whose projections run as
+functional linears, also its q/k/v and output projections). A grouped conv keeps its number of
+groups g when pruned (kinds/grouped.py), so it contributes ``coef_l * in_l * out_l / g``.
+LayerNorm / GroupNorm affines and layer-scale parameters are per-channel parameter rows (no
+FLOPs, as for BatchNorm). The same table gives parameter counts. Evaluating it at
 expected widths E gives soft FLOPs, differentiable in the width logits; at hard widths H it
 gives the exported model's FLOPs.
 """
@@ -25,8 +29,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from ..attention import attention_row
-from ..errors import UnsupportedModelError
 from ..index import is_depthwise, width_counts
+from ..kinds import norms as norm_kind
 from ..structure import ChannelGroup
 
 
@@ -57,10 +61,18 @@ def count_flops(model: nn.Module, example_inputs) -> int:
     """
     was_training = model.training
     model.eval()
+    fast = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)  # its fused kernel is not counted
     try:
-        with FlopCounterMode(display=False, custom_mapping=_SDPA_CPU) as counter:
-            model(*_as_tuple(example_inputs))
+        try:
+            with FlopCounterMode(display=False, custom_mapping=_SDPA_CPU) as counter:
+                model(*_as_tuple(example_inputs))
+        except AssertionError:  # the counter's module tracker under no_grad (timm CaiT)
+            with torch.enable_grad(), FlopCounterMode(
+                    display=False, custom_mapping=_SDPA_CPU) as counter:  # fmt: skip
+                model(*_as_tuple(example_inputs))
     finally:
+        torch.backends.mha.set_fastpath_enabled(fast)
         model.train(was_training)
     return int(counter.get_total_flops())
 
@@ -81,6 +93,7 @@ class ResourceModel(nn.Module):
         n_groups = len(groups)
 
         counts = width_counts(groups)
+        norm_dims = {n for g in groups for n in g.norm_dims}
         no_group = [0.0] * n_groups
 
         rows = []  # (flop_coef, weight_coef, per_out_params, in_fixed, out_fixed, in_is_one)
@@ -91,6 +104,9 @@ class ResourceModel(nn.Module):
             elif isinstance(module, nn.modules.batchnorm._BatchNorm):
                 per_out = 2.0 if module.affine else 0.0
                 row = (0.0, 0.0, per_out, 1.0, float(module.num_features), True)
+            elif norm_kind.is_channel_norm(module) and name in norm_dims:  # LN / GN
+                per_out = float(module.weight is not None) + float(module.bias is not None)
+                row = (0.0, 0.0, per_out, 1.0, float(norm_kind.channels(module)), True)
             else:
                 continue
             ins, outs = counts.get(name, (no_group, no_group))
@@ -99,10 +115,19 @@ class ResourceModel(nn.Module):
             rows.append((row[0], row[1], row[2], in_fixed, out_fixed, row[5]))
             in_rows.append(ins if not row[5] else [0.0] * n_groups)
             out_rows.append(outs)
+        for gi, g in enumerate(groups):  # per-channel parameters outside layers (layer scale)
+            for piece in g.parameters:
+                owner, _, attr = piece.module_name.rpartition(".")
+                param = modules[owner]._parameters[attr]
+                per_channel = param.numel() / param.shape[g.param_dims[piece.module_name]]
+                rows.append((0.0, 0.0, per_channel, 1.0, 0.0, True))
+                in_rows.append([0.0] * n_groups)
+                out_rows.append([float(len(piece.module_idxs)) if i == gi else 0.0
+                                 for i in range(n_groups)])  # fmt: skip
         for g in groups:  # attention matmuls (and Swin's bias table): linear in kept heads
             if g.kind != "heads":
                 continue
-            qkv = g.producers[0].module_name
+            qkv = g.producers[0].module_name  # an nn.MultiheadAttention: its query shapes
             flop_coef, per_head_params = attention_row(g, modules[g.root_module], calls[qkv])
             rows.append((flop_coef, 0.0, per_head_params, 1.0, 0.0, True))
             in_rows.append([0.0] * n_groups)
@@ -145,14 +170,11 @@ class ResourceModel(nn.Module):
         positions = sum(float(s[0] * torch.Size(s[2:]).numel()) for s in shapes)
         if is_depthwise(module):
             return (2.0 * kernel * positions, kernel, bias, 1.0, float(module.out_channels), True)
-        if module.groups != 1:
-            raise UnsupportedModelError(
-                f"layer {name!r}: grouped conv (groups={module.groups}) that is not depthwise is "
-                "not supported; add it to ignored_layers"
-            )
+        # a grouped conv keeps its groups when pruned (kinds/grouped.py): 1/g of in x out
+        groups = float(module.groups)
         return (
-            2.0 * kernel * positions,
-            kernel,
+            2.0 * kernel * positions / groups,
+            kernel / groups,
             bias,
             float(module.in_channels),
             float(module.out_channels),
@@ -187,6 +209,13 @@ def _record_output_shapes(model: nn.Module, example_inputs) -> dict[str, list[to
     shapes: dict[str, list[torch.Size]] = {}
     handles = []
     for name, module in model.named_modules():
+        if isinstance(module, nn.MultiheadAttention):  # the query of each call
+
+            def pre(mod, inputs, kwargs, name=name):
+                query = inputs[0] if inputs else kwargs["query"]
+                shapes.setdefault(name, []).append(query.shape)
+
+            handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
         if isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.Linear):
 
             def hook(mod, inputs, output, name=name):
