@@ -31,11 +31,14 @@ from s2hpruner.app.config import RunConfig
 from s2hpruner.app.data import dataset_spec
 from s2hpruner.app.files import atomic_write_bytes
 from s2hpruner.app.run import build_model_and_pruner, prune
+from s2hpruner.core.errors import S2HError
 from s2hpruner.core.measure import latency_ratio
 from s2hpruner.core.trainer import project_to_budget
 
-KEYS = ("top1_hard", "top1_soft", "flops_ratio", "params_ratio", "latency_ratio",
-        "latency_ratio_predicted", "train_seconds", "target_flops", "target_latency")  # fmt: skip
+KEYS = ("top1_hard", "top1_soft", "top1_start_val", "flops_ratio", "params_ratio",
+        "latency_ratio", "latency_ratio_predicted", "latency_ratio_predicted_before_check",
+        "latency_floor", "latency_calibration", "budget_projection_steps", "train_seconds",
+        "target_flops", "target_latency")  # fmt: skip
 
 
 def measured_latency_ratio(full: torch.nn.Module, pruned: torch.nn.Module, example, batch: int,
@@ -47,9 +50,9 @@ def measured_latency_ratio(full: torch.nn.Module, pruned: torch.nn.Module, examp
 
 
 def calibrate(model_name: str, latency_ratio: float, batch: int, grid=(0.2, 0.3, 0.4, 0.5,
-              0.6, 0.7, 0.8)) -> tuple[float, list]:  # fmt: skip
+              0.6, 0.7, 0.8), init: str | None = None) -> tuple[float, list]:  # fmt: skip
     """The FLOPs target whose projected starting widths measure ``latency_ratio``."""
-    cfg = RunConfig(model=model_name, progress=False)
+    cfg = RunConfig(model=model_name, progress=False, init=init)
     points = []
     for f in grid:
         torch.manual_seed(0)
@@ -69,6 +72,10 @@ def main() -> None:
     parser.add_argument("--target-latency", type=float, default=0.5)
     parser.add_argument("--latency-batch", type=int, default=64)
     parser.add_argument("--epochs", type=float, default=2.0)
+    parser.add_argument("--init", default=None,
+                        help="start every run from these weights (e.g. the pretrain cache)")
+    parser.add_argument("--lr", type=float, default=None, help="weight LR (default: the run's)")
+    parser.add_argument("--freeze", type=float, default=None, help="frozen-width fraction")
     parser.add_argument("--out", default="runs/latency_budget")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/latency_budget.json"))
     args = parser.parse_args()
@@ -82,21 +89,30 @@ def main() -> None:
 
     for name in args.models:
         common = dict(model=name, epochs=args.epochs, latency_batch=args.latency_batch,
-                      progress=False, overwrite=True)  # fmt: skip
+                      progress=False, overwrite=True, init=args.init)  # fmt: skip
+        common.update({k: v for k, v in (("lr", args.lr), ("freeze", args.freeze)) if v})
         if (name, "latency") not in done:
-            report = prune(RunConfig(**common, target_latency=args.target_latency,
-                                     out=f"{args.out}/{name}_latency"))  # fmt: skip
-            results["runs"].append({"model": name, "budget": "latency",
-                                    **{k: report.get(k) for k in KEYS}})  # fmt: skip
+            try:
+                report = prune(RunConfig(**common, target_latency=args.target_latency,
+                                         out=f"{args.out}/{name}_latency"))  # fmt: skip
+            except S2HError as exc:  # e.g. a target below the measured floor: say so
+                report = {"infeasible": str(exc), "target_latency": args.target_latency}
+            results["runs"].append({"model": name, "budget": "latency", **report} if
+                                   "infeasible" in report else {"model": name, "budget":
+                                   "latency", **{k: report.get(k) for k in KEYS}})  # fmt: skip
             save()
         lat = next(r for r in results["runs"] if (r["model"], r["budget"]) == (name, "latency"))
+        if "infeasible" in lat:
+            continue
         if (name, "flops") not in done:
-            target, points = calibrate(name, lat["latency_ratio"], args.latency_batch)
+            target, points = calibrate(name, lat["latency_ratio"], args.latency_batch,
+                                       init=args.init)
             report = prune(RunConfig(**common, target_flops=target,
                                      out=f"{args.out}/{name}_flops"))  # fmt: skip
             # the FLOPs run's measured latency, at the same batch, to compare like with like
             model, pruner, example = build_model_and_pruner(
-                RunConfig(model=name, progress=False), dataset_spec("fashion-mnist"), "cpu")
+                RunConfig(model=name, progress=False, init=args.init),
+                dataset_spec("fashion-mnist"), "cpu")
             exported = torch.load(f"{args.out}/{name}_flops/model_pruned.pt", weights_only=False)
             ratio = measured_latency_ratio(model, exported, example, args.latency_batch)
             results["runs"].append({"model": name, "budget": "flops", "calibration": points,

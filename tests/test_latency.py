@@ -258,3 +258,104 @@ def test_slow_widths_are_skipped_and_export_stays_exact():
     unskipped = S2HPruner(model, x[:1], target_latency=0.6, latency_model=table,
                           skip_slow_widths=False)  # fmt: skip
     assert unskipped.slow_widths == {}
+
+
+def test_fit_through_measured_networks(fake):
+    """One measured network: the refitted cost predicts it exactly and keeps the full one.
+    More: the slope is their median, so one wild timing barely moves it."""
+    model, _, groups = setup()
+    lm = build()
+    half = lm.channels / 2
+    before = float(lm.ratio(half))
+    result = lm.fit(half, before + 0.1)  # the network measured slower than the tables say
+    assert result["predicted_ratio_before"] == pytest.approx(before)
+    assert float(lm.ratio(half)) == pytest.approx(before + 0.1, rel=1e-9)
+    assert float(lm.cost(lm.channels)) == pytest.approx(lm.measured_full, rel=1e-12)
+    quarter = lm.channels / 4
+    lm.fit(quarter, float(lm.ratio(quarter)))  # agrees with the line: same slope
+    lm.fit(half, 5.0)  # a wild timing (slower than the full network): one of three points
+    assert float(lm.ratio(half)) == pytest.approx(before + 0.1, rel=1e-9)
+    widths = (lm.channels / 3).requires_grad_()
+    lm.cost(widths).backward()
+    assert (widths.grad >= 0).all() and widths.grad.sum() > 0  # narrower is still cheaper
+
+
+def test_fit_never_makes_the_smallest_network_free(fake):
+    lm = build()
+    lm.fit(lm.channels / 2, 0.01)  # a timing glitch
+    assert float(lm.ratio(torch.ones_like(lm.channels))) > 0.0
+    lm.fit(lm.channels / 2, 1.5)  # narrower slower than full: slope kept positive
+    assert float(lm.ratio(lm.channels / 2)) < 1.0
+
+
+def exported_flops_ratio(full: nn.Module, pruned: nn.Module) -> float:
+    from s2hpruner import count_flops
+
+    x = torch.randn(1, 3, 8, 8)
+    return count_flops(pruned, x) / count_flops(full, x)
+
+
+def fake_truth(self, full, pruned, rounds=5):
+    """A device whose latency has a fixed part the per-layer tables do not see."""
+    return 0.45 + 0.55 * exported_flops_ratio(full, pruned)
+
+
+def test_measured_feedback_meets_a_latency_the_tables_mispredict(fake, monkeypatch):
+    """The device's true latency (faked: 0.45 + 0.55 x the exported network's FLOPs ratio, a
+    fixed cost the per-layer tables do not see) differs from the tables' prediction. With
+    measured feedback (before the search, during it, and when the widths freeze) the
+    exported network meets the budget in the true latency; the tables alone miss it."""
+    from s2hpruner import S2HPruner, S2HTrainer
+
+    truth = fake_truth
+    monkeypatch.setattr(LatencyModel, "measure_ratio", truth)
+    model, example, groups = setup()
+    x, y = torch.randn(16, 3, 8, 8), torch.randint(0, 10, (16,))
+
+    def run(feedback: bool) -> tuple[float, S2HPruner]:
+        torch.manual_seed(0)
+        net = tiny_net()
+        table = LatencyModel(net, example, setup(net)[2], batch_size=4, grid_points=3,
+                             repeats=3, rounds=1)  # fmt: skip
+        if not feedback:  # the tables alone: nothing is measured but the full network
+            monkeypatch.setattr(S2HPruner, "_calibrate_latency", lambda self: None)
+        pruner = S2HPruner(net, example, target_latency=0.7, latency_model=table)
+        trainer = S2HTrainer(net, pruner, torch.optim.SGD(net.parameters(), lr=0.01), 30,
+                             latency_feedback=3 if feedback else 0)  # fmt: skip
+        trainer.latency_feedback = feedback
+        for _ in range(30):
+            trainer.step(x, y)
+        return truth(None, net, trainer.export()), pruner
+
+    measured, pruner = run(feedback=True)
+    assert measured == pytest.approx(0.7, abs=0.02)
+    assert pruner.ratio("hard", "latency") == pytest.approx(measured, abs=0.05)  # the model
+    whens = [c["when"] for c in pruner.latency_calibration]
+    assert whens.count("search") == 3 and "build" in whens and "freeze" in whens
+    assert pruner.latency_floor == pytest.approx(0.45 + 0.55 * pruner.min_ratio("flops"))
+    open_loop, _ = run(feedback=False)
+    assert abs(open_loop - 0.7) > 0.05  # the check above could fail
+
+
+@pytest.mark.parametrize("flops", [0.4, 0.8])
+def test_latency_with_flops_budget_meets_both(fake, monkeypatch, flops):
+    """Latency and FLOPs together: whichever binds is met, the other is not exceeded (the
+    latency in the device's measured terms, faked as above)."""
+    from s2hpruner import S2HPruner, S2HTrainer
+
+    monkeypatch.setattr(LatencyModel, "measure_ratio", fake_truth)
+    torch.manual_seed(0)
+    net, example = tiny_net(), torch.randn(2, 3, 8, 8)
+    table = LatencyModel(net, example, setup(net)[2], batch_size=4, grid_points=3, repeats=3,
+                         rounds=1)  # fmt: skip
+    pruner = S2HPruner(net, example, target_latency=0.75, target_flops=flops,
+                       latency_model=table)  # fmt: skip
+    trainer = S2HTrainer(net, pruner, torch.optim.SGD(net.parameters(), lr=0.01), 10)
+    trainer.freeze_widths()
+    exported = trainer.export()
+    latency, flops_ratio = fake_truth(None, net, exported), exported_flops_ratio(net, exported)
+    assert latency <= 0.75 + 0.02 and flops_ratio <= flops + 0.02
+    if flops == 0.4:  # FLOPs bind (0.4 FLOPs is 0.67 latency on this device)
+        assert flops_ratio == pytest.approx(0.4, abs=0.02) and latency < 0.72
+    else:
+        assert latency == pytest.approx(0.75, abs=0.02) and flops_ratio < 0.7

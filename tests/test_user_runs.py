@@ -176,7 +176,11 @@ def test_latency_budget_run_reports_measured_and_predicted_latency(tmp_path):
     report = json.loads((out / "report.json").read_text())
     # 8x8 images: per-layer overheads dominate, so the smallest reachable ratio is high
     assert report["target_latency"] == 0.8 and report["latency_batch"] == 64
-    assert report["latency_ratio_predicted"] == pytest.approx(0.8, abs=0.01)  # the budget
+    # the model's prediction of the exported network: the budget, give or take the measured
+    # feedback's correction (at most a fifth of the target; timings here are noisy)
+    assert report["latency_ratio_predicted"] == pytest.approx(0.8, abs=0.2 + 0.01)
+    assert 0.0 < report["latency_floor"] < 0.8 and report["latency_ratio_predicted_before_check"]
+    assert [c["when"] for c in report["latency_calibration"]].count("search") == 3
     assert 0.0 < report["latency_ratio"] < 1.5  # measured: a real timing, no threshold
     assert report["flops_ratio"] < 0.99  # widths really moved
     tables = json.loads(cache.read_text())

@@ -34,6 +34,8 @@ HELP = {
     "latency_batch": "batch size at which latency is measured (budget and report)",
     "latency_cache": "file of measured latency tables (default: ~/.cache/s2hpruner/latency/, "
     "or $S2HPRUNER_CACHE)",
+    "latency_feedback": "with --target-latency, times the hard network is exported, timed and "
+    "the latency model refitted during the search (and again when the widths freeze)",
     "skip_slow_widths": "with --target-latency, never keep a width that the measured tables "
     "say is slower than a wider one (alignment effects)",
     "init": "start from trained weights: a state_dict (.pt, .pth, .safetensors), a checkpoint "

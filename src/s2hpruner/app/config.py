@@ -38,6 +38,7 @@ class RunConfig:
     latency_batch: int = 64  # batch size at which latency counts (target and report)
     latency_cache: str | None = None  # latency table file (default: ~/.cache/s2hpruner)
     skip_slow_widths: bool = True  # latency budget: never keep a width slower than a wider one
+    latency_feedback: int = 3  # latency budget: measured refits of the latency model mid-search
     method: str = "s2h"
     model_kwargs: dict = field(default_factory=dict)
     init: str | None = None  # start from these trained weights (state dict or checkpoint)
@@ -124,6 +125,8 @@ class RunConfig:
             raise ConfigError(
                 f"autocast must be one of {', '.join(AUTOCAST)}, got {self.autocast!r}"
             )
+        if self.latency_feedback < 0:
+            raise ConfigError(f"latency_feedback must be >= 0, got {self.latency_feedback}")
         if self.latency_batch < 1:
             raise ConfigError(f"latency_batch must be >= 1, got {self.latency_batch}")
         if self.init is not None and self.pretrained:

@@ -199,6 +199,7 @@ def build_trainer(cfg: RunConfig, model: nn.Module, pruner: S2HPruner, total_ste
         resource_on=cfg.resource_on,
         freeze_ranks_after_warmup=cfg.freeze_ranks_after_warmup,
         autocast=cfg.autocast,
+        latency_feedback=cfg.latency_feedback,
     )
     return trainer, schedule
 
@@ -471,8 +472,13 @@ def _latency_report(model, exported, pruner: S2HPruner, example, cfg, device) ->
     exported = exported.to(device, memory_format=layout).eval()
     model.eval()
     ratio, ratios, _, _ = latency_ratio(model, exported, batch, max(5, cfg.latency_repeats // 3))
+    frozen = [c for c in pruner.latency_calibration if c.get("when") == "freeze"]
     return {
         "latency_ratio_predicted": pruner.ratio("hard", "latency"),
+        # what the model predicted for the frozen network before that network was timed
+        "latency_ratio_predicted_before_check": (
+            frozen[0]["predicted_ratio_before"] if frozen else None),
+        "latency_floor": pruner.latency_floor,
         "latency_ratio": ratio,
         "latency_ratio_rounds": ratios,
         "latency_batch": cfg.latency_batch,

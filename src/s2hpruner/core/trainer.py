@@ -27,7 +27,7 @@ from torch import nn
 from . import distributed as D
 from .balance import GradientBalancer
 from .errors import BudgetError, NonFiniteLossError
-from .pruner import S2HPruner
+from .pruner import S2HPruner, project_to_budget
 
 PHASES = ("warmup", "joint", "freeze")
 
@@ -125,33 +125,6 @@ def _sum(*sources: Sequence[torch.Tensor | None] | None) -> list | None:
     return out
 
 
-def project_to_budget(
-    pruner: S2HPruner, tolerance: float, lr: float = 0.02, max_steps: int = 5000
-) -> int:
-    """Move the width logits, on the resource loss alone, until every budget's hard ratio is
-    met (the binding one within ``tolerance`` of its target). Used once when the widths
-    freeze, so that the exported model always meets the budget; during a healthy search it
-    does nothing. Where one channel of a large residual group moves a ratio by more than the
-    tolerance, the closest widths seen are kept. Returns the steps taken (0: untouched)."""
-    masks = pruner.mask_parameters()
-    optimizer = torch.optim.Adam(masks, lr=lr)
-    best = (float("inf"), [u.detach().clone() for u in masks])
-    for step in range(max_steps):
-        excess = pruner.budget_excess("hard")  # straight-through gradient to E
-        error = abs(float(excess.detach()))
-        if error < best[0]:
-            best = (error, [u.detach().clone() for u in masks])
-        if error <= tolerance:
-            return step
-        optimizer.zero_grad()
-        (excess**2).backward(inputs=masks)
-        optimizer.step()
-    with torch.no_grad():
-        for u, kept in zip(masks, best[1], strict=True):
-            u.copy_(kept)
-    return max_steps
-
-
 class S2HTrainer:
     """Runs S2HPruner's step (both forwards, the four losses and their routing, the
     norm-balanced width-logit update) in the caller's loop.
@@ -176,6 +149,10 @@ class S2HTrainer:
         resource_on: R on the ``"hard"`` ratio (straight-through) or the ``"soft"`` one.
         freeze_ranks_after_warmup: fix the importance order once the search starts.
         autocast: ``None``, ``"bf16"`` (CPU and CUDA) or ``"fp16"`` (CUDA, with a grad scaler).
+        latency_feedback: with a latency budget, how many times during the search the hard
+            network is exported, timed and the latency model refitted through it (evenly
+            spaced); when the widths freeze this is repeated, with a projection, until the
+            prediction agrees with the measurement. 0 turns the mid-search checks off.
     """
 
     def __init__(
@@ -197,6 +174,7 @@ class S2HTrainer:
         resource_on: str = "hard",
         freeze_ranks_after_warmup: bool = False,
         autocast: str | None = None,
+        latency_feedback: int = 3,
     ):
         if isinstance(method, str):
             if method not in METHODS:
@@ -236,6 +214,13 @@ class S2HTrainer:
         self.step_count = 0
         self.widths_frozen = False
         self.projection_steps: int | None = None  # steps project_to_budget took, once frozen
+        # a latency budget with a measurable latency model gets measured feedback
+        self.latency_feedback = hasattr(pruner.latency, "calibrate") and "latency" in pruner.budgets
+        search = self.freeze_start - self.warmup_end
+        self.feedback_steps = {
+            self.warmup_end + round(k * search / (latency_feedback + 1))
+            for k in range(1, latency_feedback + 1)
+        } if self.latency_feedback else set()  # fmt: skip
 
     # ----------------------------------------------------------------- phases
     def phase(self, step: int | None = None) -> str:
@@ -256,15 +241,50 @@ class S2HTrainer:
         self.pruner.freeze_ranks = True
         before = self.pruner.ratios("hard")
         self.projection_steps = project_to_budget(self.pruner, self.balancer.tolerance)
-        if self.projection_steps:
+        searched = self.projection_steps
+        if self.latency_feedback:
+            self.projection_steps += self._meet_measured_latency()
+        if searched:
             warnings.warn(
                 f"the search ended off its budget (hard ratios {_fmt(before)}, targets "
                 f"{_fmt(self.pruner.budgets)}); projected the widths onto it in "
-                f"{self.projection_steps} steps (now {_fmt(self.pruner.ratios('hard'))}). "
+                f"{searched} steps (now {_fmt(self.pruner.ratios('hard'))}). "
                 "A longer joint phase or a larger gamma_growth lets the search meet it itself.",
                 stacklevel=2,
             )
         return self.projection_steps
+
+    def _meet_measured_latency(self, tolerance: float = 0.02, checks: int = 4) -> int:
+        """Time the frozen network (refitting the latency model) and, while its measured
+        ratio misses the latency target by more than ``tolerance``, project again onto a
+        target moved by the miss: feedback on the measurement itself, so the exported
+        network meets the budget on the device even where the model is off. The aim moves
+        at most a fifth of the target away from it, and the widths kept are those of the
+        check that measured closest to the target (a noisy timing cannot make things
+        worse). Returns the projection steps taken."""
+        budgets, target = self.pruner.budgets, self.pruner.budgets["latency"]
+        masks = self.pruner.mask_parameters()
+        aim, steps, best = target, 0, (float("inf"), None)
+        for check in range(checks):
+            miss = self.pruner.calibrate_latency("freeze")["measured_ratio"] - target
+            ratios = self.pruner.ratios("hard")
+            binding = max(budgets, key=lambda name: ratios[name] - budgets[name])
+            if binding != "latency" and miss <= tolerance:
+                return steps  # under budget because another one binds: met
+            if abs(miss) < best[0]:
+                best = (abs(miss), [u.detach().clone() for u in masks])
+            if abs(miss) <= tolerance or check == checks - 1:
+                break
+            aim = min(max(aim - miss, 0.8 * target), min(1.2 * target, 1.0))
+            try:
+                budgets["latency"] = aim
+                steps += project_to_budget(self.pruner, self.balancer.tolerance)
+            finally:
+                budgets["latency"] = target
+        with torch.no_grad():
+            for u, kept in zip(masks, best[1], strict=True):
+                u.copy_(kept)
+        return steps
 
     # ------------------------------------------------------------------- step
     def _forward(self, x: torch.Tensor, mode: str) -> torch.Tensor:
@@ -324,6 +344,8 @@ class S2HTrainer:
         phase = self.phase()
         if phase == "freeze" and not self.widths_frozen:
             self.freeze_widths()
+        if phase == "joint" and self.step_count in self.feedback_steps:
+            self.pruner.calibrate_latency("search")  # refit the latency model where u is
         if phase != "warmup" and self.freeze_ranks_after_warmup and not self.pruner.freeze_ranks:
             self.pruner.update_ranks(force=True)  # the order of the warmed-up weights, kept
             self.pruner.freeze_ranks = True

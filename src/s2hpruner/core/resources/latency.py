@@ -15,16 +15,19 @@ real), but a noisy non-monotone table would reward growing a width; the gradient
 taken from a monotone version (mean of the upper and lower monotone envelopes, equal to the raw
 table when that is monotone) by a straight-through sum.
 
-    cost(w) = correction * (tables(w) + fixed * act(w) / act(full))
+    cost(w) = offset + correction * uncorrected(w)
+    uncorrected(w) = tables(w) + fixed * act(w) / act(full)
     fixed = max(measured_full - tables(full), 0)
-    correction = measured_full / (tables(full) + fixed)
 
 ``fixed`` is the work outside the table layers (ReLUs, residual adds, pooling, unpruned layers,
 attention matmuls); it is mostly elementwise on activations, so it is scaled by act(w), the
 table layers' output elements (on a 2-core CPU, a constant fixed part over-predicted a
-half-width ResNet-20 by 35%, this rule by ~6%). ``correction`` is 1 unless the isolated layers
-sum to more than the whole model; either way ``cost(full) == measured_full``. ``validate``
-compares the prediction with a pruned model's measured latency.
+half-width ResNet-20 by 35%, this rule by ~6%). Before any network is measured, ``offset`` is
+0 and ``correction = measured_full / uncorrected(full)``. Tables alone still miss how a whole
+narrow network behaves (per-call overheads, cache effects: 0.50 predicted, 0.58 measured on
+resnet20), so ``fit`` refits offset and correction on whole exported networks measured against
+the full one; the pruner measures them before and during the search and when the widths
+freeze (measured feedback). Always ``cost(full) == measured_full``.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .. import distributed as D
 from ..errors import UnsupportedModelError
 from ..index import width_counts
 from ..measure import median_latency, memory_format_of
@@ -293,7 +297,8 @@ class LatencyModel(nn.Module):
         self.activations_full = float(self.activations(self.channels)) or 1.0
         self.fixed_part = max(self.measured_full - tables_full, 0.0)
         self.correction = self.measured_full / (tables_full + self.fixed_part)
-        self.offset = 0.0  # seconds; set by calibrate()
+        self.offset = 0.0  # seconds; set by fit()
+        self.points: list[list[float]] = []  # measured networks: [shrink, measured ratio]
         self.full = float(self.cost(self.channels))
 
     _SCALARS = ("measured_full", "fixed_part", "correction", "offset", "activations_full",
@@ -301,11 +306,13 @@ class LatencyModel(nn.Module):
 
     def get_extra_state(self) -> dict:
         """The whole-model timing with the tables: a resumed run keeps its cost function."""
-        return {name: getattr(self, name) for name in self._SCALARS}
+        return {**{name: getattr(self, name) for name in self._SCALARS}, "points": self.points}
 
     def set_extra_state(self, state: dict) -> None:
         for name in self._SCALARS:
             setattr(self, name, float(state[name]))
+        if "points" in state:  # (a broadcast of the scalars alone keeps them)
+            self.points = [list(p) for p in state["points"]]
 
     def _cache_location(self, cache: str | Path | None) -> tuple[Path, str]:
         folder = os.environ.get("S2HPRUNER_CACHE") or Path.home() / ".cache/s2hpruner/latency"
@@ -397,38 +404,59 @@ class LatencyModel(nn.Module):
         return self.table_sum(widths) + fixed
 
     @torch.no_grad()
+    def measure_ratio(self, full_model: nn.Module, pruned_model: nn.Module,
+                      rounds: int = 5) -> float:  # fmt: skip
+        """Measured latency of ``pruned_model`` over ``full_model``: the median over ``rounds``
+        of the two medians' ratio timed back to back (the machine drifts between rounds, not
+        within one). Under torchrun rank 0 measures and every rank gets its number."""
+        ratios = []
+        if D.is_main():
+            for _ in range(max(1, rounds)):
+                full = measure_latency(full_model, self.example, self.batch_size, self.device,
+                                       self.repeats, self.memory_format)  # fmt: skip
+                pruned = measure_latency(pruned_model, self.example, self.batch_size,
+                                         self.device, self.repeats, self.memory_format)  # fmt: skip
+                ratios.append(pruned / full)
+        return D.broadcast_floats([statistics.median(ratios) if ratios else 0.0])[0]
+
+    @torch.no_grad()
     def calibrate(self, full_model: nn.Module, pruned_model: nn.Module, widths: torch.Tensor,
                   rounds: int = 5) -> dict[str, float]:  # fmt: skip
-        """A second calibration point: the latency ratio of ``pruned_model`` (the network
-        exported at ``widths``) to ``full_model``, timed back to back in ``rounds`` rounds.
-        ``cost = offset + correction * uncorrected`` is then the line through both points.
+        """Measure ``pruned_model`` (the network exported at ``widths``) against
+        ``full_model`` and refit the cost through that point (:meth:`fit`)."""
+        return self.fit(widths, self.measure_ratio(full_model, pruned_model, rounds))
+
+    @torch.no_grad()
+    def fit(self, widths: torch.Tensor, measured_ratio: float) -> dict[str, float]:
+        """Add a measured network (``measured_ratio`` at ``widths``) and refit the line
+        ``ratio = 1 - slope * (1 - uncorrected(w) / uncorrected(full))`` through the full
+        network, ``slope`` being the median over all measured networks (a noisy timing
+        moves a median little). In seconds: ``cost = offset + correction * uncorrected``.
 
         Why: layers timed alone add up to the whole network at full width, but a narrow
         network keeps costs that do not shrink with the widths (per-layer dispatch, memory
-        traffic of the fixed layers): on resnet20 at batch 64 the one-point model predicted
-        0.50 for a network that measured 0.60. A negative offset is not physical: then the
-        one-point (multiplicative) correction is kept."""
-        ratios = []
-        for _ in range(rounds):
-            full = measure_latency(full_model, self.example, self.batch_size, self.device,
-                                   self.repeats, self.memory_format)  # fmt: skip
-            pruned = measure_latency(pruned_model, self.example, self.batch_size, self.device,
-                                     self.repeats, self.memory_format)  # fmt: skip
-            ratios.append(pruned / full)
-        measured_ratio = statistics.median(ratios)
+        traffic of the fixed layers), or loses some (cache effects): on resnet20 at batch 64
+        the tables alone predicted 0.50 for a network that measured 0.58. The pruner adds a
+        point before the search, during it and when the widths freeze, so the line is fitted
+        where the search is. The slope is kept positive (narrower is never slower) and below
+        the value that would make the smallest network free."""
+        widths = widths.to(self.channels.device, torch.float64)
         raw_full = float(self._uncorrected(self.channels))
-        raw_probe = float(self._uncorrected(widths.to(torch.float64)))
+        shrink = 1.0 - float(self._uncorrected(widths)) / raw_full
+        floor = 1.0 - float(self._uncorrected(torch.ones_like(self.channels))) / raw_full
         predicted_before = float(self.cost(widths)) / self.full
-        target = measured_ratio * self.measured_full  # the probe's seconds, on the full's scale
-        if raw_full > raw_probe and target < self.measured_full:
-            slope = (self.measured_full - target) / (raw_full - raw_probe)
-            offset = self.measured_full - slope * raw_full
-            if offset >= 0.0:
-                self.correction, self.offset = slope, offset
+        if shrink > 0.01:  # a network measurably narrower than the full one
+            self.points.append([shrink, float(measured_ratio)])
+        if self.points:
+            slope = statistics.median((1.0 - m) / d for d, m in self.points)
+            slope = min(max(slope, 0.05), 0.95 / max(floor, 1e-9))
+            self.offset = self.measured_full * (1.0 - slope)
+            self.correction = slope * self.measured_full / raw_full
         self.full = float(self.cost(self.channels))
         return {"measured_ratio": measured_ratio, "predicted_ratio_before": predicted_before,
                 "predicted_ratio_after": float(self.cost(widths)) / self.full,
-                "offset": self.offset, "correction": self.correction}  # fmt: skip
+                "offset": self.offset, "correction": self.correction,
+                "points": len(self.points)}  # fmt: skip
 
     def ratio(self, widths: torch.Tensor) -> torch.Tensor:
         """Latency relative to the full model (1 at full widths)."""
