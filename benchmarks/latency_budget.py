@@ -50,9 +50,10 @@ def measured_latency_ratio(full: torch.nn.Module, pruned: torch.nn.Module, examp
 
 
 def calibrate(model_name: str, latency_ratio: float, batch: int, grid=(0.2, 0.3, 0.4, 0.5,
-              0.6, 0.7, 0.8), init: str | None = None) -> tuple[float, list]:  # fmt: skip
+              0.6, 0.7, 0.8), init: str | None = None,
+              round_to: int | None = None) -> tuple[float, list]:  # fmt: skip
     """The FLOPs target whose projected starting widths measure ``latency_ratio``."""
-    cfg = RunConfig(model=model_name, progress=False, init=init)
+    cfg = RunConfig(model=model_name, progress=False, init=init, round_to=round_to)
     points = []
     for f in grid:
         torch.manual_seed(0)
@@ -76,6 +77,8 @@ def main() -> None:
                         help="start every run from these weights (e.g. the pretrain cache)")
     parser.add_argument("--lr", type=float, default=None, help="weight LR (default: the run's)")
     parser.add_argument("--freeze", type=float, default=None, help="frozen-width fraction")
+    parser.add_argument("--round-to", type=int, default=None,
+                        help="hard widths in multiples of this (both runs and the calibration)")
     parser.add_argument("--out", default="runs/latency_budget")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/latency_budget.json"))
     args = parser.parse_args()
@@ -90,7 +93,8 @@ def main() -> None:
     for name in args.models:
         common = dict(model=name, epochs=args.epochs, latency_batch=args.latency_batch,
                       progress=False, overwrite=True, init=args.init)  # fmt: skip
-        common.update({k: v for k, v in (("lr", args.lr), ("freeze", args.freeze)) if v})
+        common.update({k: v for k, v in (("lr", args.lr), ("freeze", args.freeze),
+                                         ("round_to", args.round_to)) if v})  # fmt: skip
         if (name, "latency") not in done:
             try:
                 report = prune(RunConfig(**common, target_latency=args.target_latency,
@@ -106,7 +110,7 @@ def main() -> None:
             continue
         if (name, "flops") not in done:
             target, points = calibrate(name, lat["latency_ratio"], args.latency_batch,
-                                       init=args.init)
+                                       init=args.init, round_to=args.round_to)
             report = prune(RunConfig(**common, target_flops=target,
                                      out=f"{args.out}/{name}_flops"))  # fmt: skip
             # the FLOPs run's measured latency, at the same batch, to compare like with like
