@@ -518,33 +518,19 @@ def _working_groups(model: nn.Module, example_inputs, groups: list[ChannelGroup]
     outside = [g for g in groups if _producer_out_of_range(g, modules)]
     for g in outside:
         piece = _producer_out_of_range(g, modules)
-        warnings.warn(
-            f"group {g.name!r} is left out of the search: its channel map points past the "
-            f"{producer_weight(modules[piece]).shape[0]} output channels of {piece!r} (a "
-            f"mapping torch-pruning got wrong); its channels are kept (list {g.root_module!r} "
-            "in ignored_layers to silence this)",
-            stacklevel=3,
-        )
+        rows = producer_weight(modules[piece]).shape[0]
+        _left_out(g, f"its channel map points past the {rows} output channels of {piece!r} "
+                     "(a mapping torch-pruning got wrong)")  # fmt: skip
     groups = [g for g in groups if not any(g is o for o in outside)]
     bad = failing_groups(model, example_inputs, groups, modules)
     for i, error in bad.items():
-        warnings.warn(
-            f"group {groups[i].name!r} is left out of the search: the network with its "
-            f"channels removed fails at {error}; its channels are kept (list "
-            f"{groups[i].root_module!r} in ignored_layers to silence this)",
-            stacklevel=3,
-        )
+        _left_out(groups[i], f"the network with its channels removed fails at {error}")
     first = next(iter(bad.items()), None)
     first = None if first is None else (groups[first[0]].name, f"fails at {first[1]}")
     groups = [g for i, g in enumerate(groups) if i not in bad]
     bad = export_failures(model, example_inputs, groups)
     for i, error in bad.items():
-        warnings.warn(
-            f"group {groups[i].name!r} is left out of the search: the model exported with "
-            f"its channels removed gives {error}; its channels are kept (list "
-            f"{groups[i].root_module!r} in ignored_layers to silence this)",
-            stacklevel=3,
-        )
+        _left_out(groups[i], f"the model exported with its channels removed gives {error}")
     if bad and first is None:
         i, error = next(iter(bad.items()))
         first = (groups[i].name, f"exports to {error}")
@@ -557,6 +543,15 @@ def _working_groups(model: nn.Module, example_inputs, groups: list[ChannelGroup]
             "nn.BatchNorm2d, nn.LayerNorm) or prune another model"
         )
     return kept
+
+
+def _left_out(group: ChannelGroup, reason: str) -> None:
+    """Warn that ``group`` is left out of the search (its channels kept), and why."""
+    warnings.warn(
+        f"group {group.name!r} is left out of the search: {reason}; its channels are kept "
+        f"(list {group.root_module!r} in ignored_layers to silence this)",
+        stacklevel=4,
+    )
 
 
 def _producer_out_of_range(group: ChannelGroup, modules: dict[str, nn.Module]) -> str | None:
