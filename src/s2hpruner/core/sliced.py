@@ -336,6 +336,23 @@ def _swap_hooks(tensors, groups, out_idx, multiplier):
     return pre, post
 
 
+def _half(g: ChannelGroup) -> int:
+    """The candidate width closest to half of the group (the build probes' width)."""
+    return min(g.candidates, key=lambda c: (abs(2 * c - g.channels), c))
+
+
+def _failure(exc: BaseException, owners: dict[int, str], model: nn.Module) -> str:
+    """``'layer': Type: message`` of an exception, the layer being the innermost module of
+    ``owners`` (id -> name) on its traceback."""
+    tb, layer = exc.__traceback__, "?"
+    while tb is not None:
+        name = owners.get(id(tb.tb_frame.f_locals.get("self")))
+        if name is not None:
+            layer = name or type(model).__name__
+        tb = tb.tb_next
+    return f"{layer!r}: {type(exc).__name__}: {str(exc)[:200]}"
+
+
 def failing_groups(
     model: nn.Module, example_inputs, groups: list[ChannelGroup], modules: dict[str, nn.Module]
 ) -> dict[int, str]:
@@ -354,9 +371,6 @@ def failing_groups(
         example_inputs,)  # fmt: skip
     owner = {id(m): n for n, m in modules.items()}
 
-    def half(g: ChannelGroup) -> int:
-        return min(g.candidates, key=lambda c: (abs(2 * c - g.channels), c))
-
     # a layer that raises mid-forward keeps its swapped-in tensors: restored after a failure
     state = {n: (dict(m._parameters), dict(m._buffers), getattr(m, "groups", None))
              for n, m in modules.items()}  # fmt: skip
@@ -373,19 +387,13 @@ def failing_groups(
         keep = torch.ones(index.constant + 1, dtype=torch.bool, device=index.group_of.device)
         for i in subset:
             start = index.offsets[i]
-            keep[start + half(groups[i]) : start + groups[i].channels] = False
+            keep[start + _half(groups[i]) : start + groups[i].channels] = False
         try:
             with torch.no_grad(), forward.apply(keep, keep.float()):
                 model(*inputs)
         except Exception as exc:  # noqa: BLE001 - any failure is the model's, reported
             restore()
-            tb, layer = exc.__traceback__, "?"
-            while tb is not None:
-                name = owner.get(id(tb.tb_frame.f_locals.get("self")))
-                if name is not None:
-                    layer = name or type(model).__name__
-                tb = tb.tb_next
-            return f"{layer!r}: {type(exc).__name__}: {str(exc)[:200]}"
+            return _failure(exc, owner, model)
         return None
 
     found: dict[int, str] = {}
@@ -483,18 +491,6 @@ def export_failures(
         example_inputs,)  # fmt: skip
     owner = {id(m): n for n, m in modules.items()}
 
-    def half(g: ChannelGroup) -> int:
-        return min(g.candidates, key=lambda c: (abs(2 * c - g.channels), c))
-
-    def layer_of(exc: BaseException, owners: dict[int, str]) -> str:
-        tb, layer = exc.__traceback__, "?"
-        while tb is not None:
-            name = owners.get(id(tb.tb_frame.f_locals.get("self")))
-            if name is not None:
-                layer = name or type(model).__name__
-            tb = tb.tb_next
-        return layer
-
     runs = [0]
 
     def run(subset: list[int]) -> str | None:
@@ -503,7 +499,7 @@ def export_failures(
         keep = torch.ones(index.constant + 1, dtype=torch.bool, device=index.group_of.device)
         kept = []
         for i, g in enumerate(groups):
-            width = half(g) if i in chosen else g.channels
+            width = _half(g) if i in chosen else g.channels
             keep[index.offsets[i] + width : index.offsets[i] + g.channels] = False
             kept.append(list(range(width)))
         flat = keep.float()
@@ -524,7 +520,7 @@ def export_failures(
         except Exception as exc:  # noqa: BLE001 - any failure is the model's, reported
             names = {id(m): n for n, m in pruned.named_modules()} if "pruned" in locals() \
                 else owner
-            return f"{layer_of(exc, names)!r}: {type(exc).__name__}: {str(exc)[:200]}"
+            return _failure(exc, names, model)
         if len(out) != len(masked):
             return "the exported model returns other outputs"
         for a, b in zip(masked, out, strict=True):
