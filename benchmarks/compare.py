@@ -17,11 +17,12 @@ once by ``benchmarks.pretrain``) and adds:
 
 * ``long`` and ``long-compute`` budgets: ``long_factor`` x the epochs (and x the compute ratio);
 * a hyper-parameter search on the validation split: for each method in ``search``, at the
-  ``tune_seed`` and on the ``tune_budgets``, every candidate is a complete run; the one with the
-  best validation top-1 becomes the run (the test split is only reported), every candidate is
-  kept in the JSON's ``tuning`` list. Other seeds and the long budgets reuse the choice of the
-  same method, target and (shorter) budget; the methods of ``borrow`` (the S2HPruner
-  ablations) reuse S2HPruner's choice, so that an ablation differs from it in one part only;
+  ``tune_seed``, on the ``tune_budgets`` and at the ``tune_targets``, every candidate is a
+  complete run; the one with the best validation top-1 becomes the run (the test split is only
+  reported), every candidate is kept in the JSON's ``tuning`` list. Other seeds, budgets and
+  targets reuse the choice of the same method at the nearest searched target; the methods of
+  ``borrow`` (the S2HPruner ablations) reuse S2HPruner's choice, so that an ablation differs
+  from it in one part only;
 * the compute ratio's plain side timed on the full model (``dense_timing_steps`` steps), since
   no method trains the full model there.
 
@@ -107,6 +108,12 @@ class Profile:
     borrow: dict[str, str] = field(default_factory=dict)
     tune_seed: int = 0
     tune_budgets: tuple[str, ...] = ("epochs", "compute")
+    # targets searched (empty: every target); the others reuse the nearest searched target's
+    # choice, so the plan runs searched targets first within a seed
+    tune_targets: tuple[float, ...] = ()
+    # seed of the train/val split of every run (None: the run's seed); fixed to the split the
+    # starting checkpoint was trained on, so no seed validates on images it has seen
+    split_seed: int | None = None
     long_factor: float = 3.0
     long_targets: tuple[float, ...] = ()
     long_methods: tuple[str, ...] = ()
@@ -139,12 +146,15 @@ RESULT_FIELDS = (
     "borrow",
     "tune_seed",
     "tune_budgets",
+    "tune_targets",
+    "split_seed",
     "long_factor",
     "dense_timing_steps",
 )
 # fields added after benchmarks were stored: a stored file without them used these values
 LATER_FIELDS = ("freeze", "init", "model_kwargs", "search", "borrow", "tune_seed",
-                "tune_budgets", "long_factor", "dense_timing_steps")  # fmt: skip
+                "tune_budgets", "long_factor", "dense_timing_steps", "tune_targets",
+                "split_seed")  # fmt: skip
 
 CHECKPOINT = "benchmarks/cache/resnet20_fmnist_5ep.pt"
 PRETRAIN_COMMAND = f"python -m benchmarks.pretrain --model resnet20 --epochs 5 --out {CHECKPOINT}"
@@ -176,16 +186,22 @@ FROM_TRAINED = Profile(
     options=BaselineOptions(pretrain_fraction=0.0, sparse_fraction=0.25),
     init=CHECKPOINT,
     pretrain_command=PRETRAIN_COMMAND,
+    # every method searches its learning rate; the single-network baselines also their
+    # allocation (l1-ft) or sparse-training share (group-sl): no less tuning than s2h gets
     search={
-        "s2h": _grid(lr=(0.02, 0.01), freeze=(0.4, 0.25)),
-        "dmp": _grid(lr=(0.02, 0.01), freeze=(0.4, 0.25)),
+        "s2h": _grid(lr=(0.02, 0.01)),
+        "dmp": _grid(lr=(0.02, 0.01)),
         "l1-ft": _grid(lr=FINE_TUNE_LRS, l1_global=(True, False)),
         "group-sl": _grid(lr=FINE_TUNE_LRS, sparse_fraction=(0.25, 0.5)),
         "random": _grid(lr=FINE_TUNE_LRS),
     },
     borrow={m: "s2h" for m in ABLATIONS},
     tune_seed=0,
-    tune_budgets=("epochs", "compute"),
+    # searched once, at 0.35 on the epochs budget; the compute budgets and the other targets
+    # reuse that choice (a search per target and budget would triple the profile's hours)
+    tune_budgets=("epochs",),
+    tune_targets=(0.35,),
+    split_seed=0,  # the checkpoint's split: seed 1 validates on the same unseen images
     long_factor=3.0,
     long_targets=(0.35,),
     long_methods=MAIN_METHODS,
@@ -241,7 +257,7 @@ def plan_runs(profile: Profile) -> list[RunSpec]:
     Seeds run in order, so the search seed's choices exist before the other seeds reuse them."""
     plan = []
     for seed in profile.seeds:
-        for target in profile.targets:
+        for target in sorted(profile.targets, key=lambda t: not tuned(t, profile)):
             limit = next((v for k, v in profile.seed_limits.items() if _at(target, (k,))), None)
             if limit is not None and seed not in limit:
                 continue
@@ -314,6 +330,7 @@ def run_config(
         train_subset=profile.train_subset,
         lr=profile.lr,
         seed=spec.seed,
+        split_seed=profile.split_seed,
         out=str(run_dir),
         latency_repeats=profile.latency_repeats,
         progress=profile.progress,
@@ -567,24 +584,34 @@ def budget_epochs(
     return round(epochs * ratio["ratio"], 2), {"compute_ratio": ratio["ratio"]}
 
 
+def tuned(target: float, profile: Profile) -> bool:
+    """Whether the search runs at ``target`` (every target when ``tune_targets`` is empty)."""
+    return not profile.tune_targets or _at(target, profile.tune_targets)
+
+
 def search_candidates(spec: RunSpec, profile: Profile) -> tuple[dict, ...]:
     """The candidates searched for this run (none: it uses a stored choice or the base)."""
     if spec.seed != profile.tune_seed or spec.budget not in profile.tune_budgets:
+        return ()
+    if not tuned(spec.target, profile):
         return ()
     return tuple(profile.search.get(spec.method, ()))
 
 
 def choice_source(spec: RunSpec, profile: Profile) -> RunSpec | None:
     """The searched run whose choice this run reuses (None: the profile's base recipe): the
-    same (or borrowed) method and target at the search seed, on the same budget or, for a
-    long one, the budget it lengthens."""
+    same (or borrowed) method at the search seed and the nearest searched target, on the same
+    budget or, for a long one, the budget it lengthens."""
     method = profile.borrow.get(spec.method, spec.method)
     if method not in profile.search or not profile.tune_budgets:
         return None
     budget = spec.budget if spec.budget in profile.tune_budgets else LONG.get(spec.budget)
     if budget not in profile.tune_budgets:
         budget = "epochs" if "epochs" in profile.tune_budgets else profile.tune_budgets[0]
-    return RunSpec(method, spec.target, profile.tune_seed, budget)
+    target = spec.target
+    if not tuned(target, profile):
+        target = min(profile.tune_targets, key=lambda t: abs(t - spec.target))
+    return RunSpec(method, target, profile.tune_seed, budget)
 
 
 def chosen(results: dict, source: RunSpec) -> dict | None:

@@ -483,3 +483,18 @@ def test_imagenet_layout_errors(tmp_path):
         build_datasets("imagenet", str(root))
     with pytest.raises(DataNotFoundError, match="val/"):
         build_datasets("imagenet", str(root / "train"))
+
+
+def test_split_seed_fixes_the_split_whatever_the_run_seed(tmp_path):
+    """RunConfig.split_seed: a run with seed 1 validates on seed 0's held-out images (those a
+    checkpoint trained with seed 0 never saw); without it the split follows the seed."""
+    from s2hpruner.app.config import RunConfig
+    from s2hpruner.app.run import build_splits
+
+    root = str(make_idx_root(tmp_path / "fm"))
+    base = RunConfig(dataset="fashion-mnist", data_root=root)
+    seed0 = build_splits(base)
+    fixed = build_splits(RunConfig(dataset="fashion-mnist", data_root=root, seed=1, split_seed=0))
+    moved = build_splits(RunConfig(dataset="fashion-mnist", data_root=root, seed=1))
+    assert keys(fixed.val) == keys(seed0.val) and keys(fixed.train) == keys(seed0.train)
+    assert set(keys(moved.val)) != set(keys(seed0.val))

@@ -89,6 +89,8 @@ HELP = {
     "separate_hard_bn_stats": "keep separate BatchNorm running statistics for the hard network",
     "autocast": "mixed precision: bf16 (CPU and CUDA) or fp16 (CUDA, with a grad scaler)",
     "seed": "random seed (data split, data order, initialisation)",
+    "split_seed": "seed of the train/val split only (default: --seed); set it to the seed a "
+                  "starting checkpoint's split used, so validation images stay unseen",
     "device": "auto (cuda if available, else cpu), cpu, cuda or cuda:N",
     "workers": "data loader worker processes",
     "channels_last": "channels-last memory format for 4-D activations (faster convs on CPU)",

@@ -86,6 +86,9 @@ class RunConfig:
     autocast: str | None = None  # bf16 (CPU, CUDA) or fp16 (CUDA) mixed precision
     # run
     seed: int = 0
+    # seed of the train/val split only (None: ``seed``). Fix it to the split a starting
+    # checkpoint was trained on, so other seeds never validate on images it has seen
+    split_seed: int | None = None
     device: str = "auto"
     workers: int = 0
     channels_last: bool = True

@@ -91,7 +91,7 @@ def build_splits(cfg: RunConfig, augment: bool | None = None):
             cfg.dataset,
             cfg.data_root,
             val_size=cfg.val_size,
-            seed=cfg.seed,
+            seed=cfg.seed if cfg.split_seed is None else cfg.split_seed,
             augment=cfg.augment if augment is None else augment,
             train_subset=cfg.train_subset,
             **extra,
