@@ -79,47 +79,51 @@ def main() -> None:
     parser.add_argument("--freeze", type=float, default=None, help="frozen-width fraction")
     parser.add_argument("--round-to", type=int, default=None,
                         help="hard widths in multiples of this (both runs and the calibration)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of both runs")
     parser.add_argument("--out", default="runs/latency_budget")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/latency_budget.json"))
     args = parser.parse_args()
     results = json.loads(args.json.read_text()) if args.json.exists() else {"runs": []}
     results["machine"] = {"cpu": platform.processor() or platform.machine(),
                           "threads": torch.get_num_threads(), "torch": torch.__version__}
-    done = {(r["model"], r["budget"]) for r in results["runs"]}
+    done = {(r["model"], r["budget"], r.get("seed", 0)) for r in results["runs"]}
 
     def save():
         atomic_write_bytes(args.json, json.dumps(results, indent=2).encode())
 
     for name in args.models:
         common = dict(model=name, epochs=args.epochs, latency_batch=args.latency_batch,
-                      progress=False, overwrite=True, init=args.init)  # fmt: skip
+                      progress=False, overwrite=True, init=args.init, seed=args.seed)  # fmt: skip
         common.update({k: v for k, v in (("lr", args.lr), ("freeze", args.freeze),
                                          ("round_to", args.round_to)) if v})  # fmt: skip
-        if (name, "latency") not in done:
+        tag = f"{name}_s{args.seed}" if args.seed else name
+        if (name, "latency", args.seed) not in done:
             try:
                 report = prune(RunConfig(**common, target_latency=args.target_latency,
-                                         out=f"{args.out}/{name}_latency"))  # fmt: skip
+                                         out=f"{args.out}/{tag}_latency"))  # fmt: skip
             except S2HError as exc:  # e.g. a target below the measured floor: say so
                 report = {"infeasible": str(exc), "target_latency": args.target_latency}
-            results["runs"].append({"model": name, "budget": "latency", **report} if
-                                   "infeasible" in report else {"model": name, "budget":
-                                   "latency", **{k: report.get(k) for k in KEYS}})  # fmt: skip
+            run = {"model": name, "budget": "latency", "seed": args.seed}
+            results["runs"].append({**run, **report} if "infeasible" in report
+                                   else {**run, **{k: report.get(k) for k in KEYS}})  # fmt: skip
             save()
-        lat = next(r for r in results["runs"] if (r["model"], r["budget"]) == (name, "latency"))
+        lat = next(r for r in results["runs"]
+                   if (r["model"], r["budget"], r.get("seed", 0)) == (name, "latency", args.seed))
         if "infeasible" in lat:
             continue
-        if (name, "flops") not in done:
+        if (name, "flops", args.seed) not in done:
             target, points = calibrate(name, lat["latency_ratio"], args.latency_batch,
                                        init=args.init, round_to=args.round_to)
             report = prune(RunConfig(**common, target_flops=target,
-                                     out=f"{args.out}/{name}_flops"))  # fmt: skip
+                                     out=f"{args.out}/{tag}_flops"))  # fmt: skip
             # the FLOPs run's measured latency, at the same batch, to compare like with like
             model, pruner, example = build_model_and_pruner(
                 RunConfig(model=name, progress=False, init=args.init),
                 dataset_spec("fashion-mnist"), "cpu")
-            exported = torch.load(f"{args.out}/{name}_flops/model_pruned.pt", weights_only=False)
+            exported = torch.load(f"{args.out}/{tag}_flops/model_pruned.pt", weights_only=False)
             ratio = measured_latency_ratio(model, exported, example, args.latency_batch)
-            results["runs"].append({"model": name, "budget": "flops", "calibration": points,
+            results["runs"].append({"model": name, "budget": "flops", "seed": args.seed,
+                                    "calibration": points,
                                     **{k: report.get(k) for k in KEYS},
                                     "latency_ratio": ratio})  # fmt: skip
             save()

@@ -359,3 +359,44 @@ def test_latency_with_flops_budget_meets_both(fake, monkeypatch, flops):
         assert flops_ratio == pytest.approx(0.4, abs=0.02) and latency < 0.72
     else:
         assert latency == pytest.approx(0.75, abs=0.02) and flops_ratio < 0.7
+
+
+def test_latency_budget_aligns_widths_by_default_and_falls_back_when_it_cannot(
+    fake, monkeypatch, tmp_path
+):
+    """The application's default under a latency budget: kept widths are multiples of 8.
+    A target only unaligned widths can reach builds unaligned, with a warning (an error is
+    for a contradiction the user wrote: an explicit --round-to 8 at that target)."""
+    from s2hpruner.app.config import RunConfig
+    from s2hpruner.app.data import dataset_spec
+    from s2hpruner.app.run import LATENCY_ROUND_TO, build_model, build_pruner
+    from s2hpruner.core.errors import BudgetError
+
+    from s2hpruner import count_flops
+
+    def truth(self, full, pruned, rounds=5):  # as fake_truth, on digits' 1-channel images
+        x = torch.randn(1, 1, 8, 8)
+        return 0.45 + 0.55 * count_flops(pruned, x) / count_flops(full, x)
+
+    monkeypatch.setattr(LatencyModel, "measure_ratio", truth)
+    spec, device = dataset_spec("digits"), torch.device("cpu")
+
+    def pruner_at(target: float, **changes):
+        cfg = RunConfig(dataset="digits", target_latency=target, latency_batch=4,
+                        latency_cache=str(tmp_path / "tables.json"), progress=False,
+                        channels_last=False, **changes)  # fmt: skip
+        torch.manual_seed(0)
+        return build_pruner(cfg, build_model(cfg, spec, device), spec, device)
+
+    aligned = pruner_at(0.8)
+    assert aligned.round_to == LATENCY_ROUND_TO == 8
+    widths = aligned.search.hard_candidates  # every width a kept (hard) group may take
+    assert bool((widths % 8 == 0).all()) and widths.min() == 8, widths
+    every = pruner_at(0.8, round_to=1)  # 1: every width allowed, down to a single channel
+    assert every.latency_floor < aligned.latency_floor
+    between = (every.latency_floor + aligned.latency_floor) / 2
+    with pytest.warns(UserWarning, match="keeps unaligned widths"):
+        fallback = pruner_at(between)
+    assert fallback.round_to is None and fallback.latency_floor < between
+    with pytest.raises(BudgetError, match="below"):
+        pruner_at(between, round_to=8)

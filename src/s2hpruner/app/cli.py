@@ -50,7 +50,8 @@ HELP = {
     "width_step": "channel step d of every group (default: smallest divisor of the channel "
     "count giving at most 32 candidate widths)",
     "round_to": "make every kept channel width a multiple of this (or the full width), e.g. 8 "
-    "or 16, so the pruned model runs at full kernel speed (default: any candidate width)",
+    "or 16, so the pruned model runs at full kernel speed (default: 8 under a latency budget "
+    "when that can meet the budgets, else any candidate width; 1 allows every width)",
     "ignored_layers": "module names whose output channels are never pruned (repeatable)",
     "epochs": "total training epochs (all phases; fractions allowed)",
     "warmup": "fraction of the run training the weights with the width logits frozen at "

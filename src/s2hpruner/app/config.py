@@ -47,7 +47,7 @@ class RunConfig:
     mean: list[float] | None = None  # imagefolder: normalisation (default: measured)
     std: list[float] | None = None
     width_step: int | None = None
-    round_to: int | None = None  # kept widths are multiples of this (fast kernels), or full
+    round_to: int | None = None  # kept widths: multiples of this or full (latency budget: 8)
     ignored_layers: list[str] = field(default_factory=list)
     # schedule: warm-up (u frozen at init), joint search, last phase (u frozen, hard trained);
     # warmup and freeze are fractions of the run, *_epochs (if set) absolute and win

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -23,7 +24,13 @@ from torch import nn
 
 from ..core import distributed as D
 from ..core.balance import GradientBalancer
-from ..core.errors import CheckpointError, NonFiniteLossError, RunDirectoryError, S2HError
+from ..core.errors import (
+    BudgetError,
+    CheckpointError,
+    NonFiniteLossError,
+    RunDirectoryError,
+    S2HError,
+)
 from ..core.layout import tune_hard_layout
 from ..core.measure import latency_ratio, latency_speedup
 from ..core.pruner import S2HPruner
@@ -123,8 +130,34 @@ def build_model(cfg: RunConfig, spec, device: torch.device) -> nn.Module:
     return model
 
 
+# Under a latency budget, kept widths are multiples of this unless --round-to says otherwise:
+# unaligned widths (11 of 16 channels) can run slower than wider aligned ones, which the
+# per-layer tables do not see (benchmarks/MEASUREMENTS.md, round 5).
+LATENCY_ROUND_TO = 8
+
+
 def build_pruner(cfg: RunConfig, model: nn.Module, spec, device: torch.device) -> S2HPruner:
-    """The pruner of a run's model, with its budgets (and a latency table if one is set)."""
+    """The pruner of a run's model, with its budgets (and a latency table if one is set).
+    A latency budget aligns kept widths to ``LATENCY_ROUND_TO`` by default; when aligned
+    widths cannot meet the budgets, the widths stay unaligned (with a warning)."""
+    budgets = cfg.budgets()
+    if cfg.round_to is not None or "latency" not in budgets:
+        return _build_pruner(cfg, model, spec, device, cfg.round_to)
+    try:
+        return _build_pruner(cfg, model, spec, device, LATENCY_ROUND_TO)
+    except BudgetError as exc:
+        pruner = _build_pruner(cfg, model, spec, device, None)  # raises if still infeasible
+        warnings.warn(
+            f"the latency budget keeps unaligned widths: with widths aligned to "
+            f"{LATENCY_ROUND_TO}, {exc}. Set --round-to to choose the alignment yourself",
+            stacklevel=2,
+        )
+        return pruner
+
+
+def _build_pruner(
+    cfg: RunConfig, model: nn.Module, spec, device: torch.device, round_to: int | None
+) -> S2HPruner:
     example = torch.zeros(1, spec.in_chans, spec.image_size, spec.image_size, device=device)
     budgets = cfg.budgets()
     latency_model = None
@@ -153,7 +186,7 @@ def build_pruner(cfg: RunConfig, model: nn.Module, spec, device: torch.device) -
         latency_model=latency_model,
         skip_slow_widths=cfg.skip_slow_widths,
         width_step=cfg.width_step,
-        round_to=cfg.round_to,
+        round_to=round_to,
         ignored_layers=cfg.ignored_layers,
         temperature=cfg.temperature,
         separate_hard_bn_stats=cfg.separate_hard_bn_stats and METHODS[cfg.method].hard,
@@ -438,6 +471,7 @@ def finish(cfg, out, splits, model, pruner, trainer, example, device, state) -> 
         "predicted_flops_ratio": pruner.ratio("hard"),
         "predicted_params_ratio": pruner.ratio("hard", "params"),
         "budget_projection_steps": trainer.projection_steps,
+        "round_to": pruner.round_to,  # the alignment used (a latency budget's default: 8)
         "latency_speedup_b1": speed["b1"],
         "latency_speedup_b64": speed["b64"],
         "epochs": cfg.epochs,

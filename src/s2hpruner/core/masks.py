@@ -66,7 +66,7 @@ def nearest_width(expected: torch.Tensor, widths: torch.Tensor) -> torch.Tensor:
     """The width in ``widths`` (sorted) closest to E, ties going up, with a straight-through
     gradient. Used for hardware-aligned widths (``round_to``), where rounding up as
     :func:`hard_width` does would add up to m - 1 channels to every group."""
-    above = torch.searchsorted(widths, expected.detach().unsqueeze(-1))
+    above = torch.searchsorted(widths.contiguous(), expected.detach().unsqueeze(-1).contiguous())
     above = above.clamp(max=widths.shape[-1] - 1)
     below = (above - 1).clamp(min=0)
     up = widths.gather(-1, above).squeeze(-1).to(expected.dtype)
