@@ -367,12 +367,11 @@ def test_latency_budget_aligns_widths_by_default_and_falls_back_when_it_cannot(
     """The application's default under a latency budget: kept widths are multiples of 8.
     A target only unaligned widths can reach builds unaligned, with a warning (an error is
     for a contradiction the user wrote: an explicit --round-to 8 at that target)."""
+    from s2hpruner import count_flops
     from s2hpruner.app.config import RunConfig
     from s2hpruner.app.data import dataset_spec
     from s2hpruner.app.run import LATENCY_ROUND_TO, build_model, build_pruner
     from s2hpruner.core.errors import BudgetError
-
-    from s2hpruner import count_flops
 
     def truth(self, full, pruned, rounds=5):  # as fake_truth, on digits' 1-channel images
         x = torch.randn(1, 1, 8, 8)

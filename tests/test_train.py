@@ -309,3 +309,33 @@ def test_search_reaches_budget_and_training_learns_on_real_digits():
     soft = evaluate(model, test, torch.device("cpu"), pruner, "soft")
     assert abs(float(pruner.flops_ratio("hard")) - 0.5) <= 0.01
     assert hard > 80.0 and soft > 80.0, (hard, soft)
+
+
+@pytest.mark.parametrize("teacher", ["soft", "none"])
+def test_last_phase_teacher(monkeypatch, teacher):
+    """Once the widths freeze, the hard network trains on L + alpha * KL(soft || hard) with
+    freeze_teacher="soft", and on L alone (no soft forward at all) with "none"."""
+    model, pruner, trainer, x, y = setup("s2h", alpha=0.7, freeze=0.3, freeze_teacher=teacher)
+    trainer.freeze_widths()
+    weights = list(model.parameters())
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    hard_stats = {k: v.clone() for k, v in pruner.hard_stats.state_dict().items()}
+    with torch.no_grad(), pruner.mode("soft"):
+        soft = model(x)
+    with pruner.mode("hard"):
+        hard = model(x)
+    loss = torch.nn.functional.cross_entropy(hard, y)
+    if teacher == "soft":
+        loss = loss + 0.7 * kl(soft, hard)
+    expected = torch.autograd.grad(loss, weights, allow_unused=True)
+    model.load_state_dict(state)
+    pruner.hard_stats.load_state_dict(hard_stats)
+    seen, original = [], pruner.mode
+    monkeypatch.setattr(pruner, "mode", lambda m, **kw: seen.append(m) or original(m, **kw))
+    grads = trainer.gradients(x, y, "freeze")
+    assert seen == (["soft", "hard"] if teacher == "soft" else ["hard"])
+    assert set(grads.weights) == {"task"} and not grads.masks, "u stays frozen"
+    for g, e in zip(grads.weights["task"], expected, strict=True):
+        assert (g is None and e is None) or torch.allclose(g, e, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="freeze_teacher"):
+        setup("s2h", freeze_teacher="init")

@@ -84,6 +84,9 @@ HELP = {
     "gamma_min": "lower bound of gamma",
     "gamma_max": "upper bound of gamma",
     "budget_tolerance": "tolerance on the hard resource ratio around the target",
+    "freeze_teacher": "what the hard network is distilled from once the widths freeze: soft "
+                      "(the soft network's logits, as the method specifies) or none (task loss "
+                      "only; the last phase costs one pruned network's step)",
     "resource_on": "resource ratio in the resource loss: hard (kept widths, straight-through "
                    "gradient; what the exported model will have) or soft (expected widths)",
     "freeze_ranks_after_warmup": "stop recomputing the channel importance order after warm-up",

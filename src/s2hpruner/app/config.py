@@ -12,6 +12,7 @@ import yaml
 
 from ..core.balance import GradientBalancer
 from ..core.errors import S2HError
+from ..core.trainer import FREEZE_TEACHERS
 from ..core.trainer import METHODS as _METHODS
 
 METHODS = tuple(_METHODS)
@@ -80,6 +81,7 @@ class RunConfig:
     gamma_min: float = GradientBalancer.gamma_min
     gamma_max: float = GradientBalancer.gamma_max
     budget_tolerance: float = GradientBalancer.tolerance
+    freeze_teacher: str = "soft"  # last phase: hard distilled from soft, or "none" (cheaper)
     resource_on: str = "hard"  # R on the hard FLOPs ratio (straight-through) or on the soft one
     freeze_ranks_after_warmup: bool = False
     separate_hard_bn_stats: bool = True
@@ -149,6 +151,11 @@ class RunConfig:
         if self.hard_layout not in HARD_LAYOUTS:
             raise ConfigError(
                 f"hard_layout must be one of {', '.join(HARD_LAYOUTS)}, got {self.hard_layout!r}"
+            )
+        if self.freeze_teacher not in FREEZE_TEACHERS:
+            raise ConfigError(
+                f"freeze_teacher must be one of {', '.join(FREEZE_TEACHERS)}, "
+                f"got {self.freeze_teacher!r}"
             )
         if self.resource_on not in ("hard", "soft"):
             raise ConfigError(f"resource_on must be 'hard' or 'soft', got {self.resource_on!r}")

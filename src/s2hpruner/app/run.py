@@ -229,6 +229,7 @@ def build_trainer(cfg: RunConfig, model: nn.Module, pruner: S2HPruner, total_ste
         ),
         warmup=warmup,
         freeze=freeze,
+        freeze_teacher=cfg.freeze_teacher,
         resource_on=cfg.resource_on,
         freeze_ranks_after_warmup=cfg.freeze_ranks_after_warmup,
         autocast=cfg.autocast,

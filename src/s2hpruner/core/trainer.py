@@ -125,6 +125,9 @@ def _sum(*sources: Sequence[torch.Tensor | None] | None) -> list | None:
     return out
 
 
+FREEZE_TEACHERS = ("soft", "none")  # the last phase's teacher (S2HTrainer.freeze_teacher)
+
+
 class S2HTrainer:
     """Runs S2HPruner's step (both forwards, the four losses and their routing, the
     norm-balanced width-logit update) in the caller's loop.
@@ -146,6 +149,10 @@ class S2HTrainer:
         freeze: fraction of the steps at the end with u frozen and the hard network trained,
             distilled from the soft one (DMP trains its soft network). When the widths freeze,
             they are projected onto the budget if the search did not meet it.
+        freeze_teacher: what the hard network is distilled from once the widths freeze:
+            ``"soft"`` (SPEC: the soft network's logits, one extra forward per step) or
+            ``"none"`` (the task loss alone: the last phase then costs one pruned network's
+            step, not that plus a full forward).
         resource_on: R on the ``"hard"`` ratio (straight-through) or the ``"soft"`` one.
         freeze_ranks_after_warmup: fix the importance order once the search starts.
         autocast: ``None``, ``"bf16"`` (CPU and CUDA) or ``"fp16"`` (CUDA, with a grad scaler).
@@ -171,6 +178,7 @@ class S2HTrainer:
         balancer: GradientBalancer | None = None,
         warmup: float = 0.0,
         freeze: float = 0.25,
+        freeze_teacher: str = "soft",
         resource_on: str = "hard",
         freeze_ranks_after_warmup: bool = False,
         autocast: str | None = None,
@@ -189,6 +197,11 @@ class S2HTrainer:
             )
         if resource_on not in ("hard", "soft"):
             raise ValueError(f"resource_on must be 'hard' or 'soft', got {resource_on!r}")
+        if freeze_teacher not in FREEZE_TEACHERS:
+            raise ValueError(
+                f"freeze_teacher must be one of {', '.join(FREEZE_TEACHERS)}, "
+                f"got {freeze_teacher!r}"
+            )
         if autocast not in (None, "bf16", "fp16"):
             raise ValueError(f"autocast must be None, 'bf16' or 'fp16', got {autocast!r}")
         self.model, self.pruner, self.optimizer = model, pruner, optimizer
@@ -202,6 +215,7 @@ class S2HTrainer:
         self.alpha = alpha
         self.balancer = balancer or GradientBalancer()
         self.warmup, self.freeze = float(warmup), float(freeze)
+        self.freeze_teacher = freeze_teacher
         self.resource_on = resource_on
         self.freeze_ranks_after_warmup = freeze_ranks_after_warmup
         self.autocast = autocast
@@ -309,6 +323,9 @@ class S2HTrainer:
         if not m.hard:  # DMP: the soft network only; it is discretised at the end
             soft = self._forward(x, "soft")
             grads.add("task", loss_fn(soft, y), weights, masks, scale=scale)
+
+        elif phase == "freeze" and self.freeze_teacher == "none":  # the hard network alone
+            grads.add("task", loss_fn(self._forward(x, "hard"), y), weights, [], scale=scale)
 
         elif phase == "freeze":  # widths fixed: train the hard network, distilled from soft
             with torch.no_grad():
