@@ -70,7 +70,7 @@ BUDGETS = ("epochs", "compute", "long", "long-compute")
 LONG = {"long": "epochs", "long-compute": "compute"}
 COMPUTE = ("compute", "long-compute")
 # what a search candidate may set: RunConfig fields, and BaselineOptions fields
-RUN_HYPER = ("lr", "freeze", "freeze_epochs", "weight_decay", "mask_lr")
+RUN_HYPER = ("lr", "freeze", "freeze_epochs", "weight_decay", "mask_lr", "freeze_teacher")
 OPTION_HYPER = tuple(f.name for f in dataclasses.fields(BaselineOptions))
 
 
@@ -186,10 +186,12 @@ FROM_TRAINED = Profile(
     options=BaselineOptions(pretrain_fraction=0.0, sparse_fraction=0.25),
     init=CHECKPOINT,
     pretrain_command=PRETRAIN_COMMAND,
-    # every method searches its learning rate; the single-network baselines also their
-    # allocation (l1-ft) or sparse-training share (group-sl): no less tuning than s2h gets
+    # every method searches its learning rate; s2h also its last phase (distilled from the
+    # soft network, or the cheaper hard network alone), the single-network baselines their
+    # allocation (l1-ft) or sparse-training share (group-sl): four candidates each
     search={
-        "s2h": _grid(lr=(0.02, 0.01)),
+        "s2h": (*_grid(lr=(0.02, 0.01)),
+                *_grid(lr=(0.02, 0.01), freeze_teacher=("none",))),  # fmt: skip
         "dmp": _grid(lr=(0.02, 0.01)),
         "l1-ft": _grid(lr=FINE_TUNE_LRS, l1_global=(True, False)),
         "group-sl": _grid(lr=FINE_TUNE_LRS, sparse_fraction=(0.25, 0.5)),
@@ -353,6 +355,8 @@ def candidate_name(hyper: dict) -> str:
     for key, value in hyper.items():
         if key == "l1_global":
             parts.append("global" if value else "uniform")
+        elif key == "freeze_teacher":
+            parts.append(f"teacher-{value}")
         elif isinstance(value, bool):
             parts.append(key if value else f"no-{key}")
         elif isinstance(value, int | float):

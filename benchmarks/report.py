@@ -271,6 +271,9 @@ def _hyper_text(hyper: dict) -> str:
             parts.append(f"freeze {value:.0%}")
         elif key == "sparse_fraction":
             parts.append(f"sparse {value:.0%}")
+        elif key == "freeze_teacher":
+            parts.append("last phase: hard network alone" if value == "none"
+                         else f"last phase distilled from {value}")
         else:
             parts.append(f"{key} {value:g}" if isinstance(value, int | float) else f"{key} {value}")
     return ", ".join(parts) or "base"
@@ -283,17 +286,23 @@ def _search_lines(results: dict) -> list[str]:
     borrowed = ", ".join(
         f"`{m}` uses `{b}`'s" for m, b in sorted(s.get("borrow", {}).items()) if m in ran
     )
+    targets = s.get("tune_targets") or []
+    where = f" at target {', '.join(f'{t:g}' for t in targets)}" if targets else ""
+    budgets = s.get("tune_budgets", [])
     lines = [
         "### Hyper-parameter search (validation split)",
         "",
-        f"Seed {s.get('tune_seed', 0)}, on the {' and '.join(s.get('tune_budgets', []))} "
-        "budgets: every candidate is a complete run; the one with the best validation top-1 "
-        "(exported model for the baselines, hard network after the last epoch for the S2HPruner "
-        "family; ties go to the first, the base recipe) is the run reported below. The test "
-        "split plays no part. Other seeds reuse the search seed's choice (their validation "
-        "split is not the one the checkpoint held out), the long budgets reuse the choice of "
-        "the budget they lengthen"
-        + (f", and {borrowed} choice (an ablation differs in one part only)." if borrowed else "."),
+        f"Seed {s.get('tune_seed', 0)}{where}, on the {' and '.join(budgets)} "
+        f"budget{'s' if len(budgets) > 1 else ''}: every candidate is a complete run; the one "
+        "with the best validation top-1 (exported model for the baselines, hard network after "
+        "the last epoch for the S2HPruner family; ties go to the first, the base recipe) is the "
+        "run reported below. The test split plays no part. Other seeds"
+        + (", targets" if targets else "")
+        + " and budgets reuse that choice"
+        + (f" (every seed validates on split seed {s['split_seed']}'s held-out images, which "
+           "the checkpoint never saw)" if s.get("split_seed") is not None else "")
+        + (f", and {borrowed} choice (an ablation differs in one part only)." if borrowed else ".")
+        + (f" Note: {results['settings_note']}." if results.get("settings_note") else ""),
         "",
         "| Method | Target | Budget | Epochs | Candidates: val top-1 (%) |",
         "|---|---|---|---|---|",

@@ -96,8 +96,10 @@ def test_full_profile_plan():
     assert {m for m, _, _, b in by if b == "long-compute"} == {"l1-ft", "group-sl", "random"}
     assert not {m for m, _, _, b in by if b in compare.COMPUTE} & set(compare.METHODS)
     s = compare.FROM_TRAINED.search
-    assert len(s["s2h"]) == len(s["dmp"]) == len(s["random"]) == 2
-    assert len(s["l1-ft"]) == len(s["group-sl"]) == 4, "baselines: no less tuning than s2h"
+    assert len(s["dmp"]) == len(s["random"]) == 2
+    assert len(s["s2h"]) == len(s["l1-ft"]) == len(s["group-sl"]) == 4
+    assert [compare.candidate_name(c) for c in s["s2h"]] == [
+        "lr0.02", "lr0.01", "lr0.02-teacher-none", "lr0.01-teacher-none"]
     assert s["s2h"][0] == {"lr": 0.02}, "the shipped recipe first (wins ties)"
     assert compare.FROM_TRAINED.split_seed == 0, "seed 1 validates on the checkpoint's split"
 
@@ -258,3 +260,22 @@ def test_interrupted_search_resumes_its_candidates(tmp_path, monkeypatch, no_lat
     data = json.loads((tmp_path / "results" / "from_trained.json").read_text())
     assert len(data["runs"]) == 1 and len(data["tuning"]) == 2
     assert data["resumed_by"] and "--resume" in data["resumed_by"][0]
+
+
+def test_bn_recalibration_is_the_plain_average_over_the_batches():
+    """benchmarks.bn_recalibration: the running mean becomes the average of the batches'
+    means (momentum None), whatever it was; the weights are untouched."""
+    from torch import nn
+
+    from benchmarks.bn_recalibration import recalibrate
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 1, bias=False), nn.BatchNorm2d(4))
+    model[1].running_mean.fill_(5.0)
+    weight = model[0].weight.detach().clone()
+    batches = [(torch.randn(8, 1, 3, 3) + i, None) for i in range(3)]
+    recalibrate(model, batches, batches=2)
+    with torch.no_grad():
+        means = torch.stack([model[0](x).mean(dim=(0, 2, 3)) for x, _ in batches[:2]])
+    assert torch.allclose(model[1].running_mean, means.mean(0), atol=1e-5)
+    assert torch.equal(model[0].weight, weight) and not model.training
