@@ -393,6 +393,7 @@ def plot(results: dict, path: Path) -> Path:
             markerfacecolor="none" if compute else colours[method],
             label=method if budget == "epochs" else f"{method} ({budget})",
         )
+    _clip_far_below(ax, ordered, start, colours)
     ax.set_xlabel("FLOPs ratio of the exported model")
     ax.set_ylabel("test top-1 of the exported model (%)")
     s = results["settings"]
@@ -410,6 +411,25 @@ def plot(results: dict, path: Path) -> Path:
     plt.close(fig)
     _write(path, buffer.getvalue())
     return path
+
+
+def _clip_far_below(ax, ordered, start: float | None, colours: dict, far: float = 15.0) -> None:
+    """Points more than ``far`` points below the starting model (a collapsed export, as
+    dmp's) would squeeze every other method into a line: keep the axis on the rest and mark
+    each such point at the bottom edge with its value."""
+    values = [y for _, points in ordered for _, y, _ in points]
+    near = [y for y in values if start is None or y >= start - far]
+    if start is None or not near or len(near) == len(values):
+        return
+    low = min(near) - 1.0
+    ax.set_ylim(low, start + 1.0)
+    for (method, _), points in ordered:
+        for x, y, _ in points:
+            if y < low:
+                ax.annotate(f"{method}: {y:.1f}% (off the axis)", (x, low), xytext=(0, 14),
+                            textcoords="offset points", ha="center", fontsize=7,
+                            color=colours[method],
+                            arrowprops={"arrowstyle": "->", "color": colours[method]})
 
 
 def write_reports(out: Path, markdown_path: Path) -> list[Path]:
