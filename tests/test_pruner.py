@@ -10,6 +10,7 @@ import warnings
 import pytest
 import torch
 import torchvision
+from kinds_check import randomise
 
 from s2hpruner import S2HPruner, count_flops, count_params
 from s2hpruner.app.models import MODELS, VISION_TRANSFORMERS, create_model
@@ -39,14 +40,6 @@ TORCHVISION_CASES = [
     "alexnet",
     "resnet34",
 ]
-
-
-def randomise(pruner: S2HPruner, seed: int, scale: float = 2.0) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for u in pruner.mask_parameters():
-            u.copy_(torch.randn(u.shape, generator=gen) * scale)
-    pruner.update_ranks()
 
 
 def randomise_bn_stats(model: torch.nn.Module, seed: int) -> None:
