@@ -50,10 +50,11 @@ def measured_latency_ratio(full: torch.nn.Module, pruned: torch.nn.Module, examp
 
 
 def calibrate(model_name: str, latency_ratio: float, batch: int, grid=(0.2, 0.3, 0.4, 0.5,
-              0.6, 0.7, 0.8), init: str | None = None,
-              round_to: int | None = None) -> tuple[float, list]:  # fmt: skip
+              0.6, 0.7, 0.8), init: str | None = None, round_to: int | None = None,
+              model_kwargs: dict | None = None) -> tuple[float, list]:  # fmt: skip
     """The FLOPs target whose projected starting widths measure ``latency_ratio``."""
-    cfg = RunConfig(model=model_name, progress=False, init=init, round_to=round_to)
+    cfg = RunConfig(model=model_name, progress=False, init=init, round_to=round_to,
+                    model_kwargs=model_kwargs or {})
     points = []
     for f in grid:
         torch.manual_seed(0)
@@ -80,50 +81,61 @@ def main() -> None:
     parser.add_argument("--round-to", type=int, default=None,
                         help="hard widths in multiples of this (both runs and the calibration)")
     parser.add_argument("--seed", type=int, default=0, help="seed of both runs")
+    parser.add_argument("--model-kwargs", type=json.loads, default={},
+                        help='model factory arguments as JSON, e.g. \'{"cifar_stem": true}\'')
     parser.add_argument("--out", default="runs/latency_budget")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/latency_budget.json"))
     args = parser.parse_args()
     results = json.loads(args.json.read_text()) if args.json.exists() else {"runs": []}
     results["machine"] = {"cpu": platform.processor() or platform.machine(),
                           "threads": torch.get_num_threads(), "torch": torch.__version__}
-    done = {(r["model"], r["budget"], r.get("seed", 0)) for r in results["runs"]}
+    kwargs = args.model_kwargs
+
+    def key(run: dict) -> tuple:
+        return run["model"], run["budget"], run.get("seed", 0), str(run.get("model_kwargs", {}))
+
+    done = {key(r) for r in results["runs"]}
 
     def save():
         atomic_write_bytes(args.json, json.dumps(results, indent=2).encode())
 
     for name in args.models:
         common = dict(model=name, epochs=args.epochs, latency_batch=args.latency_batch,
-                      progress=False, overwrite=True, init=args.init, seed=args.seed)  # fmt: skip
+                      progress=False, overwrite=True, init=args.init, seed=args.seed,
+                      model_kwargs=kwargs,
+                      # from a checkpoint, every seed holds out the images the checkpoint did
+                      split_seed=0 if args.init else None)  # fmt: skip
         common.update({k: v for k, v in (("lr", args.lr), ("freeze", args.freeze),
                                          ("round_to", args.round_to)) if v})  # fmt: skip
-        tag = f"{name}_s{args.seed}" if args.seed else name
-        if (name, "latency", args.seed) not in done:
+        tag = "_".join([name, *(f"{k}-{v}" for k, v in kwargs.items())]
+                       + ([f"s{args.seed}"] if args.seed else []))
+        run = {"model": name, "seed": args.seed, **({"model_kwargs": kwargs} if kwargs else {})}
+        if key({**run, "budget": "latency"}) not in done:
             try:
                 report = prune(RunConfig(**common, target_latency=args.target_latency,
                                          out=f"{args.out}/{tag}_latency"))  # fmt: skip
             except S2HError as exc:  # e.g. a target below the measured floor: say so
                 report = {"infeasible": str(exc), "target_latency": args.target_latency}
-            run = {"model": name, "budget": "latency", "seed": args.seed}
-            results["runs"].append({**run, **report} if "infeasible" in report
-                                   else {**run, **{k: report.get(k) for k in KEYS}})  # fmt: skip
+            entry = {**run, "budget": "latency"}
+            results["runs"].append({**entry, **report} if "infeasible" in report
+                                   else {**entry, **{k: report.get(k) for k in KEYS}})  # fmt: skip
             save()
-        lat = next(r for r in results["runs"]
-                   if (r["model"], r["budget"], r.get("seed", 0)) == (name, "latency", args.seed))
+        lat = next(r for r in results["runs"] if key(r) == key({**run, "budget": "latency"}))
         if "infeasible" in lat:
             continue
-        if (name, "flops", args.seed) not in done:
+        if key({**run, "budget": "flops"}) not in done:
             target, points = calibrate(name, lat["latency_ratio"], args.latency_batch,
-                                       init=args.init, round_to=args.round_to)
+                                       init=args.init, round_to=args.round_to,
+                                       model_kwargs=kwargs)  # fmt: skip
             report = prune(RunConfig(**common, target_flops=target,
                                      out=f"{args.out}/{tag}_flops"))  # fmt: skip
             # the FLOPs run's measured latency, at the same batch, to compare like with like
             model, pruner, example = build_model_and_pruner(
-                RunConfig(model=name, progress=False, init=args.init),
+                RunConfig(model=name, progress=False, init=args.init, model_kwargs=kwargs),
                 dataset_spec("fashion-mnist"), "cpu")
             exported = torch.load(f"{args.out}/{tag}_flops/model_pruned.pt", weights_only=False)
             ratio = measured_latency_ratio(model, exported, example, args.latency_batch)
-            results["runs"].append({"model": name, "budget": "flops", "seed": args.seed,
-                                    "calibration": points,
+            results["runs"].append({**run, "budget": "flops", "calibration": points,
                                     **{k: report.get(k) for k in KEYS},
                                     "latency_ratio": ratio})  # fmt: skip
             save()

@@ -67,6 +67,7 @@ def pretrain(cfg: RunConfig, out: Path) -> dict:
     device = torch.device("cpu")
     record = {
         "model": cfg.model,
+        "model_kwargs": cfg.model_kwargs,
         "dataset": cfg.dataset,
         "epochs": cfg.epochs,
         "batch_size": cfg.batch_size,
@@ -92,10 +93,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model-kwargs", type=json.loads, default={},
+                        help='model factory arguments as JSON, e.g. \'{"cifar_stem": true}\'')
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     cfg = RunConfig(model=args.model, dataset=args.dataset, epochs=args.epochs,
-                    batch_size=args.batch_size, lr=args.lr, seed=args.seed)  # fmt: skip
+                    batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                    model_kwargs=args.model_kwargs)  # fmt: skip
     print(json.dumps(pretrain(cfg, args.out), indent=2))
 
 

@@ -380,12 +380,12 @@ def test_latency_budget_aligns_widths_by_default_and_falls_back_when_it_cannot(
     monkeypatch.setattr(LatencyModel, "measure_ratio", truth)
     spec, device = dataset_spec("digits"), torch.device("cpu")
 
-    def pruner_at(target: float, **changes):
+    def pruner_at(target: float, resumed: dict | None = None, **changes):
         cfg = RunConfig(dataset="digits", target_latency=target, latency_batch=4,
                         latency_cache=str(tmp_path / "tables.json"), progress=False,
                         channels_last=False, **changes)  # fmt: skip
         torch.manual_seed(0)
-        return build_pruner(cfg, build_model(cfg, spec, device), spec, device)
+        return build_pruner(cfg, build_model(cfg, spec, device), spec, device, resumed)
 
     aligned = pruner_at(0.8)
     assert aligned.round_to == LATENCY_ROUND_TO == 8
@@ -399,3 +399,6 @@ def test_latency_budget_aligns_widths_by_default_and_falls_back_when_it_cannot(
     assert fallback.round_to is None and fallback.latency_floor < between
     with pytest.raises(BudgetError, match="below"):
         pruner_at(between, round_to=8)
+    # a resumed run keeps its checkpoint's alignment, whatever the timings say now
+    assert pruner_at(0.8, resumed={"round_to": None}).round_to is None
+    assert pruner_at(0.8, resumed={"round_to": 8}).round_to == 8

@@ -247,3 +247,33 @@ def test_tune_hard_layout_without_separate_hard_statistics():
     assert tune_hard_layout(pruner, x, repeats=1) in (torch.contiguous_format, torch.channels_last)
     for k, v in model.state_dict().items():
         assert torch.equal(v, state[k]), k
+
+
+@pytest.mark.parametrize("sliced", [True, False], ids=["sliced", "masked"])
+def test_a_forward_that_raises_leaves_the_models_own_tensors(sliced):
+    """A layer that raises mid-forward (a user's shape check, an out-of-memory error) must not
+    leave the sliced or mask-folded tensors swapped in: the next forward, a checkpoint or the
+    export would see them."""
+    torch.manual_seed(0)
+    model = create_model("resnet20", in_chans=1)
+    x = torch.randn(2, 1, 28, 28)
+    pruner = S2HPruner(model, x[:1], target_flops=0.35)
+    with torch.no_grad():
+        for u in pruner.mask_parameters():
+            u.normal_(0, 1.5)
+    tensors = {n: t for n, t in [*model.named_parameters(), *model.named_buffers()]}
+    failing = model.layer2[0].bn1  # a sliced and masked BatchNorm in the middle of the net
+
+    def fail(*args):
+        raise RuntimeError("raised inside the layer")
+
+    failing.forward = fail
+    with pytest.raises(RuntimeError, match="inside the layer"), pruner.mode("hard", sliced=sliced):
+        model(x)
+    del failing.forward
+    now = dict([*model.named_parameters(), *model.named_buffers()])
+    assert now.keys() == tensors.keys()
+    assert [n for n, t in tensors.items() if now[n] is not t] == []
+    with torch.no_grad():
+        model.eval()
+        assert model(x).shape == (2, 10)  # the full model runs again

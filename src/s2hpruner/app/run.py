@@ -136,11 +136,17 @@ def build_model(cfg: RunConfig, spec, device: torch.device) -> nn.Module:
 LATENCY_ROUND_TO = 8
 
 
-def build_pruner(cfg: RunConfig, model: nn.Module, spec, device: torch.device) -> S2HPruner:
+def build_pruner(
+    cfg: RunConfig, model: nn.Module, spec, device: torch.device, resumed: dict | None = None
+) -> S2HPruner:
     """The pruner of a run's model, with its budgets (and a latency table if one is set).
     A latency budget aligns kept widths to ``LATENCY_ROUND_TO`` by default; when aligned
-    widths cannot meet the budgets, the widths stay unaligned (with a warning)."""
+    widths cannot meet the budgets, the widths stay unaligned (with a warning). A resumed
+    run (``resumed``: its checkpoint's pruner state) keeps the alignment it was built with:
+    timings taken again could decide that choice the other way."""
     budgets = cfg.budgets()
+    if resumed is not None and cfg.round_to is None:
+        return _build_pruner(cfg, model, spec, device, resumed.get("round_to"))
     if cfg.round_to is not None or "latency" not in budgets:
         return _build_pruner(cfg, model, spec, device, cfg.round_to)
     try:
@@ -199,10 +205,10 @@ def _build_pruner(
     return pruner
 
 
-def build_model_and_pruner(cfg: RunConfig, spec, device: torch.device):
-    """(model, pruner, example input) of a run."""
+def build_model_and_pruner(cfg: RunConfig, spec, device: torch.device, resumed: dict | None = None):
+    """(model, pruner, example input) of a run (``resumed``: see :func:`build_pruner`)."""
     model = build_model(cfg, spec, device)
-    pruner = build_pruner(cfg, model, spec, device)
+    pruner = build_pruner(cfg, model, spec, device, resumed)
     return model, pruner, pruner.example_inputs
 
 
@@ -260,7 +266,11 @@ def prune(cfg: RunConfig) -> dict:
     out = prepare_run_dir(cfg)
     seed_everything(cfg.seed)
     splits = build_splits(cfg)
-    model, pruner, example = build_model_and_pruner(cfg, splits.spec, device)
+    last = out / "checkpoints" / "last.pt"
+    checkpoint = load_checkpoint(last, device) if cfg.resume else None
+    model, pruner, example = build_model_and_pruner(
+        cfg, splits.spec, device, resumed=checkpoint and checkpoint["pruner"]
+    )
     main = D.is_main()
 
     sampler = EpochSampler(len(splits.train), cfg.seed, cfg.batch_size)
@@ -272,10 +282,9 @@ def prune(cfg: RunConfig) -> dict:
     trainer, schedule = build_trainer(cfg, model, pruner, total_steps)
     val_loader = eval_loader(splits.val, cfg.eval_batch_size, cfg.workers)
     state = RunState()
-    last = out / "checkpoints" / "last.pt"
     saved_step = None  # step of the newest good checkpoint of this run, if any
-    if cfg.resume:
-        state = restore(load_checkpoint(last, device), model, pruner, trainer, schedule, cfg)
+    if checkpoint is not None:
+        state = restore(checkpoint, model, pruner, trainer, schedule, cfg)
         saved_step = state.step
     else:  # what the starting weights score: what pruning costs is measured against it
         state.history.append(_start_record(model, pruner, val_loader, device, cfg))

@@ -312,9 +312,11 @@ def sliced_head_handles(module: nn.Module, kept: torch.Tensor, values: torch.Ten
             saved.clear()
             return output
 
-        return [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+        return [module.register_forward_pre_hook(pre),
+                module.register_forward_hook(post, always_call=True)]
     pre, post = sliced_attention_hooks(kept)
-    return [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+    return [module.register_forward_pre_hook(pre),
+            module.register_forward_hook(post, always_call=True)]
 
 
 def internal_sides(attention: dict[str, nn.Module]) -> set[tuple[int, str]]:

@@ -102,7 +102,14 @@ class WidthSearch(nn.Module):
 
     def hard_widths_of(self, expected: torch.Tensor) -> torch.Tensor:
         """H for given expected widths: the SPEC's d * ceil(E / d), or the nearest multiple
-        of round_to for the groups it applies to (both straight-through)."""
+        of round_to for the groups it applies to (both straight-through).
+
+        Below the smallest width H may take (round_to's m, or a restricted table's first),
+        lowering E no longer changes H, so no gradient reaches E there: else the resource
+        term pushes E on down, the soft network narrows while the hard one cannot, and the
+        soft network collapses. Without round_to, E never is below it (SPEC unchanged)."""
+        floor = self.hard_candidates[:, 0]
+        expected = torch.where(expected < floor, floor, expected)
         ceil = M.hard_width(expected, self.hard_candidates)
         if not self.any_nearest:
             return ceil

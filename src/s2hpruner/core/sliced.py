@@ -133,9 +133,7 @@ class SlicedHardForward:
                 else:
                     multiplier = (values, dim)
             groups = len(out_idx) if (is_depthwise(module) and out_idx is not None) else None
-            pre, post = _swap_hooks(tensors, groups, out_idx, multiplier)
-            handles.append(module.register_forward_pre_hook(pre))
-            handles.append(module.register_forward_hook(post))
+            handles += _swap(module, tensors, groups, out_idx, multiplier)
             if nchw_norms and isinstance(module, nn.BatchNorm2d) and out_idx is not None:
                 handles += _nchw_norm_hooks(module, len(out_idx))
             if name in index.norm_dim:  # statistics over the kept channels it sees
@@ -170,9 +168,7 @@ def _layout_hooks(modules: dict[str, nn.Module], sliced: set[str], layout) -> li
     handles = [modules[""].register_forward_pre_hook(convert)]
     for name, module in modules.items():
         if name not in sliced and isinstance(module, nn.Conv2d):
-            weight = {"weight": module.weight.clone(memory_format=layout)}
-            pre, post = _swap_hooks(weight, None, None, None)
-            handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+            handles += _swap(module, {"weight": module.weight.clone(memory_format=layout)})
     return handles
 
 
@@ -210,10 +206,8 @@ def narrow_pointwise_hooks(convs: list[nn.Module]) -> list:
     for module in convs:
         if _strided_pointwise_on_cpu(module):
             weight = {"weight": module.weight.clone(memory_format=torch.contiguous_format)}
-            pre, post = _swap_hooks(weight, None, None, None)
-            handles += [module.register_forward_pre_hook(_nchw_input),
-                        module.register_forward_pre_hook(pre),
-                        module.register_forward_hook(post)]  # fmt: skip
+            handles.append(module.register_forward_pre_hook(_nchw_input))
+            handles += _swap(module, weight)
     return handles
 
 
@@ -263,11 +257,9 @@ def attach_mask(module: nn.Module, values: torch.Tensor, dim: int) -> list:
     if norm_kind.is_channel_norm(module):  # a channel whose mask is 0 is absent (kinds/norms)
         handles.append(norm_kind.override(module, dim, values.detach() != 0))
     if _foldable(module):
-        tensors = {"weight": module.weight * values, "bias": module.bias * values}
-        pre, post = _swap_hooks(tensors, None, None, None)
-        return handles + [module.register_forward_pre_hook(pre),
-                          module.register_forward_hook(post)]  # fmt: skip
-    return handles + [module.register_forward_hook(_swap_hooks({}, None, None, (values, dim))[1])]
+        return handles + _swap(module, {"weight": module.weight * values,
+                                        "bias": module.bias * values})  # fmt: skip
+    return handles + _swap(module, {}, multiplier=(values, dim))
 
 
 def _sliced_tensors(module, out_idx, in_idx, layout=None) -> dict[str, torch.Tensor]:
@@ -301,9 +293,12 @@ def _sliced_tensors(module, out_idx, in_idx, layout=None) -> dict[str, torch.Ten
     return tensors
 
 
-def _swap_hooks(tensors, groups, out_idx, multiplier):
-    """Forward pre-hook swapping sliced tensors in, forward hook swapping the originals back
-    (writing BatchNorm running statistics into the kept entries) and applying the mask."""
+def _swap(module: nn.Module, tensors: dict[str, torch.Tensor], groups: int | None = None,
+          out_idx: torch.Tensor | None = None, multiplier=None) -> list:
+    """Hooks on ``module``: a forward pre-hook swapping ``tensors`` in (and ``groups``), a
+    forward hook swapping the originals back (writing BatchNorm running statistics into the
+    kept entries) and applying the mask ``multiplier``. The hook runs even when the forward
+    raises (``always_call``), so a failed forward leaves the model's own tensors in place."""
     saved: dict[str, torch.Tensor] = {}
 
     def pre(module, inputs):
@@ -316,24 +311,26 @@ def _swap_hooks(tensors, groups, out_idx, multiplier):
             module.groups = groups
 
     def post(module, inputs, output):
+        failed = output is None  # the forward raised: restore, nothing else
         for name, original in saved.items():
             if name == "groups":
                 module.groups = original
                 continue
             store = module._parameters if name in module._parameters else module._buffers
-            if name.startswith("running_") and module.training:
+            if name.startswith("running_") and module.training and not failed:
                 with torch.no_grad():
                     original.index_copy_(0, out_idx, store[name])
             store[name] = original
         saved.clear()
-        if multiplier is None:
+        if multiplier is None or failed:
             return output
         values, dim = multiplier
         shape = [1] * output.dim()
         shape[dim] = -1
         return output * values.view(shape)
 
-    return pre, post
+    handles = [module.register_forward_pre_hook(pre)] if tensors or groups is not None else []
+    return handles + [module.register_forward_hook(post, always_call=True)]
 
 
 def _half(g: ChannelGroup) -> int:
@@ -371,18 +368,6 @@ def failing_groups(
         example_inputs,)  # fmt: skip
     owner = {id(m): n for n, m in modules.items()}
 
-    # a layer that raises mid-forward keeps its swapped-in tensors: restored after a failure
-    state = {n: (dict(m._parameters), dict(m._buffers), getattr(m, "groups", None))
-             for n, m in modules.items()}  # fmt: skip
-
-    def restore() -> None:
-        for n, (parameters, buffers, conv_groups) in state.items():
-            module = modules[n]
-            module._parameters.update(parameters)
-            module._buffers.update(buffers)
-            if conv_groups is not None:
-                module.groups = conv_groups
-
     def run(subset: list[int]) -> str | None:
         keep = torch.ones(index.constant + 1, dtype=torch.bool, device=index.group_of.device)
         for i in subset:
@@ -392,8 +377,7 @@ def failing_groups(
             with torch.no_grad(), forward.apply(keep, keep.float()):
                 model(*inputs)
         except Exception as exc:  # noqa: BLE001 - any failure is the model's, reported
-            restore()
-            return _failure(exc, owner, model)
+            return _failure(exc, owner, model)  # the swap hooks have restored the layers
         return None
 
     found: dict[int, str] = {}

@@ -149,7 +149,8 @@ def mask_hooks(module: nn.MultiheadAttention, values: torch.Tensor) -> list:
         saved.clear()
         return output
 
-    return [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+    return [module.register_forward_pre_hook(pre),
+            module.register_forward_hook(post, always_call=True)]
 
 
 @torch.no_grad()
