@@ -68,6 +68,68 @@ def calibrate(model_name: str, latency_ratio: float, batch: int, grid=(0.2, 0.3,
     return round(target, 3), points
 
 
+def run_tag(model: str, model_kwargs: dict, seed: int) -> str:
+    """The name of a run's directories: ``<out>/<tag>_latency`` and ``<out>/<tag>_flops``."""
+    parts = [model, *(f"{k}-{v}" for k, v in model_kwargs.items())]
+    return "_".join(parts + ([f"s{seed}"] if seed else []))
+
+
+def plot(results: dict, path: Path) -> None:
+    """Top-1 against measured latency ratio, one panel per model (and model_kwargs): the
+    latency-budgeted runs and the FLOPs runs calibrated to their latency, a line per seed
+    joining the pair, and the means."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [r for r in results["runs"] if r.get("top1_hard") is not None]
+    panels = sorted({(r["model"], json.dumps(r.get("model_kwargs", {}))) for r in runs})
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (model, kwargs) in zip(axes[0], panels, strict=True):
+        mine = [r for r in runs if (r["model"], json.dumps(r.get("model_kwargs", {})))
+                == (model, kwargs)]  # fmt: skip
+        by_seed: dict[int, dict] = {}
+        for r in mine:
+            by_seed.setdefault(r.get("seed", 0), {})[r["budget"]] = r
+        for pair in by_seed.values():
+            if len(pair) == 2:
+                ax.plot([pair[b]["latency_ratio"] for b in ("latency", "flops")],
+                        [pair[b]["top1_hard"] for b in ("latency", "flops")],
+                        color="0.8", zorder=1)  # fmt: skip
+        for budget, color, label in (("latency", "C0", "latency budget"),
+                                     ("flops", "C1", "FLOPs budget, calibrated")):  # fmt: skip
+            points = [(r["latency_ratio"], r["top1_hard"]) for r in mine if r["budget"] == budget]
+            if not points:
+                continue
+            xs, ys = zip(*points, strict=True)
+            ax.scatter(xs, ys, color=color, label=f"{label} (n={len(points)})", zorder=2)
+            ax.scatter([np.mean(xs)], [np.mean(ys)], color=color, marker="*", s=220,
+                       edgecolor="k", zorder=3)  # fmt: skip
+            fresh = [(r["latency_ratio"], r["latency_ratio_fresh"], r["top1_hard"])
+                     for r in mine if r["budget"] == budget and "latency_ratio_fresh" in r]
+            for i, (x, fx, y) in enumerate(fresh):  # benchmarks.latency_remeasure
+                ax.plot([x, fx], [y, y], ":", color=color, linewidth=1, zorder=1)
+                ax.scatter([fx], [y], facecolors="none", edgecolors=color, zorder=2,
+                           label="same model, timed in a fresh process" if i == 0 else None)
+        target = mine[0].get("target_latency") or 0.5
+        ax.axvline(target, color="0.5", linestyle="--", linewidth=1)
+        extra = "" if kwargs == "{}" else f" {kwargs}"
+        ax.set_title(f"{model}{extra}", fontsize=9)
+        ax.set_xlabel("latency ratio (exported / full), timed by the run")
+        ax.set_ylabel("test top-1 of the exported model (%)")
+        ax.legend(fontsize=8)
+    fig.suptitle("At equal measured latency: latency budget vs FLOPs budget (star: mean)")
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["resnet20", "mobilenet_v3_small"])
@@ -107,8 +169,7 @@ def main() -> None:
                       split_seed=0 if args.init else None)  # fmt: skip
         common.update({k: v for k, v in (("lr", args.lr), ("freeze", args.freeze),
                                          ("round_to", args.round_to)) if v})  # fmt: skip
-        tag = "_".join([name, *(f"{k}-{v}" for k, v in kwargs.items())]
-                       + ([f"s{args.seed}"] if args.seed else []))
+        tag = run_tag(name, kwargs, args.seed)
         run = {"model": name, "seed": args.seed, **({"model_kwargs": kwargs} if kwargs else {})}
         if key({**run, "budget": "latency"}) not in done:
             try:
@@ -139,6 +200,7 @@ def main() -> None:
                                     **{k: report.get(k) for k in KEYS},
                                     "latency_ratio": ratio})  # fmt: skip
             save()
+    plot(results, args.json.with_suffix(".png"))
     print(json.dumps(results, indent=2))
 
 

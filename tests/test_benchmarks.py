@@ -102,3 +102,35 @@ def test_refuses_to_clobber_or_mix_settings(smoke):
         compare.main(argv)
     with pytest.raises(SystemExit, match="other settings"):
         compare.main([*argv, "--resume", "--lr", "0.05"])
+
+
+def test_latency_budget_plot_pairs_the_runs_of_a_seed(tmp_path):
+    """benchmarks.latency_budget's picture: one panel per model (and model_kwargs), both
+    budgets, an infeasible run (no top-1) left out."""
+    from benchmarks import latency_budget
+
+    def run(model, budget, seed, latency, top1, **extra):
+        return {"model": model, "budget": budget, "seed": seed, "latency_ratio": latency,
+                "top1_hard": top1, "target_latency": 0.5, **extra}  # fmt: skip
+
+    results = {"runs": [
+        run("resnet20", "latency", 0, 0.49, 89.0), run("resnet20", "flops", 0, 0.50, 89.9),
+        run("resnet20", "latency", 1, 0.47, 89.1), run("resnet20", "flops", 1, 0.45, 89.6),
+        run("mobilenet_v3_small", "latency", 0, 0.5, 80.0, model_kwargs={"cifar_stem": True}),
+        {"model": "mobilenet_v3_small", "budget": "latency", "seed": 0, "infeasible": "floor"},
+    ]}  # fmt: skip
+    path = tmp_path / "latency.png"
+    latency_budget.plot(results, path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    latency_budget.plot({"runs": results["runs"][-1:]}, tmp_path / "none.png")  # nothing to draw
+    assert not (tmp_path / "none.png").exists()
+
+
+def test_latency_remeasure_finds_the_run_directories_latency_budget_wrote():
+    from benchmarks.latency_remeasure import run_dir
+
+    root = Path("runs/latency_budget")
+    run = {"model": "mobilenet_v3_small", "model_kwargs": {"cifar_stem": True}, "seed": 1,
+           "budget": "flops"}  # fmt: skip
+    assert run_dir(root, run) == root / "mobilenet_v3_small_cifar_stem-True_s1_flops"
+    assert run_dir(root, {"model": "resnet20", "budget": "latency"}) == root / "resnet20_latency"
