@@ -103,52 +103,52 @@ class SlicedHardForward:
         (:func:`_nchw_norm_hooks`)."""
         index = self.index
         handles = []
-        if layout is not None:
-            handles += _layout_hooks(self.modules, set(self.names), layout)
-        kept: dict[int, torch.Tensor] = {}  # kept indices per distinct map, found once
+        try:  # also through the set-up: a failure there leaves nothing swapped in
+            if layout is not None:
+                handles += _layout_hooks(self.modules, set(self.names), layout)
+            kept: dict[int, torch.Tensor] = {}  # kept indices per distinct map, found once
 
-        def kept_of(map_id: int | None) -> torch.Tensor | None:
-            if map_id is None:
-                return None
-            if map_id not in kept:
-                kept[map_id] = torch.nonzero(keep_flat[index.map(map_id)]).flatten()
-            return kept[map_id]
+            def kept_of(map_id: int | None) -> torch.Tensor | None:
+                if map_id is None:
+                    return None
+                if map_id not in kept:
+                    kept[map_id] = torch.nonzero(keep_flat[index.map(map_id)]).flatten()
+                return kept[map_id]
 
-        for name in self.names:
-            module = self.modules[name]
-            out_idx = kept_of(index.out.get(name))
-            in_idx = grouped_kind.weight_in_index(module, kept_of(index.inp.get(name)))
-            module_layout = layout
-            if _strided_pointwise_on_cpu(module):
-                module_layout = torch.contiguous_format
-                handles.append(module.register_forward_pre_hook(_nchw_input))
-            tensors = _sliced_tensors(module, out_idx, in_idx, module_layout)
-            multiplier = None
-            if name in index.site:
-                site, dim = index.site_map(name)
-                values = mask_flat[site] if out_idx is None else mask_flat[site][out_idx]
-                if _foldable(module):
-                    tensors["weight"] = tensors.get("weight", module.weight) * values
-                    tensors["bias"] = tensors.get("bias", module.bias) * values
-                else:
-                    multiplier = (values, dim)
-            groups = len(out_idx) if (is_depthwise(module) and out_idx is not None) else None
-            handles += _swap(module, tensors, groups, out_idx, multiplier)
-            if nchw_norms and isinstance(module, nn.BatchNorm2d) and out_idx is not None:
-                handles += _nchw_norm_hooks(module, len(out_idx))
-            if name in index.norm_dim:  # statistics over the kept channels it sees
-                handles.append(norm_kind.override(module, index.norm_dim[name], None))
-        for name, (map_id, dim) in index.param.items():  # layer scales, for the context
-            handles.append(SwapParameter(self.modules, name, dim, kept_of(map_id)))
-        for name, offset, channels in self.heads:
-            heads_kept = torch.nonzero(keep_flat[offset : offset + channels]).flatten()
-            values = mask_flat[offset : offset + channels][heads_kept]
-            handles += sliced_head_handles(self.modules[name], heads_kept, values)
-        for name in index.site:  # sites on layers that are not sliced
-            if name not in self.names and name not in self.own:
-                site, dim = index.site_map(name)
-                handles += attach_mask(self.modules[name], mask_flat[site], dim)
-        try:
+            for name in self.names:
+                module = self.modules[name]
+                out_idx = kept_of(index.out.get(name))
+                in_idx = grouped_kind.weight_in_index(module, kept_of(index.inp.get(name)))
+                module_layout = layout
+                if _strided_pointwise_on_cpu(module):
+                    module_layout = torch.contiguous_format
+                    handles.append(module.register_forward_pre_hook(_nchw_input))
+                tensors = _sliced_tensors(module, out_idx, in_idx, module_layout)
+                multiplier = None
+                if name in index.site:
+                    site, dim = index.site_map(name)
+                    values = mask_flat[site] if out_idx is None else mask_flat[site][out_idx]
+                    if _foldable(module):
+                        tensors["weight"] = tensors.get("weight", module.weight) * values
+                        tensors["bias"] = tensors.get("bias", module.bias) * values
+                    else:
+                        multiplier = (values, dim)
+                groups = len(out_idx) if (is_depthwise(module) and out_idx is not None) else None
+                handles += _swap(module, tensors, groups, out_idx, multiplier)
+                if nchw_norms and isinstance(module, nn.BatchNorm2d) and out_idx is not None:
+                    handles += _nchw_norm_hooks(module, len(out_idx))
+                if name in index.norm_dim:  # statistics over the kept channels it sees
+                    handles.append(norm_kind.override(module, index.norm_dim[name], None))
+            for name, (map_id, dim) in index.param.items():  # layer scales, for the context
+                handles.append(SwapParameter(self.modules, name, dim, kept_of(map_id)))
+            for name, offset, channels in self.heads:
+                heads_kept = torch.nonzero(keep_flat[offset : offset + channels]).flatten()
+                values = mask_flat[offset : offset + channels][heads_kept]
+                handles += sliced_head_handles(self.modules[name], heads_kept, values)
+            for name in index.site:  # sites on layers that are not sliced
+                if name not in self.names and name not in self.own:
+                    site, dim = index.site_map(name)
+                    handles += attach_mask(self.modules[name], mask_flat[site], dim)
             yield
         finally:
             for h in handles:
