@@ -78,12 +78,7 @@ def plot(results: dict, path: Path) -> None:
     """Top-1 against measured latency ratio, one panel per model (and model_kwargs): the
     latency-budgeted runs and the FLOPs runs calibrated to their latency, a line per seed
     joining the pair, and the means."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from s2hpruner.app.report import plt, save_figure  # pyplot on the Agg backend
 
     runs = [r for r in results["runs"] if r.get("top1_hard") is not None]
     panels = sorted({(r["model"], json.dumps(r.get("model_kwargs", {}))) for r in runs})
@@ -124,10 +119,7 @@ def plot(results: dict, path: Path) -> None:
         ax.set_ylabel("test top-1 of the exported model (%)")
         ax.legend(fontsize=8)
     fig.suptitle("At equal measured latency: latency budget vs FLOPs budget (star: mean)")
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
+    save_figure(fig, path)
 
 
 def main() -> None:

@@ -20,7 +20,8 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _save(fig, path: Path) -> None:
+def save_figure(fig, path: Path) -> None:
+    """Write ``fig`` as a PNG atomically (a crash leaves the old picture) and close it."""
     import io
 
     buffer = io.BytesIO()
@@ -49,7 +50,7 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     ax.set(xlabel="epoch", ylabel="validation top-1 (%)", title="Soft vs hard accuracy")
     ax.grid(alpha=0.3)
     ax.legend()
-    _save(fig, run_dir / "accuracy.png")
+    save_figure(fig, run_dir / "accuracy.png")
     written.append(run_dir / "accuracy.png")
 
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -67,7 +68,7 @@ def plot_run(run_dir: str | Path) -> list[Path]:
            ylim=(0, 1.05))  # fmt: skip
     ax.grid(alpha=0.3)
     ax.legend()
-    _save(fig, run_dir / "flops.png")
+    save_figure(fig, run_dir / "flops.png")
     written.append(run_dir / "flops.png")
 
     final = records[-1]
@@ -89,7 +90,7 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
     ax.set(ylabel="kept fraction of channels", title="Kept width per group", ylim=(0, 1.25))
     ax.legend(loc="upper right")
-    _save(fig, run_dir / "widths.png")
+    save_figure(fig, run_dir / "widths.png")
     written.append(run_dir / "widths.png")
     return written
 
