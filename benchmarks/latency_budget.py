@@ -37,7 +37,8 @@ from s2hpruner.core.trainer import project_to_budget
 
 KEYS = ("top1_hard", "top1_soft", "top1_start_val", "flops_ratio", "params_ratio",
         "latency_ratio", "latency_ratio_predicted", "latency_ratio_predicted_before_check",
-        "latency_floor", "latency_calibration", "budget_projection_steps", "train_seconds",
+        "latency_floor", "latency_calibration", "latency_predictor", "budget_projection_steps",
+        "train_seconds",
         "target_flops", "target_latency")  # fmt: skip
 
 

@@ -7,7 +7,10 @@ then does one thing, then times again, in this process:
 - ``forward``: 150 no-grad forwards of the full model at batch 128;
 - ``allocate``: 150 rounds of 20 CPU tensors of 0.4-2.8 MB, no model.
 
-Run each in a fresh process, with and without glibc's ``MALLOC_MMAP_THRESHOLD_`` pinned:
+Run each in a fresh process, with and without glibc's ``MALLOC_MMAP_THRESHOLD_`` pinned.
+Every timing of the library now holds freed memory first (``core.measure.hold_freed_cpu_memory``);
+the probe turns that off unless asked (``--hold start``: before the first timing, as the
+library does; ``--hold between``: only after the action, as in a process that trained first):
 
     for a in train forward allocate; do python -m benchmarks.latency_process_state $a \\
         --exported runs/latency_budget/resnet20_latency/model_pruned.pt \\
@@ -28,6 +31,8 @@ from benchmarks.latency_budget import measured_latency_ratio
 from s2hpruner.app.config import RunConfig
 from s2hpruner.app.data import dataset_spec
 from s2hpruner.app.run import build_model
+from s2hpruner.core import measure
+from s2hpruner.core.measure import hold_freed_cpu_memory
 
 
 def main() -> None:
@@ -37,6 +42,8 @@ def main() -> None:
     parser.add_argument("--model", default="resnet20")
     parser.add_argument("--init", default=None)
     parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--hold", choices=["no", "start", "between"], default="no",
+                        help="call hold_freed_cpu_memory() at the start or after the action")
     args = parser.parse_args()
     spec = dataset_spec("fashion-mnist")
     cfg = RunConfig(model=args.model, init=args.init, progress=False)
@@ -48,6 +55,8 @@ def main() -> None:
         shape = (128, spec.in_chans, spec.image_size, spec.image_size)
         return torch.randn(shape).contiguous(memory_format=torch.channels_last)
 
+    if args.hold != "start":  # the library's timings would hold it at once
+        measure.hold_freed_cpu_memory = lambda: False
     before = [measured_latency_ratio(full, pruned, example, 64) for _ in range(3)]
     if args.action == "train":
         model = build_model(cfg, spec, torch.device("cpu")).train()
@@ -67,9 +76,12 @@ def main() -> None:
             junk = [torch.empty(100_000 * (1 + i % 7)) for _ in range(20)]
         del junk
     gc.collect()
+    if args.hold == "between":
+        hold_freed_cpu_memory()
     after = [measured_latency_ratio(full, pruned, example, 64) for _ in range(3)]
     print(json.dumps({"action": args.action, "before": before, "after": after,
-                      "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_")}))
+                      "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
+                      "hold": args.hold, "held": measure._allocator_held}))
 
 
 if __name__ == "__main__":

@@ -3,8 +3,10 @@ Python process, as a deployment would run them.
 
 The ratios a run measures in its own process (the feedback during the search, the report's
 ``latency_ratio``) are taken after training, in a process that has allocated and freed
-gigabytes. In a fresh process the same two networks can time 10-40% differently
-(``MEASUREMENTS.md``, round 7). This script records, per run, the ratio measured in
+gigabytes. In a fresh process the same two networks timed 10-40% differently
+(``MEASUREMENTS.md``, round 7), until every CPU timing held glibc's freed memory
+(``core.measure.hold_freed_cpu_memory``, round 8). This script checks that the two agree: it
+records, per run, the ratio measured in
 ``--processes`` fresh processes (``latency_ratio_fresh``: their median, and every value),
 beside the in-run one, and redraws the picture.
 

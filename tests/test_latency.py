@@ -402,3 +402,84 @@ def test_latency_budget_aligns_widths_by_default_and_falls_back_when_it_cannot(
     # a resumed run keeps its checkpoint's alignment, whatever the timings say now
     assert pruner_at(0.8, resumed={"round_to": None}).round_to is None
     assert pruner_at(0.8, resumed={"round_to": 8}).round_to == 8
+
+
+HOLD_PROBE = """
+import ctypes, json, torch
+from s2hpruner.core.measure import hold_freed_cpu_memory
+
+class Info(ctypes.Structure):  # glibc's struct mallinfo2
+    names = "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost"
+    _fields_ = [(n, ctypes.c_size_t) for n in names.split()]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = Info
+
+def tensor_mmapped_and_kept():
+    before = libc.mallinfo2()
+    t = torch.empty(16 * 2**20)  # 64 MiB: above glibc's largest adaptive mmap threshold
+    during = libc.mallinfo2()
+    del t
+    after = libc.mallinfo2()
+    return during.hblkhd - before.hblkhd, after.fordblks - before.fordblks
+
+out = {"default": tensor_mmapped_and_kept(), "held": hold_freed_cpu_memory()}
+out["after"] = tensor_mmapped_and_kept()
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "confstr")
+                    or "glibc" not in (__import__("os").confstr("CS_GNU_LIBC_VERSION") or ""),
+                    reason="glibc's malloc only")  # fmt: skip
+def test_held_cpu_memory_stays_in_the_heap_so_timings_do_not_depend_on_history():
+    """By default glibc hands a large tensor its own mmap and gives it back when freed (so the
+    next forward page-faults again, depending on the thresholds the past adapted); held, the
+    tensor comes from the heap and its memory stays there for the next one."""
+    import subprocess
+    import sys
+
+    out = json.loads(subprocess.run([sys.executable, "-c", HOLD_PROBE], capture_output=True,
+                                    text=True, check=True).stdout)  # fmt: skip
+    mmapped, kept = out["default"]
+    assert mmapped >= 64 * 2**20 and kept < 2**20
+    assert out["held"] is True
+    mmapped, kept = out["after"]
+    assert mmapped == 0 and kept > 48 * 2**20  # (free heap memory was there before too)
+
+
+@pytest.mark.parametrize("truth", ["tables", "proxy"])
+def test_fit_keeps_the_predictor_that_explains_the_measured_networks(fake, truth):
+    """Networks measured on a device whose latency follows a proxy (a made-up cost, not the
+    tables) make the fit switch to the proxy and then predict new networks by it; networks
+    that follow the tables keep the tables. Resume keeps the choice."""
+    lm = build()
+
+    def proxy(w: torch.Tensor) -> torch.Tensor:
+        return ((w / lm.channels) ** 2).mean()
+
+    lm.add_proxy("proxy", proxy)
+    gen = torch.Generator().manual_seed(0)
+
+    def network() -> torch.Tensor:
+        return (lm.channels * (0.2 + 0.7 * torch.rand(len(lm.channels), generator=gen))).round()
+
+    def true_ratio(w: torch.Tensor) -> float:
+        return 1.0 - 0.6 * (1.0 - float(lm.feature(w, "tables" if truth == "tables" else "proxy")))
+
+    for _ in range(4):
+        w = network()
+        result = lm.fit(w, true_ratio(w))
+    assert result["predictor"] == lm.predictor == truth
+    for _ in range(5):  # networks it has not seen
+        w = network()
+        assert float(lm.ratio(w)) == pytest.approx(true_ratio(w), rel=1e-6)
+    widths = (lm.channels / 2).requires_grad_()
+    lm.cost(widths).backward()
+    assert torch.isfinite(widths.grad).all() and widths.grad.sum() > 0
+    again = build()
+    again.add_proxy("proxy", proxy)
+    again.load_state_dict(lm.state_dict())
+    assert again.predictor == truth
+    w = network()
+    assert float(again.cost(w)) == pytest.approx(float(lm.cost(w)), rel=1e-12)

@@ -181,6 +181,8 @@ def test_latency_budget_run_reports_measured_and_predicted_latency(tmp_path):
     assert report["latency_ratio_predicted"] == pytest.approx(0.8, abs=0.2 + 0.01)
     assert 0.0 < report["latency_floor"] < 0.8 and report["latency_ratio_predicted_before_check"]
     assert [c["when"] for c in report["latency_calibration"]].count("search") == 3
+    assert report["latency_predictor"] in ("tables", "flops")
+    assert report["latency_predictor"] == report["latency_calibration"][-1]["predictor"]
     assert 0.0 < report["latency_ratio"] < 1.5  # measured: a real timing, no threshold
     assert report["flops_ratio"] < 0.99  # widths really moved
     tables = json.loads(cache.read_text())

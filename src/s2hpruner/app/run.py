@@ -527,6 +527,8 @@ def _latency_report(model, exported, pruner: S2HPruner, example, cfg, device) ->
         "latency_ratio_rounds": ratios,
         "latency_batch": cfg.latency_batch,
         "latency_correction": float(getattr(pruner.latency, "correction", 1.0)),
+        # what the fitted model follows: the per-layer tables or a proxy such as FLOPs
+        "latency_predictor": getattr(pruner.latency, "predictor", None),
         "latency_skipped_widths": pruner.slow_widths,
         "latency_calibration": pruner.latency_calibration,
     }

@@ -2,18 +2,52 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import statistics
+import sys
 import time
 
 import torch
 from torch import nn
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, glibc's malloc.h
+_allocator_held = False
+
+
+def hold_freed_cpu_memory() -> bool:
+    """Keep freed memory in glibc's heap (no trimming, no per-tensor mmap), once per process.
+
+    Why: glibc adapts its mmap and trim thresholds to what the process freed before, so
+    whether an activation costs fresh page faults depends on the process's history. A
+    pruned/full latency ratio then moved by up to 40% between processes (MEASUREMENTS.md,
+    round 7). Held, every forward after warm-up reuses heap memory, as in a long-running
+    server, and the ratio no longer depends on history. The cost: the process keeps its
+    peak CPU memory. A no-op (False) off glibc; returns True once memory is held."""
+    global _allocator_held
+    if _allocator_held:
+        return True
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl and others have no mallopt
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    big = 2**31 - 1
+    _allocator_held = bool(mallopt(_M_MMAP_THRESHOLD, 2**30) and mallopt(_M_TRIM_THRESHOLD, big))
+    return _allocator_held
 
 
 @torch.no_grad()
 def median_latency(
     model: nn.Module, example: torch.Tensor, repeats: int = 30, warmup: int = 5
 ) -> float:
-    """Median seconds of one eval-mode forward of ``example``."""
+    """Median seconds of one eval-mode forward of ``example``. On CPU the allocator is held
+    first (``hold_freed_cpu_memory``), so that a timing does not depend on the process's past."""
+    if not example.is_cuda:
+        hold_freed_cpu_memory()
     was_training = model.training
     model.eval()
     sync = torch.cuda.synchronize if example.is_cuda else (lambda: None)

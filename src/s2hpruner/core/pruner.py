@@ -163,6 +163,8 @@ class S2HPruner(nn.Module):
         if latency_model is not None and not isinstance(latency_model, nn.Module):
             latency_model = latency_model(model, example_inputs, self.groups)
         self.latency = latency_model
+        if hasattr(self.latency, "add_proxy"):  # measured networks may favour FLOPs (latency.py)
+            self.latency.add_proxy("flops", self._flops_ratio_of)
         self.freeze_ranks = False
         self.hard_stats = HardNormStats(model) if separate_hard_bn_stats else None
         self._narrow_pointwise = narrow_pointwise(self.layers)  # see sliced.py
@@ -330,6 +332,9 @@ class S2HPruner(nn.Module):
         straight-through to the expected widths)."""
         cost, full = self._cost(resource)
         return cost(self.widths(mode)) / full
+
+    def _flops_ratio_of(self, widths: torch.Tensor) -> torch.Tensor:
+        return self.resources.flops(widths) / self.resources.full_flops
 
     def flops(self, mode: str = "hard") -> torch.Tensor:
         """FLOPs of the ``mode`` network on the example inputs (soft: differentiable in u)."""

@@ -15,7 +15,8 @@ real), but a noisy non-monotone table would reward growing a width; the gradient
 taken from a monotone version (mean of the upper and lower monotone envelopes, equal to the raw
 table when that is monotone) by a straight-through sum.
 
-    cost(w) = offset + correction * uncorrected(w)
+    cost(w) = offset + correction * feature(w)
+    feature(w) = uncorrected(w) / uncorrected(full)     (or a proxy such as FLOPs, below)
     uncorrected(w) = tables(w) + fixed * act(w) / act(full)
     fixed = max(measured_full - tables(full), 0)
 
@@ -23,11 +24,14 @@ table when that is monotone) by a straight-through sum.
 attention matmuls); it is mostly elementwise on activations, so it is scaled by act(w), the
 table layers' output elements (on a 2-core CPU, a constant fixed part over-predicted a
 half-width ResNet-20 by 35%, this rule by ~6%). Before any network is measured, ``offset`` is
-0 and ``correction = measured_full / uncorrected(full)``. Tables alone still miss how a whole
-narrow network behaves (per-call overheads, cache effects: 0.50 predicted, 0.58 measured on
-resnet20), so ``fit`` refits offset and correction on whole exported networks measured against
-the full one; the pruner measures them before and during the search and when the widths
-freeze (measured feedback). Always ``cost(full) == measured_full``.
+0 and ``correction = measured_full``. Tables alone still miss how a whole narrow network
+behaves (per-call overheads, cache effects: 0.50 predicted, 0.58 measured on resnet20), so
+``fit`` refits offset and correction on whole exported networks measured against the full one;
+the pruner measures them before and during the search and when the widths freeze (measured
+feedback). Always ``cost(full) == measured_full``. The pruner also offers the FLOPs ratio as
+a proxy feature, and ``fit`` keeps whichever feature predicts the measured networks better
+(leave-one-out): on a 2-core CPU, resnet20's latency follows its FLOPs more closely than its
+tables, MobileNetV3's (depthwise) the reverse (``benchmarks.latency_predictors``).
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ import platform
 import statistics
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -49,7 +53,7 @@ from torch import nn
 from .. import distributed as D
 from ..errors import UnsupportedModelError
 from ..index import width_counts
-from ..measure import median_latency, memory_format_of
+from ..measure import hold_freed_cpu_memory, median_latency, memory_format_of
 from ..structure import ChannelGroup
 
 _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -238,6 +242,20 @@ def monotone(table: torch.Tensor) -> torch.Tensor:
     return (upper + lower) / 2
 
 
+def _median_slope(points: list[dict], predictor: str) -> float:
+    """The line's slope through measured networks: median of (1 - ratio) / shrink."""
+    return statistics.median((1.0 - p["measured"]) / p["shrink"][predictor] for p in points)
+
+
+def _leave_one_out_error(points: list[dict], predictor: str) -> float:
+    """Median |predicted / measured - 1| of each network by the line through the others."""
+    errors = []
+    for i, p in enumerate(points):
+        slope = max(_median_slope(points[:i] + points[i + 1 :], predictor), 0.0)
+        errors.append(abs((1.0 - slope * p["shrink"][predictor]) / p["measured"] - 1.0))
+    return statistics.median(errors)
+
+
 class LatencyModel(nn.Module):
     """Latency of the pruned network as a function of the group widths, from per-layer tables
     measured on the target device (HALP-style)."""
@@ -296,30 +314,46 @@ class LatencyModel(nn.Module):
         tables_full = float(self.table_sum(self.channels))
         self.activations_full = float(self.activations(self.channels)) or 1.0
         self.fixed_part = max(self.measured_full - tables_full, 0.0)
-        self.correction = self.measured_full / (tables_full + self.fixed_part)
+        self.raw_full = tables_full + self.fixed_part  # uncorrected(full)
+        self.correction = self.measured_full  # seconds per unit of the predictor
         self.offset = 0.0  # seconds; set by fit()
-        self.points: list[list[float]] = []  # measured networks: [shrink, measured ratio]
+        self.predictor = "tables"  # or a proxy's name: chosen by fit() on measured networks
+        self.proxies: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
+        self.points: list[dict] = []  # measured networks: measured ratio, shrink per predictor
         self.full = float(self.cost(self.channels))
 
-    _SCALARS = ("measured_full", "fixed_part", "correction", "offset", "activations_full",
-                "full")  # fmt: skip
+    _SCALARS = ("measured_full", "fixed_part", "raw_full", "correction", "offset",
+                "activations_full", "full")  # fmt: skip
+
+    def add_proxy(self, name: str, ratio: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Offer ``fit`` another predictor of the whole network's latency: ``ratio(widths)``,
+        a cost relative to the full network (1 at full widths), differentiable in the widths,
+        e.g. the FLOPs ratio. Why: on some devices the tables rank networks worse than such
+        a proxy does (resnet20 on a 2-core CPU: ``benchmarks.latency_predictors``)."""
+        self.proxies[name] = ratio
 
     def get_extra_state(self) -> dict:
         """The whole-model timing with the tables: a resumed run keeps its cost function."""
-        return {**{name: getattr(self, name) for name in self._SCALARS}, "points": self.points}
+        return {**{name: getattr(self, name) for name in self._SCALARS}, "points": self.points,
+                "predictor": self.predictor}  # fmt: skip
 
     def set_extra_state(self, state: dict) -> None:
         for name in self._SCALARS:
-            setattr(self, name, float(state[name]))
+            if name in state:  # (raw_full: absent from older checkpoints, kept as computed)
+                setattr(self, name, float(state[name]))
         if "points" in state:  # (a broadcast of the scalars alone keeps them)
-            self.points = [list(p) for p in state["points"]]
+            self.points = [p if isinstance(p, dict) else  # [shrink, measured]: tables only
+                           {"measured": p[1], "shrink": {"tables": p[0]}}
+                           for p in state["points"]]  # fmt: skip
+        self.predictor = state.get("predictor", self.predictor)
 
     def _cache_location(self, cache: str | Path | None) -> tuple[Path, str]:
         folder = os.environ.get("S2HPRUNER_CACHE") or Path.home() / ".cache/s2hpruner/latency"
         path = Path(cache) if cache is not None else Path(folder) / "latency.json"
         key = {"device": device_name(self.device), "torch": torch.__version__,
                "threads": torch.get_num_threads(), "batch": self.batch_size,
-               "memory_format": str(self.memory_format)}
+               "memory_format": str(self.memory_format),
+               "cpu_memory_held": self.device.type == "cpu" and hold_freed_cpu_memory()}
         return path, json.dumps(key, sort_keys=True)
 
     def _tables(self, sigs: dict[str, dict], rounds: int, progress: bool) -> dict[str, list]:
@@ -397,7 +431,15 @@ class LatencyModel(nn.Module):
 
     def cost(self, widths: torch.Tensor) -> torch.Tensor:
         """Predicted seconds per batch at the given group widths, differentiable in them."""
-        return self.offset + self.correction * self._uncorrected(widths)
+        return self.offset + self.correction * self.feature(widths)
+
+    def feature(self, widths: torch.Tensor, predictor: str | None = None) -> torch.Tensor:
+        """A predictor of the whole network's cost, 1 at full widths: the tables (with the
+        untimed part) or a proxy (``add_proxy``)."""
+        predictor = predictor or self.predictor
+        if predictor == "tables":
+            return self._uncorrected(widths) / self.raw_full
+        return self.proxies[predictor](widths.to(self.channels.device, torch.float64))
 
     def _uncorrected(self, widths: torch.Tensor) -> torch.Tensor:
         fixed = self.fixed_part * self.activations(widths) / self.activations_full
@@ -429,9 +471,9 @@ class LatencyModel(nn.Module):
     @torch.no_grad()
     def fit(self, widths: torch.Tensor, measured_ratio: float) -> dict[str, float]:
         """Add a measured network (``measured_ratio`` at ``widths``) and refit the line
-        ``ratio = 1 - slope * (1 - uncorrected(w) / uncorrected(full))`` through the full
-        network, ``slope`` being the median over all measured networks (a noisy timing
-        moves a median little). In seconds: ``cost = offset + correction * uncorrected``.
+        ``ratio = 1 - slope * (1 - feature(w))`` through the full network, ``slope`` being the
+        median over all measured networks (a noisy timing moves a median little). In seconds:
+        ``cost = offset + correction * feature``.
 
         Why: layers timed alone add up to the whole network at full width, but a narrow
         network keeps costs that do not shrink with the widths (per-layer dispatch, memory
@@ -439,24 +481,37 @@ class LatencyModel(nn.Module):
         the tables alone predicted 0.50 for a network that measured 0.58. The pruner adds a
         point before the search, during it and when the widths freeze, so the line is fitted
         where the search is. The slope is kept positive (narrower is never slower) and below
-        the value that would make the smallest network free."""
+        the value that would make the smallest network free.
+
+        The feature is the tables, or a proxy (``add_proxy``) once it predicts the measured
+        networks better: from three networks on, each predictor's line is fitted without
+        each network in turn and judged on it (leave-one-out), and the smaller median error
+        wins (ties: the tables)."""
         widths = widths.to(self.channels.device, torch.float64)
-        raw_full = float(self._uncorrected(self.channels))
-        shrink = 1.0 - float(self._uncorrected(widths)) / raw_full
-        floor = 1.0 - float(self._uncorrected(torch.ones_like(self.channels))) / raw_full
+        names = ["tables", *self.proxies]
+        shrink = {name: 1.0 - float(self.feature(widths, name)) for name in names}
         predicted_before = float(self.cost(widths)) / self.full
-        if shrink > 0.01:  # a network measurably narrower than the full one
-            self.points.append([shrink, float(measured_ratio)])
-        if self.points:
-            slope = statistics.median((1.0 - m) / d for d, m in self.points)
+        if shrink["tables"] > 0.01:  # a network measurably narrower than the full one
+            self.points.append({"measured": float(measured_ratio), "shrink": shrink})
+        usable = {name: [p for p in self.points if p["shrink"].get(name, 0.0) > 0.01]
+                  for name in names}  # fmt: skip
+        if len(self.points) >= 3:
+            errors = {name: _leave_one_out_error(usable[name], name) for name in names
+                      if len(usable[name]) == len(self.points)}  # fmt: skip
+            self.predictor = min(errors, key=lambda n: (errors[n], n != "tables"))
+        points = usable[self.predictor]
+        if points:
+            ones = torch.ones_like(self.channels)
+            floor = 1.0 - float(self.feature(ones))
+            slope = _median_slope(points, self.predictor)
             slope = min(max(slope, 0.05), 0.95 / max(floor, 1e-9))
             self.offset = self.measured_full * (1.0 - slope)
-            self.correction = slope * self.measured_full / raw_full
+            self.correction = slope * self.measured_full
         self.full = float(self.cost(self.channels))
         return {"measured_ratio": measured_ratio, "predicted_ratio_before": predicted_before,
                 "predicted_ratio_after": float(self.cost(widths)) / self.full,
                 "offset": self.offset, "correction": self.correction,
-                "points": len(self.points)}  # fmt: skip
+                "points": len(self.points), "predictor": self.predictor}  # fmt: skip
 
     def ratio(self, widths: torch.Tensor) -> torch.Tensor:
         """Latency relative to the full model (1 at full widths)."""
