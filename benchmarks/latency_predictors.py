@@ -71,6 +71,34 @@ def refit_errors(rows: list[dict], k: int, trials: int = 200, seed: int = 0) -> 
     return out
 
 
+def plot(results: dict, path: Path) -> None:
+    """Measured against predicted latency ratio, one panel per model, for both predictors
+    (each refitted on all networks: a line through the full network)."""
+    from s2hpruner.app.report import plt, save_figure  # pyplot on the Agg backend
+
+    runs = results["runs"]
+    fig, axes = plt.subplots(1, len(runs), figsize=(5 * len(runs), 4.5), squeeze=False)
+    for ax, run in zip(axes[0], runs, strict=True):
+        measured = np.array([r["measured"] for r in run["networks"]])
+        for name, color in (("tables", "C0"), ("flops", "C1")):
+            shrink = 1.0 - np.array([r[name] for r in run["networks"]])
+            slope = float(np.median((1.0 - measured) / shrink))
+            predicted = 1.0 - slope * shrink
+            error = float(np.median(np.abs(predicted / measured - 1.0)))
+            ax.scatter(predicted, measured, color=color, s=14,
+                       label=f"{name} (median error {100 * error:.1f}%)")  # fmt: skip
+        low, high = float(measured.min()) * 0.9, float(measured.max()) * 1.1
+        ax.plot([low, high], [low, high], color="0.5", linewidth=1)
+        extra = f" {json.dumps(run['model_kwargs'])}" if run["model_kwargs"] else ""
+        ax.set_title(f"{run['model']}{extra}, batch {run['latency_batch']}", fontsize=9)
+        ax.set_xlabel("predicted latency ratio (line refitted on all networks)")
+        ax.set_ylabel("measured latency ratio")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{len(runs[0]['networks'])} random aligned networks per model: which "
+                 "predictor follows the measured latency?")  # fmt: skip
+    save_figure(fig, path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="resnet20")
@@ -98,6 +126,7 @@ def main() -> None:
                        if (r["model"], r["model_kwargs"]) != (args.model, args.model_kwargs)]
     results["runs"].append(entry)
     atomic_write_bytes(args.json, json.dumps(results, indent=2).encode())
+    plot(results, args.json.with_suffix(".png"))
     print(json.dumps({k: entry[k] for k in ("model", "as_built", "refit")}, indent=2))
 
 

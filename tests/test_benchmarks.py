@@ -134,3 +134,21 @@ def test_latency_remeasure_finds_the_run_directories_latency_budget_wrote():
            "budget": "flops"}  # fmt: skip
     assert run_dir(root, run) == root / "mobilenet_v3_small_cifar_stem-True_s1_flops"
     assert run_dir(root, {"model": "resnet20", "budget": "latency"}) == root / "resnet20_latency"
+
+
+def test_latency_predictors_refit_error_favours_the_predictor_the_device_follows():
+    """Networks whose measured ratio is a line in their FLOPs: refitted on a few of them, the
+    FLOPs line predicts the others exactly and the tables (here unrelated noise) do not."""
+    import numpy as np
+
+    from benchmarks.latency_predictors import refit_errors
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for _ in range(20):
+        flops = float(rng.uniform(0.2, 0.8))
+        rows.append({"flops": flops, "tables": float(rng.uniform(0.2, 0.8)),
+                     "measured": 1.0 - 0.7 * (1.0 - flops)})  # fmt: skip
+    errors = refit_errors(rows, k=3, trials=20)
+    assert errors["flops"]["median"] < 1e-9 and errors["flops"]["p90"] < 1e-9
+    assert errors["tables"]["median"] > 0.05
