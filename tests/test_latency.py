@@ -483,3 +483,22 @@ def test_fit_keeps_the_predictor_that_explains_the_measured_networks(fake, truth
     assert again.predictor == truth
     w = network()
     assert float(again.cost(w)) == pytest.approx(float(lm.cost(w)), rel=1e-12)
+
+
+def test_a_checkpoint_from_before_the_proxies_resumes_with_the_same_cost(fake):
+    """Older checkpoints stored ``correction`` per second of the uncorrected tables and the
+    points as [shrink, measured] pairs; they load into the same cost function."""
+    lm = build()
+    lm.fit(lm.channels / 2, 0.7)
+    state = lm.state_dict()
+    key = next(k for k in state if k.endswith("_extra_state"))
+    extra = dict(state[key])
+    old = {k: v for k, v in extra.items() if k not in ("raw_full", "predictor", "points")}
+    old["correction"] = extra["correction"] / extra["raw_full"]
+    old["points"] = [[p["shrink"]["tables"], p["measured"]] for p in extra["points"]]
+    again = build()
+    again.load_state_dict({**state, key: old})
+    w = lm.channels / 3
+    assert float(again.cost(w)) == pytest.approx(float(lm.cost(w)), rel=1e-12)
+    shrink = lm.points[0]["shrink"]["tables"]
+    assert again.points == [{"measured": 0.7, "shrink": {"tables": shrink}}]

@@ -339,8 +339,12 @@ class LatencyModel(nn.Module):
 
     def set_extra_state(self, state: dict) -> None:
         for name in self._SCALARS:
-            if name in state:  # (raw_full: absent from older checkpoints, kept as computed)
+            if name in state:
                 setattr(self, name, float(state[name]))
+        if "raw_full" not in state and "correction" in state:
+            # a checkpoint from before the proxies: correction was per uncorrected second
+            self.raw_full = float(self.table_sum(self.channels)) + self.fixed_part
+            self.correction *= self.raw_full
         if "points" in state:  # (a broadcast of the scalars alone keeps them)
             self.points = [p if isinstance(p, dict) else  # [shrink, measured]: tables only
                            {"measured": p[1], "shrink": {"tables": p[0]}}
@@ -466,7 +470,14 @@ class LatencyModel(nn.Module):
                   rounds: int = 5) -> dict[str, float]:  # fmt: skip
         """Measure ``pruned_model`` (the network exported at ``widths``) against
         ``full_model`` and refit the cost through that point (:meth:`fit`)."""
-        return self.fit(widths, self.measure_ratio(full_model, pruned_model, rounds))
+        result = self.fit(widths, self.measure_ratio(full_model, pruned_model, rounds))
+        # every rank keeps rank 0's line: each rank timed its own tables, so their fits and
+        # even their choice of feature could differ a little
+        names = ["tables", *self.proxies]
+        index, self.offset, self.correction, self.full = D.broadcast_floats(
+            [names.index(self.predictor), self.offset, self.correction, self.full])
+        self.predictor = names[int(index)]
+        return result
 
     @torch.no_grad()
     def fit(self, widths: torch.Tensor, measured_ratio: float) -> dict[str, float]:
