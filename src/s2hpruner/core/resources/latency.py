@@ -332,6 +332,10 @@ class LatencyModel(nn.Module):
         a proxy does (resnet20 on a 2-core CPU: ``benchmarks.latency_predictors``)."""
         self.proxies[name] = ratio
 
+    def predictors(self) -> list[str]:
+        """The features ``fit`` chooses from: the tables, then every proxy."""
+        return ["tables", *self.proxies]
+
     def get_extra_state(self) -> dict:
         """The whole-model timing with the tables: a resumed run keeps its cost function."""
         return {**{name: getattr(self, name) for name in self._SCALARS}, "points": self.points,
@@ -473,7 +477,7 @@ class LatencyModel(nn.Module):
         result = self.fit(widths, self.measure_ratio(full_model, pruned_model, rounds))
         # every rank keeps rank 0's line: each rank timed its own tables, so their fits and
         # even their choice of feature could differ a little
-        names = ["tables", *self.proxies]
+        names = self.predictors()
         index, self.offset, self.correction, self.full = D.broadcast_floats(
             [names.index(self.predictor), self.offset, self.correction, self.full])
         self.predictor = names[int(index)]
@@ -499,7 +503,7 @@ class LatencyModel(nn.Module):
         each network in turn and judged on it (leave-one-out), and the smaller median error
         wins (ties: the tables)."""
         widths = widths.to(self.channels.device, torch.float64)
-        names = ["tables", *self.proxies]
+        names = self.predictors()
         shrink = {name: 1.0 - float(self.feature(widths, name)) for name in names}
         predicted_before = float(self.cost(widths)) / self.full
         if shrink["tables"] > 0.01:  # a network measurably narrower than the full one
