@@ -44,6 +44,8 @@ def worker(model: str, kwargs: str, init: str | None, exported: str, batch: int)
 
 def run_dir(root: Path, run: dict) -> Path:
     """The run directory ``benchmarks.latency_budget`` wrote this run to."""
+    if "out" in run:  # a FLOPs run chosen from several attempts records its own
+        return Path(run["out"])
     from benchmarks.latency_budget import run_tag
 
     tag = run_tag(run["model"], run.get("model_kwargs", {}), run.get("seed", 0))

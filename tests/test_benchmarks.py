@@ -126,6 +126,16 @@ def test_latency_budget_plot_pairs_the_runs_of_a_seed(tmp_path):
     assert not (tmp_path / "none.png").exists()
 
 
+def test_latency_budget_reads_the_flops_target_off_the_calibration_curve():
+    """The FLOPs target for a latency ratio: interpolated on the measured curve (whatever the
+    order of its points), clamped at the grid's ends (the retry stops there)."""
+    from benchmarks.latency_budget import flops_target_for
+
+    points = [(0.3, 0.60), (0.1, 0.40), (0.2, 0.50)]
+    assert flops_target_for(points, 0.45) == pytest.approx(0.15)
+    assert flops_target_for(points, 0.30) == 0.1 and flops_target_for(points, 0.9) == 0.3
+
+
 def test_latency_remeasure_finds_the_run_directories_latency_budget_wrote():
     from benchmarks.latency_remeasure import run_dir
 
@@ -134,6 +144,8 @@ def test_latency_remeasure_finds_the_run_directories_latency_budget_wrote():
            "budget": "flops"}  # fmt: skip
     assert run_dir(root, run) == root / "mobilenet_v3_small_cifar_stem-True_s1_flops"
     assert run_dir(root, {"model": "resnet20", "budget": "latency"}) == root / "resnet20_latency"
+    retried = {**run, "out": "runs/x/mobilenet_v3_small_cifar_stem-True_s1_flops_2"}
+    assert run_dir(root, retried) == Path(retried["out"])  # the attempt that was kept
 
 
 def test_latency_predictors_refit_error_favours_the_predictor_the_device_follows():

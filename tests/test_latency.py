@@ -502,3 +502,44 @@ def test_a_checkpoint_from_before_the_proxies_resumes_with_the_same_cost(fake):
     assert float(again.cost(w)) == pytest.approx(float(lm.cost(w)), rel=1e-12)
     shrink = lm.points[0]["shrink"]["tables"]
     assert again.points == [{"measured": 0.7, "shrink": {"tables": shrink}}]
+
+
+class _DriftingHost:
+    """A fake clock on a host whose speed changes every ``period`` forwards (other tenants):
+    a network's forward costs ``work`` units times the current slowdown."""
+
+    def __init__(self, period: int = 20) -> None:
+        self.now, self.forwards, self.period = 0.0, 0, period
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def network(self, work: float) -> nn.Module:
+        host = self
+
+        class Timed(nn.Module):
+            def forward(self, x):
+                host.forwards += 1
+                host.now += work * (3.0 if (host.forwards // host.period) % 2 else 1.0)
+                return x
+
+        return Timed()
+
+
+def test_latency_ratio_cancels_a_drifting_host(monkeypatch):
+    """Timed in blocks, a network run while the host is slow looks 3x slower than the other;
+    alternating forwards pair each full forward with a pruned one at the same host speed."""
+    from s2hpruner.core import measure
+
+    host = _DriftingHost()
+    monkeypatch.setattr(measure, "time", host)
+    full, pruned = host.network(2.0), host.network(1.0)
+    ratio, rounds, full_s, pruned_s = measure.latency_ratio(full, pruned, torch.zeros(1),
+                                                            repeats=10, rounds=5)  # fmt: skip
+    assert ratio == pytest.approx(0.5)
+    assert len(rounds) == 5 and all(r == pytest.approx(0.5) for r in rounds)
+    assert 2.0 <= full_s <= 6.0 and 1.0 <= pruned_s <= 3.0
+    # the same host timed network by network (each a median of 10 forwards): rounds off by 3x
+    blocked = [measure.median_latency(pruned, torch.zeros(1), 10)
+               / measure.median_latency(full, torch.zeros(1), 10) for _ in range(5)]  # fmt: skip
+    assert max(blocked) / min(blocked) >= 3.0

@@ -509,13 +509,13 @@ def finish(cfg, out, splits, model, pruner, trainer, example, device, state) -> 
 
 def _latency_report(model, exported, pruner: S2HPruner, example, cfg, device) -> dict:
     """Predicted and measured latency ratio of the exported model at the latency batch, on
-    the run's device, both timed back to back in rounds (medians)."""
+    the run's device, from alternating forwards of the two (``latency_ratio``)."""
     batch = example[:1].expand(cfg.latency_batch, *example.shape[1:]).to(device)
     layout = torch.channels_last if cfg.channels_last else torch.contiguous_format
     batch = batch.contiguous(memory_format=layout)
     exported = exported.to(device, memory_format=layout).eval()
     model.eval()
-    ratio, ratios, _, _ = latency_ratio(model, exported, batch, max(5, cfg.latency_repeats // 3))
+    ratio, ratios, _, _ = latency_ratio(model, exported, batch, cfg.latency_repeats)
     frozen = [c for c in pruner.latency_calibration if c.get("when") == "freeze"]
     return {
         "latency_ratio_predicted": pruner.ratio("hard", "latency"),

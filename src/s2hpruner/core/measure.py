@@ -78,18 +78,51 @@ def same_memory_format(model: nn.Module, reference: nn.Module) -> nn.Module:
     return model.to(memory_format=memory_format_of(reference))
 
 
+@torch.no_grad()
 def latency_ratio(
     full: nn.Module, pruned: nn.Module, x: torch.Tensor, repeats: int, rounds: int = 5
 ) -> tuple[float, list[float], float, float]:
-    """pruned / full latency on ``x``: the median over ``rounds`` of the ratio of the two
-    medians timed back to back in that round (a shared machine drifts between rounds; a ratio
-    within one round does not). Returns (ratio, per-round ratios, full s, pruned s)."""
+    """pruned / full latency on ``x``. The two networks' forwards alternate (full, pruned,
+    pruned, full, ...) and each adjacent pair gives a ratio; the result is the median of the
+    ``repeats * rounds`` pair ratios.
+
+    Why: a shared host's speed drifts within a second (other tenants, frequency scaling).
+    Timing each network in a block of its own let that drift into the ratio: one pair of
+    resnet20s measured 0.36-0.54 from round to round, 0.45-0.53 as a median of 5 rounds;
+    alternating, 0.45-0.47 (MEASUREMENTS.md, round 9). Returns (ratio, the median ratio of
+    each round of ``repeats`` pairs, full s, pruned s), the seconds being medians too. On
+    CPU the allocator is held first (``hold_freed_cpu_memory``)."""
+    if not x.is_cuda:
+        hold_freed_cpu_memory()
+    modes = full.training, pruned.training
+    full.eval()
+    pruned.eval()
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+
+    def seconds(model: nn.Module) -> float:
+        start = time.perf_counter()
+        model(x)
+        sync()
+        return time.perf_counter() - start
+
+    for _ in range(5):  # warm-up
+        seconds(full)
+        seconds(pruned)
     full_times, pruned_times = [], []
-    for _ in range(rounds):
-        full_times.append(median_latency(full, x, repeats))
-        pruned_times.append(median_latency(pruned, x, repeats))
-    ratios = [p / f for f, p in zip(full_times, pruned_times, strict=True)]
-    return (statistics.median(ratios), ratios, statistics.median(full_times),
+    for i in range(max(1, repeats) * max(1, rounds)):
+        if i % 2:  # alternate which goes first, so neither always runs in the other's wake
+            pruned_times.append(seconds(pruned))
+            full_times.append(seconds(full))
+        else:
+            full_times.append(seconds(full))
+            pruned_times.append(seconds(pruned))
+    full.train(modes[0])
+    pruned.train(modes[1])
+    pairs = [p / f for f, p in zip(full_times, pruned_times, strict=True)]
+    per_round = max(1, repeats)
+    rounds_ratios = [statistics.median(pairs[i:i + per_round])
+                     for i in range(0, len(pairs), per_round)]  # fmt: skip
+    return (statistics.median(pairs), rounds_ratios, statistics.median(full_times),
             statistics.median(pruned_times))  # fmt: skip
 
 
@@ -101,21 +134,18 @@ def latency_speedup(
     batch_sizes: tuple[int, ...] = (1, 64),
     rounds: int = 5,
 ) -> dict[str, float | list[float]]:
-    """Full-model latency over pruned-model latency, per batch size: the median over
-    ``rounds`` of the ratio of the two medians timed back to back in that round (a shared
-    machine drifts between rounds; a ratio within one round does not). The per-round ratios
-    are returned too (``b64_rounds``), so the spread is visible. The pruned model is put in
-    the full model's memory format first."""
+    """Full-model latency over pruned-model latency, per batch size, from alternating
+    forwards (``latency_ratio``). The per-round values are returned too (``b64_rounds``), so
+    the spread is visible. The pruned model is put in the full model's memory format first."""
     pruned = same_memory_format(pruned, full)
     out: dict[str, float | list[float]] = {}
     layout = memory_format_of(full)
     for b in batch_sizes:
         x = example[:1].expand(b, *example.shape[1:]).contiguous(memory_format=layout)
         reps = repeats if b == 1 else max(5, repeats // 3)
-        _, ratios, full_s, pruned_s = latency_ratio(full, pruned, x, reps, rounds)
-        speedups = [1.0 / r for r in ratios]
-        out[f"b{b}"] = statistics.median(speedups)
-        out[f"b{b}_rounds"] = speedups
+        ratio, ratios, full_s, pruned_s = latency_ratio(full, pruned, x, reps, rounds)
+        out[f"b{b}"] = 1.0 / ratio
+        out[f"b{b}_rounds"] = [1.0 / r for r in ratios]
         out[f"b{b}_full_seconds"] = full_s
         out[f"b{b}_pruned_seconds"] = pruned_s
     return out
