@@ -40,6 +40,15 @@ def hold_freed_cpu_memory() -> bool:
     return _allocator_held
 
 
+def _seconds(model: nn.Module, x: torch.Tensor) -> float:
+    """Wall seconds of one forward of ``x`` (on CUDA, until the device is done)."""
+    start = time.perf_counter()
+    model(x)
+    if x.is_cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
 @torch.no_grad()
 def median_latency(
     model: nn.Module, example: torch.Tensor, repeats: int = 30, warmup: int = 5
@@ -50,16 +59,9 @@ def median_latency(
         hold_freed_cpu_memory()
     was_training = model.training
     model.eval()
-    sync = torch.cuda.synchronize if example.is_cuda else (lambda: None)
     for _ in range(warmup):
-        model(example)
-    sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        model(example)
-        sync()
-        times.append(time.perf_counter() - start)
+        _seconds(model, example)
+    times = [_seconds(model, example) for _ in range(repeats)]
     model.train(was_training)
     return statistics.median(times)
 
@@ -97,25 +99,17 @@ def latency_ratio(
     modes = full.training, pruned.training
     full.eval()
     pruned.eval()
-    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
-
-    def seconds(model: nn.Module) -> float:
-        start = time.perf_counter()
-        model(x)
-        sync()
-        return time.perf_counter() - start
-
     for _ in range(5):  # warm-up
-        seconds(full)
-        seconds(pruned)
+        _seconds(full, x)
+        _seconds(pruned, x)
     full_times, pruned_times = [], []
     for i in range(max(1, repeats) * max(1, rounds)):
         if i % 2:  # alternate which goes first, so neither always runs in the other's wake
-            pruned_times.append(seconds(pruned))
-            full_times.append(seconds(full))
+            pruned_times.append(_seconds(pruned, x))
+            full_times.append(_seconds(full, x))
         else:
-            full_times.append(seconds(full))
-            pruned_times.append(seconds(pruned))
+            full_times.append(_seconds(full, x))
+            pruned_times.append(_seconds(pruned, x))
     full.train(modes[0])
     pruned.train(modes[1])
     pairs = [p / f for f, p in zip(full_times, pruned_times, strict=True)]
