@@ -339,8 +339,10 @@ class LatencyModel(nn.Module):
     def add_proxy(self, name: str, ratio: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Offer ``fit`` another predictor of the whole network's latency: ``ratio(widths)``,
         a cost relative to the full network (1 at full widths), differentiable in the widths,
-        e.g. the FLOPs ratio. Why: on some devices the tables rank networks worse than such
-        a proxy does (resnet20 on a 2-core CPU: ``benchmarks.latency_predictors``)."""
+        e.g. the FLOPs ratio. Why: layers timed alone can miss how they run together, and a
+        device may then follow such a proxy more closely than the tables; ``fit`` keeps
+        whichever predicts the measured networks better (``benchmarks.latency_predictors``
+        compares them on a device)."""
         self.proxies[name] = ratio
 
     def predictors(self) -> list[str]:
