@@ -13,6 +13,7 @@ import typing
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -243,3 +244,46 @@ def test_channel_steps_below_one_are_rejected(key):
     with pytest.raises(ConfigError, match=key):
         RunConfig(**{key: 0}).validate()
     RunConfig(**{key: 8}).validate()
+
+
+def test_balance_scope_reaches_the_trainer_and_unknown_scopes_are_refused():
+    from s2hpruner import S2HPruner
+    from s2hpruner.app.models import create_model
+    from s2hpruner.app.run import build_trainer
+
+    with pytest.raises(ConfigError, match="balance must be one of global, per_group"):
+        RunConfig(balance="per-layer").validate()
+    cfg = RunConfig(balance="per_group", target_flops=0.5)
+    cfg.validate()
+    model = create_model("resnet20", num_classes=10, in_chans=1, width=4)
+    pruner = S2HPruner(model, torch.zeros(1, 1, 16, 16), target_flops=0.5)
+    trainer, _ = build_trainer(cfg, model, pruner, total_steps=4)
+    assert trainer.balancer.scope == "per_group"
+    args = build_parser().parse_args(["prune", "--balance", "per_group"])
+    assert config_from_args(args).balance == "per_group"
+
+
+def test_cosine_mask_lr_follows_the_weights_schedule():
+    from s2hpruner import S2HPruner
+    from s2hpruner.app.models import create_model
+    from s2hpruner.app.optim import set_mask_lr
+    from s2hpruner.app.run import build_trainer
+
+    with pytest.raises(ConfigError, match="mask_lr_schedule must be one of constant, cosine"):
+        RunConfig(mask_lr_schedule="step").validate()
+    model = create_model("resnet20", num_classes=10, in_chans=1, width=4)
+    pruner = S2HPruner(model, torch.zeros(1, 1, 16, 16), target_flops=0.5)
+    lrs = {}
+    for kind in ("constant", "cosine"):
+        cfg = RunConfig(mask_lr=0.2, mask_lr_schedule=kind, lr_warmup_steps=2)
+        trainer, schedule = build_trainer(cfg, model, pruner, total_steps=10)
+        lrs[kind] = [trainer.mask_optimizer.param_groups[0]["lr"]]
+        for _ in range(10):
+            trainer.optimizer.step()
+            schedule.step()
+            set_mask_lr(trainer.mask_optimizer, cfg, schedule)
+            lrs[kind].append(trainer.mask_optimizer.param_groups[0]["lr"])
+    assert lrs["constant"] == [0.2] * 11
+    # warm-up 0.1, 0.2; then cosine from 0.2 down to 0 over the other 8 steps
+    expected = [0.1, 0.2] + [0.1 * (1 + math.cos(math.pi * t / 8)) for t in range(9)]
+    assert lrs["cosine"] == pytest.approx(expected, abs=1e-12)

@@ -93,7 +93,7 @@ def _args(root: Path, config: Path, out: Path) -> list[str]:
         "--target-flops", "0.5", "--epochs", str(EPOCHS), "--freeze-epochs", "1.5",
         "--batch-size", "20", "--train-subset", str(STEPS_PER_EPOCH * 20), "--val-size", "100",
         "--lr", "0.05", "--mask-lr", "0.1", "--checkpoint-every", "5", "--deterministic",
-        "--seed", "3", "--latency-repeats", "1", "--no-progress",
+        "--seed", "3", "--latency-repeats", "1", "--no-progress", "--mask-lr-schedule", "cosine",
     ]  # fmt: skip
 
 
@@ -197,6 +197,8 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(data_and_config, tmp_pa
     # the starting model's line and every epoch's once, equal except for the wall-clock time
     assert _metrics(resumed) == _metrics(reference)
     assert [r["step"] for r in _metrics(resumed)] == [0, 12, 24]
+    # the width logits' lr follows the weights' cosine: half of --mask-lr half-way through
+    assert _metrics(resumed)[1]["mask_lr"] == pytest.approx(0.1 * 0.5)
 
     report_a = json.loads((reference / "report.json").read_text())
     report_b = json.loads((resumed / "report.json").read_text())

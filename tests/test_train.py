@@ -199,6 +199,24 @@ def test_balancer_scales_gap_and_resource_by_norms():
     assert bal.gamma == pytest.approx(2.0)
 
 
+def test_per_group_balancer_scales_each_group_by_its_own_norms():
+    """Per group, every group's resource part is gamma times that group's accuracy norm; the
+    global rule gives one group's resource gradient the whole accuracy norm."""
+    params = [torch.zeros(2), torch.zeros(2)]
+    task = [torch.tensor([3.0, 4.0]), torch.tensor([0.0, 0.1])]  # norms 5 and 0.1
+    gap = [torch.tensor([0.0, 10.0]), torch.tensor([1.0, 0.0])]
+    res = [torch.tensor([0.0, -2.0]), torch.tensor([0.0, -0.001])]
+    bal = GradientBalancer(beta=0.5, gamma=2.0, scope="per_group")
+    out = bal.combine(params, task, gap, res)
+    acc = [torch.tensor([3.0, 6.5]), torch.tensor([0.05, 0.1])]  # task + 0.5 * |t|/|g| * g
+    for got, a, r in zip(out, acc, res, strict=True):
+        assert torch.allclose(got, a + 2.0 * a.norm() * r / r.norm())
+    glob = GradientBalancer(beta=0.5, gamma=2.0).combine(params, task, gap, res)
+    assert not torch.allclose(glob[1], out[1])  # the scopes differ on unequal groups
+    with pytest.raises(ValueError, match="per_group"):
+        GradientBalancer(scope="per-group")
+
+
 def test_bf16_autocast_step_agrees_with_fp32():
     """The bf16 step computes the same losses and gradients as fp32, within bf16's precision
     (8 bits of mantissa: a few percent), on CPU."""

@@ -17,6 +17,7 @@ from ..core.pruner import S2HPruner
 from ..core.trainer import S2HTrainer
 from .config import RunConfig
 from .files import atomic_torch_save
+from .optim import set_mask_lr
 
 FORMAT = "s2hpruner-checkpoint-v2"
 
@@ -186,5 +187,4 @@ def _use_learning_rates(trainer: S2HTrainer, schedule, cfg: RunConfig) -> None:
         group["initial_lr"] = cfg.lr
         group["lr"] = cfg.lr * factor(schedule.last_epoch)
     schedule._last_lr = [group["lr"] for group in optimizer.param_groups]
-    for group in trainer.mask_optimizer.param_groups:
-        group["lr"] = cfg.mask_lr
+    set_mask_lr(trainer.mask_optimizer, cfg, schedule)

@@ -15,7 +15,14 @@ import typing
 from pathlib import Path
 
 from ..core.errors import S2HError
-from .config import AUTOCAST, HARD_LAYOUTS, METHODS, RunConfig
+from .config import (
+    AUTOCAST,
+    BALANCE_SCOPES,
+    HARD_LAYOUTS,
+    MASK_LR_SCHEDULES,
+    METHODS,
+    RunConfig,
+)
 
 HELP = {
     "model": "model name: a registry name (resnet20, resnet56, resnet50, wrn28_10, vgg19_bn, "
@@ -75,6 +82,8 @@ HELP = {
     "label_smoothing": "label smoothing of the task loss",
     "mask_optimizer": "optimizer of the width logits: adam or sgd",
     "mask_lr": "learning rate of the width logits",
+    "mask_lr_schedule": "constant, or cosine: the width logits' learning rate is scaled by "
+                        "the weights' schedule (warm-up and cosine decay)",
     "temperature": "softmax temperature tau of the width distribution (constant)",
     "alpha": "weight of the hard-network distillation loss G_h in the weights' loss",
     "beta": "norm of the gap gradient on the width logits, relative to the task gradient",
@@ -84,6 +93,8 @@ HELP = {
     "gamma_min": "lower bound of gamma",
     "gamma_max": "upper bound of gamma",
     "budget_tolerance": "tolerance on the hard resource ratio around the target",
+    "balance": "what the norm balancing of the width-logit gradients spans: global (all "
+               "groups at once) or per_group (each group on its own)",
     "freeze_teacher": "what the hard network is distilled from once the widths freeze: soft "
                       "(the soft network's logits, as the method specifies) or none (task loss "
                       "only; the last phase costs one pruned network's step)",
@@ -143,7 +154,8 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
                 default=None,
                 help=text,
                 choices={"method": METHODS, "hard_layout": HARD_LAYOUTS,
-                         "autocast": AUTOCAST}.get(f.name),  # fmt: skip
+                         "autocast": AUTOCAST, "balance": BALANCE_SCOPES,
+                         "mask_lr_schedule": MASK_LR_SCHEDULES}.get(f.name),  # fmt: skip
             )
 
 

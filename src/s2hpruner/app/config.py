@@ -10,6 +10,7 @@ from pathlib import Path
 
 import yaml
 
+from ..core.balance import SCOPES as BALANCE_SCOPES
 from ..core.balance import GradientBalancer
 from ..core.errors import S2HError
 from ..core.trainer import FREEZE_TEACHERS
@@ -18,6 +19,7 @@ from ..core.trainer import METHODS as _METHODS
 METHODS = tuple(_METHODS)
 HARD_LAYOUTS = ("auto", "model", "contiguous", "channels_last")
 AUTOCAST = ("bf16", "fp16")
+MASK_LR_SCHEDULES = ("constant", "cosine")
 DEFAULT_TARGET_FLOPS = 0.35
 
 
@@ -73,6 +75,7 @@ class RunConfig:
     # width logits: own optimizer, norm-balanced gradients (see core/balance.py)
     mask_optimizer: str = "adam"
     mask_lr: float = 0.05
+    mask_lr_schedule: str = "constant"  # or "cosine": scaled as the weights' lr is
     temperature: float = 1.0
     alpha: float = 1.0  # weight of G_h in the weights' loss
     beta: float = GradientBalancer.beta  # gap gradient norm relative to the task's (on u)
@@ -81,6 +84,7 @@ class RunConfig:
     gamma_min: float = GradientBalancer.gamma_min
     gamma_max: float = GradientBalancer.gamma_max
     budget_tolerance: float = GradientBalancer.tolerance
+    balance: str = GradientBalancer.scope  # the rule spans all width logits, or each group
     freeze_teacher: str = "soft"  # last phase: hard distilled from soft, or "none" (cheaper)
     resource_on: str = "hard"  # R on the hard FLOPs ratio (straight-through) or on the soft one
     freeze_ranks_after_warmup: bool = False
@@ -156,6 +160,15 @@ class RunConfig:
             raise ConfigError(
                 f"freeze_teacher must be one of {', '.join(FREEZE_TEACHERS)}, "
                 f"got {self.freeze_teacher!r}"
+            )
+        if self.mask_lr_schedule not in MASK_LR_SCHEDULES:
+            raise ConfigError(
+                f"mask_lr_schedule must be one of {', '.join(MASK_LR_SCHEDULES)}, "
+                f"got {self.mask_lr_schedule!r}"
+            )
+        if self.balance not in BALANCE_SCOPES:
+            raise ConfigError(
+                f"balance must be one of {', '.join(BALANCE_SCOPES)}, got {self.balance!r}"
             )
         if self.resource_on not in ("hard", "soft"):
             raise ConfigError(f"resource_on must be 'hard' or 'soft', got {self.resource_on!r}")

@@ -41,6 +41,19 @@ def build_weight_optimizer(
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
 
 
+def set_mask_lr(
+    optimizer: torch.optim.Optimizer, cfg: RunConfig, schedule: torch.optim.lr_scheduler.LambdaLR
+) -> None:
+    """The width logits' learning rate now: ``mask_lr``, or (``mask_lr_schedule: cosine``)
+    ``mask_lr`` times the weights' schedule factor. Derived from the weights' schedule, so it
+    needs no state of its own and a resumed run gets it exactly."""
+    factor = 1.0
+    if cfg.mask_lr_schedule == "cosine":
+        factor = schedule.lr_lambdas[0](schedule.last_epoch)
+    for group in optimizer.param_groups:
+        group["lr"] = cfg.mask_lr * factor
+
+
 def build_mask_optimizer(parameters, cfg: RunConfig) -> torch.optim.Optimizer:
     """Adam (or SGD with momentum) for the width logits, without weight decay."""
     if cfg.mask_optimizer == "adam":

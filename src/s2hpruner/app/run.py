@@ -48,7 +48,7 @@ from .data import build_datasets
 from .files import atomic_torch_save, atomic_write_bytes, save_program
 from .metrics import MetricWriter, append_jsonl, reduced_sums
 from .models import create_model
-from .optim import build_mask_optimizer, build_weight_optimizer
+from .optim import build_mask_optimizer, build_weight_optimizer, set_mask_lr
 from .sampling import EpochSampler, eval_loader, train_loader
 
 REPORT_KEYS = (
@@ -232,6 +232,7 @@ def build_trainer(cfg: RunConfig, model: nn.Module, pruner: S2HPruner, total_ste
             gamma_min=cfg.gamma_min,
             gamma_max=cfg.gamma_max,
             tolerance=cfg.budget_tolerance,
+            scope=cfg.balance,
         ),
         warmup=warmup,
         freeze=freeze,
@@ -241,6 +242,7 @@ def build_trainer(cfg: RunConfig, model: nn.Module, pruner: S2HPruner, total_ste
         autocast=cfg.autocast,
         latency_feedback=cfg.latency_feedback,
     )
+    set_mask_lr(trainer.mask_optimizer, cfg, schedule)
     return trainer, schedule
 
 
@@ -329,6 +331,7 @@ def prune(cfg: RunConfig) -> dict:
                     f"{exc}; {_last_good(last, saved_step)}"
                 ) from None
             schedule.step()
+            set_mask_lr(trainer.mask_optimizer, cfg, schedule)
             state.step += 1
             for k, v in losses.items():
                 state.running[k] = state.running.get(k, 0.0) + v

@@ -10,6 +10,11 @@ gradient ``gamma`` times the accuracy gradient's norm, whatever the raw scales o
 ``gamma`` grows by ``growth`` per step while the hard resource ratio is farther than
 ``tolerance`` from the target, and shrinks by the same factor (down to ``gamma_min``) once it
 is inside: the budget is always reached, and once it is, accuracy drives the search.
+
+``scope="per_group"`` applies the same rule to each group's logits on its own (reported to be
+the official implementation's choice): every group then feels the budget in proportion to its
+own accuracy gradient, where the global rule lets the groups that dominate the resource
+gradient move most.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 Grads = Sequence[torch.Tensor | None]
+SCOPES = ("global", "per_group")  # what one application of the rule spans
 
 
 def _flat(grads: Grads, like: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -39,7 +45,12 @@ class GradientBalancer:
     gamma_min: float = 0.1
     gamma_max: float = 100.0
     tolerance: float = 0.005
+    scope: str = "global"  # one of SCOPES
     eps: float = 1e-12
+
+    def __post_init__(self) -> None:
+        if self.scope not in SCOPES:
+            raise ValueError(f"scope must be one of {', '.join(SCOPES)}, got {self.scope!r}")
 
     def update(self, budget_error: float) -> None:
         """Grow gamma while the budget is missed by more than the tolerance (``budget_error``
@@ -57,24 +68,34 @@ class GradientBalancer:
         resource: Grads,
     ) -> list[torch.Tensor]:
         """The balanced gradient of every width-logit tensor in ``params``."""
-        g_task = _flat(task, params)
-        g_acc = g_task
-        if gap is not None:
-            g_gap = _flat(gap, params)
-            gap_norm = g_gap.norm()
-            if gap_norm > self.eps:
-                g_acc = g_task + self.beta * (g_task.norm() / gap_norm) * g_gap
-        g_res = _flat(resource, params)
-        res_norm = g_res.norm()
-        scale = g_acc.norm() if g_acc.norm() > self.eps else torch.ones_like(res_norm)
-        g_u = g_acc
-        if res_norm > self.eps:
-            g_u = g_acc + self.gamma * (scale / res_norm) * g_res
+        if self.scope == "per_group":
+            return [
+                self._rule(_flat([t], [p]), None if gap is None else _flat([g], [p]),
+                           _flat([r], [p])).view_as(p)
+                for p, t, g, r in zip(params, task, gap or [None] * len(params), resource,
+                                      strict=True)
+            ]  # fmt: skip
+        g_u = self._rule(_flat(task, params), None if gap is None else _flat(gap, params),
+                         _flat(resource, params))  # fmt: skip
         out, offset = [], 0
         for p in params:
             out.append(g_u[offset : offset + p.numel()].view_as(p))
             offset += p.numel()
         return out
+
+    def _rule(
+        self, g_task: torch.Tensor, g_gap: torch.Tensor | None, g_res: torch.Tensor
+    ) -> torch.Tensor:
+        g_acc = g_task
+        if g_gap is not None:
+            gap_norm = g_gap.norm()
+            if gap_norm > self.eps:
+                g_acc = g_task + self.beta * (g_task.norm() / gap_norm) * g_gap
+        res_norm = g_res.norm()
+        scale = g_acc.norm() if g_acc.norm() > self.eps else torch.ones_like(res_norm)
+        if res_norm > self.eps:
+            return g_acc + self.gamma * (scale / res_norm) * g_res
+        return g_acc
 
     def state_dict(self) -> dict:
         return {"gamma": self.gamma}
