@@ -10,6 +10,12 @@ records, per run, the ratio measured in
 ``--processes`` fresh processes (``latency_ratio_fresh``: their median, and every value),
 beside the in-run one, and redraws the picture.
 
+With ``--side-by-side``, the exported models of one model and seed (the latency run and its
+FLOPs runs) are timed in one fresh process, in turns, ``--turns`` times each
+(``latency_ratio_side_by_side``: the median, and every value). Timed minutes or processes
+apart, one MobileNetV3 measured 0.48 and then 0.52 (MEASUREMENTS.md, round 10); timed in
+turns, the arms of a comparison see the same machine.
+
     python -m benchmarks.latency_remeasure benchmarks/results/latency_budget_from_trained.json
 """
 
@@ -42,6 +48,29 @@ def worker(model: str, kwargs: str, init: str | None, exported: str, batch: int)
     print(json.dumps(float(np.median(ratios))))
 
 
+def worker_side_by_side(model: str, kwargs: str, init: str | None, exported: list[str],
+                        batch: int, turns: int) -> None:  # fmt: skip
+    """Print, per exported model, its latency ratios against the full model, timed in turns."""
+    import torch
+
+    from benchmarks.latency_budget import measured_latency_ratio
+    from s2hpruner.app.config import RunConfig
+    from s2hpruner.app.data import dataset_spec
+    from s2hpruner.app.run import build_model
+
+    spec = dataset_spec("fashion-mnist")
+    cfg = RunConfig(model=model, model_kwargs=json.loads(kwargs), init=init, progress=False)
+    full = build_model(cfg, spec, torch.device("cpu"))
+    example = torch.zeros(1, spec.in_chans, spec.image_size, spec.image_size)
+    pruned = [torch.load(path, weights_only=False) for path in exported]
+    values = [[] for _ in pruned]
+    for turn in range(turns):
+        order = range(len(pruned)) if turn % 2 == 0 else reversed(range(len(pruned)))
+        for i in order:
+            values[i].append(measured_latency_ratio(full, pruned[i], example, batch))
+    print(json.dumps(values))
+
+
 def run_dir(root: Path, run: dict) -> Path:
     """The run directory ``benchmarks.latency_budget`` wrote this run to."""
     if "out" in run:  # a FLOPs run chosen from several attempts records its own
@@ -61,17 +90,29 @@ def main() -> None:
                         help="the weights the runs of MODEL started from (the full model)")
     parser.add_argument("--processes", type=int, default=3)
     parser.add_argument("--latency-batch", type=int, default=64)
+    parser.add_argument("--side-by-side", action="store_true",
+                        help="time the runs of one model and seed in turns, in one process")
+    parser.add_argument("--turns", type=int, default=5)
     parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-side-by-side", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         model, kwargs, init, exported = args.worker
         worker(model, kwargs, init or None, exported, args.latency_batch)
+        return
+    if args.worker_side_by_side:
+        model, kwargs, init, *exported = args.worker_side_by_side
+        worker_side_by_side(model, kwargs, init or None, exported, args.latency_batch, args.turns)
         return
     from benchmarks.latency_budget import plot
     from s2hpruner.app.files import atomic_write_bytes
 
     inits = dict(item.split("=", 1) for item in args.init)
     results = json.loads(args.json.read_text())
+    if args.side_by_side:
+        side_by_side(args, results, inits)
+        plot(results, args.json.with_suffix(".png"))
+        return
     for run in results["runs"]:
         exported = run_dir(args.runs, run) / "model_pruned.pt"
         if "top1_hard" not in run or not exported.exists():
@@ -90,6 +131,32 @@ def main() -> None:
               round(run["latency_ratio"], 3), "fresh", [round(v, 3) for v in values])
         atomic_write_bytes(args.json, json.dumps(results, indent=2).encode())
     plot(results, args.json.with_suffix(".png"))
+
+
+def side_by_side(args: argparse.Namespace, results: dict, inits: dict) -> None:
+    """``latency_ratio_side_by_side`` of every finished run, its model and seed's runs timed
+    in turns in one fresh process."""
+    from s2hpruner.app.files import atomic_write_bytes
+
+    groups: dict[tuple, list[dict]] = {}
+    for run in results["runs"]:
+        if "top1_hard" in run and (run_dir(args.runs, run) / "model_pruned.pt").exists():
+            key = (run["model"], json.dumps(run.get("model_kwargs", {})), run.get("seed", 0))
+            groups.setdefault(key, []).append(run)
+    for (model, kwargs, seed), runs in groups.items():
+        exported = [str(run_dir(args.runs, run) / "model_pruned.pt") for run in runs]
+        command = [sys.executable, "-m", "benchmarks.latency_remeasure", str(args.json),
+                   "--latency-batch", str(args.latency_batch), "--turns", str(args.turns),
+                   "--worker-side-by-side", model, kwargs, inits.get(model, ""),
+                   *exported]  # fmt: skip
+        done = subprocess.run(command, capture_output=True, text=True, check=True)
+        values = json.loads(done.stdout.strip().splitlines()[-1])
+        for run, vals in zip(runs, values, strict=True):
+            run["latency_ratio_side_by_side"] = float(np.median(vals))
+            run["latency_ratio_side_by_side_values"] = vals
+            print(model, seed, run["budget"], "in run", round(run["latency_ratio"], 3),
+                  "side by side", [round(v, 3) for v in vals])
+        atomic_write_bytes(args.json, json.dumps(results, indent=2).encode())
 
 
 if __name__ == "__main__":

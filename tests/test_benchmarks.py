@@ -148,6 +148,44 @@ def test_latency_remeasure_finds_the_run_directories_latency_budget_wrote():
     assert run_dir(root, retried) == Path(retried["out"])  # the attempt that was kept
 
 
+def test_latency_remeasure_side_by_side_times_a_seeds_runs_in_one_process(tmp_path,
+                                                                         monkeypatch):
+    """One worker per model and seed gets all of that seed's exported networks; each run gets
+    the median of its own values back."""
+    import argparse
+    import json
+    import subprocess
+    import types
+
+    from benchmarks import latency_remeasure
+
+    runs = []
+    for seed in (0, 1):
+        for budget in ("latency", "flops"):
+            out = tmp_path / f"resnet20_s{seed}_{budget}"
+            out.mkdir()
+            (out / "model_pruned.pt").write_bytes(b"")
+            runs.append({"model": "resnet20", "seed": seed, "budget": budget, "out": str(out),
+                         "top1_hard": 90.0, "latency_ratio": 0.5})  # fmt: skip
+    calls = []
+
+    def fake_run(command, **kwargs):
+        exported = command[command.index("--worker-side-by-side") + 4:]
+        calls.append(exported)
+        values = [[0.4 + 0.1 * i, 0.6 + 0.1 * i, 0.5 + 0.1 * i] for i in range(len(exported))]
+        return types.SimpleNamespace(stdout=json.dumps(values) + "\n")
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    args = argparse.Namespace(runs=tmp_path, latency_batch=64, turns=3,
+                              json=tmp_path / "results.json")  # fmt: skip
+    latency_remeasure.side_by_side(args, {"runs": runs}, {})
+    assert [len(c) for c in calls] == [2, 2]  # one process per seed, both arms in it
+    assert all("_s0_" in c for c in calls[0]) and all("_s1_" in c for c in calls[1])
+    assert [r["latency_ratio_side_by_side"] for r in runs] == pytest.approx([0.5, 0.6] * 2)
+    assert json.loads(args.json.read_text())["runs"][1]["latency_ratio_side_by_side_values"] \
+        == pytest.approx([0.5, 0.7, 0.6])
+
+
 def test_latency_predictors_refit_error_favours_the_predictor_the_device_follows():
     """Networks whose measured ratio is a line in their FLOPs: refitted on a few of them, the
     FLOPs line predicts the others exactly and the tables (here unrelated noise) do not."""
