@@ -30,27 +30,10 @@ from pathlib import Path
 import numpy as np
 
 
-def worker(model: str, kwargs: str, init: str | None, exported: str, batch: int) -> None:
-    """Print the latency ratio of ``exported`` against the full model (median of 3)."""
-    import torch
-
-    from benchmarks.latency_budget import measured_latency_ratio
-    from s2hpruner.app.config import RunConfig
-    from s2hpruner.app.data import dataset_spec
-    from s2hpruner.app.run import build_model
-
-    spec = dataset_spec("fashion-mnist")
-    cfg = RunConfig(model=model, model_kwargs=json.loads(kwargs), init=init, progress=False)
-    full = build_model(cfg, spec, torch.device("cpu"))
-    example = torch.zeros(1, spec.in_chans, spec.image_size, spec.image_size)
-    pruned = torch.load(exported, weights_only=False)
-    ratios = [measured_latency_ratio(full, pruned, example, batch) for _ in range(3)]
-    print(json.dumps(float(np.median(ratios))))
-
-
-def worker_side_by_side(model: str, kwargs: str, init: str | None, exported: list[str],
-                        batch: int, turns: int) -> None:  # fmt: skip
-    """Print, per exported model, its latency ratios against the full model, timed in turns."""
+def time_in_turns(model: str, kwargs: str, init: str | None, exported: list[str], batch: int,
+                  turns: int) -> list[list[float]]:  # fmt: skip
+    """Per exported model, ``turns`` latency ratios against the full model; the models take
+    turns (in alternating order), so they see the same machine."""
     import torch
 
     from benchmarks.latency_budget import measured_latency_ratio
@@ -68,7 +51,7 @@ def worker_side_by_side(model: str, kwargs: str, init: str | None, exported: lis
         order = range(len(pruned)) if turn % 2 == 0 else reversed(range(len(pruned)))
         for i in order:
             values[i].append(measured_latency_ratio(full, pruned[i], example, batch))
-    print(json.dumps(values))
+    return values
 
 
 def run_dir(root: Path, run: dict) -> Path:
@@ -97,12 +80,14 @@ def main() -> None:
     parser.add_argument("--worker-side-by-side", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        model, kwargs, init, exported = args.worker
-        worker(model, kwargs, init or None, exported, args.latency_batch)
+        model, kwargs, init, exported = args.worker  # median of 3 ratios
+        ratios = time_in_turns(model, kwargs, init or None, [exported], args.latency_batch, 3)[0]
+        print(json.dumps(float(np.median(ratios))))
         return
     if args.worker_side_by_side:
         model, kwargs, init, *exported = args.worker_side_by_side
-        worker_side_by_side(model, kwargs, init or None, exported, args.latency_batch, args.turns)
+        print(json.dumps(time_in_turns(model, kwargs, init or None, exported, args.latency_batch,
+                                       args.turns)))  # fmt: skip
         return
     from benchmarks.latency_budget import plot
     from s2hpruner.app.files import atomic_write_bytes
