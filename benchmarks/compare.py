@@ -212,6 +212,32 @@ FROM_TRAINED = Profile(
     seed_limits={0.15: (0,), 0.55: (0,)},
 )
 
+# A deeper network from its own trained checkpoint (issue #15: "also resnet56"), at 0.35 on
+# both budgets, one seed. Every method keeps the choice its search made on resnet20 (one
+# candidate each): the same transfer for all, and a search here would cost ~2 h more.
+CHECKPOINT_RESNET56 = "benchmarks/cache/resnet56_fmnist_5ep.pt"
+FROM_TRAINED_RESNET56 = dataclasses.replace(
+    FROM_TRAINED,
+    name="from-trained-resnet56",
+    model="resnet56",
+    targets=(0.35,),
+    methods=("s2h", "l1-ft", "group-sl", "random"),
+    seeds=(0,),
+    budgets=("epochs", "compute"),
+    init=CHECKPOINT_RESNET56,
+    pretrain_command=PRETRAIN_COMMAND.replace("resnet20", "resnet56"),
+    search={
+        "s2h": _grid(lr=(0.01,)),
+        "l1-ft": _grid(lr=(0.01,), l1_global=(True,)),
+        "group-sl": _grid(lr=(0.01,), sparse_fraction=(0.25,)),
+        "random": _grid(lr=(0.03,)),
+    },
+    borrow={},
+    long_targets=(),
+    only_at={},
+    seed_limits={},
+)
+
 PROFILES = {
     # ~1 h on a 2-core CPU: s2h ~4.5 min/epoch, a plain epoch ~1.5-2 min
     "quick": Profile("quick", epochs=3.0),
@@ -224,6 +250,7 @@ PROFILES = {
         epochs=8.0,
     ),
     "from-trained": FROM_TRAINED,
+    "from-trained-resnet56": FROM_TRAINED_RESNET56,
 }
 
 

@@ -14,6 +14,12 @@ Training moves the widths off the projected ones, so when the trained FLOPs run 
 than 5% off the latency run, a second FLOPs run aims the curve at the latency shifted by that
 miss, and the closer of the two is compared (both are kept, ``flops_attempts``).
 
+Equal latency, measured (round 11): the networks are timed again side by side
+(``benchmarks.latency_remeasure --side-by-side``), and the FLOPs arm's top-1 is interpolated
+at the latency run's latency between the FLOPs runs on either side of it
+(``top1_at_latency``). Where none lies on one side, ``--bracket`` trains one more FLOPs run
+aimed past it (``bracketing_target``); then time them side by side again.
+
     python -m benchmarks.latency_budget --models resnet20 mobilenet_v3_small --epochs 2 \\
         --json benchmarks/results/latency_budget.json
 
@@ -82,6 +88,40 @@ def flops_target_for(points: list, latency_ratio: float) -> float:
     return round(float(np.interp(latency_ratio, ratios[order], targets)), 3)
 
 
+SIDE_BY_SIDE = "latency_ratio_side_by_side"  # set by benchmarks.latency_remeasure
+
+
+def top1_at_latency(attempts: list[dict], latency: float) -> float | None:
+    """The FLOPs arm's top-1 at measured ``latency``: linear in latency between the nearest
+    attempt on each side (all timed side by side with the latency run); None unless attempts
+    lie on both sides. Comparing the latency run with the one FLOPs run nearest in latency
+    is not enough: on MobileNetV3, 0.05 of latency moved top-1 by ~3 points (round 10)."""
+    timed = [a for a in attempts if a.get(SIDE_BY_SIDE) is not None]
+    below = [a for a in timed if a[SIDE_BY_SIDE] <= latency]
+    above = [a for a in timed if a[SIDE_BY_SIDE] >= latency]
+    if not below or not above:
+        return None
+    lo = max(below, key=lambda a: a[SIDE_BY_SIDE])
+    hi = min(above, key=lambda a: a[SIDE_BY_SIDE])
+    if hi[SIDE_BY_SIDE] == lo[SIDE_BY_SIDE]:
+        return (lo["top1_hard"] + hi["top1_hard"]) / 2
+    weight = (latency - lo[SIDE_BY_SIDE]) / (hi[SIDE_BY_SIDE] - lo[SIDE_BY_SIDE])
+    return lo["top1_hard"] + weight * (hi["top1_hard"] - lo["top1_hard"])
+
+
+def bracketing_target(attempts: list[dict], latency: float, points: list,
+                      margin: float = 0.03) -> float:  # fmt: skip
+    """The FLOPs target of the next attempt when every timed attempt lies on one side of
+    ``latency``: aim ``margin`` past it, moving the calibration curve by the nearest attempt's
+    miss (the curve's shape, the trained network's offset)."""
+    timed = [a for a in attempts if a.get(SIDE_BY_SIDE) is not None]
+    nearest = min(timed, key=lambda a: abs(a[SIDE_BY_SIDE] - latency))
+    aim = latency + (margin if nearest[SIDE_BY_SIDE] < latency else -margin)
+    targets, ratios = zip(*sorted(points), strict=True)
+    on_curve = float(np.interp(nearest["target_flops"], targets, ratios))
+    return flops_target_for(points, on_curve + aim - nearest[SIDE_BY_SIDE])
+
+
 def run_tag(model: str, model_kwargs: dict, seed: int) -> str:
     """The name of a run's directories: ``<out>/<tag>_latency`` and ``<out>/<tag>_flops``."""
     parts = [model, *(f"{k}-{v}" for k, v in model_kwargs.items())]
@@ -136,6 +176,51 @@ def plot(results: dict, path: Path) -> None:
     save_figure(fig, path)
 
 
+def plot_equal_latency(results: dict, path: Path) -> None:
+    """Top-1 against the latency ratio timed side by side, one panel per model: per seed, the
+    FLOPs runs as a line (what a FLOPs budget buys at each latency), the latency run as a dot,
+    and the FLOPs line read at the dot's latency (open diamond) that it is compared with."""
+    from s2hpruner.app.report import plt, save_figure  # pyplot on the Agg backend
+
+    latency_runs = [r for r in results["runs"]
+                    if r["budget"] == "latency" and r.get(SIDE_BY_SIDE) is not None]  # fmt: skip
+    panels = sorted({(r["model"], json.dumps(r.get("model_kwargs", {}))) for r in latency_runs})
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+    for ax, (model, kwargs) in zip(axes[0], panels, strict=True):
+        for r in latency_runs:
+            if (r["model"], json.dumps(r.get("model_kwargs", {}))) != (model, kwargs):
+                continue
+            seed = r.get("seed", 0)
+            flops = next((f for f in results["runs"] if f["budget"] == "flops"
+                          and (f["model"], f.get("seed", 0), f.get("model_kwargs", {}))
+                          == (model, seed, r.get("model_kwargs", {}))), {})  # fmt: skip
+            timed = sorted((a[SIDE_BY_SIDE], a["top1_hard"])
+                           for a in flops.get("flops_attempts", [])
+                           if a.get(SIDE_BY_SIDE) is not None)  # fmt: skip
+            color = f"C{seed}"
+            if timed:
+                ax.plot(*zip(*timed, strict=True), "s--", color=color, alpha=0.5, markersize=4,
+                        label=f"seed {seed}: FLOPs-budget runs")  # fmt: skip
+            ax.scatter([r[SIDE_BY_SIDE]], [r["top1_hard"]], color=color, s=60, zorder=3,
+                       label=f"seed {seed}: latency-budget run")  # fmt: skip
+            at = flops.get("top1_hard_at_equal_latency")
+            if at is not None:
+                ax.scatter([r[SIDE_BY_SIDE]], [at], marker="D", facecolors="none",
+                           edgecolors=color, s=60, zorder=3)  # fmt: skip
+                ax.plot([r[SIDE_BY_SIDE]] * 2, [at, r["top1_hard"]], color=color, linewidth=2)
+        ax.axvline(0.5, color="0.5", linestyle=":", linewidth=1)
+        extra = "" if kwargs == "{}" else f" {kwargs}"
+        ax.set_title(f"{model}{extra}", fontsize=9)
+        ax.set_xlabel("latency ratio (exported / full), timed in turns")
+        ax.set_ylabel("test top-1 of the exported model (%)")
+        ax.legend(fontsize=7)
+    fig.suptitle("Latency budget vs FLOPs budget at equal measured latency "
+                 "(diamond: FLOPs runs interpolated)", fontsize=10)  # fmt: skip
+    save_figure(fig, path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["resnet20", "mobilenet_v3_small"])
@@ -151,6 +236,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of both runs")
     parser.add_argument("--model-kwargs", type=json.loads, default={},
                         help='model factory arguments as JSON, e.g. \'{"cifar_stem": true}\'')
+    parser.add_argument("--bracket", action="store_true",
+                        help="add a FLOPs run where the FLOPs runs, timed side by side, do not "
+                             "lie on both sides of the latency run (see top1_at_latency)")
     parser.add_argument("--out", default="runs/latency_budget")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/latency_budget.json"))
     args = parser.parse_args()
@@ -190,24 +278,31 @@ def main() -> None:
         lat = next(r for r in results["runs"] if key(r) == key({**run, "budget": "latency"}))
         if "infeasible" in lat:
             continue
-        if key({**run, "budget": "flops"}) not in done:
+        full, _, example = build_model_and_pruner(
+            RunConfig(model=name, progress=False, init=args.init, model_kwargs=kwargs),
+            dataset_spec("fashion-mnist"), "cpu")  # fmt: skip
+
+        def attempt(target: float, number: int, common=common, tag=tag, full=full,
+                    example=example) -> dict:  # fmt: skip
+            """One FLOPs run at ``target`` and its exported model's measured latency ratio."""
+            out = f"{args.out}/{tag}_flops" + (f"_{number}" if number > 1 else "")
+            report = prune(RunConfig(**common, target_flops=target, out=out))
+            exported = torch.load(f"{out}/model_pruned.pt", weights_only=False)
+            # the FLOPs run's measured latency, at the same batch, like with like
+            ratio = measured_latency_ratio(full, exported, example, args.latency_batch)
+            return {**{k: report.get(k) for k in KEYS}, "latency_ratio": ratio, "out": out}
+
+        flops = next((r for r in results["runs"] if key(r) == key({**run, "budget": "flops"})),
+                     None)  # fmt: skip
+        if flops is None:
             target, points = calibrate(name, lat["latency_ratio"], args.latency_batch,
                                        init=args.init, round_to=args.round_to,
                                        model_kwargs=kwargs)  # fmt: skip
-            full, _, example = build_model_and_pruner(
-                RunConfig(model=name, progress=False, init=args.init, model_kwargs=kwargs),
-                dataset_spec("fashion-mnist"), "cpu")  # fmt: skip
             attempts = []
-            for attempt in range(2):
-                out = f"{args.out}/{tag}_flops" + (f"_{attempt + 1}" if attempt else "")
-                report = prune(RunConfig(**common, target_flops=target, out=out))
-                exported = torch.load(f"{out}/model_pruned.pt", weights_only=False)
-                # the FLOPs run's measured latency, at the same batch, like with like
-                ratio = measured_latency_ratio(full, exported, example, args.latency_batch)
-                attempts.append({**{k: report.get(k) for k in KEYS}, "latency_ratio": ratio,
-                                 "out": out})  # fmt: skip
-                miss = ratio - lat["latency_ratio"]
-                if abs(miss) <= 0.05 * lat["latency_ratio"] or attempt:
+            for number in (1, 2):
+                attempts.append(attempt(target, number))
+                miss = attempts[-1]["latency_ratio"] - lat["latency_ratio"]
+                if abs(miss) <= 0.05 * lat["latency_ratio"] or number == 2:
                     break
                 # training moved the widths off the projected ones: aim the calibration
                 # curve (projected widths) at the latency shifted by the trained run's miss
@@ -219,6 +314,17 @@ def main() -> None:
             results["runs"].append({**run, "budget": "flops", "calibration": points, **best,
                                     "flops_attempts": attempts})  # fmt: skip
             save()
+        elif args.bracket:
+            if lat.get(SIDE_BY_SIDE) is None:
+                raise SystemExit(f"--bracket needs the runs timed side by side first: python -m "
+                                 f"benchmarks.latency_remeasure {args.json} --side-by-side")
+            attempts = flops["flops_attempts"]
+            if top1_at_latency(attempts, lat[SIDE_BY_SIDE]) is None:
+                target = bracketing_target(attempts, lat[SIDE_BY_SIDE], flops["calibration"])
+                attempts.append(attempt(target, len(attempts) + 1))
+                save()
+                print(f"{tag}: FLOPs attempt at {target} added; time it with "
+                      f"benchmarks.latency_remeasure --side-by-side")
     plot(results, args.json.with_suffix(".png"))
     print(json.dumps(results, indent=2))
 

@@ -89,7 +89,7 @@ def main() -> None:
         print(json.dumps(time_in_turns(model, kwargs, init or None, exported, args.latency_batch,
                                        args.turns)))  # fmt: skip
         return
-    from benchmarks.latency_budget import plot
+    from benchmarks.latency_budget import plot, plot_equal_latency
     from s2hpruner.app.files import atomic_write_bytes
 
     inits = dict(item.split("=", 1) for item in args.init)
@@ -97,6 +97,7 @@ def main() -> None:
     if args.side_by_side:
         side_by_side(args, results, inits)
         plot(results, args.json.with_suffix(".png"))
+        plot_equal_latency(results, args.json.with_name(f"{args.json.stem}_equal_latency.png"))
         return
     for run in results["runs"]:
         exported = run_dir(args.runs, run) / "model_pruned.pt"
@@ -119,29 +120,49 @@ def main() -> None:
 
 
 def side_by_side(args: argparse.Namespace, results: dict, inits: dict) -> None:
-    """``latency_ratio_side_by_side`` of every finished run, its model and seed's runs timed
-    in turns in one fresh process."""
+    """``latency_ratio_side_by_side`` of every finished run and FLOPs attempt, a model and
+    seed's networks timed in turns in one fresh process; then each FLOPs run's top-1 at the
+    latency run's latency (``top1_hard_at_equal_latency``, interpolated between attempts)."""
+    from benchmarks.latency_budget import SIDE_BY_SIDE, top1_at_latency
     from s2hpruner.app.files import atomic_write_bytes
 
-    groups: dict[tuple, list[dict]] = {}
+    groups: dict[tuple, dict[str, list[dict]]] = {}
     for run in results["runs"]:
-        if "top1_hard" in run and (run_dir(args.runs, run) / "model_pruned.pt").exists():
-            key = (run["model"], json.dumps(run.get("model_kwargs", {})), run.get("seed", 0))
-            groups.setdefault(key, []).append(run)
-    for (model, kwargs, seed), runs in groups.items():
-        exported = [str(run_dir(args.runs, run) / "model_pruned.pt") for run in runs]
+        if "top1_hard" not in run:
+            continue
+        key = (run["model"], json.dumps(run.get("model_kwargs", {})), run.get("seed", 0))
+        # a FLOPs run is a copy of one of its attempts: time each network once, by path
+        for record in [run, *run.get("flops_attempts", [])]:
+            exported = run_dir(args.runs, record) / "model_pruned.pt"
+            if exported.exists():
+                groups.setdefault(key, {}).setdefault(str(exported), []).append(record)
+    for (model, kwargs, seed), networks in groups.items():
         command = [sys.executable, "-m", "benchmarks.latency_remeasure", str(args.json),
                    "--latency-batch", str(args.latency_batch), "--turns", str(args.turns),
                    "--worker-side-by-side", model, kwargs, inits.get(model, ""),
-                   *exported]  # fmt: skip
+                   *networks]  # fmt: skip
         done = subprocess.run(command, capture_output=True, text=True, check=True)
         values = json.loads(done.stdout.strip().splitlines()[-1])
-        for run, vals in zip(runs, values, strict=True):
-            run["latency_ratio_side_by_side"] = float(np.median(vals))
-            run["latency_ratio_side_by_side_values"] = vals
-            print(model, seed, run["budget"], "in run", round(run["latency_ratio"], 3),
-                  "side by side", [round(v, 3) for v in vals])
+        for (path, records), vals in zip(networks.items(), values, strict=True):
+            for record in records:
+                record[SIDE_BY_SIDE] = float(np.median(vals))
+                record[f"{SIDE_BY_SIDE}_values"] = vals
+            print(model, seed, Path(path).parent.name, "in run",
+                  round(records[0]["latency_ratio"], 3), "side by side",
+                  [round(v, 3) for v in vals])
         atomic_write_bytes(args.json, json.dumps(results, indent=2).encode())
+    for run in results["runs"]:
+        key = (run["model"], run.get("model_kwargs", {}), run.get("seed", 0))
+        latency = next((r for r in results["runs"] if r["budget"] == "latency"
+                        and (r["model"], r.get("model_kwargs", {}), r.get("seed", 0)) == key),
+                       None)  # fmt: skip
+        if run["budget"] == "flops" and latency and latency.get(SIDE_BY_SIDE) is not None:
+            run["equal_latency"] = latency[SIDE_BY_SIDE]
+            run["top1_hard_at_equal_latency"] = top1_at_latency(
+                run.get("flops_attempts", [run]), latency[SIDE_BY_SIDE])
+            print(run["model"], run.get("seed", 0), "FLOPs top-1 at the latency run's latency",
+                  run["top1_hard_at_equal_latency"], "latency run", latency["top1_hard"])
+    atomic_write_bytes(args.json, json.dumps(results, indent=2).encode())
 
 
 if __name__ == "__main__":

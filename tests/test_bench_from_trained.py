@@ -104,6 +104,24 @@ def test_full_profile_plan():
     assert compare.FROM_TRAINED.split_seed == 0, "seed 1 validates on the checkpoint's split"
 
 
+def test_resnet56_profile_transfers_every_methods_resnet20_choice():
+    """The resnet56 profile: four methods at 0.35, both budgets, and for each method the one
+    candidate that the stored resnet20 search chose on validation (the same rule for all)."""
+    profile = compare.FROM_TRAINED_RESNET56
+    plan = compare.plan_runs(profile)
+    assert {(s.method, s.budget) for s in plan} == {
+        *((m, "epochs") for m in ("s2h", "l1-ft", "group-sl", "random")),
+        *((m, "compute") for m in ("l1-ft", "group-sl", "random"))}  # fmt: skip
+    assert {(s.target, s.seed) for s in plan} == {(0.35, 0)}
+    assert profile.model == "resnet56" and profile.init != compare.FROM_TRAINED.init
+    assert f"--model resnet56 --epochs 5 --out {profile.init}" in profile.pretrain_command
+    root = Path(__file__).resolve().parents[1]
+    stored = json.loads((root / "benchmarks/results/from_trained.json").read_text())
+    chosen = {t["method"]: t["hyper"] for t in stored["tuning"] if t["chosen"]}
+    assert {m: list(c) for m, c in profile.search.items()} \
+        == {m: [chosen[m]] for m in profile.search}
+
+
 def test_searched_target_runs_first_and_lends_its_choice():
     """With tune_targets, each seed's plan starts with the searched target; the other targets
     search nothing and reuse the nearest searched target's choice, on the epochs budget."""

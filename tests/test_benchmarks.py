@@ -126,6 +126,28 @@ def test_latency_budget_plot_pairs_the_runs_of_a_seed(tmp_path):
     assert not (tmp_path / "none.png").exists()
 
 
+def test_equal_latency_plot_draws_a_panel_per_model_with_side_by_side_timings(tmp_path):
+    """Only runs timed side by side are drawn; a seed without a bracket has no diamond."""
+    from benchmarks import latency_budget
+
+    side = latency_budget.SIDE_BY_SIDE
+    attempts = [{"top1_hard": 88.0, side: 0.45}, {"top1_hard": 90.0, side: 0.55}]
+    results = {"runs": [
+        {"model": "resnet20", "budget": "latency", "seed": 0, "top1_hard": 89.5, side: 0.5},
+        {"model": "resnet20", "budget": "flops", "seed": 0, "top1_hard": 88.0,
+         "flops_attempts": attempts, "top1_hard_at_equal_latency": 89.0},
+        {"model": "resnet20", "budget": "latency", "seed": 1, "top1_hard": 89.0, side: 0.6},
+        {"model": "resnet20", "budget": "flops", "seed": 1, "top1_hard": 88.0,
+         "flops_attempts": attempts[:1], "top1_hard_at_equal_latency": None},
+    ]}  # fmt: skip
+    path = tmp_path / "equal.png"
+    latency_budget.plot_equal_latency(results, path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    untimed = {"runs": [{**r, side: None} for r in results["runs"]]}
+    latency_budget.plot_equal_latency(untimed, tmp_path / "none.png")
+    assert not (tmp_path / "none.png").exists()
+
+
 def test_latency_budget_reads_the_flops_target_off_the_calibration_curve():
     """The FLOPs target for a latency ratio: interpolated on the measured curve (whatever the
     order of its points), clamped at the grid's ends (the retry stops there)."""
@@ -134,6 +156,36 @@ def test_latency_budget_reads_the_flops_target_off_the_calibration_curve():
     points = [(0.3, 0.60), (0.1, 0.40), (0.2, 0.50)]
     assert flops_target_for(points, 0.45) == pytest.approx(0.15)
     assert flops_target_for(points, 0.30) == 0.1 and flops_target_for(points, 0.9) == 0.3
+
+
+def test_flops_arm_top1_is_interpolated_at_the_latency_runs_latency_between_attempts():
+    """Linear in measured latency between the nearest attempt on each side; None unless the
+    attempts lie on both sides; untimed attempts do not count."""
+    from benchmarks.latency_budget import top1_at_latency
+
+    def attempt(latency, top1):
+        return {"latency_ratio_side_by_side": latency, "top1_hard": top1}
+
+    attempts = [attempt(0.43, 80.0), attempt(0.48, 85.0), attempt(0.53, 88.0)]
+    assert top1_at_latency(attempts, 0.50) == pytest.approx(85.0 + 0.4 * 3.0)
+    assert top1_at_latency(attempts, 0.45) == pytest.approx(82.0)
+    assert top1_at_latency(attempts, 0.48) == pytest.approx(85.0)
+    assert top1_at_latency(attempts[:2], 0.50) is None  # all faster: no bracket
+    assert top1_at_latency([*attempts[:2], {"top1_hard": 90.0}], 0.50) is None
+
+
+def test_bracketing_target_aims_past_the_latency_run_on_the_missing_side():
+    """Every attempt slower than the latency run: the next one aims ``margin`` faster, read
+    off the calibration curve moved by the nearest attempt's miss; and the other way round."""
+    from benchmarks.latency_budget import bracketing_target
+
+    points = [(0.1, 0.40), (0.2, 0.50), (0.3, 0.60)]  # latency = 0.3 + FLOPs target
+    # trained at 0.2 it measured 0.52 (curve: 0.50); the latency run measured 0.49
+    slower = [{"target_flops": 0.2, "latency_ratio_side_by_side": 0.52},
+              {"target_flops": 0.3, "latency_ratio_side_by_side": 0.63}]  # fmt: skip
+    assert bracketing_target(slower, 0.49, points) == pytest.approx(0.14)  # aims at 0.46
+    faster = [{"target_flops": 0.2, "latency_ratio_side_by_side": 0.47}]
+    assert bracketing_target(faster, 0.49, points) == pytest.approx(0.25)  # aims at 0.52
 
 
 def test_latency_remeasure_finds_the_run_directories_latency_budget_wrote():
@@ -159,14 +211,22 @@ def test_latency_remeasure_side_by_side_times_a_seeds_runs_in_one_process(tmp_pa
 
     from benchmarks import latency_remeasure
 
+    def exported(name):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model_pruned.pt").write_bytes(b"")
+        return str(tmp_path / name)
+
     runs = []
     for seed in (0, 1):
-        for budget in ("latency", "flops"):
-            out = tmp_path / f"resnet20_s{seed}_{budget}"
-            out.mkdir()
-            (out / "model_pruned.pt").write_bytes(b"")
-            runs.append({"model": "resnet20", "seed": seed, "budget": budget, "out": str(out),
-                         "top1_hard": 90.0, "latency_ratio": 0.5})  # fmt: skip
+        latency = {"model": "resnet20", "seed": seed, "budget": "latency", "top1_hard": 90.0,
+                   "out": exported(f"resnet20_s{seed}_latency"), "latency_ratio": 0.5}
+        # the FLOPs run is a copy of its second attempt: the network is timed once
+        attempts = [{"out": exported(f"resnet20_s{seed}_flops"), "top1_hard": 88.0,
+                     "latency_ratio": 0.6},
+                    {"out": exported(f"resnet20_s{seed}_flops_2"), "top1_hard": 89.0,
+                     "latency_ratio": 0.5}]  # fmt: skip
+        runs += [latency, {"model": "resnet20", "seed": seed, "budget": "flops",
+                           **attempts[1], "flops_attempts": attempts}]  # fmt: skip
     calls = []
 
     def fake_run(command, **kwargs):
@@ -179,11 +239,16 @@ def test_latency_remeasure_side_by_side_times_a_seeds_runs_in_one_process(tmp_pa
     args = argparse.Namespace(runs=tmp_path, latency_batch=64, turns=3,
                               json=tmp_path / "results.json")  # fmt: skip
     latency_remeasure.side_by_side(args, {"runs": runs}, {})
-    assert [len(c) for c in calls] == [2, 2]  # one process per seed, both arms in it
+    assert [len(c) for c in calls] == [3, 3]  # one process per seed, every network in it
     assert all("_s0_" in c for c in calls[0]) and all("_s1_" in c for c in calls[1])
+    # medians in the order timed: latency run 0.5, the FLOPs run (= attempt 2) 0.6, attempt 1 0.7
     assert [r["latency_ratio_side_by_side"] for r in runs] == pytest.approx([0.5, 0.6] * 2)
-    assert json.loads(args.json.read_text())["runs"][1]["latency_ratio_side_by_side_values"] \
-        == pytest.approx([0.5, 0.7, 0.6])
+    saved = json.loads(args.json.read_text())["runs"][1]
+    assert [a["latency_ratio_side_by_side"] for a in saved["flops_attempts"]] \
+        == pytest.approx([0.7, 0.6])
+    assert saved["latency_ratio_side_by_side_values"] == pytest.approx([0.5, 0.7, 0.6])
+    # both attempts are slower than the latency run (0.5): no top-1 at equal latency
+    assert saved["equal_latency"] == 0.5 and saved["top1_hard_at_equal_latency"] is None
 
 
 def test_latency_predictors_refit_error_favours_the_predictor_the_device_follows():
