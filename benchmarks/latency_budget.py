@@ -91,6 +91,11 @@ def flops_target_for(points: list, latency_ratio: float) -> float:
 SIDE_BY_SIDE = "latency_ratio_side_by_side"  # set by benchmarks.latency_remeasure
 
 
+def seed_key(run: dict) -> tuple:
+    """What pairs a latency run with its FLOPs runs: model, factory arguments and seed."""
+    return run["model"], json.dumps(run.get("model_kwargs", {})), run.get("seed", 0)
+
+
 def top1_at_latency(attempts: list[dict], latency: float) -> float | None:
     """The FLOPs arm's top-1 at measured ``latency``: linear in latency between the nearest
     attempt on each side (all timed side by side with the latency run); None unless attempts
@@ -193,9 +198,8 @@ def plot_equal_latency(results: dict, path: Path) -> None:
             if (r["model"], json.dumps(r.get("model_kwargs", {}))) != (model, kwargs):
                 continue
             seed = r.get("seed", 0)
-            flops = next((f for f in results["runs"] if f["budget"] == "flops"
-                          and (f["model"], f.get("seed", 0), f.get("model_kwargs", {}))
-                          == (model, seed, r.get("model_kwargs", {}))), {})  # fmt: skip
+            flops = next((f for f in results["runs"]
+                          if f["budget"] == "flops" and seed_key(f) == seed_key(r)), {})
             timed = sorted((a[SIDE_BY_SIDE], a["top1_hard"])
                            for a in flops.get("flops_attempts", [])
                            if a.get(SIDE_BY_SIDE) is not None)  # fmt: skip

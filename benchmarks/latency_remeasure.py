@@ -123,14 +123,14 @@ def side_by_side(args: argparse.Namespace, results: dict, inits: dict) -> None:
     """``latency_ratio_side_by_side`` of every finished run and FLOPs attempt, a model and
     seed's networks timed in turns in one fresh process; then each FLOPs run's top-1 at the
     latency run's latency (``top1_hard_at_equal_latency``, interpolated between attempts)."""
-    from benchmarks.latency_budget import SIDE_BY_SIDE, top1_at_latency
+    from benchmarks.latency_budget import SIDE_BY_SIDE, seed_key, top1_at_latency
     from s2hpruner.app.files import atomic_write_bytes
 
     groups: dict[tuple, dict[str, list[dict]]] = {}
     for run in results["runs"]:
         if "top1_hard" not in run:
             continue
-        key = (run["model"], json.dumps(run.get("model_kwargs", {})), run.get("seed", 0))
+        key = seed_key(run)
         # a FLOPs run is a copy of one of its attempts: time each network once, by path
         for record in [run, *run.get("flops_attempts", [])]:
             exported = run_dir(args.runs, record) / "model_pruned.pt"
@@ -152,10 +152,8 @@ def side_by_side(args: argparse.Namespace, results: dict, inits: dict) -> None:
                   [round(v, 3) for v in vals])
         atomic_write_bytes(args.json, json.dumps(results, indent=2).encode())
     for run in results["runs"]:
-        key = (run["model"], run.get("model_kwargs", {}), run.get("seed", 0))
-        latency = next((r for r in results["runs"] if r["budget"] == "latency"
-                        and (r["model"], r.get("model_kwargs", {}), r.get("seed", 0)) == key),
-                       None)  # fmt: skip
+        latency = next((r for r in results["runs"]
+                        if r["budget"] == "latency" and seed_key(r) == seed_key(run)), None)
         if run["budget"] == "flops" and latency and latency.get(SIDE_BY_SIDE) is not None:
             run["equal_latency"] = latency[SIDE_BY_SIDE]
             run["top1_hard_at_equal_latency"] = top1_at_latency(
