@@ -120,6 +120,27 @@ def test_resnet56_profile_transfers_every_methods_resnet20_choice():
     chosen = {t["method"]: t["hyper"] for t in stored["tuning"] if t["chosen"]}
     assert {m: list(c) for m, c in profile.search.items()} \
         == {m: [chosen[m]] for m in profile.search}
+    assert {m: chosen[m] for m in compare.RESNET20_CHOICES} == compare.RESNET20_CHOICES
+
+
+def test_cheap_profile_gives_the_search_30_percent_and_the_hard_network_alone_the_rest():
+    """The cheaper S2HPruner schedule: same checkpoint, lr and baselines' choices as the
+    from-trained search made, widths frozen after 30% of the run and the hard network then
+    trained without the soft teacher; only the baselines run on the compute budget."""
+    profile = compare.FROM_TRAINED_CHEAP
+    plan = compare.plan_runs(profile)
+    assert {(s.method, s.budget) for s in plan} == {
+        *((m, "epochs") for m in ("s2h", "l1-ft", "random")),
+        *((m, "compute") for m in ("l1-ft", "random"))}  # fmt: skip
+    assert {(s.target, s.seed) for s in plan} == {(0.35, 0), (0.35, 1)}
+    assert profile.init == compare.FROM_TRAINED.init
+    (s2h,) = profile.search["s2h"]
+    cfg = compare.run_config(profile, compare.RunSpec("s2h", 0.35, 0, "epochs"), 1.0,
+                             Path("unused"), s2h)  # fmt: skip
+    assert (cfg.freeze, cfg.freeze_epochs, cfg.freeze_teacher) == (0.7, None, "none")
+    assert cfg.lr == compare.RESNET20_CHOICES["s2h"]["lr"]
+    for method in ("l1-ft", "random"):
+        assert profile.search[method] == (compare.RESNET20_CHOICES[method],)
 
 
 def test_searched_target_runs_first_and_lends_its_choice():

@@ -43,8 +43,27 @@ def test_prune_writes_a_complete_run_directory(finished_run):
     assert 0.0 <= records[0]["val_top1_full"] <= 100.0  # the starting model, before pruning
     assert report["top1_start_val"] == records[0]["val_top1_full"]
     for key in ("val_top1_soft", "val_top1_hard", "gap", "flops_ratio_soft", "flops_ratio_hard",
-                "losses", "lr", "widths"):
+                "losses", "lr", "widths", "budget_met_step"):
         assert key in records[-1]
+
+
+def test_the_run_records_when_the_search_met_its_budget_and_traces_it_by_step(finished_run):
+    """report.json says at which step of its joint phase the search first met the budget
+    (this run meets it early, then drifts above it and is projected back when the widths
+    freeze), and TensorBoard holds the hard ratio every 10 steps, so that a short search can
+    be followed."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, out = finished_run
+    report = json.loads((out / "report.json").read_text())
+    start, end = report["joint_phase_steps"]
+    assert start <= report["budget_met_step"] < end
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    trace = events.Scalars("step/ratio_hard/flops")
+    assert [e.step for e in trace] == list(range(10, 89, 10))  # 88 steps: 22 x 4 epochs
+    assert trace[0].value > trace[-1].value  # starts wider than it ends
+    assert abs(trace[-1].value - 0.5) <= 0.005  # on the budget
 
 
 def test_exported_program_runs_without_s2hpruner(finished_run):

@@ -10,7 +10,7 @@ from torch import nn
 from s2hpruner import METHODS, S2HPruner, S2HTrainer
 from s2hpruner.app.models import create_model
 from s2hpruner.core.balance import GradientBalancer
-from s2hpruner.core.trainer import Method, evaluate, kl, logits_of
+from s2hpruner.core.trainer import Method, evaluate, kl, logits_of, project_to_budget
 
 
 def setup(method="s2h", seed=0, **trainer_kwargs):
@@ -176,6 +176,25 @@ def test_projection_onto_the_budget_is_recorded_and_warned():
         steps = trainer.freeze_widths()
     assert steps > 0 and trainer.projection_steps == steps
     assert abs(pruner.ratio("hard") - 0.35) <= trainer.balancer.tolerance
+
+
+def test_the_step_the_search_first_meets_the_budget_is_recorded_and_resumed():
+    """``budget_met_step``: the first joint step whose hard network is within tolerance of
+    the budget (None while it is not), kept across a state_dict round trip."""
+    model, pruner, trainer, x, y = setup("s2h", freeze=0.1)
+    assert abs(pruner.ratio("hard") - 0.35) > trainer.balancer.tolerance
+    trainer.step(x, y)
+    assert trainer.budget_met_step is None  # step 0's hard network was off budget
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        project_to_budget(pruner, trainer.balancer.tolerance)  # now on the budget
+    trainer.step(x, y)
+    assert trainer.budget_met_step == 1
+    trainer.step(x, y)
+    assert trainer.budget_met_step == 1  # the first time only
+    *_, fresh, _, _ = setup("s2h", freeze=0.1)
+    fresh.load_state_dict(trainer.state_dict())
+    assert fresh.budget_met_step == 1
 
 
 def test_phase_fractions_that_leave_no_search_are_refused():

@@ -65,6 +65,17 @@ class MetricWriter:
             self.writer.add_scalar(f"width/{name}", width, step)
         self.writer.flush()
 
+    def log_step(self, step: int, losses: dict[str, float], ratios_hard: dict[str, float]
+                 ) -> None:  # fmt: skip
+        """Within-epoch trace (``step/`` scalars): how fast the search reaches the budget
+        matters most in short runs, where an epoch is the whole search."""
+        if self.writer is None:
+            return
+        for key, value in losses.items():
+            self.writer.add_scalar(f"step/loss/{key}", value, step)
+        for key, value in ratios_hard.items():
+            self.writer.add_scalar(f"step/ratio_hard/{key}", value, step)
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()

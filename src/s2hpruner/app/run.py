@@ -337,9 +337,12 @@ def prune(cfg: RunConfig) -> dict:
                 state.running[k] = state.running.get(k, 0.0) + v
             state.running["n"] = state.running.get("n", 0) + 1
             if state.step % 10 == 0:
+                ratios = pruner.ratios("hard")
                 bar.set_postfix(phase=trainer.phase(state.step - 1),
                                 loss=f"{losses.get('task', 0):.3f}",
-                                flops=f"{pruner.ratio('hard'):.3f}")  # fmt: skip
+                                **{k: f"{v:.3f}" for k, v in ratios.items()})  # fmt: skip
+                if main:
+                    writer.log_step(state.step, losses, ratios)
             bar.update(1)
             if state.step % steps_per_epoch == 0 or state.step == total_steps:
                 break
@@ -436,6 +439,7 @@ def _epoch_record(state, steps_per_epoch, model, pruner, trainer, schedule, val_
         "ratios_hard": pruner.ratios("hard"),
         "budgets": pruner.budgets,
         "budget_projection_steps": trainer.projection_steps,
+        "budget_met_step": trainer.budget_met_step,
         "losses": {k: v / n for k, v in running.items()},
         "lr": schedule.get_last_lr()[0],
         "mask_lr": trainer.mask_optimizer.param_groups[0]["lr"],
@@ -484,6 +488,9 @@ def finish(cfg, out, splits, model, pruner, trainer, example, device, state) -> 
         "predicted_flops_ratio": pruner.ratio("hard"),
         "predicted_params_ratio": pruner.ratio("hard", "params"),
         "budget_projection_steps": trainer.projection_steps,
+        # when the search first met the budget by itself, within its joint phase [start, end)
+        "budget_met_step": trainer.budget_met_step,
+        "joint_phase_steps": [trainer.warmup_end, trainer.freeze_start],
         "round_to": pruner.round_to,  # the alignment used (a latency budget's default: 8)
         "latency_speedup_b1": speed["b1"],
         "latency_speedup_b64": speed["b64"],

@@ -228,6 +228,9 @@ class S2HTrainer:
         self.step_count = 0
         self.widths_frozen = False
         self.projection_steps: int | None = None  # steps project_to_budget took, once frozen
+        # first search step after which the hard ratios were within tolerance of the budget:
+        # how much of the joint phase the search needed to reach it by itself (None: never)
+        self.budget_met_step: int | None = None
         # a latency budget with a measurable latency model gets measured feedback
         self.latency_feedback = hasattr(pruner.latency, "calibrate") and "latency" in pruner.budgets
         search = self.freeze_start - self.warmup_end
@@ -381,7 +384,10 @@ class S2HTrainer:
             task = D.average_gradient_list(grads.masks["task"], masks)
             gap = _sum(grads.masks.get("gap_hard"), grads.masks.get("gap_soft"))
             gap = None if gap is None else D.average_gradient_list(gap, masks)
-            self.balancer.update(float(self.pruner.budget_excess("hard").detach()))
+            excess = float(self.pruner.budget_excess("hard").detach())
+            self.balancer.update(excess)
+            if self.budget_met_step is None and abs(excess) <= self.balancer.tolerance:
+                self.budget_met_step = self.step_count
             _set_grads(masks, self.balancer.combine(masks, task, gap, grads.masks["resource"]))
         self._optimizer_step(self.optimizer)
         if search:
@@ -413,6 +419,7 @@ class S2HTrainer:
             "step_count": self.step_count,
             "widths_frozen": self.widths_frozen,
             "projection_steps": self.projection_steps,
+            "budget_met_step": self.budget_met_step,
             "mask_optimizer": self.mask_optimizer.state_dict(),
             "balancer": self.balancer.state_dict(),
             "scaler": None if self.scaler is None else self.scaler.state_dict(),
@@ -422,6 +429,7 @@ class S2HTrainer:
         self.step_count = int(state["step_count"])
         self.widths_frozen = bool(state["widths_frozen"])
         self.projection_steps = state["projection_steps"]
+        self.budget_met_step = state.get("budget_met_step")  # absent in older checkpoints
         self.mask_optimizer.load_state_dict(state["mask_optimizer"])
         self.balancer.load_state_dict(state["balancer"])
         if self.scaler is not None and state.get("scaler") is not None:
