@@ -132,7 +132,7 @@ def test_cheap_profile_gives_the_search_30_percent_and_the_hard_network_alone_th
     assert {(s.method, s.budget) for s in plan} == {
         *((m, "epochs") for m in ("s2h", "l1-ft", "random")),
         *((m, "compute") for m in ("l1-ft", "random"))}  # fmt: skip
-    assert {(s.target, s.seed) for s in plan} == {(0.35, 0), (0.35, 1)}
+    assert {(s.target, s.seed) for s in plan} == {(0.35, 0), (0.35, 1), (0.35, 2)}
     assert profile.init == compare.FROM_TRAINED.init
     (s2h,) = profile.search["s2h"]
     cfg = compare.run_config(profile, compare.RunSpec("s2h", 0.35, 0, "epochs"), 1.0,
