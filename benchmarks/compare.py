@@ -244,7 +244,7 @@ FROM_TRAINED_RESNET56 = dataclasses.replace(
 
 # S2HPruner with a cheaper schedule from the same trained resnet20 (issue #15, item 3: "the
 # length of the frozen-width phase", "a cheaper last phase"). The per-step trace of the chosen
-# from-trained run shows its search meeting the budget at step 45 and settled by step ~100 of
+# from-trained run shows its search meeting the budget at step 45 and settled by step ~130 of
 # 257 joint steps: the rest of the joint phase trains two networks for little architecture
 # change. Here the search gets the first 30% of the epoch (129 steps) and the hard network
 # alone the rest, so S2HPruner's epoch costs less and the compute budget of the baselines
