@@ -191,6 +191,19 @@ def profile_markdown(results: dict, image: str | None) -> list[str]:
             "- Compute ratio (S2HPruner seconds per epoch / plain seconds per epoch of the full "
             f"model, measured in this benchmark): {'; '.join(parts)}"
         )
+        if any(r.get("timing") == "side by side" for r in ratios.values()):
+            turns = sorted({r["turns"] for r in ratios.values() if r.get("turns")})
+            lines.append(
+                "  (timed side by side in one process: blocks of S2HPruner steps and plain "
+                "full-model steps on the same batches, in "
+                f"{', '.join(map(str, turns))} alternating turns per phase; each phase's "
+                "median ratio weighted by its share of the steps: "
+                + "; ".join(
+                    f"{key}: " + ", ".join(f"{phase} {v['ratio']:.2f} x {v['fraction']:.2f}"
+                                           for phase, v in r["phases"].items())
+                    for key, r in sorted(ratios.items()) if r.get("phases")
+                ) + ")"
+            )  # fmt: skip
         if any(r.get("plain_timed_steps") for r in ratios.values()):
             steps = sorted({r["plain_timed_steps"] for r in ratios.values() if
                             r.get("plain_timed_steps")})  # fmt: skip

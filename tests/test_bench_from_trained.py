@@ -318,3 +318,66 @@ def test_bn_recalibration_is_the_plain_average_over_the_batches():
         means = torch.stack([model[0](x).mean(dim=(0, 2, 3)) for x, _ in batches[:2]])
     assert torch.allclose(model[1].running_mean, means.mean(0), atol=1e-5)
     assert torch.equal(model[0].weight, weight) and not model.training
+
+
+def test_side_by_side_timing_holds_each_phase_and_weights_it_by_its_steps(tmp_path, monkeypatch):
+    """benchmarks.step_timing: S2HPruner's steps are timed in the phase being measured (the
+    trainer is held there), each phase against its own plain blocks, and the ratio is the
+    phases' median ratios weighted by their share of the run's steps."""
+    from benchmarks import step_timing
+    from s2hpruner.core.trainer import S2HTrainer
+
+    ckpt = _checkpoint(tmp_path / "tiny.pt")
+    cfg = compare.run_config(_tiny_profile(init=str(ckpt), freeze=0.5),
+                             compare.RunSpec("s2h", 0.35, 0, "epochs"), 1.0, tmp_path / "run",
+                             {"lr": 0.01, "freeze_teacher": "none"})  # fmt: skip
+    seen, original = [], S2HTrainer.gradients
+    monkeypatch.setattr(S2HTrainer, "gradients",
+                        lambda self, x, y, phase: seen.append(phase) or original(self, x, y, phase))
+    plain, original_train = [], step_timing.train
+    monkeypatch.setattr(step_timing, "train",
+                        lambda *a, **k: plain.append(a[4]) or original_train(*a, **k))
+    timed = step_timing.time_side_by_side(cfg, turns=2, block=1)
+    # 64 training images, batch 32: 2 steps, the last half (1 step) with frozen widths
+    assert timed["steps_per_epoch"] == 2
+    assert {p: v["steps"] for p, v in timed["phases"].items()} == {"joint": 1, "freeze": 1}
+    assert seen == ["joint"] * 3 + ["freeze"] * 3, "one untimed block, then 2 turns, per phase"
+    assert plain == [1] * 6, "each S2HPruner block has a plain block of the same steps"
+    for phase in timed["phases"].values():
+        assert len(phase["ratios"]) == 2 and all(r > 0 for r in phase["ratios"])
+        assert phase["ratio"] == pytest.approx(sum(phase["ratios"]) / 2)
+    assert timed["ratio"] == pytest.approx(
+        0.5 * timed["phases"]["joint"]["ratio"] + 0.5 * timed["phases"]["freeze"]["ratio"])
+    assert step_timing.phase_steps(0, 90, 129) == {"joint": 90, "freeze": 39}
+    assert step_timing.phase_steps(10, 129, 129) == {"warmup": 10, "joint": 119}
+
+
+def test_timed_profile_gives_the_compute_budget_the_side_by_side_ratio(tmp_path, monkeypatch,
+                                                                     no_latency):  # fmt: skip
+    """With compute_timing_turns, the compute budget's epochs come from the side-by-side
+    timing of the s2h run's own recipe (its chosen candidate), stored once in the JSON."""
+    ckpt = _checkpoint(tmp_path / "cache" / "tiny.pt")
+    profile = dataclasses.replace(compare.FROM_TRAINED_CHEAP_TIMED, **TINY,
+                                  methods=("s2h", "l1-ft"), seeds=(0,),
+                                  compute_timing_turns=1)  # fmt: skip
+    timed = []
+
+    def fake(cfg, turns):
+        timed.append((cfg.freeze, cfg.freeze_teacher, cfg.lr, turns))
+        return {"ratio": 1.234, "timing": "side by side", "turns": turns,
+                "phases": {"joint": {"ratio": 2.0, "fraction": 0.3}},
+                "s2h_seconds_per_epoch": 12.3, "plain_seconds_per_epoch": 10.0}  # fmt: skip
+
+    monkeypatch.setattr(compare, "time_side_by_side", fake)
+    monkeypatch.setitem(compare.PROFILES, profile.name, profile)
+    argv = ["--profile", profile.name, "--out", str(tmp_path / "results"), "--init", str(ckpt),
+            "--no-progress"]
+    assert compare.main(argv) == 0
+    assert timed == [(0.7, "none", 0.01, 1)]
+    data = json.loads((tmp_path / "results" / "from_trained_cheap_timed.json").read_text())
+    assert data["settings"]["compute_timing_turns"] == 1
+    assert data["compute_ratios"]["t0.35-s0"]["timing"] == "side by side"
+    (l1,) = [r for r in data["runs"] if r["budget"] == "compute"]
+    assert (l1["method"], l1["epochs"], l1["compute_ratio"]) == ("l1-ft", 1.23, 1.234)
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "timed side by side in one process" in text and "joint 2.00 x 0.30" in text

@@ -287,3 +287,38 @@ def test_cosine_mask_lr_follows_the_weights_schedule():
     # warm-up 0.1, 0.2; then cosine from 0.2 down to 0 over the other 8 steps
     expected = [0.1, 0.2] + [0.1 * (1 + math.cos(math.pi * t / 8)) for t in range(9)]
     assert lrs["cosine"] == pytest.approx(expected, abs=1e-12)
+
+
+def test_the_starting_weights_can_teach_the_last_phase(tmp_path):
+    """--freeze-teacher start: a fixed copy of the --init weights, rebuilt from their file
+    (so a resumed run gets the same teacher); without starting weights it is refused."""
+    from s2hpruner import S2HPruner
+    from s2hpruner.app.data import dataset_spec
+    from s2hpruner.app.models import create_model
+    from s2hpruner.app.run import build_trainer
+
+    with pytest.raises(ConfigError, match="starts from random ones; give --init"):
+        RunConfig(freeze_teacher="start").validate()
+    with pytest.raises(ConfigError, match="soft, none, start"):
+        RunConfig(freeze_teacher="init").validate()
+    torch.manual_seed(0)
+    trained = create_model("resnet20", num_classes=10, in_chans=1, width=4)
+    torch.save(trained.state_dict(), tmp_path / "trained.pt")
+    with pytest.raises(SystemExit):  # argparse names the choices
+        build_parser().parse_args(["prune", "--freeze-teacher", "init"])
+    args = build_parser().parse_args(["prune", "--freeze-teacher", "start", "--init",
+                                      str(tmp_path / "trained.pt"), "--dataset", "digits"])
+    cfg = config_from_args(args)
+    cfg.model_kwargs = {"width": 4}
+    cfg.validate()
+    assert cfg.freeze_teacher == "start"
+    model = create_model("resnet20", num_classes=10, in_chans=1, width=4)
+    model.load_state_dict(trained.state_dict())
+    pruner = S2HPruner(model, torch.zeros(1, 1, 8, 8), target_flops=0.5)
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)  # training moves the model, not the teacher
+    trainer, _ = build_trainer(cfg, model, pruner, total_steps=4, spec=dataset_spec("digits"))
+    teacher = trainer.freeze_teacher
+    assert isinstance(teacher, torch.nn.Module) and teacher is not model
+    for k, v in trained.state_dict().items():
+        assert torch.equal(teacher.state_dict()[k], v), k

@@ -376,3 +376,35 @@ def test_last_phase_teacher(monkeypatch, teacher):
         assert (g is None and e is None) or torch.allclose(g, e, atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="freeze_teacher"):
         setup("s2h", freeze_teacher="init")
+
+
+def test_last_phase_can_be_taught_by_a_fixed_model(monkeypatch):
+    """freeze_teacher=<module>: the hard network trains on L + alpha * KL(teacher || hard),
+    the teacher in eval mode (its BN running statistics) and never trained; no soft forward."""
+    torch.manual_seed(1)
+    teacher = create_model("resnet20", num_classes=10, in_chans=1)
+    teacher.train()
+    model, pruner, trainer, x, y = setup("s2h", alpha=0.7, freeze=0.3, freeze_teacher=teacher)
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    trainer.freeze_widths()
+    weights = list(model.parameters())
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    hard_stats = {k: v.clone() for k, v in pruner.hard_stats.state_dict().items()}
+    with torch.no_grad():
+        target = teacher(x)
+    with pruner.mode("hard"):
+        hard = model(x)
+    loss = torch.nn.functional.cross_entropy(hard, y) + 0.7 * kl(target, hard)
+    expected = torch.autograd.grad(loss, weights, allow_unused=True)
+    model.load_state_dict(state)
+    pruner.hard_stats.load_state_dict(hard_stats)
+    seen, original = [], pruner.mode
+    monkeypatch.setattr(pruner, "mode", lambda m, **kw: seen.append(m) or original(m, **kw))
+    grads = trainer.gradients(x, y, "freeze")
+    assert seen == ["hard"], "the soft network is not run"
+    for g, e in zip(grads.weights["task"], expected, strict=True):
+        assert (g is None and e is None) or torch.allclose(g, e, atol=1e-5, rtol=1e-4)
+    trainer.step(x, y)  # a whole step leaves the teacher as it was
+    for k, v in teacher.state_dict().items():
+        assert torch.equal(v, before[k]), k

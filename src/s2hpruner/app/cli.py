@@ -18,6 +18,7 @@ from ..core.errors import S2HError
 from .config import (
     AUTOCAST,
     BALANCE_SCOPES,
+    FREEZE_TEACHER_CHOICES,
     HARD_LAYOUTS,
     MASK_LR_SCHEDULES,
     METHODS,
@@ -96,8 +97,9 @@ HELP = {
     "balance": "what the norm balancing of the width-logit gradients spans: global (all "
                "groups at once) or per_group (each group on its own)",
     "freeze_teacher": "what the hard network is distilled from once the widths freeze: soft "
-                      "(the soft network's logits, as the method specifies) or none (task loss "
-                      "only; the last phase costs one pruned network's step)",
+                      "(the soft network's logits, as the method specifies), none (task loss "
+                      "only; the last phase costs one pruned network's step) or start (a fixed "
+                      "copy of the starting weights, --init or --pretrained)",
     "resource_on": "resource ratio in the resource loss: hard (kept widths, straight-through "
                    "gradient; what the exported model will have) or soft (expected widths)",
     "freeze_ranks_after_warmup": "stop recomputing the channel importance order after warm-up",
@@ -155,7 +157,8 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
                 help=text,
                 choices={"method": METHODS, "hard_layout": HARD_LAYOUTS,
                          "autocast": AUTOCAST, "balance": BALANCE_SCOPES,
-                         "mask_lr_schedule": MASK_LR_SCHEDULES}.get(f.name),  # fmt: skip
+                         "mask_lr_schedule": MASK_LR_SCHEDULES,
+                         "freeze_teacher": FREEZE_TEACHER_CHOICES}.get(f.name),  # fmt: skip
             )
 
 

@@ -20,6 +20,8 @@ METHODS = tuple(_METHODS)
 HARD_LAYOUTS = ("auto", "model", "contiguous", "channels_last")
 AUTOCAST = ("bf16", "fp16")
 MASK_LR_SCHEDULES = ("constant", "cosine")
+# "start": a fixed copy of the starting weights (--init or --pretrained) teaches the last phase
+FREEZE_TEACHER_CHOICES = (*FREEZE_TEACHERS, "start")
 DEFAULT_TARGET_FLOPS = 0.35
 
 
@@ -85,7 +87,7 @@ class RunConfig:
     gamma_max: float = GradientBalancer.gamma_max
     budget_tolerance: float = GradientBalancer.tolerance
     balance: str = GradientBalancer.scope  # the rule spans all width logits, or each group
-    freeze_teacher: str = "soft"  # last phase: hard distilled from soft, or "none" (cheaper)
+    freeze_teacher: str = "soft"  # last phase: hard distilled from soft, "none" or "start"
     resource_on: str = "hard"  # R on the hard FLOPs ratio (straight-through) or on the soft one
     freeze_ranks_after_warmup: bool = False
     separate_hard_bn_stats: bool = True
@@ -156,10 +158,15 @@ class RunConfig:
             raise ConfigError(
                 f"hard_layout must be one of {', '.join(HARD_LAYOUTS)}, got {self.hard_layout!r}"
             )
-        if self.freeze_teacher not in FREEZE_TEACHERS:
+        if self.freeze_teacher not in FREEZE_TEACHER_CHOICES:
             raise ConfigError(
-                f"freeze_teacher must be one of {', '.join(FREEZE_TEACHERS)}, "
+                f"freeze_teacher must be one of {', '.join(FREEZE_TEACHER_CHOICES)}, "
                 f"got {self.freeze_teacher!r}"
+            )
+        if self.freeze_teacher == "start" and self.init is None and not self.pretrained:
+            raise ConfigError(
+                "freeze_teacher 'start' distils from the starting weights, but this run starts "
+                "from random ones; give --init CHECKPOINT (or --pretrained), or choose soft/none"
             )
         if self.mask_lr_schedule not in MASK_LR_SCHEDULES:
             raise ConfigError(

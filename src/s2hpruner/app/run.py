@@ -212,10 +212,18 @@ def build_model_and_pruner(cfg: RunConfig, spec, device: torch.device, resumed: 
     return model, pruner, pruner.example_inputs
 
 
-def build_trainer(cfg: RunConfig, model: nn.Module, pruner: S2HPruner, total_steps: int):
-    """(S2HTrainer, weight LR schedule) of a run: the user-loop trainer, configured."""
+def build_trainer(
+    cfg: RunConfig, model: nn.Module, pruner: S2HPruner, total_steps: int, spec=None
+):
+    """(S2HTrainer, weight LR schedule) of a run: the user-loop trainer, configured
+    (``spec``: the data set's, needed to rebuild the starting model as a teacher)."""
     optimizer, schedule = build_weight_optimizer(model, cfg, total_steps)
     warmup, freeze = cfg.phase_fractions()
+    teacher = cfg.freeze_teacher
+    if teacher == "start":  # the starting weights again, from their file: also after a resume
+        if spec is None:
+            raise ValueError("freeze_teacher 'start' needs the data spec to rebuild the model")
+        teacher = build_model(cfg, spec, next(model.parameters()).device)
     trainer = S2HTrainer(
         model,
         pruner,
@@ -236,7 +244,7 @@ def build_trainer(cfg: RunConfig, model: nn.Module, pruner: S2HPruner, total_ste
         ),
         warmup=warmup,
         freeze=freeze,
-        freeze_teacher=cfg.freeze_teacher,
+        freeze_teacher=teacher,
         resource_on=cfg.resource_on,
         freeze_ranks_after_warmup=cfg.freeze_ranks_after_warmup,
         autocast=cfg.autocast,
@@ -281,7 +289,7 @@ def prune(cfg: RunConfig) -> dict:
     if steps_per_epoch == 0:
         raise RunDirectoryError("the training split is smaller than one batch; lower --batch-size")
     total_steps = max(1, round(cfg.epochs * steps_per_epoch))
-    trainer, schedule = build_trainer(cfg, model, pruner, total_steps)
+    trainer, schedule = build_trainer(cfg, model, pruner, total_steps, splits.spec)
     val_loader = eval_loader(splits.val, cfg.eval_batch_size, cfg.workers)
     state = RunState()
     saved_step = None  # step of the newest good checkpoint of this run, if any

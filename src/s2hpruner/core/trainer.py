@@ -125,7 +125,8 @@ def _sum(*sources: Sequence[torch.Tensor | None] | None) -> list | None:
     return out
 
 
-FREEZE_TEACHERS = ("soft", "none")  # the last phase's teacher (S2HTrainer.freeze_teacher)
+# the last phase's teacher by name (S2HTrainer.freeze_teacher); a module is the third kind
+FREEZE_TEACHERS = ("soft", "none")
 
 
 class S2HTrainer:
@@ -150,9 +151,11 @@ class S2HTrainer:
             distilled from the soft one (DMP trains its soft network). When the widths freeze,
             they are projected onto the budget if the search did not meet it.
         freeze_teacher: what the hard network is distilled from once the widths freeze:
-            ``"soft"`` (SPEC: the soft network's logits, one extra forward per step) or
+            ``"soft"`` (SPEC: the soft network's logits, one extra forward per step),
             ``"none"`` (the task loss alone: the last phase then costs one pruned network's
-            step, not that plus a full forward).
+            step, not that plus a full forward) or a module, e.g. a copy of the trained model
+            you started from (its logits, one no-grad forward per step; it is put in eval
+            mode and never trained).
         resource_on: R on the ``"hard"`` ratio (straight-through) or the ``"soft"`` one.
         freeze_ranks_after_warmup: fix the importance order once the search starts.
         autocast: ``None``, ``"bf16"`` (CPU and CUDA) or ``"fp16"`` (CUDA, with a grad scaler).
@@ -178,7 +181,7 @@ class S2HTrainer:
         balancer: GradientBalancer | None = None,
         warmup: float = 0.0,
         freeze: float = 0.25,
-        freeze_teacher: str = "soft",
+        freeze_teacher: str | nn.Module = "soft",
         resource_on: str = "hard",
         freeze_ranks_after_warmup: bool = False,
         autocast: str | None = None,
@@ -197,9 +200,11 @@ class S2HTrainer:
             )
         if resource_on not in ("hard", "soft"):
             raise ValueError(f"resource_on must be 'hard' or 'soft', got {resource_on!r}")
-        if freeze_teacher not in FREEZE_TEACHERS:
+        if isinstance(freeze_teacher, nn.Module):
+            freeze_teacher.eval().requires_grad_(False)  # a fixed teacher: BN running stats
+        elif freeze_teacher not in FREEZE_TEACHERS:
             raise ValueError(
-                f"freeze_teacher must be one of {', '.join(FREEZE_TEACHERS)}, "
+                f"freeze_teacher must be one of {', '.join(FREEZE_TEACHERS)} or a module, "
                 f"got {freeze_teacher!r}"
             )
         if autocast not in (None, "bf16", "fp16"):
@@ -314,6 +319,13 @@ class S2HTrainer:
         dtype = torch.bfloat16 if self.autocast == "bf16" else torch.float16
         return torch.autocast(x.device.type, dtype=dtype)
 
+    def _teacher_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The last phase's teacher: the soft network, or the fixed module given."""
+        if isinstance(self.freeze_teacher, nn.Module):
+            with self._autocast(x):
+                return self.output(self.freeze_teacher(x)).float()
+        return self._forward(x, "soft")
+
     def gradients(self, x: torch.Tensor, y, phase: str) -> StepGradients:
         """The forwards and losses of one step of ``self.method``, and where each loss's
         gradient goes (not yet applied)."""
@@ -330,11 +342,12 @@ class S2HTrainer:
         elif phase == "freeze" and self.freeze_teacher == "none":  # the hard network alone
             grads.add("task", loss_fn(self._forward(x, "hard"), y), weights, [], scale=scale)
 
-        elif phase == "freeze":  # widths fixed: train the hard network, distilled from soft
+        elif phase == "freeze":  # widths fixed: the hard network, distilled from the teacher
             with torch.no_grad():
-                soft = self._forward(x, "soft")
+                teacher = self._teacher_logits(x)
             hard = self._forward(x, "hard")
-            grads.add("task", loss_fn(hard, y) + alpha * kl(soft, hard), weights, [], scale=scale)
+            grads.add("task", loss_fn(hard, y) + alpha * kl(teacher, hard), weights, [],
+                      scale=scale)  # fmt: skip
 
         else:
             soft = self._forward(x, "soft")  # 1. soft forward and task loss L
