@@ -276,15 +276,16 @@ FROM_TRAINED_CHEAP = dataclasses.replace(
 
 # The same, with the compute ratio timed side by side in one process (benchmarks.step_timing):
 # round 12 measured 1.16-1.60 for this recipe by dividing wall times taken minutes apart. The
-# search's share is chosen on validation (seed 0): 30% as above, or 15% (the search met the
-# budget at steps 45-54, so 64 steps leave it a little room to settle), which costs less.
+# search's share (30% as above, or 15%: the search met the budget at steps 45-54, so 64 steps
+# leave it a little room to settle, and cost less) and S2HPruner's lr (the baselines' grid
+# FINE_TUNE_LRS; 0.03 was the best lr on validation in round 10) are chosen on validation.
 FROM_TRAINED_CHEAP_TIMED = dataclasses.replace(
     FROM_TRAINED_CHEAP,
     name="from-trained-cheap-timed",
     compute_timing_turns=9,
     search={
         **FROM_TRAINED_CHEAP.search,
-        "s2h": tuple({**FROM_TRAINED_CHEAP.search["s2h"][0], "freeze": f} for f in (0.7, 0.85)),
+        "s2h": _grid(lr=FINE_TUNE_LRS, freeze_teacher=("none",), freeze=(0.7, 0.85)),
     },
 )
 

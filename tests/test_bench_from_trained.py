@@ -357,9 +357,15 @@ def test_timed_profile_gives_the_compute_budget_the_side_by_side_ratio(tmp_path,
     """With compute_timing_turns, the compute budget's epochs come from the side-by-side
     timing of the s2h run's own recipe (its chosen candidate), stored once in the JSON."""
     ckpt = _checkpoint(tmp_path / "cache" / "tiny.pt")
-    profile = dataclasses.replace(compare.FROM_TRAINED_CHEAP_TIMED, **TINY,
-                                  methods=("s2h", "l1-ft"), seeds=(0,),
-                                  compute_timing_turns=1)  # fmt: skip
+    full = compare.FROM_TRAINED_CHEAP_TIMED
+    assert full.compute_timing_turns == 9 and full.freeze == 0.7
+    assert [(h["lr"], h["freeze"], h["freeze_teacher"]) for h in full.search["s2h"]] == [
+        (0.01, 0.7, "none"), (0.03, 0.7, "none"), (0.01, 0.85, "none"), (0.03, 0.85, "none")]
+    # one candidate here, not the profile's base: the timing must take the run's own recipe
+    profile = dataclasses.replace(full, **TINY, methods=("s2h", "l1-ft"), seeds=(0,),
+                                  compute_timing_turns=1,
+                                  search={**full.search, "s2h": (
+                                      {"lr": 0.03, "freeze_teacher": "none", "freeze": 0.85},)})
     timed = []
 
     def fake(cfg, turns):
@@ -373,7 +379,7 @@ def test_timed_profile_gives_the_compute_budget_the_side_by_side_ratio(tmp_path,
     argv = ["--profile", profile.name, "--out", str(tmp_path / "results"), "--init", str(ckpt),
             "--no-progress"]
     assert compare.main(argv) == 0
-    assert timed == [(0.7, "none", 0.01, 1)]
+    assert timed == [(0.85, "none", 0.03, 1)]
     data = json.loads((tmp_path / "results" / "from_trained_cheap_timed.json").read_text())
     assert data["settings"]["compute_timing_turns"] == 1
     assert data["compute_ratios"]["t0.35-s0"]["timing"] == "side by side"
