@@ -119,7 +119,8 @@ class Profile:
     long_targets: tuple[float, ...] = ()
     long_methods: tuple[str, ...] = ()
     # plain seconds per epoch timed on this many steps of the full model when no method trains
-    # it (0: taken from an l1/l1-ft run's dense stage, as in the from-scratch profiles)
+    # it (0: taken from an l1/l1-ft run's dense stage, as in the from-scratch profiles); unused
+    # when compute_timing_turns > 0
     dense_timing_steps: int = 0
     # > 0: the compute ratio is timed side by side in one process, S2HPruner's step against a
     # plain one in this many alternating turns per phase (benchmarks.step_timing), instead of
@@ -277,8 +278,9 @@ FROM_TRAINED_CHEAP = dataclasses.replace(
 # The same, with the compute ratio timed side by side in one process (benchmarks.step_timing):
 # round 12 measured 1.16-1.60 for this recipe by dividing wall times taken minutes apart. The
 # search's share (30% as above, or 15%: the search met the budget at steps 45-54, so 64 steps
-# leave it a little room to settle, and cost less) and S2HPruner's lr (the baselines' grid
-# FINE_TUNE_LRS; 0.03 was the best lr on validation in round 10) are chosen on validation.
+# reach it, though the trace was still moving by ~0.01 until step ~130; it costs less) and
+# S2HPruner's lr (the baselines' grid FINE_TUNE_LRS; 0.03 was the best lr on validation in
+# round 10) are chosen on validation. (dense_timing_steps, inherited, is unused here.)
 FROM_TRAINED_CHEAP_TIMED = dataclasses.replace(
     FROM_TRAINED_CHEAP,
     name="from-trained-cheap-timed",

@@ -194,13 +194,17 @@ def profile_markdown(results: dict, image: str | None) -> list[str]:
         if any(r.get("timing") == "side by side" for r in ratios.values()):
             turns = sorted({r["turns"] for r in ratios.values() if r.get("turns")})
             lines.append(
-                "  (timed side by side in one process: blocks of S2HPruner steps and plain "
-                "full-model steps on the same batches, in "
-                f"{', '.join(map(str, turns))} alternating turns per phase; each phase's "
-                "median ratio weighted by its share of the steps: "
+                "  (timed side by side in one process: blocks of S2HPruner steps, each beside "
+                "a block of plain full-model steps on the same batches, in alternating order; "
+                "the joint search walked in full, the other phases held for "
+                f"{', '.join(map(str, turns))} pairs of turns (median); the phases' ratios "
+                "weighted by their share of the steps, plus one-off work (layout tuning, the "
+                "projection when the widths freeze); S2HPruner's seconds are the ratio times "
+                "the plain epoch: "
                 + "; ".join(
                     f"{key}: " + ", ".join(f"{phase} {v['ratio']:.2f} x {v['fraction']:.2f}"
                                            for phase, v in r["phases"].items())
+                    + f", one-off {r.get('one_off_seconds', 0):.1f} s"
                     for key, r in sorted(ratios.items()) if r.get("phases")
                 ) + ")"
             )  # fmt: skip
@@ -285,8 +289,9 @@ def _hyper_text(hyper: dict) -> str:
         elif key == "sparse_fraction":
             parts.append(f"sparse {value:.0%}")
         elif key == "freeze_teacher":
-            parts.append("last phase: hard network alone" if value == "none"
-                         else f"last phase distilled from {value}")
+            parts.append({"none": "last phase: hard network alone",
+                          "start": "last phase distilled from the starting weights"}.get(
+                              value, f"last phase distilled from {value}"))  # fmt: skip
         else:
             parts.append(f"{key} {value:g}" if isinstance(value, int | float) else f"{key} {value}")
     return ", ".join(parts) or "base"

@@ -320,36 +320,52 @@ def test_bn_recalibration_is_the_plain_average_over_the_batches():
     assert torch.equal(model[0].weight, weight) and not model.training
 
 
-def test_side_by_side_timing_holds_each_phase_and_weights_it_by_its_steps(tmp_path, monkeypatch):
-    """benchmarks.step_timing: S2HPruner's steps are timed in the phase being measured (the
-    trainer is held there), each phase against its own plain blocks, and the ratio is the
-    phases' median ratios weighted by their share of the run's steps."""
+def test_side_by_side_timing_walks_the_search_and_holds_the_fixed_width_phase(tmp_path,
+                                                                            monkeypatch):
+    """benchmarks.step_timing: the joint search is walked step by step (its cost follows the
+    widths), the frozen-width phase is held at its first step; every S2HPruner block has a
+    plain block on the same batches beside it, in plain-S2H / S2H-plain order."""
     from benchmarks import step_timing
     from s2hpruner.core.trainer import S2HTrainer
 
     ckpt = _checkpoint(tmp_path / "tiny.pt")
-    cfg = compare.run_config(_tiny_profile(init=str(ckpt), freeze=0.5),
-                             compare.RunSpec("s2h", 0.35, 0, "epochs"), 1.0, tmp_path / "run",
+    cfg = compare.run_config(_tiny_profile(init=str(ckpt), freeze=0.25),
+                             compare.RunSpec("s2h", 0.35, 0, "epochs"), 2.0, tmp_path / "run",
                              {"lr": 0.01, "freeze_teacher": "none"})  # fmt: skip
     seen, original = [], S2HTrainer.gradients
-    monkeypatch.setattr(S2HTrainer, "gradients",
-                        lambda self, x, y, phase: seen.append(phase) or original(self, x, y, phase))
-    plain, original_train = [], step_timing.train
-    monkeypatch.setattr(step_timing, "train",
-                        lambda *a, **k: plain.append(a[4]) or original_train(*a, **k))
+
+    def spy(self, x, y, phase):
+        seen.append((phase, self.step_count))
+        return original(self, x, y, phase)
+
+    monkeypatch.setattr(S2HTrainer, "gradients", spy)
     timed = step_timing.time_side_by_side(cfg, turns=2, block=1)
-    # 64 training images, batch 32: 2 steps, the last half (1 step) with frozen widths
+    # 64 training images, batch 32: 2 steps an epoch, 4 in all, the last (25%) frozen
     assert timed["steps_per_epoch"] == 2
-    assert {p: v["steps"] for p, v in timed["phases"].items()} == {"joint": 1, "freeze": 1}
-    assert seen == ["joint"] * 3 + ["freeze"] * 3, "one untimed block, then 2 turns, per phase"
-    assert plain == [1] * 6, "each S2HPruner block has a plain block of the same steps"
-    for phase in timed["phases"].values():
-        assert len(phase["ratios"]) == 2 and all(r > 0 for r in phase["ratios"])
-        assert phase["ratio"] == pytest.approx(sum(phase["ratios"]) / 2)
-    assert timed["ratio"] == pytest.approx(
-        0.5 * timed["phases"]["joint"]["ratio"] + 0.5 * timed["phases"]["freeze"]["ratio"])
+    assert {p: v["steps"] for p, v in timed["phases"].items()} == {"joint": 3, "freeze": 1}
+    assert seen == [("joint", 0), ("joint", 1), ("joint", 2)] + [("freeze", 3)] * 5, \
+        "the search walked in order; then one untimed frozen step and 2 turns of 2 blocks"
+    order = timed["order"]
+    assert [side for side, _ in order] == ["plain", "s2h", "s2h", "plain", "plain", "s2h",
+                                           *(["plain", "s2h", "s2h", "plain"] * 2)]
+    for i in range(0, len(order), 2):
+        assert order[i][1] == order[i + 1][1], "both blocks of a pair see the same batches"
+    assert order[6][1] == order[8][1] and order[10][1] == order[12][1], "held: P S S P"
+    assert timed["one_off_seconds"] > 0, "layout tuning and the projection are counted"
+    assert timed["ratio"] == pytest.approx(step_timing.whole_run_ratio(
+        timed["phases"], timed["one_off_seconds"], 4, timed["plain_seconds_per_epoch"] / 2))
     assert step_timing.phase_steps(0, 90, 129) == {"joint": 90, "freeze": 39}
     assert step_timing.phase_steps(10, 129, 129) == {"warmup": 10, "joint": 119}
+
+
+def test_whole_run_ratio_weights_phases_by_their_steps_and_adds_one_off_work():
+    from benchmarks.step_timing import whole_run_ratio
+
+    phases = {"joint": {"fraction": 90 / 129, "ratio": 2.4},
+              "freeze": {"fraction": 39 / 129, "ratio": 0.8}}  # fmt: skip
+    # 129 steps of a 0.5 s plain step; 12.9 s of one-off work = 0.2 of the plain run
+    assert whole_run_ratio(phases, 12.9, 129, 0.5) == pytest.approx(
+        (90 * 2.4 + 39 * 0.8) / 129 + 0.2)
 
 
 def test_timed_profile_gives_the_compute_budget_the_side_by_side_ratio(tmp_path, monkeypatch,
@@ -371,7 +387,7 @@ def test_timed_profile_gives_the_compute_budget_the_side_by_side_ratio(tmp_path,
     def fake(cfg, turns):
         timed.append((cfg.freeze, cfg.freeze_teacher, cfg.lr, turns))
         return {"ratio": 1.234, "timing": "side by side", "turns": turns,
-                "phases": {"joint": {"ratio": 2.0, "fraction": 0.3}},
+                "phases": {"joint": {"ratio": 2.0, "fraction": 0.3}}, "one_off_seconds": 1.5,
                 "s2h_seconds_per_epoch": 12.3, "plain_seconds_per_epoch": 10.0}  # fmt: skip
 
     monkeypatch.setattr(compare, "time_side_by_side", fake)
@@ -386,4 +402,5 @@ def test_timed_profile_gives_the_compute_budget_the_side_by_side_ratio(tmp_path,
     (l1,) = [r for r in data["runs"] if r["budget"] == "compute"]
     assert (l1["method"], l1["epochs"], l1["compute_ratio"]) == ("l1-ft", 1.23, 1.234)
     text = (tmp_path / "RESULTS.md").read_text()
-    assert "timed side by side in one process" in text and "joint 2.00 x 0.30" in text
+    assert "timed side by side in one process" in text
+    assert "joint 2.00 x 0.30, one-off 1.5 s" in text

@@ -408,3 +408,5 @@ def test_last_phase_can_be_taught_by_a_fixed_model(monkeypatch):
     trainer.step(x, y)  # a whole step leaves the teacher as it was
     for k, v in teacher.state_dict().items():
         assert torch.equal(v, before[k]), k
+    with pytest.raises(ValueError, match="shares weights with the model being pruned"):
+        S2HTrainer(model, pruner, trainer.optimizer, 10, freeze_teacher=model)

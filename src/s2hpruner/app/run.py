@@ -221,9 +221,11 @@ def build_trainer(
     warmup, freeze = cfg.phase_fractions()
     teacher = cfg.freeze_teacher
     if teacher == "start":  # the starting weights again, from their file: also after a resume
-        if spec is None:
-            raise ValueError("freeze_teacher 'start' needs the data spec to rebuild the model")
-        teacher = build_model(cfg, spec, next(model.parameters()).device)
+        if spec is None or (cfg.init is None and not cfg.pretrained):
+            raise ValueError("freeze_teacher 'start' needs the data spec and starting weights "
+                             "(--init or --pretrained) to rebuild the starting model")
+        with torch.random.fork_rng(devices=[]):  # the run's random stream stays as without it
+            teacher = build_model(cfg, spec, next(model.parameters()).device)
     trainer = S2HTrainer(
         model,
         pruner,

@@ -154,8 +154,8 @@ class S2HTrainer:
             ``"soft"`` (SPEC: the soft network's logits, one extra forward per step),
             ``"none"`` (the task loss alone: the last phase then costs one pruned network's
             step, not that plus a full forward) or a module, e.g. a copy of the trained model
-            you started from (its logits, one no-grad forward per step; it is put in eval
-            mode and never trained).
+            you started from, made before the pruner (its logits, one no-grad forward per
+            step; it is put in eval mode and never trained).
         resource_on: R on the ``"hard"`` ratio (straight-through) or the ``"soft"`` one.
         freeze_ranks_after_warmup: fix the importance order once the search starts.
         autocast: ``None``, ``"bf16"`` (CPU and CUDA) or ``"fp16"`` (CUDA, with a grad scaler).
@@ -201,7 +201,16 @@ class S2HTrainer:
         if resource_on not in ("hard", "soft"):
             raise ValueError(f"resource_on must be 'hard' or 'soft', got {resource_on!r}")
         if isinstance(freeze_teacher, nn.Module):
-            freeze_teacher.eval().requires_grad_(False)  # a fixed teacher: BN running stats
+            shared = {id(p) for p in model.parameters()} & {
+                id(p) for p in freeze_teacher.parameters()}  # fmt: skip
+            if freeze_teacher is model or shared:
+                raise ValueError(
+                    "freeze_teacher shares weights with the model being pruned; pass a copy "
+                    "made before the pruner was built (copy.deepcopy(model) or the model "
+                    "rebuilt from your checkpoint)"
+                )
+            _set_training(freeze_teacher, False)  # a fixed teacher: its BN running stats
+            freeze_teacher.requires_grad_(False)
         elif freeze_teacher not in FREEZE_TEACHERS:
             raise ValueError(
                 f"freeze_teacher must be one of {', '.join(FREEZE_TEACHERS)} or a module, "
