@@ -779,11 +779,22 @@ def execute(
     or its choice of hyper-parameters is not made yet). A searched run runs every candidate
     not yet in ``results["tuning"]`` (``save`` stores each at once) and returns the chosen."""
     run_dir = out / "runs" / profile.name / spec.name
+    candidates = search_candidates(spec, profile)
+    hyper: dict = {}
+    source = None if candidates else choice_source(spec, profile)
+    if source is not None:  # before the budget: a compute budget may cost a timing
+        choice = chosen(results, source)
+        if choice is None:
+            tqdm.write(
+                f"skip {spec.name}: it reuses the choice of {source.name}, whose search has not "
+                "run yet (run the whole plan, or that seed, target and budget first)"
+            )
+            return None
+        hyper = choice["hyper"]
     found = budget_epochs(spec, profile, results, out)
     if found is None:
         return None
     epochs, extra = found
-    candidates = search_candidates(spec, profile)
     if candidates:
         order = [candidate_name(c) for c in candidates]
         tuning = results.setdefault("tuning", [])
@@ -806,17 +817,6 @@ def execute(
             entry["chosen"] = entry is best
         return {**best["record"], "candidate": best["candidate"], "selected_by": "val_top1",
                 "candidates": order}  # fmt: skip
-    hyper: dict = {}
-    source = choice_source(spec, profile)
-    if source is not None:
-        choice = chosen(results, source)
-        if choice is None:
-            tqdm.write(
-                f"skip {spec.name}: it reuses the choice of {source.name}, whose search has not "
-                "run yet (run the whole plan, or that seed, target and budget first)"
-            )
-            return None
-        hyper = choice["hyper"]
     record = run_one(spec, profile, epochs, hyper, run_dir, resume)
     if source is not None:
         record.update(candidate=candidate_name(hyper), hyper_from=source.name)
