@@ -291,6 +291,24 @@ FROM_TRAINED_CHEAP_TIMED = dataclasses.replace(
     },
 )
 
+# Every method of issue #15 in one benchmark, with the timed compute ratio: S2HPruner, DMP and
+# the three ablations (these borrow S2HPruner's choice, so each differs from it in one part
+# only), and the baselines with their from-trained grids, searched again here from the same
+# checkpoint as S2HPruner's: four candidates each (random: its two learning rates).
+FROM_TRAINED_ALL = dataclasses.replace(
+    FROM_TRAINED_CHEAP_TIMED,
+    name="from-trained-all",
+    targets=(0.15, 0.35, 0.55),
+    methods=(*MAIN_METHODS, *ABLATIONS),
+    search={
+        **{m: FROM_TRAINED.search[m] for m in SINGLE_NETWORK},
+        "s2h": FROM_TRAINED_CHEAP_TIMED.search["s2h"],
+    },
+    borrow={m: "s2h" for m in ("dmp", *ABLATIONS)},
+    only_at={m: (0.35,) for m in ABLATIONS},
+    seed_limits={0.15: (0,), 0.55: (0,)},
+)
+
 PROFILES = {
     # ~1 h on a 2-core CPU: s2h ~4.5 min/epoch, a plain epoch ~1.5-2 min
     "quick": Profile("quick", epochs=3.0),
@@ -306,6 +324,7 @@ PROFILES = {
     "from-trained-resnet56": FROM_TRAINED_RESNET56,
     "from-trained-cheap": FROM_TRAINED_CHEAP,
     "from-trained-cheap-timed": FROM_TRAINED_CHEAP_TIMED,
+    "from-trained-all": FROM_TRAINED_ALL,
 }
 
 

@@ -301,8 +301,13 @@ def _search_lines(results: dict) -> list[str]:
     """The validation-split search: every candidate's val top-1, the chosen one in bold."""
     s = results["settings"]
     ran = {run["method"] for run in results["runs"]}
-    borrowed = ", ".join(
-        f"`{m}` uses `{b}`'s" for m, b in sorted(s.get("borrow", {}).items()) if m in ran
+    by_source: dict[str, list[str]] = {}
+    for m, b in sorted(s.get("borrow", {}).items()):
+        if m in ran:
+            by_source.setdefault(b, []).append(f"`{m}`")
+    borrowed = "; ".join(
+        f"{', '.join(ms)} {'uses' if len(ms) == 1 else 'use'} `{b}`'s"
+        for b, ms in by_source.items()
     )
     targets = s.get("tune_targets") or []
     where = f" at target {', '.join(f'{t:g}' for t in targets)}" if targets else ""

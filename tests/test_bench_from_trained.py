@@ -123,6 +123,28 @@ def test_resnet56_profile_transfers_every_methods_resnet20_choice():
     assert {m: chosen[m] for m in compare.RESNET20_CHOICES} == compare.RESNET20_CHOICES
 
 
+def test_all_profile_searches_every_method_alike_and_runs_ablations_at_035():
+    """The whole #15 comparison in one benchmark: every method searched at 0.35, seed 0
+    (four candidates for S2HPruner, L1 and Group-SL, two for random), DMP and the ablations on
+    S2HPruner's choice, the baselines also on the compute budget, ablations only at 0.35."""
+    profile = compare.FROM_TRAINED_ALL
+    assert profile.compute_timing_turns > 0 and profile.init == compare.CHECKPOINT
+    assert {m: len(c) for m, c in profile.search.items()} == {
+        "s2h": 4, "l1-ft": 4, "group-sl": 4, "random": 2}
+    assert all(profile.borrow[m] == "s2h" for m in ("dmp", *compare.ABLATIONS))
+    plan = compare.plan_runs(profile)
+    at = lambda target, seed: {(s.method, s.budget) for s in plan  # noqa: E731
+                               if (s.target, s.seed) == (target, seed)}
+    everything = {*((m, "epochs") for m in profile.methods),
+                  *((m, "compute") for m in compare.SINGLE_NETWORK)}
+    assert at(0.35, 0) == at(0.35, 2) == everything
+    assert at(0.15, 0) == at(0.55, 0) == {
+        b for b in everything if b[0] not in compare.ABLATIONS}
+    assert at(0.15, 1) == at(0.55, 1) == set()
+    spec = compare.RunSpec("s2h-no-gs", 0.35, 1, "epochs")
+    assert compare.choice_source(spec, profile) == compare.RunSpec("s2h", 0.35, 0, "epochs")
+
+
 def test_cheap_profile_gives_the_search_30_percent_and_the_hard_network_alone_the_rest():
     """The cheaper S2HPruner schedule: same checkpoint, lr and baselines' choices as the
     from-trained search made, widths frozen after 30% of the run and the hard network then
