@@ -223,8 +223,12 @@ def test_two_processes_match_one_process_with_the_doubled_batch(ranks, single):
         moved_s = [a - b for a, b in zip(s["logits"], initial, strict=True)]
         if i < SCHEDULE[0][1]:
             assert _max_rel(moved_d, moved_s) == 0.0 and not any(m.any() for m in moved_d)
-        else:
-            assert _max_rel(moved_d, moved_s) < 1e-4, (i, phase)
+        else:  # the logits are ~3 and first move by ~1e-4: a one-ulp rounding of a logit is
+            # then 5e-4 of the move (seen on an Intel CPU), so allow the logits' own rounding
+            largest = max(float(x.abs().max()) for x in s["logits"])
+            ulps = 4 * torch.finfo(torch.float32).eps * largest
+            for a, b in zip(moved_d, moved_s, strict=True):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=ulps, msg=f"step {i}, {phase}")
 
 
 def test_joint_step_balances_the_rank_averaged_gradients(ranks):
