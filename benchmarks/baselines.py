@@ -395,7 +395,7 @@ def run_baseline(
     example = data.example
     target = flops_target(cfg)
     full_flops, full_params = count_flops(model, example), count_params(model)
-    total = max(1, round(cfg.epochs * data.steps_per_epoch))
+    total = max(1, round(cfg.resolve_epochs(data.steps_per_epoch) * data.steps_per_epoch))
     eval_loader = partial(DataLoader, batch_size=cfg.eval_batch_size, num_workers=cfg.workers)
     test_loader = eval_loader(data.splits.test)
     stages: list[dict] = []

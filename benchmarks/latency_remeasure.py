@@ -76,6 +76,8 @@ def main() -> None:
     parser.add_argument("--side-by-side", action="store_true",
                         help="time the runs of one model and seed in turns, in one process")
     parser.add_argument("--turns", type=int, default=5)
+    parser.add_argument("--models", nargs="+", default=None,
+                        help="time only these models' runs (default: every model in the JSON)")
     parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     parser.add_argument("--worker-side-by-side", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -127,8 +129,9 @@ def side_by_side(args: argparse.Namespace, results: dict, inits: dict) -> None:
     from s2hpruner.app.files import atomic_write_bytes
 
     groups: dict[tuple, dict[str, list[dict]]] = {}
+    only = getattr(args, "models", None)
     for run in results["runs"]:
-        if "top1_hard" not in run:
+        if "top1_hard" not in run or only and run["model"] not in only:
             continue
         key = seed_key(run)
         # a FLOPs run is a copy of one of its attempts: time each network once, by path

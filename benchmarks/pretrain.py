@@ -43,7 +43,7 @@ def pretrain(cfg: RunConfig, out: Path) -> dict:
     sampler = EpochSampler(len(splits.train), cfg.seed, cfg.batch_size)
     loader = train_loader(splits.train, sampler, cfg.workers)
     steps_per_epoch = len(sampler.order()) // cfg.batch_size
-    total = round(cfg.epochs * steps_per_epoch)
+    total = round(cfg.resolve_epochs(steps_per_epoch) * steps_per_epoch)
     optimizer, schedule = build_weight_optimizer(model, cfg, total)
     start, step = time.perf_counter(), 0
     model.train()

@@ -143,7 +143,7 @@ def time_side_by_side(cfg: RunConfig, turns: int = 9, block: int = 10) -> dict:
     plain = build_model(cfg, data)
     plain.train()
     model, pruner, _ = app_run.build_model_and_pruner(cfg, data.splits.spec, device)
-    total = max(1, round(cfg.epochs * data.steps_per_epoch))
+    total = max(1, round(cfg.resolve_epochs(data.steps_per_epoch) * data.steps_per_epoch))
     trainer, schedule = app_run.build_trainer(cfg, model, pruner, total, data.splits.spec)
     model.train()
     sides = _Sides(cfg, data, plain, trainer, schedule)

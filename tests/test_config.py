@@ -322,3 +322,23 @@ def test_the_starting_weights_can_teach_the_last_phase(tmp_path):
     assert isinstance(teacher, torch.nn.Module) and teacher is not model
     for k, v in trained.state_dict().items():
         assert torch.equal(teacher.state_dict()[k], v), k
+
+
+def test_default_epochs_give_a_small_data_set_enough_steps_and_given_epochs_stay():
+    """With no --epochs a run trains 4 epochs, or as many as make 1,000 steps: digits has 10
+    steps per epoch at batch 128, and 4 epochs (40 steps) left it at 47% top-1."""
+    fmnist, digits = RunConfig(), RunConfig(dataset="digits")
+    assert fmnist.validate().epochs is None  # resolved once the data set's size is known
+    assert fmnist.resolve_epochs(421) == 4.0  # Fashion-MNIST at batch 128
+    assert digits.resolve_epochs(10) == 100.0 and digits.epochs == 100.0  # saved with the run
+    assert RunConfig(dataset="digits", epochs=2).resolve_epochs(10) == 2  # the user's word wins
+    assert RunConfig(epochs=0.5).resolve_epochs(7) == 0.5
+
+
+def test_absolute_phases_are_checked_against_the_default_epochs_once_known():
+    cfg = RunConfig(freeze_epochs=3.0, warmup_epochs=1.0).validate()  # epochs not known yet
+    with pytest.raises(ConfigError, match=r"warm-up \(1 epochs\).*\(3 epochs\).*epochs=4"):
+        cfg.resolve_epochs(421)
+    assert RunConfig(freeze_epochs=3.0, warmup_epochs=1.0).resolve_epochs(10) == 100.0
+    with pytest.raises(ConfigError, match=r"warm-up \(0.5 of the run\).*\(0.5\).*the run"):
+        RunConfig(warmup=0.5, freeze=0.5).validate()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,6 +24,11 @@ MASK_LR_SCHEDULES = ("constant", "cosine")
 # "start": a fixed copy of the starting weights (--init or --pretrained) teaches the last phase
 FREEZE_TEACHER_CHOICES = (*FREEZE_TEACHERS, "start")
 DEFAULT_TARGET_FLOPS = 0.35
+# with no --epochs: 4 epochs, or more on a small data set, so that the schedule has at least
+# this many steps (scikit-learn's digits has 10 steps per epoch at batch 128: 4 epochs left
+# the run at 47% top-1)
+DEFAULT_EPOCHS = 4.0
+DEFAULT_MIN_STEPS = 1000
 
 
 class ConfigError(S2HError, ValueError):
@@ -56,7 +62,7 @@ class RunConfig:
     ignored_layers: list[str] = field(default_factory=list)
     # schedule: warm-up (u frozen at init), joint search, last phase (u frozen, hard trained);
     # warmup and freeze are fractions of the run, *_epochs (if set) absolute and win
-    epochs: float = 4.0
+    epochs: float | None = None  # None: DEFAULT_EPOCHS, or more for DEFAULT_MIN_STEPS steps
     warmup: float = 0.0
     freeze: float = 0.25
     warmup_epochs: float | None = None
@@ -118,20 +124,27 @@ class RunConfig:
                     f"target_{name} must be in (0, 1] (a fraction of the full model's {name}), "
                     f"got {value}"
                 )
-        if self.epochs <= 0:
+        if self.epochs is not None and self.epochs <= 0:
             raise ConfigError(f"epochs must be > 0, got {self.epochs}")
         for name in ("warmup", "freeze", "warmup_epochs", "freeze_epochs"):
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ConfigError(f"{name} must be >= 0, got {value}")
-        warmup, freeze = self.phase_fractions()
-        if warmup + freeze >= 1.0:
-            raise ConfigError(
-                f"the warm-up ({warmup * self.epochs:g} epochs) and the frozen-width phase "
-                f"({freeze * self.epochs:g} epochs) leave no joint search phase within "
-                f"epochs={self.epochs:g}; lower --warmup/--freeze (fractions of the run) or "
-                "--warmup-epochs/--freeze-epochs"
-            )
+        absolute = self.warmup_epochs is not None or self.freeze_epochs is not None
+        if self.epochs is not None or not absolute:  # else checked once the epochs are known
+            warmup, freeze = self.phase_fractions()
+            if warmup + freeze >= 1.0:
+                if self.epochs is None:
+                    phases = f"({warmup:g} of the run) and the frozen-width phase ({freeze:g})"
+                    run = "the run"
+                else:
+                    phases = (f"({warmup * self.epochs:g} epochs) and the frozen-width phase "
+                              f"({freeze * self.epochs:g} epochs)")  # fmt: skip
+                    run = f"epochs={self.epochs:g}"
+                raise ConfigError(
+                    f"the warm-up {phases} leave no joint search phase within {run}; lower "
+                    "--warmup/--freeze (fractions of the run) or --warmup-epochs/--freeze-epochs"
+                )
         if self.autocast is not None and self.autocast not in AUTOCAST:
             raise ConfigError(
                 f"autocast must be one of {', '.join(AUTOCAST)}, got {self.autocast!r}"
@@ -196,6 +209,14 @@ class RunConfig:
         }
         given = {k: float(v) for k, v in given.items() if v is not None}
         return given or {"flops": DEFAULT_TARGET_FLOPS}
+
+    def resolve_epochs(self, steps_per_epoch: int) -> float:
+        """The run's epochs: as given, else the default for a data set of
+        ``steps_per_epoch`` steps (set on the config, so that it is saved with the run)."""
+        if self.epochs is None:
+            self.epochs = max(DEFAULT_EPOCHS, float(math.ceil(DEFAULT_MIN_STEPS / steps_per_epoch)))
+            self.validate()
+        return self.epochs
 
     def phase_fractions(self) -> tuple[float, float]:
         """(warm-up, frozen widths) as fractions of the run: absolute epochs win when set."""

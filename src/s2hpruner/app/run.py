@@ -290,7 +290,7 @@ def prune(cfg: RunConfig) -> dict:
     steps_per_epoch = len(sampler.order()) // cfg.batch_size
     if steps_per_epoch == 0:
         raise RunDirectoryError("the training split is smaller than one batch; lower --batch-size")
-    total_steps = max(1, round(cfg.epochs * steps_per_epoch))
+    total_steps = max(1, round(cfg.resolve_epochs(steps_per_epoch) * steps_per_epoch))
     trainer, schedule = build_trainer(cfg, model, pruner, total_steps, splits.spec)
     val_loader = eval_loader(splits.val, cfg.eval_batch_size, cfg.workers)
     state = RunState()

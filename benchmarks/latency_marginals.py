@@ -1,0 +1,130 @@
+"""What each group's width costs on this device: measured, by the tables and by FLOPs.
+
+A latency budget steers the search by each group's *marginal* cost: how much latency a
+narrower group saves. If the tables over-price a group against what the whole network
+really saves, the search cuts that group harder than its accuracy is worth. For every group
+in turn, this narrows that group alone to about ``--fraction`` of its channels (the nearest
+candidate, aligned to ``--round-to``; every other group full), exports the network, and
+measures its latency ratio against the full one (``LatencyModel.measure_ratio``, alternating
+forwards), ``--passes`` times in shuffled order (median). Beside it: the saving the tables
+predict (uncorrected, as built) and the FLOPs saving.
+
+    python -m benchmarks.latency_marginals --model mobilenet_v3_small \\
+        --model-kwargs '{"cifar_stem": true}' --json benchmarks/results/latency_marginals.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+from pathlib import Path
+
+import torch
+
+from s2hpruner.app.config import RunConfig
+from s2hpruner.app.data import dataset_spec
+from s2hpruner.app.files import atomic_write_bytes
+from s2hpruner.app.run import build_model_and_pruner
+
+
+def group_marginals(cfg: RunConfig, fraction: float, round_to: int, passes: int,
+                    seed: int = 0) -> list[dict]:  # fmt: skip
+    """Per group: width kept, measured / tables / FLOPs saving of narrowing it alone."""
+    model, pruner, _ = build_model_and_pruner(cfg, dataset_spec(cfg.dataset), "cpu")
+    search, latency = pruner.search, pruner.latency
+    rows = []
+    for g, group in enumerate(pruner.groups):
+        widths = search.candidates[g][search.real_candidate[g]].round().int().tolist()
+        aligned = [k for k, w in enumerate(widths) if w % round_to == 0 and w < group.channels]
+        if not aligned:
+            continue
+        pick = min(aligned, key=lambda k: abs(widths[k] - fraction * group.channels))
+        rows.append({"group": group.name, "channels": group.channels, "kept": widths[pick],
+                     "pick": pick, "measured": []})  # fmt: skip
+    order = list(range(len(rows)))
+    for _ in range(passes):
+        random.Random(seed + _).shuffle(order)
+        for r in order:
+            row, g = rows[r], [grp.name for grp in pruner.groups].index(rows[r]["group"])
+
+            def one_group(i: int, u: torch.Tensor, g=g, pick=row["pick"]) -> None:
+                u.fill_(-30.0)
+                u[pick if i == g else -1] = 30.0
+
+            saved = pruner._with_logits(one_group)
+            try:
+                w = search.hard_widths().detach()
+                with torch.no_grad():
+                    row["measured"].append(latency.measure_ratio(model, pruner.export().eval()))
+                row["hard_width"] = int(w[g].round())
+                row["tables"] = 1.0 - float(latency.feature(w, "tables"))
+                row["flops"] = 1.0 - float(latency.feature(w, "flops"))
+            finally:
+                pruner._restore_logits(saved)
+    for row in rows:
+        row["measured_saving"] = 1.0 - statistics.median(row["measured"])
+        row["tables_over_measured"] = row["tables"] / max(row["measured_saving"], 1e-4)
+        row["flops_over_measured"] = row["flops"] / max(row["measured_saving"], 1e-4)
+    return rows
+
+
+def plot(results: dict, path: Path) -> None:
+    """Per group, the saving of narrowing it alone: measured, by the tables, by FLOPs."""
+    import numpy as np
+
+    from s2hpruner.app.report import plt, save_figure  # pyplot on the Agg backend
+
+    runs = results["runs"]
+    fig, axes = plt.subplots(len(runs), 1, figsize=(11, 3.8 * len(runs)), squeeze=False)
+    for ax, run in zip(axes[:, 0], runs, strict=True):
+        rows = run["groups"]
+        x = np.arange(len(rows))
+        for k, (name, key, color) in enumerate((("measured", "measured_saving", "0.3"),
+                                                 ("tables (as built)", "tables", "C0"),
+                                                 ("FLOPs", "flops", "C1"))):  # fmt: skip
+            ax.bar(x + (k - 1) * 0.27, [r[key] for r in rows], 0.27, color=color, label=name)
+        ax.set_xticks(x, [f"{r['group']} ({r['kept']}/{r['channels']})" for r in rows],
+                      rotation=70, ha="right", fontsize=7)  # fmt: skip
+        ax.set_ylabel("latency saved (fraction of the full model)")
+        extra = f" {json.dumps(run['model_kwargs'])}" if run["model_kwargs"] else ""
+        ax.set_title(f"{run['model']}{extra}, batch {run['latency_batch']}: one group narrowed "
+                     f"to ~{run['fraction']:g} of its channels, all others full", fontsize=9)
+        ax.axhline(0, color="0.5", linewidth=0.8)
+        ax.legend(fontsize=8)
+    save_figure(fig, path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="mobilenet_v3_small")
+    parser.add_argument("--model-kwargs", type=json.loads, default={})
+    parser.add_argument("--fraction", type=float, default=0.5)
+    parser.add_argument("--round-to", type=int, default=8)
+    parser.add_argument("--passes", type=int, default=3)
+    parser.add_argument("--latency-batch", type=int, default=64)
+    parser.add_argument("--json", type=Path,
+                        default=Path("benchmarks/results/latency_marginals.json"))
+    args = parser.parse_args()
+    cfg = RunConfig(model=args.model, model_kwargs=args.model_kwargs, target_latency=0.5,
+                    latency_batch=args.latency_batch, round_to=args.round_to, progress=False,
+                    split_seed=0)  # fmt: skip
+    rows = group_marginals(cfg, args.fraction, args.round_to, args.passes)
+    entry = {"model": args.model, "model_kwargs": args.model_kwargs, "fraction": args.fraction,
+             "latency_batch": args.latency_batch, "threads": torch.get_num_threads(),
+             "groups": rows}  # fmt: skip
+    results = json.loads(args.json.read_text()) if args.json.exists() else {"runs": []}
+    results["runs"] = [r for r in results["runs"]
+                       if (r["model"], r["model_kwargs"]) != (args.model, args.model_kwargs)]
+    results["runs"].append(entry)
+    atomic_write_bytes(args.json, json.dumps(results, indent=2).encode())
+    plot(results, args.json.with_suffix(".png"))
+    print(f"{'group':40s} {'kept':>9s} {'measured':>8s} {'tables':>7s} {'flops':>7s}")
+    for r in rows:
+        print(f"{r['group'][:40]:40s} {r['kept']:4d}/{r['channels']:<4d} "
+              f"{r['measured_saving']:8.3f} {r['tables']:7.3f} {r['flops']:7.3f}")
+
+
+if __name__ == "__main__":
+    main()
