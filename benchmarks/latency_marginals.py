@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.latency_predictors import store_entry
 from s2hpruner.app.config import RunConfig
 from s2hpruner.app.data import dataset_spec
-from s2hpruner.app.files import atomic_write_bytes
 from s2hpruner.app.run import build_model_and_pruner
 
 
@@ -114,12 +114,7 @@ def main() -> None:
     entry = {"model": args.model, "model_kwargs": args.model_kwargs, "fraction": args.fraction,
              "latency_batch": args.latency_batch, "threads": torch.get_num_threads(),
              "groups": rows}  # fmt: skip
-    results = json.loads(args.json.read_text()) if args.json.exists() else {"runs": []}
-    results["runs"] = [r for r in results["runs"]
-                       if (r["model"], r["model_kwargs"]) != (args.model, args.model_kwargs)]
-    results["runs"].append(entry)
-    atomic_write_bytes(args.json, json.dumps(results, indent=2).encode())
-    plot(results, args.json.with_suffix(".png"))
+    plot(store_entry(args.json, entry), args.json.with_suffix(".png"))
     print(f"{'group':40s} {'kept':>9s} {'measured':>8s} {'tables':>7s} {'flops':>7s}")
     for r in rows:
         print(f"{r['group'][:40]:40s} {r['kept']:4d}/{r['channels']:<4d} "

@@ -99,6 +99,17 @@ def plot(results: dict, path: Path) -> None:
     save_figure(fig, path)
 
 
+def store_entry(path: Path, entry: dict) -> dict:
+    """Put ``entry`` into the JSON at ``path`` in place of the same model's (atomically);
+    returns all entries."""
+    results = json.loads(path.read_text()) if path.exists() else {"runs": []}
+    mine = (entry["model"], entry["model_kwargs"])
+    results["runs"] = [r for r in results["runs"] if (r["model"], r["model_kwargs"]) != mine]
+    results["runs"].append(entry)
+    atomic_write_bytes(path, json.dumps(results, indent=2).encode())
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="resnet20")
@@ -121,12 +132,7 @@ def main() -> None:
              "as_built": {name: float(np.median([abs(r[name] / r["measured"] - 1) for r in rows]))
                           for name in ("tables",)},
              "refit": {k: refit_errors(rows, k) for k in (3, 5, 8)}}  # fmt: skip
-    results = json.loads(args.json.read_text()) if args.json.exists() else {"runs": []}
-    results["runs"] = [r for r in results["runs"]
-                       if (r["model"], r["model_kwargs"]) != (args.model, args.model_kwargs)]
-    results["runs"].append(entry)
-    atomic_write_bytes(args.json, json.dumps(results, indent=2).encode())
-    plot(results, args.json.with_suffix(".png"))
+    plot(store_entry(args.json, entry), args.json.with_suffix(".png"))
     print(json.dumps({k: entry[k] for k in ("model", "as_built", "refit")}, indent=2))
 
 
