@@ -42,12 +42,12 @@ def group_marginals(cfg: RunConfig, fraction: float, round_to: int, passes: int,
             continue
         pick = min(aligned, key=lambda k: abs(widths[k] - fraction * group.channels))
         rows.append({"group": group.name, "channels": group.channels, "kept": widths[pick],
-                     "pick": pick, "measured": []})  # fmt: skip
+                     "index": g, "pick": pick, "measured": []})  # fmt: skip
     order = list(range(len(rows)))
-    for _ in range(passes):
-        random.Random(seed + _).shuffle(order)
+    for p in range(passes):
+        random.Random(seed + p).shuffle(order)
         for r in order:
-            row, g = rows[r], [grp.name for grp in pruner.groups].index(rows[r]["group"])
+            row, g = rows[r], rows[r]["index"]
 
             def one_group(i: int, u: torch.Tensor, g=g, pick=row["pick"]) -> None:
                 u.fill_(-30.0)
