@@ -30,41 +30,62 @@ from s2hpruner.app.run import build_model_and_pruner
 
 
 def group_marginals(cfg: RunConfig, fraction: float, round_to: int, passes: int,
-                    seed: int = 0) -> list[dict]:  # fmt: skip
-    """Per group: width kept, measured / tables / FLOPs saving of narrowing it alone."""
+                    seed: int = 0, around: dict[str, int] | None = None) -> list[dict]:  # fmt: skip
+    """Per group: width kept, measured / tables / FLOPs saving of narrowing it alone.
+
+    ``around`` (group name -> width, e.g. a run's ``kept_widths``): instead of from the full
+    network, narrow each group by one aligned step from these widths (the search's operating
+    point, where a conv's cost also depends on its neighbours' widths)."""
     model, pruner, _ = build_model_and_pruner(cfg, dataset_spec(cfg.dataset), "cpu")
     search, latency = pruner.search, pruner.latency
+    choices = [search.candidates[g][search.real_candidate[g]].round().int().tolist()
+               for g in range(len(pruner.groups))]  # fmt: skip
+    base = [len(c) - 1 if around is None else c.index(around[grp.name])
+            for c, grp in zip(choices, pruner.groups, strict=True)]  # fmt: skip
     rows = []
     for g, group in enumerate(pruner.groups):
-        widths = search.candidates[g][search.real_candidate[g]].round().int().tolist()
-        aligned = [k for k, w in enumerate(widths) if w % round_to == 0 and w < group.channels]
+        widths, start = choices[g], choices[g][base[g]]
+        aligned = [k for k, w in enumerate(widths) if w % round_to == 0 and w < start]
         if not aligned:
             continue
-        pick = min(aligned, key=lambda k: abs(widths[k] - fraction * group.channels))
-        rows.append({"group": group.name, "channels": group.channels, "kept": widths[pick],
-                     "index": g, "pick": pick, "measured": []})  # fmt: skip
-    order = list(range(len(rows)))
+        aim = fraction * group.channels if around is None else start - round_to
+        pick = min(aligned, key=lambda k: abs(widths[k] - aim))
+        rows.append({"group": group.name, "channels": group.channels, "from": start,
+                     "kept": widths[pick], "index": g, "pick": pick,
+                     "measured": []})  # fmt: skip
+
+    def network(picks: list[int]) -> tuple[float, torch.Tensor]:
+        """Measured latency ratio and hard widths of the network at these candidates."""
+
+        def fill(i: int, u: torch.Tensor) -> None:
+            u.fill_(-30.0)
+            u[picks[i]] = 30.0
+
+        saved = pruner._with_logits(fill)
+        try:
+            with torch.no_grad():
+                ratio = latency.measure_ratio(model, pruner.export().eval())
+            return ratio, search.hard_widths().detach()
+        finally:
+            pruner._restore_logits(saved)
+
+    order, base_ratios = list(range(len(rows))), []
     for p in range(passes):
         random.Random(seed + p).shuffle(order)
+        ratio, w0 = network(base) if around is not None else (1.0, None)
+        base_ratios.append(ratio)
         for r in order:
-            row, g = rows[r], rows[r]["index"]
-
-            def one_group(i: int, u: torch.Tensor, g=g, pick=row["pick"]) -> None:
-                u.fill_(-30.0)
-                u[pick if i == g else -1] = 30.0
-
-            saved = pruner._with_logits(one_group)
-            try:
-                w = search.hard_widths().detach()
-                with torch.no_grad():
-                    row["measured"].append(latency.measure_ratio(model, pruner.export().eval()))
-                row["hard_width"] = int(w[g].round())
-                row["tables"] = 1.0 - float(latency.feature(w, "tables"))
-                row["flops"] = 1.0 - float(latency.feature(w, "flops"))
-            finally:
-                pruner._restore_logits(saved)
+            row = rows[r]
+            picks = list(base)
+            picks[row["index"]] = row["pick"]
+            measured, w = network(picks)
+            row["measured"].append(ratio - measured)
+            row["hard_width"] = int(w[row["index"]].round())
+            for name in ("tables", "flops"):
+                before = 1.0 if w0 is None else float(latency.feature(w0, name))
+                row[name] = before - float(latency.feature(w, name))
     for row in rows:
-        row["measured_saving"] = 1.0 - statistics.median(row["measured"])
+        row["measured_saving"] = statistics.median(row["measured"])
         row["tables_over_measured"] = row["tables"] / max(row["measured_saving"], 1e-4)
         row["flops_over_measured"] = row["flops"] / max(row["measured_saving"], 1e-4)
     return rows
@@ -85,12 +106,15 @@ def plot(results: dict, path: Path) -> None:
                                                  ("tables (as built)", "tables", "C0"),
                                                  ("FLOPs", "flops", "C1"))):  # fmt: skip
             ax.bar(x + (k - 1) * 0.27, [r[key] for r in rows], 0.27, color=color, label=name)
-        ax.set_xticks(x, [f"{r['group']} ({r['kept']}/{r['channels']})" for r in rows],
+        ax.set_xticks(x, [f"{r['group']} ({r.get('from', r['channels'])}->{r['kept']})"
+                          for r in rows],
                       rotation=70, ha="right", fontsize=7)  # fmt: skip
         ax.set_ylabel("latency saved (fraction of the full model)")
         extra = f" {json.dumps(run['model_kwargs'])}" if run["model_kwargs"] else ""
+        how = (f"to ~{run['fraction']:g} of its channels, all others full"
+               if not run.get("around") else f"by one step from the widths of {run['around']}")
         ax.set_title(f"{run['model']}{extra}, batch {run['latency_batch']}: one group narrowed "
-                     f"to ~{run['fraction']:g} of its channels, all others full", fontsize=9)
+                     f"{how}", fontsize=9)  # fmt: skip
         ax.axhline(0, color="0.5", linewidth=0.8)
         ax.legend(fontsize=8)
     save_figure(fig, path)
@@ -104,14 +128,19 @@ def main() -> None:
     parser.add_argument("--round-to", type=int, default=8)
     parser.add_argument("--passes", type=int, default=3)
     parser.add_argument("--latency-batch", type=int, default=64)
+    parser.add_argument("--around", type=Path, default=None,
+                        help="a run's report.json: narrow each group by one step from its "
+                             "kept widths instead of from the full network")  # fmt: skip
     parser.add_argument("--json", type=Path,
                         default=Path("benchmarks/results/latency_marginals.json"))
     args = parser.parse_args()
     cfg = RunConfig(model=args.model, model_kwargs=args.model_kwargs, target_latency=0.5,
                     latency_batch=args.latency_batch, round_to=args.round_to, progress=False,
                     split_seed=0)  # fmt: skip
-    rows = group_marginals(cfg, args.fraction, args.round_to, args.passes)
+    around = json.loads(args.around.read_text())["kept_widths"] if args.around else None
+    rows = group_marginals(cfg, args.fraction, args.round_to, args.passes, around=around)
     entry = {"model": args.model, "model_kwargs": args.model_kwargs, "fraction": args.fraction,
+             "around": str(args.around) if args.around else None,
              "latency_batch": args.latency_batch, "threads": torch.get_num_threads(),
              "groups": rows}  # fmt: skip
     plot(store_entry(args.json, entry), args.json.with_suffix(".png"))
