@@ -7,7 +7,8 @@ in turn, this narrows that group alone to about ``--fraction`` of its channels (
 candidate, aligned to ``--round-to``; every other group full), exports the network, and
 measures its latency ratio against the full one (``LatencyModel.measure_ratio``, alternating
 forwards), ``--passes`` times in shuffled order (median). Beside it: the saving the tables
-predict (uncorrected, as built) and the FLOPs saving.
+predict (uncorrected, as built) and the FLOPs saving. ``--around REPORT`` narrows each group
+by one step from a run's kept widths instead (where that run's search ended).
 
     python -m benchmarks.latency_marginals --model mobilenet_v3_small \\
         --model-kwargs '{"cifar_stem": true}' --json benchmarks/results/latency_marginals.json
@@ -69,11 +70,10 @@ def group_marginals(cfg: RunConfig, fraction: float, round_to: int, passes: int,
         finally:
             pruner._restore_logits(saved)
 
-    order, base_ratios = list(range(len(rows))), []
+    order = list(range(len(rows)))
     for p in range(passes):
         random.Random(seed + p).shuffle(order)
         ratio, w0 = network(base) if around is not None else (1.0, None)
-        base_ratios.append(ratio)
         for r in order:
             row = rows[r]
             picks = list(base)
@@ -86,8 +86,6 @@ def group_marginals(cfg: RunConfig, fraction: float, round_to: int, passes: int,
                 row[name] = before - float(latency.feature(w, name))
     for row in rows:
         row["measured_saving"] = statistics.median(row["measured"])
-        row["tables_over_measured"] = row["tables"] / max(row["measured_saving"], 1e-4)
-        row["flops_over_measured"] = row["flops"] / max(row["measured_saving"], 1e-4)
     return rows
 
 
