@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from s2hpruner.app.config import RunConfig
+from s2hpruner.app.config import LATENCY_PREDICTORS, RunConfig
 from s2hpruner.app.data import dataset_spec
 from s2hpruner.app.files import atomic_write_bytes
 from s2hpruner.app.run import build_model_and_pruner, prune
@@ -243,10 +243,29 @@ def main() -> None:
     parser.add_argument("--bracket", action="store_true",
                         help="add a FLOPs run where the FLOPs runs, timed side by side, do not "
                              "lie on both sides of the latency run (see top1_at_latency)")
+    parser.add_argument("--latency-predictor", default="auto", choices=LATENCY_PREDICTORS,
+                        help="the latency runs' --latency-predictor")
+    parser.add_argument("--flops-runs-from", type=Path, default=None,
+                        help="another JSON of this benchmark (same checkpoint, recipe and "
+                             "device): reuse its FLOPs runs of these models and seeds")
     parser.add_argument("--out", default="runs/latency_budget")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/latency_budget.json"))
     args = parser.parse_args()
     results = json.loads(args.json.read_text()) if args.json.exists() else {"runs": []}
+    if args.flops_runs_from:  # their networks are timed again beside the new latency runs
+        for run in json.loads(args.flops_runs_from.read_text())["runs"]:
+            if (run["budget"] == "flops" and run["model"] in args.models
+                    and run.get("seed", 0) == args.seed and run.get("model_kwargs", {}) ==
+                    args.model_kwargs):  # fmt: skip
+                stale = (SIDE_BY_SIDE, f"{SIDE_BY_SIDE}_values", "equal_latency",
+                         "top1_hard_at_equal_latency")  # fmt: skip
+                for record in [run, *run.get("flops_attempts", [])]:
+                    for field in stale:
+                        record.pop(field, None)
+                run["copied_from"] = str(args.flops_runs_from)
+                if not any(r["budget"] == "flops" and r["model"] == run["model"]
+                           and r.get("seed", 0) == args.seed for r in results["runs"]):
+                    results["runs"].append(run)
     results["machine"] = {"cpu": platform.processor() or platform.machine(),
                           "threads": torch.get_num_threads(), "torch": torch.__version__}
     kwargs = args.model_kwargs
@@ -272,6 +291,7 @@ def main() -> None:
         if key({**run, "budget": "latency"}) not in done:
             try:
                 report = prune(RunConfig(**common, target_latency=args.target_latency,
+                                         latency_predictor=args.latency_predictor,
                                          out=f"{args.out}/{tag}_latency"))  # fmt: skip
             except S2HError as exc:  # e.g. a target below the measured floor: say so
                 report = {"infeasible": str(exc), "target_latency": args.target_latency}

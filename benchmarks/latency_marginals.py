@@ -8,7 +8,8 @@ candidate, aligned to ``--round-to``; every other group full), exports the netwo
 measures its latency ratio against the full one (``LatencyModel.measure_ratio``, alternating
 forwards), ``--passes`` times in shuffled order (median). Beside it: the saving the tables
 predict (uncorrected, as built) and the FLOPs saving. ``--around REPORT`` narrows each group
-by one step from a run's kept widths instead (where that run's search ended).
+by one step from a run's kept widths instead (where that run's search ended); with
+``--wider`` it widens each by one step (a negative saving: what the wider group costs).
 
     python -m benchmarks.latency_marginals --model mobilenet_v3_small \\
         --model-kwargs '{"cifar_stem": true}' --json benchmarks/results/latency_marginals.json
@@ -31,12 +32,17 @@ from s2hpruner.app.run import build_model_and_pruner
 
 
 def group_marginals(cfg: RunConfig, fraction: float, round_to: int, passes: int,
-                    seed: int = 0, around: dict[str, int] | None = None) -> list[dict]:  # fmt: skip
+                    seed: int = 0, around: dict[str, int] | None = None,
+                    wider: bool = False) -> list[dict]:  # fmt: skip
     """Per group: width kept, measured / tables / FLOPs saving of narrowing it alone.
 
     ``around`` (group name -> width, e.g. a run's ``kept_widths``): instead of from the full
     network, narrow each group by one aligned step from these widths (the search's operating
-    point, where a conv's cost also depends on its neighbours' widths)."""
+    point, where a conv's cost also depends on its neighbours' widths). ``wider``: step each
+    group one aligned step wider instead (its saving is then negative: what widening costs),
+    which reaches the groups the search left at their narrowest."""
+    if wider and around is None:
+        raise ValueError("wider steps are taken from a run's widths: give `around` too")
     model, pruner, _ = build_model_and_pruner(cfg, dataset_spec(cfg.dataset), "cpu")
     search, latency = pruner.search, pruner.latency
     choices = [search.candidates[g][search.real_candidate[g]].round().int().tolist()
@@ -46,10 +52,12 @@ def group_marginals(cfg: RunConfig, fraction: float, round_to: int, passes: int,
     rows = []
     for g, group in enumerate(pruner.groups):
         widths, start = choices[g], choices[g][base[g]]
-        aligned = [k for k, w in enumerate(widths) if w % round_to == 0 and w < start]
+        aligned = [k for k, w in enumerate(widths)
+                   if w % round_to == 0 and (w > start if wider else w < start)]  # fmt: skip
         if not aligned:
             continue
-        aim = fraction * group.channels if around is None else start - round_to
+        step = round_to if wider else -round_to
+        aim = fraction * group.channels if around is None else start + step
         pick = min(aligned, key=lambda k: abs(widths[k] - aim))
         rows.append({"group": group.name, "channels": group.channels, "from": start,
                      "kept": widths[pick], "index": g, "pick": pick,
@@ -111,7 +119,8 @@ def plot(results: dict, path: Path) -> None:
         extra = f" {json.dumps(run['model_kwargs'])}" if run["model_kwargs"] else ""
         how = (f"to ~{run['fraction']:g} of its channels, all others full"
                if not run.get("around") else f"by one step from the widths of {run['around']}")
-        ax.set_title(f"{run['model']}{extra}, batch {run['latency_batch']}: one group narrowed "
+        verb = "widened" if run.get("wider") else "narrowed"
+        ax.set_title(f"{run['model']}{extra}, batch {run['latency_batch']}: one group {verb} "
                      f"{how}", fontsize=9)  # fmt: skip
         ax.axhline(0, color="0.5", linewidth=0.8)
         ax.legend(fontsize=8)
@@ -129,6 +138,8 @@ def main() -> None:
     parser.add_argument("--around", type=Path, default=None,
                         help="a run's report.json: narrow each group by one step from its "
                              "kept widths instead of from the full network")  # fmt: skip
+    parser.add_argument("--wider", action="store_true",
+                        help="with --around: widen each group by one step instead")
     parser.add_argument("--json", type=Path,
                         default=Path("benchmarks/results/latency_marginals.json"))
     args = parser.parse_args()
@@ -136,9 +147,10 @@ def main() -> None:
                     latency_batch=args.latency_batch, round_to=args.round_to, progress=False,
                     split_seed=0)  # fmt: skip
     around = json.loads(args.around.read_text())["kept_widths"] if args.around else None
-    rows = group_marginals(cfg, args.fraction, args.round_to, args.passes, around=around)
+    rows = group_marginals(cfg, args.fraction, args.round_to, args.passes, around=around,
+                           wider=args.wider)  # fmt: skip
     entry = {"model": args.model, "model_kwargs": args.model_kwargs, "fraction": args.fraction,
-             "around": str(args.around) if args.around else None,
+             "around": str(args.around) if args.around else None, "wider": args.wider,
              "latency_batch": args.latency_batch, "threads": torch.get_num_threads(),
              "groups": rows}  # fmt: skip
     plot(store_entry(args.json, entry), args.json.with_suffix(".png"))

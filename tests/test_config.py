@@ -239,6 +239,14 @@ def test_unknown_hard_layout_is_refused_with_the_choices():
     RunConfig(hard_layout="contiguous").validate()
 
 
+def test_unknown_latency_predictor_is_refused_with_the_choices():
+    with pytest.raises(ConfigError, match="latency_predictor must be one of auto, tables, flops"):
+        RunConfig(target_latency=0.5, latency_predictor="params").validate()
+    cfg = config_from_args(build_parser().parse_args(
+        ["prune", "--target-latency", "0.5", "--latency-predictor", "flops"]))  # fmt: skip
+    assert cfg.latency_predictor == "flops"
+
+
 @pytest.mark.parametrize("key", ["width_step", "round_to"])
 def test_channel_steps_below_one_are_rejected(key):
     with pytest.raises(ConfigError, match=key):

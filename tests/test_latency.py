@@ -543,3 +543,38 @@ def test_latency_ratio_cancels_a_drifting_host(monkeypatch):
     blocked = [measure.median_latency(pruned, torch.zeros(1), 10)
                / measure.median_latency(full, torch.zeros(1), 10) for _ in range(5)]  # fmt: skip
     assert max(blocked) / min(blocked) >= 3.0
+
+
+@pytest.mark.parametrize("fixed", ["tables", "proxy"])
+def test_a_fixed_predictor_is_kept_whatever_the_measured_networks_follow(fake, fixed):
+    """``predictor=`` fixes the cost's shape (``--latency-predictor``): networks that follow the
+    other feature move its scale, never its shape; ``auto`` would have switched."""
+    lm = build(predictor=fixed)
+
+    def proxy(w: torch.Tensor) -> torch.Tensor:
+        return ((w / lm.channels) ** 2).mean()
+
+    lm.add_proxy("proxy", proxy)
+    other = "proxy" if fixed == "tables" else "tables"
+    gen = torch.Generator().manual_seed(0)
+    assert float(lm.ratio(lm.channels)) == pytest.approx(1.0)
+    for _ in range(4):  # a device whose latency follows the other feature
+        w = (lm.channels * (0.2 + 0.7 * torch.rand(len(lm.channels), generator=gen))).round()
+        result = lm.fit(w, 1.0 - 0.6 * (1.0 - float(lm.feature(w, other))))
+    assert result["predictor"] == lm.predictor == fixed
+    w = (lm.channels / 2).round()
+    slope = (1.0 - float(lm.ratio(w))) / (1.0 - float(lm.feature(w, fixed)))
+    for _ in range(3):  # the line through the full network, along the fixed feature
+        w = (lm.channels * (0.2 + 0.7 * torch.rand(len(lm.channels), generator=gen))).round()
+        assert 1.0 - float(lm.ratio(w)) == pytest.approx(
+            slope * (1.0 - float(lm.feature(w, fixed))), rel=1e-9)
+
+
+def test_an_unknown_latency_predictor_is_refused_early(fake):
+    from s2hpruner import S2HPruner
+
+    model, example, _ = setup()
+    with pytest.raises(ValueError, match="latency predictor 'params' is not offered"):
+        S2HPruner(model, example, target_latency=0.5,
+                  latency_model=lambda m, x, g: LatencyModel(m, x, g, predictor="params",
+                                                             batch_size=4, repeats=3, rounds=1))

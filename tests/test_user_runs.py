@@ -187,3 +187,10 @@ def test_latency_budget_run_reports_measured_and_predicted_latency(tmp_path):
     assert report["flops_ratio"] < 0.99  # widths really moved
     tables = json.loads(cache.read_text())
     assert tables and all(isinstance(v, dict) for v in tables.values())
+    # --latency-predictor fixes the cost's shape: every refit keeps the FLOPs ratio's
+    fixed = tmp_path / "fixed"
+    assert main([*args[:-5], "--out", str(fixed), "--latency-predictor", "flops",
+                 "--no-progress", "--latency-repeats", "3"]) == 0  # fmt: skip
+    report = json.loads((fixed / "report.json").read_text())
+    assert {c["predictor"] for c in report["latency_calibration"]} == {"flops"}
+    assert report["latency_predictor"] == "flops" and report["flops_ratio"] < 0.99

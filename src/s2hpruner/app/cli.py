@@ -20,6 +20,7 @@ from .config import (
     BALANCE_SCOPES,
     FREEZE_TEACHER_CHOICES,
     HARD_LAYOUTS,
+    LATENCY_PREDICTORS,
     MASK_LR_SCHEDULES,
     METHODS,
     RunConfig,
@@ -44,6 +45,9 @@ HELP = {
     "or $S2HPRUNER_CACHE)",
     "latency_feedback": "with --target-latency, times the hard network is exported, timed and "
     "the latency model refitted during the search (and again when the widths freeze)",
+    "latency_predictor": "with --target-latency, what the latency model's shape follows: the "
+    "measured per-layer tables, the FLOPs ratio, or (auto) whichever predicts the networks "
+    "measured during the search better; its scale is always fitted to those measurements",
     "skip_slow_widths": "with --target-latency, never keep a width that the measured tables "
     "say is slower than a wider one (alignment effects)",
     "init": "start from trained weights: a state_dict (.pt, .pth, .safetensors), a checkpoint "
@@ -159,7 +163,8 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
                 choices={"method": METHODS, "hard_layout": HARD_LAYOUTS,
                          "autocast": AUTOCAST, "balance": BALANCE_SCOPES,
                          "mask_lr_schedule": MASK_LR_SCHEDULES,
-                         "freeze_teacher": FREEZE_TEACHER_CHOICES}.get(f.name),  # fmt: skip
+                         "freeze_teacher": FREEZE_TEACHER_CHOICES,
+                         "latency_predictor": LATENCY_PREDICTORS}.get(f.name),  # fmt: skip
             )
 
 

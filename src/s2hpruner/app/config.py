@@ -21,6 +21,8 @@ METHODS = tuple(_METHODS)
 HARD_LAYOUTS = ("auto", "model", "contiguous", "channels_last")
 AUTOCAST = ("bf16", "fp16")
 MASK_LR_SCHEDULES = ("constant", "cosine")
+# what the latency model's shape follows: chosen on the measured networks, or fixed
+LATENCY_PREDICTORS = ("auto", "tables", "flops")
 # "start": a fixed copy of the starting weights (--init or --pretrained) teaches the last phase
 FREEZE_TEACHER_CHOICES = (*FREEZE_TEACHERS, "start")
 DEFAULT_TARGET_FLOPS = 0.35
@@ -50,6 +52,7 @@ class RunConfig:
     latency_cache: str | None = None  # latency table file (default: ~/.cache/s2hpruner)
     skip_slow_widths: bool = True  # latency budget: never keep a width slower than a wider one
     latency_feedback: int = 3  # latency budget: measured refits of the latency model mid-search
+    latency_predictor: str = "auto"  # latency budget: shape of the cost (LATENCY_PREDICTORS)
     method: str = "s2h"
     model_kwargs: dict = field(default_factory=dict)
     init: str | None = None  # start from these trained weights (state dict or checkpoint)
@@ -149,6 +152,9 @@ class RunConfig:
             raise ConfigError(
                 f"autocast must be one of {', '.join(AUTOCAST)}, got {self.autocast!r}"
             )
+        if self.latency_predictor not in LATENCY_PREDICTORS:
+            raise ConfigError(f"latency_predictor must be one of {', '.join(LATENCY_PREDICTORS)}"
+                              f", got {self.latency_predictor!r}")  # fmt: skip
         if self.latency_feedback < 0:
             raise ConfigError(f"latency_feedback must be >= 0, got {self.latency_feedback}")
         if self.latency_batch < 1:

@@ -178,6 +178,7 @@ def _build_pruner(
             table = LatencyModel(
                 model, example_inputs, groups, batch_size=cfg.latency_batch, device=device,
                 cache=cfg.latency_cache, progress=cfg.progress and D.is_main(),
+                predictor=cfg.latency_predictor,
             )  # fmt: skip
             if D.is_main():
                 D.barrier()

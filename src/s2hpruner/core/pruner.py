@@ -165,6 +165,10 @@ class S2HPruner(nn.Module):
         self.latency = latency_model
         if hasattr(self.latency, "add_proxy"):  # measured networks may favour FLOPs (latency.py)
             self.latency.add_proxy("flops", self._flops_ratio_of)
+            choice = getattr(self.latency, "predictor_choice", "auto")
+            if choice not in ("auto", *self.latency.predictors()):
+                raise ValueError(f"latency predictor {choice!r} is not offered; choose auto or "
+                                 f"one of {', '.join(self.latency.predictors())}")  # fmt: skip
         self.freeze_ranks = False
         self.hard_stats = HardNormStats(model) if separate_hard_bn_stats else None
         self._narrow_pointwise = narrow_pointwise(self.layers)  # see sliced.py

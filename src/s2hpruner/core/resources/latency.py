@@ -276,7 +276,7 @@ class LatencyModel(nn.Module):
                  device: torch.device | str | None = None, grid_points: int = 8,
                  repeats: int = 7, cache: str | Path | None = None,
                  memory_format: torch.memory_format | None = None, progress: bool = False,
-                 rounds: int = 3):
+                 rounds: int = 3, predictor: str = "auto"):
         super().__init__()
         self.device = _as_device(device, model)
         self.memory_format = memory_format or memory_format_of(model)
@@ -328,10 +328,17 @@ class LatencyModel(nn.Module):
         self.raw_full = tables_full + self.fixed_part  # uncorrected(full)
         self.correction = self.measured_full  # seconds per unit of the predictor
         self.offset = 0.0  # seconds; set by fit()
+        # "auto": fit() chooses the feature on measured networks; else this one, always
+        self.predictor_choice = predictor
         self.predictor = "tables"  # or a proxy's name: chosen by fit() on measured networks
+        if predictor not in ("auto", "tables"):
+            self.predictor = predictor  # a proxy: must be added (add_proxy) before any cost
         self.proxies: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
         self.points: list[dict] = []  # measured networks: measured ratio, shrink per predictor
-        self.full = float(self.cost(self.channels))
+        if predictor in ("auto", "tables"):
+            self.full = float(self.cost(self.channels))
+        else:
+            self.full = self.measured_full  # every predictor is 1 at full widths
 
     _SCALARS = ("measured_full", "fixed_part", "raw_full", "correction", "offset",
                 "activations_full", "full")  # fmt: skip
@@ -512,7 +519,7 @@ class LatencyModel(nn.Module):
         The feature is the tables, or a proxy (``add_proxy``) once it predicts the measured
         networks better: from three networks on, each predictor's line is fitted without
         each network in turn and judged on it (leave-one-out), and the smaller median error
-        wins (ties: the tables)."""
+        wins (ties: the tables). A ``predictor`` fixed at construction is always kept."""
         widths = widths.to(self.channels.device, torch.float64)
         names = self.predictors()
         shrink = {name: 1.0 - float(self.feature(widths, name)) for name in names}
@@ -521,7 +528,9 @@ class LatencyModel(nn.Module):
             self.points.append({"measured": float(measured_ratio), "shrink": shrink})
         usable = {name: [p for p in self.points if p["shrink"].get(name, 0.0) > 0.01]
                   for name in names}  # fmt: skip
-        if len(self.points) >= 3:
+        if self.predictor_choice != "auto":
+            self.predictor = self.predictor_choice
+        elif len(self.points) >= 3:
             errors = {name: _leave_one_out_error(usable[name], name) for name in names
                       if len(usable[name]) == len(self.points)}  # fmt: skip
             self.predictor = min(errors, key=lambda n: (errors[n], n != "tables"))

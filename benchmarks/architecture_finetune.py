@@ -1,0 +1,143 @@
+"""Is an architecture good in itself? Each run's kept widths, cut from one checkpoint and
+fine-tuned alike.
+
+A run's top-1 mixes two things: which widths its search kept, and how the run trained them.
+For each finished run (a directory with ``report.json`` and ``config.yaml``) this cuts the
+run's ``kept_widths`` from the run's own starting weights (``--init``) by L1 rank (the
+pruner's importance, as S2HPruner exports), fine-tunes the cut network with the baselines'
+plain trainer (same recipe, same batches for every run) and reports validation and test
+top-1. Differences between runs are then differences between their architectures.
+
+    python -m benchmarks.architecture_finetune runs/latency_budget_intel/resnet20* \\
+        --lr 0.01 --json benchmarks/results/architecture_finetune.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import sys
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from benchmarks import baselines as B
+from s2hpruner.app.checkpoint import seed_everything
+from s2hpruner.app.config import RunConfig
+from s2hpruner.app.data import dataset_spec
+from s2hpruner.app.files import atomic_write_bytes
+from s2hpruner.app.run import build_model_and_pruner
+from s2hpruner.core.resources import count_flops
+from s2hpruner.core.trainer import evaluate
+
+
+def cut(cfg: RunConfig, kept_widths: dict[str, int], device: torch.device) -> nn.Module:
+    """The network of ``cfg``'s starting weights at ``kept_widths`` (group name -> width),
+    each group keeping its channels of largest L1 norm."""
+    # the cut needs groups and importance, not the run's budget: no latency tables are built
+    cfg = dataclasses.replace(cfg, target_flops=0.5, target_params=None, target_latency=None)
+    _, pruner, _ = build_model_and_pruner(cfg, dataset_spec(cfg.dataset), device)
+    pruner.update_ranks(force=True)
+    pruner.freeze_ranks = True
+    search = pruner.search
+    picks = []
+    for g, group in enumerate(pruner.groups):
+        widths = search.candidates[g][search.real_candidate[g]].round().int().tolist()
+        if kept_widths.get(group.name) not in widths:
+            width = kept_widths.get(group.name)
+            raise ValueError(f"group {group.name!r}: width {width} is not a candidate of this "
+                             f"model ({widths}); is it the run's model?")  # fmt: skip
+        picks.append(widths.index(kept_widths[group.name]))
+
+    def fill(g: int, logits: torch.Tensor) -> None:
+        logits.fill_(-30.0)
+        logits[picks[g]] = 30.0
+
+    pruner._with_logits(fill)
+    return pruner.export()
+
+
+def finetune_run(run_dir: Path, lr: float | None, epochs: float, init: str | None,
+                 device: torch.device) -> dict:  # fmt: skip
+    """Cut ``run_dir``'s architecture and fine-tune it; its record (top-1 on test and val)."""
+    report = json.loads((run_dir / "report.json").read_text())
+    cfg = RunConfig.from_yaml(run_dir / "config.yaml", seed=0, epochs=epochs, progress=False,
+                              **({"lr": lr} if lr is not None else {}),
+                              **({"init": init} if init is not None else {}))  # fmt: skip
+    if cfg.init is None and not cfg.pretrained:
+        raise ValueError(f"{run_dir}: the run started from random weights; give --init")
+    seed_everything(cfg.seed)
+    data = B.load_data(cfg, device)
+    full = B.build_model(cfg, data)
+    net = B._memory_format(cut(cfg, report["kept_widths"], device), cfg)
+    steps = max(1, round(epochs * data.steps_per_epoch))
+    seconds = B.train(net, data, cfg, 0, steps, f"fine-tune {run_dir.name}")
+    net.eval()
+    loader = partial(DataLoader, batch_size=cfg.eval_batch_size, num_workers=cfg.workers)
+    return {
+        "run": str(run_dir), "budget": {k: report.get(f"target_{k}") for k in
+                                        ("flops", "params", "latency")},
+        "kept_widths": report["kept_widths"], "run_top1": report["top1_hard"],
+        "flops_ratio": count_flops(net, data.example) / count_flops(full, data.example),
+        "latency_ratio": report.get("latency_ratio"), "init": cfg.init, "lr": cfg.lr,
+        "epochs": epochs, "train_seconds": seconds,
+        "test_top1": evaluate(net, loader(data.splits.test), device, progress=False),
+        "val_top1": evaluate(net, loader(data.splits.val), device, progress=False),
+    }  # fmt: skip
+
+
+def plot(records: list[dict], path: Path) -> None:
+    """Top-1 of each architecture fine-tuned alike against its FLOPs, one marker per budget."""
+    from s2hpruner.app.report import plt, save_figure  # pyplot on the Agg backend
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for kind, marker in (("latency", "o"), ("flops", "s"), ("params", "^")):
+        rows = [r for r in records if r["budget"].get(kind) is not None]
+        if rows:
+            ax.scatter([r["flops_ratio"] for r in rows], [r["test_top1"] for r in rows],
+                       marker=marker, label=f"{kind} budget: test")  # fmt: skip
+            ax.scatter([r["flops_ratio"] for r in rows], [r["val_top1"] for r in rows],
+                       marker=marker, facecolors="none", edgecolors="0.4",
+                       label=f"{kind} budget: validation")  # fmt: skip
+    ax.set_xlabel("FLOPs ratio of the architecture")
+    ax.set_ylabel("top-1 after the same fine-tuning (%)")
+    ax.set_title("Each run's kept widths, cut from one checkpoint and fine-tuned alike", fontsize=9)
+    ax.legend(fontsize=8)
+    save_figure(fig, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="run directories (report.json)")
+    parser.add_argument("--lr", type=float, default=None, help="default: each run's own lr")
+    parser.add_argument("--epochs", type=float, default=1.0)
+    parser.add_argument("--init", default=None, help="default: each run's own starting weights")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--json", type=Path,
+                        default=Path("benchmarks/results/architecture_finetune.json"))
+    args = parser.parse_args(argv)
+    device = B.pick_device(args.device)
+    records = []
+    for run_dir in tqdm(args.runs, desc="architectures"):
+        records.append(finetune_run(run_dir, args.lr, args.epochs, args.init, device))
+        r = records[-1]
+        tqdm.write(f"{run_dir.name:32s} FLOPs {r['flops_ratio']:.3f}  run {r['run_top1']:.2f}"
+                   f"  fine-tuned alike: test {r['test_top1']:.2f} val {r['val_top1']:.2f}")
+    result = {"machine": {"cpu": platform.processor() or platform.machine(),
+                          "torch": torch.__version__, "threads": torch.get_num_threads()},
+              "command": "python -m benchmarks.architecture_finetune " + " ".join(
+                  sys.argv[1:] if argv is None else argv),
+              "runs": records}  # fmt: skip
+    atomic_write_bytes(args.json, json.dumps(result, indent=2).encode())
+    plot(records, args.json.with_suffix(".png"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
