@@ -44,23 +44,12 @@ def cut(cfg: RunConfig, kept_widths: dict[str, int], device: torch.device) -> nn
     cfg = dataclasses.replace(cfg, target_flops=0.5, target_params=None, target_latency=None)
     _, pruner, _ = build_model_and_pruner(cfg, dataset_spec(cfg.dataset), device)
     pruner.update_ranks(force=True)
-    pruner.freeze_ranks = True
-    search = pruner.search
-    picks = []
-    for g, group in enumerate(pruner.groups):
-        widths = search.candidates[g][search.real_candidate[g]].round().int().tolist()
-        if kept_widths.get(group.name) not in widths:
-            width = kept_widths.get(group.name)
-            raise ValueError(f"group {group.name!r}: width {width} is not a candidate of this "
-                             f"model ({widths}); is it the run's model?")  # fmt: skip
-        picks.append(widths.index(kept_widths[group.name]))
-
-    def fill(g: int, logits: torch.Tensor) -> None:
-        logits.fill_(-30.0)
-        logits[picks[g]] = 30.0
-
-    pruner._with_logits(fill)
-    return pruner.export()
+    missing = sorted(set(pruner.candidate_widths()) - set(kept_widths))
+    if missing:
+        raise ValueError(f"the widths name no width for group(s) {', '.join(missing)}; are "
+                         "they the widths of a run of this model?")  # fmt: skip
+    with pruner.at_widths(kept_widths):
+        return pruner.export()
 
 
 def finetune_run(run_dir: Path, lr: float | None, epochs: float, init: str | None,

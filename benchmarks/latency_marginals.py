@@ -45,8 +45,7 @@ def group_marginals(cfg: RunConfig, fraction: float, round_to: int, passes: int,
         raise ValueError("wider steps are taken from a run's widths: give `around` too")
     model, pruner, _ = build_model_and_pruner(cfg, dataset_spec(cfg.dataset), "cpu")
     search, latency = pruner.search, pruner.latency
-    choices = [search.candidates[g][search.real_candidate[g]].round().int().tolist()
-               for g in range(len(pruner.groups))]  # fmt: skip
+    choices = list(pruner.candidate_widths().values())
     base = [len(c) - 1 if around is None else c.index(around[grp.name])
             for c, grp in zip(choices, pruner.groups, strict=True)]  # fmt: skip
     rows = []
@@ -65,18 +64,11 @@ def group_marginals(cfg: RunConfig, fraction: float, round_to: int, passes: int,
 
     def network(picks: list[int]) -> tuple[float, torch.Tensor]:
         """Measured latency ratio and hard widths of the network at these candidates."""
-
-        def fill(i: int, u: torch.Tensor) -> None:
-            u.fill_(-30.0)
-            u[picks[i]] = 30.0
-
-        saved = pruner._with_logits(fill)
-        try:
-            with torch.no_grad():
-                ratio = latency.measure_ratio(model, pruner.export().eval())
+        widths = {grp.name: choices[g][k]
+                  for g, (grp, k) in enumerate(zip(pruner.groups, picks, strict=True))}  # fmt: skip
+        with pruner.at_widths(widths), torch.no_grad():
+            ratio = latency.measure_ratio(model, pruner.export().eval())
             return ratio, search.hard_widths().detach()
-        finally:
-            pruner._restore_logits(saved)
 
     order = list(range(len(rows)))
     for p in range(passes):

@@ -34,23 +34,17 @@ def sample_networks(cfg: RunConfig, samples: int, seed: int, round_to: int) -> l
     model, pruner, _ = build_model_and_pruner(cfg, dataset_spec(cfg.dataset), "cpu")
     search, rng, rows = pruner.search, random.Random(seed), []
     for _ in range(samples):
-
-        def one_width(i: int, u: torch.Tensor) -> None:
-            widths = search.candidates[i][search.real_candidate[i]].round().int().tolist()
-            aligned = [k for k, w in enumerate(widths) if w % round_to == 0] or [len(widths) - 1]
-            u.fill_(-30.0)
-            u[rng.choice(aligned)] = 30.0
-
-        saved = pruner._with_logits(one_width)
-        try:
+        choice = {}
+        for name, options in pruner.candidate_widths().items():
+            aligned = [w for w in options if w % round_to == 0] or [options[-1]]
+            choice[name] = rng.choice(aligned)
+        with pruner.at_widths(choice):
             widths = search.hard_widths().detach()
             with torch.no_grad():
                 measured = pruner.latency.measure_ratio(model, pruner.export().eval())
             rows.append({"widths": widths.round().int().tolist(), "measured": measured,
                          "tables": float(pruner.latency.ratio(widths)),
                          "flops": pruner.ratio("hard", "flops")})  # fmt: skip
-        finally:
-            pruner._restore_logits(saved)
     return rows
 
 

@@ -58,8 +58,10 @@ def test_the_cut_keeps_the_runs_widths_and_each_groups_largest_channels(tmp_path
     rows = [next(i for i in range(len(full)) if torch.equal(full[i], row)) for row in kept]
     norms = full.abs().flatten(1).sum(1)
     assert sorted(rows) == sorted(norms.argsort(descending=True)[: len(kept)].tolist())
-    with pytest.raises(ValueError, match="not a candidate"):
+    with pytest.raises(ValueError, match="group 'conv1' cannot keep 5 channels"):
         A.cut(cfg, {**WIDTHS, "conv1": 5}, torch.device("cpu"))
+    with pytest.raises(ValueError, match="no width for group.s. conv1; are they the widths"):
+        A.cut(cfg, {k: v for k, v in WIDTHS.items() if k != "conv1"}, torch.device("cpu"))
 
 
 def test_every_run_is_fine_tuned_alike_and_reported_with_a_picture(tmp_path):

@@ -195,6 +195,43 @@ def test_group_structure_of_resnet20():
     assert all(isinstance(modules[s], torch.nn.BatchNorm2d) for s in sites)
 
 
+def test_a_chosen_architecture_is_exported_exactly_and_the_search_is_left_as_it_was():
+    torch.manual_seed(0)
+    model = create_model("resnet20", num_classes=10, in_chans=1, width=4)
+    randomise_bn_stats(model, 0)
+    model.eval()
+    x = torch.randn(2, 1, 28, 28)
+    pruner = S2HPruner(model, x[:1], target_flops=0.5)
+    randomise(pruner, 0)
+    before = [u.detach().clone() for u in pruner.mask_parameters()]
+    kept_before = pruner.kept_widths()
+    choice = {name: widths[len(widths) // 2] for name, widths in pruner.candidate_widths().items()}
+    choice.pop("conv1")  # a group not named keeps its own width
+    with pruner.at_widths(choice):
+        assert pruner.kept_widths() == {**choice, "conv1": kept_before["conv1"]}
+        with torch.no_grad(), pruner.mode("hard"):
+            hard = model(x)
+        exported = pruner.export().eval()
+    with torch.no_grad():
+        assert torch.allclose(exported(x), hard, atol=1e-5), "hard network != exported network"
+    assert all(torch.equal(u, b) for u, b in zip(pruner.mask_parameters(), before, strict=True))
+    assert pruner.kept_widths() == kept_before
+    convs = dict(exported.named_modules())
+    assert all(convs[name].out_channels == width for name, width in choice.items())
+    too_wide = pytest.raises(ValueError, match="group 'conv1' cannot keep 5 channels; its widths")
+    with too_wide, pruner.at_widths({"conv1": 5}):
+        pass
+    no_group = pytest.raises(ValueError, match="no channel group named 'fc'")
+    with no_group, pruner.at_widths({"fc": 1}):
+        pass
+    aligned = S2HPruner(model, x[:1], target_flops=0.5, round_to=4)
+    logits = [u.detach().clone() for u in aligned.mask_parameters()]
+    unaligned = pytest.raises(ValueError, match="with round_to=4 the hard network keeps")
+    with unaligned, aligned.at_widths({"layer3.0.conv1": 6}):
+        pass
+    assert all(torch.equal(u, b) for u, b in zip(aligned.mask_parameters(), logits, strict=True))
+
+
 def test_ignored_layers_by_name_stay_full():
     model = create_model("resnet20", num_classes=10, in_chans=1)
     x = torch.randn(1, 1, 28, 28)

@@ -466,6 +466,49 @@ class S2HPruner(nn.Module):
         widths = self.search.hard_widths().detach().round().long().tolist()
         return {g.name: w for g, w in zip(self.groups, widths, strict=True)}
 
+    def candidate_widths(self) -> dict[str, list[int]]:
+        """Every width the search offers each group (ascending), by group name; with
+        ``round_to``, the hard network keeps only its multiples (and the full width)."""
+        search = self.search
+        return {g.name: search.candidates[i][search.real_candidate[i]].round().long().tolist()
+                for i, g in enumerate(self.groups)}  # fmt: skip
+
+    @contextlib.contextmanager
+    def at_widths(self, widths: dict[str, int]) -> Iterator[None]:
+        """Within the block, the hard network keeps ``widths`` (group name -> one of its
+        ``candidate_widths``; groups not named keep their own): export, time or evaluate a
+        chosen architecture, e.g. a finished run's ``kept_widths``. The width logits are
+        restored afterwards."""
+        choices = self.candidate_widths()
+        unknown = sorted(set(widths) - set(choices))
+        if unknown:
+            raise ValueError(f"no channel group named {', '.join(map(repr, unknown))}; the "
+                             f"groups are {', '.join(choices)}")  # fmt: skip
+        picks = {}
+        for name, width in widths.items():
+            if width not in choices[name]:
+                raise ValueError(f"group {name!r} cannot keep {width} channels; its widths "
+                                 f"are {choices[name]}")  # fmt: skip
+            picks[name] = choices[name].index(width)
+
+        def fill(i: int, logits: torch.Tensor) -> None:
+            pick = picks.get(self.groups[i].name)
+            if pick is not None:  # a one-hot choice, far beyond any temperature
+                logits.fill_(-30.0)
+                logits[pick] = 30.0
+
+        saved = self._with_logits(fill)
+        try:
+            kept = self.kept_widths()
+            moved = {n: kept[n] for n, w in widths.items() if kept[n] != w}
+            if moved:  # round_to aligns the hard widths
+                raise ValueError(f"with round_to={self.round_to} the hard network keeps "
+                                 f"{moved}, not {({n: widths[n] for n in moved})}; choose "
+                                 "widths that are multiples of it")  # fmt: skip
+            yield
+        finally:
+            self._restore_logits(saved)
+
     def kept_channels(self) -> dict[str, list[int]]:
         """Channel indices each group keeps in the hard network (its H most important)."""
         kept = {}
