@@ -335,10 +335,7 @@ class LatencyModel(nn.Module):
             self.predictor = predictor  # a proxy: must be added (add_proxy) before any cost
         self.proxies: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
         self.points: list[dict] = []  # measured networks: measured ratio, shrink per predictor
-        if predictor in ("auto", "tables"):
-            self.full = float(self.cost(self.channels))
-        else:
-            self.full = self.measured_full  # every predictor is 1 at full widths
+        self.full = self.measured_full  # cost(full): every predictor is 1 at full widths
 
     _SCALARS = ("measured_full", "fixed_part", "raw_full", "correction", "offset",
                 "activations_full", "full")  # fmt: skip
