@@ -330,9 +330,8 @@ class LatencyModel(nn.Module):
         self.offset = 0.0  # seconds; set by fit()
         # "auto": fit() chooses the feature on measured networks; else this one, always
         self.predictor_choice = predictor
-        self.predictor = "tables"  # or a proxy's name: chosen by fit() on measured networks
-        if predictor not in ("auto", "tables"):
-            self.predictor = predictor  # a proxy: must be added (add_proxy) before any cost
+        # the feature in use: "tables" or a proxy's name (which must be added before any cost)
+        self.predictor = "tables" if predictor == "auto" else predictor
         self.proxies: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
         self.points: list[dict] = []  # measured networks: measured ratio, shrink per predictor
         self.full = self.measured_full  # cost(full): every predictor is 1 at full widths
@@ -525,9 +524,7 @@ class LatencyModel(nn.Module):
             self.points.append({"measured": float(measured_ratio), "shrink": shrink})
         usable = {name: [p for p in self.points if p["shrink"].get(name, 0.0) > 0.01]
                   for name in names}  # fmt: skip
-        if self.predictor_choice != "auto":
-            self.predictor = self.predictor_choice
-        elif len(self.points) >= 3:
+        if self.predictor_choice == "auto" and len(self.points) >= 3:
             errors = {name: _leave_one_out_error(usable[name], name) for name in names
                       if len(usable[name]) == len(self.points)}  # fmt: skip
             self.predictor = min(errors, key=lambda n: (errors[n], n != "tables"))
