@@ -260,6 +260,35 @@ def test_slow_widths_are_skipped_and_export_stays_exact():
     assert unskipped.slow_widths == {}
 
 
+def bumped_time(cin: float, cout: float) -> float:
+    """smooth_time, with an alignment bump: the linear layer's 24-wide output (``cout`` of the
+    last group) is slower at 12 channels than at 24."""
+    return smooth_time(cin, cout) + (5e-3 if cin == 32 * 4 * 4 and cout == 12 else 0.0)
+
+
+@pytest.mark.parametrize("predictor", ["auto", "tables", "flops"])
+def test_the_tables_skip_slow_widths_whatever_feature_steers_the_search(
+    fake, monkeypatch, predictor
+):
+    """A FLOPs-shaped cost is monotone, so it would never skip a width; the tables see the
+    bump and skip it under every ``--latency-predictor``."""
+    from s2hpruner import S2HPruner
+
+    monkeypatch.setattr(latency, "_time_cell", FakeTimer(bumped_time))
+    # the whole network no slower than its table layers: no untimed part to hide the bump
+    monkeypatch.setattr(latency, "measure_latency", lambda *args, **kwargs: 1e-6)
+    monkeypatch.setattr(LatencyModel, "measure_ratio", fake_truth)
+    net, example, groups = setup()
+    linear = next(g for g in groups if g.producers[0].module_name == "10")
+    table = LatencyModel(net, example, groups, batch_size=4, grid_points=3, repeats=3, rounds=1,
+                         predictor=predictor)  # fmt: skip
+    pruner = S2HPruner(net, example, target_latency=0.8, latency_model=table)
+    if predictor != "auto":  # (auto follows this fake device's FLOPs-like latency)
+        assert pruner.latency.predictor == predictor
+    skipped = pruner.slow_widths.get(linear.name, [])
+    assert 12 in skipped and 1 not in skipped and 24 not in skipped
+
+
 def test_fit_through_measured_networks(fake):
     """One measured network: the refitted cost predicts it exactly and keeps the full one.
     More: the slope is their median, so one wild timing barely moves it."""
@@ -578,3 +607,44 @@ def test_an_unknown_latency_predictor_is_refused_early(fake):
         S2HPruner(model, example, target_latency=0.5,
                   latency_model=lambda m, x, g: LatencyModel(m, x, g, predictor="params",
                                                              batch_size=4, repeats=3, rounds=1))
+
+
+def concave_truth(self, full, pruned, rounds=5):
+    """A device whose latency falls more slowly than the FLOPs (as MobileNetV3's on a CPU:
+    0.5 of the FLOPs ran at ~0.7 of the latency, the smallest network at ~0.27)."""
+    return exported_flops_ratio(full, pruned) ** 0.45
+
+
+def test_the_smallest_network_anchors_the_fit_so_the_build_does_not_overshoot(fake, monkeypatch):
+    """Fitted through the full network and one network at the budget alone, a feature that
+    shrinks faster than the latency sends the next projection far below the budget; with the
+    smallest network (measured anyway, for the floor) among the fitted points, every network
+    the build measures stays near the target."""
+    from s2hpruner import S2HPruner
+
+    monkeypatch.setattr(LatencyModel, "measure_ratio", concave_truth)
+    net, example, groups = setup()
+    table = LatencyModel(net, example, groups, batch_size=4, grid_points=3, repeats=3, rounds=1,
+                         predictor="flops")  # fmt: skip
+    pruner = S2HPruner(net, example, target_latency=0.5, latency_model=table)
+    built = [c["measured_ratio"] for c in pruner.latency_calibration if c["when"] == "build"]
+    whens = [c["when"] for c in pruner.latency_calibration]
+    assert whens[0] == "floor" and "build" in whens
+    assert pruner.latency_calibration[0]["measured_ratio"] == pytest.approx(pruner.latency_floor)
+    assert min(built) > 0.42 and abs(built[-1] - 0.5) < 0.05  # without the anchor: 0.29
+
+
+def test_the_frozen_widths_aim_by_the_measured_slope_once_two_checks_exist():
+    """The freeze checks' next aim: the last miss at first; then the miss scaled by how far
+    the measured ratio moved per unit of aim (a model whose slope is off would otherwise
+    overshoot back and forth); a pair that moved in opposite directions (noise) gives no
+    slope; never more than a fifth of the target away from it."""
+    from s2hpruner.core.trainer import next_latency_aim
+
+    assert next_latency_aim([(0.5, 0.54)], 0.5) == pytest.approx(0.46)
+    # the aim fell by 0.04 and the measured ratio by 0.21: aim 0.17 * 0.04 / 0.21 higher
+    secant = next_latency_aim([(0.5, 0.54), (0.46, 0.33)], 0.5)
+    assert secant == pytest.approx(0.46 + 0.17 * 0.04 / 0.21)
+    assert next_latency_aim([(0.5, 0.46), (0.54, 0.45)], 0.5) == pytest.approx(0.59)
+    assert next_latency_aim([(0.5, 0.2)], 0.5) == pytest.approx(0.6)
+    assert next_latency_aim([(0.5, 0.95)], 0.5) == pytest.approx(0.4)
