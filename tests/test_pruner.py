@@ -226,10 +226,36 @@ def test_a_chosen_architecture_is_exported_exactly_and_the_search_is_left_as_it_
         pass
     aligned = S2HPruner(model, x[:1], target_flops=0.5, round_to=4)
     logits = [u.detach().clone() for u in aligned.mask_parameters()]
-    unaligned = pytest.raises(ValueError, match="with round_to=4 the hard network keeps")
+    unaligned = pytest.raises(ValueError, match="'layer3.0.conv1' cannot keep 6 channels")
     with unaligned, aligned.at_widths({"layer3.0.conv1": 6}):
         pass
     assert all(torch.equal(u, b) for u, b in zip(aligned.mask_parameters(), logits, strict=True))
+
+
+def test_every_width_round_to_allows_can_be_chosen_and_exported_exactly():
+    """With round_to, the hard network keeps multiples of it that lie between the search's
+    candidates (a finished run's kept widths, e.g. 624 of MobileNetV3's 1024 classifier
+    channels, whose candidates step by 32): at_widths reaches each of them."""
+    torch.manual_seed(0)
+    model = create_model("resnet20", num_classes=10, in_chans=1, width=4)
+    randomise_bn_stats(model, 0)
+    model.eval()
+    x = torch.randn(2, 1, 28, 28)
+    pruner = S2HPruner(model, x[:1], target_flops=0.5, round_to=2, max_candidates=4)
+    randomise(pruner, 0)
+    group = "layer3.0.conv1"  # 16 channels: candidates 4, 8, 12, 16
+    soft = pruner.search.candidates[[g.name for g in pruner.groups].index(group)]
+    assert 6 not in soft.tolist()
+    assert pruner.candidate_widths()[group] == [4, 6, 8, 10, 12, 14, 16]
+    for width in pruner.candidate_widths()[group]:
+        with pruner.at_widths({group: width}):
+            assert pruner.kept_widths()[group] == width
+            with torch.no_grad(), pruner.mode("hard"):
+                hard = model(x)
+            exported = pruner.export().eval()
+        assert dict(exported.named_modules())[group].out_channels == width
+        with torch.no_grad():
+            assert torch.allclose(exported(x), hard, atol=1e-5), "hard network != exported"
 
 
 def test_ignored_layers_by_name_stay_full():

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 
@@ -479,10 +480,13 @@ class S2HPruner(nn.Module):
         return {g.name: w for g, w in zip(self.groups, widths, strict=True)}
 
     def candidate_widths(self) -> dict[str, list[int]]:
-        """Every width the search offers each group (ascending), by group name; with
-        ``round_to``, the hard network keeps only its multiples (and the full width)."""
+        """Every width the hard network can keep, per group name (ascending): the search's
+        candidates, or with ``round_to`` every multiple of it from the smallest candidate's
+        up (and the full width), less the widths skipped as slow."""
         search = self.search
-        return {g.name: search.candidates[i][search.real_candidate[i]].round().long().tolist()
+        lowest = search.hard_widths_of(search.candidates[:, 0]).round().long().tolist()
+        return {g.name: sorted({w for w in search.hard_candidates[i].round().long().tolist()
+                                if w >= lowest[i]})
                 for i, g in enumerate(self.groups)}  # fmt: skip
 
     @contextlib.contextmanager
@@ -496,27 +500,36 @@ class S2HPruner(nn.Module):
         if unknown:
             raise ValueError(f"no channel group named {', '.join(map(repr, unknown))}; the "
                              f"groups are {', '.join(choices)}")  # fmt: skip
-        picks = {}
         for name, width in widths.items():
             if width not in choices[name]:
                 raise ValueError(f"group {name!r} cannot keep {width} channels; its widths "
                                  f"are {choices[name]}")  # fmt: skip
-            picks[name] = choices[name].index(width)
+        search = self.search
 
         def fill(i: int, logits: torch.Tensor) -> None:
-            pick = picks.get(self.groups[i].name)
-            if pick is not None:  # a one-hot choice, far beyond any temperature
-                logits.fill_(-30.0)
-                logits[pick] = 30.0
+            """Logits whose expected width lands on the width: one candidate, or (a width
+            round_to allows between two candidates) a mix of the two around it."""
+            width = widths.get(self.groups[i].name)
+            if width is None:
+                return
+            candidates = search.candidates[i][search.real_candidate[i]].tolist()
+            logits.fill_(float("-inf"))
+            if width in candidates:
+                logits[candidates.index(width)] = 0.0
+                return
+            above = next(k for k, c in enumerate(candidates) if c > width)
+            low, high = candidates[above - 1], candidates[above]
+            share = (width - 0.01 - low) / (high - low)  # just below: rounds to the width
+            logits[above - 1] = search.temperature * math.log(1.0 - share)
+            logits[above] = search.temperature * math.log(share)
 
         saved = self._with_logits(fill)
         try:
             kept = self.kept_widths()
             moved = {n: kept[n] for n, w in widths.items() if kept[n] != w}
-            if moved:  # round_to aligns the hard widths
-                raise ValueError(f"with round_to={self.round_to} the hard network keeps "
-                                 f"{moved}, not {({n: widths[n] for n in moved})}; choose "
-                                 "widths that are multiples of it")  # fmt: skip
+            if moved:  # (never, for widths candidate_widths offers)
+                raise RuntimeError(f"the hard network keeps {moved}, not "
+                                   f"{({n: widths[n] for n in moved})}")  # fmt: skip
             yield
         finally:
             self._restore_logits(saved)
