@@ -465,9 +465,9 @@ def next_latency_aim(checked: Sequence[tuple[float, float]], target: float) -> f
     """The latency target to project the frozen widths onto next, from the (aim, measured
     ratio) of each check so far: the last aim moved by its miss, scaled once two checks
     exist by how far the measured ratio moved per unit of aim between them (secant), and
-    kept within a fifth of the target. Why: the latency model's slope can be off near the
-    budget (on MobileNetV3 the FLOPs feature's by ~2x), and a step of one miss then
-    overshot further at every check (0.54, 0.33, 0.70, 0.25 for a 0.5 target)."""
+    kept within a fifth of the target. Why: near the budget the measured ratio can move much
+    faster than the aim (MobileNetV3 under the FLOPs feature: 5 times), and a step of one
+    miss then overshot further at every check (0.54, 0.33, 0.70, 0.25 for a 0.5 target)."""
     aim, measured = checked[-1]
     step = target - measured
     if len(checked) >= 2:
