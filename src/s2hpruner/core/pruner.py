@@ -400,13 +400,7 @@ class S2HPruner(nn.Module):
         """Before the search: measure the smallest network (``latency_floor``, the lowest
         latency ratio reachable, whatever the tables say), then refit the latency model at
         the widths the budgets project to, until its prediction there is within
-        ``tolerance`` of the measurement.
-
-        The smallest network is one of the fit's measured networks: with the full one it
-        brackets every budget. Why: fitted through the full network and one network at the
-        budget alone, a feature that shrinks faster than the latency (FLOPs on MobileNetV3:
-        0.5 of the FLOPs ran at 0.7 of the latency) sent the next projection almost to the
-        smallest network (measured 0.28 for a 0.5 target), and the search started there."""
+        ``tolerance`` of the measurement."""
 
         def smallest(i: int, u: torch.Tensor) -> None:
             u.fill_(-30.0)
@@ -425,9 +419,6 @@ class S2HPruner(nn.Module):
                     "stop getting faster here. Choose target_latency >= "
                     f"{self.latency_floor:.2f}, a larger latency batch, or a budget in FLOPs"
                 )
-            widths = self.search.hard_widths().detach()
-            floor = self.latency.calibrate(self.model, None, widths, measured=self.latency_floor)
-            self.latency_calibration.append({"when": "floor", **floor})
             if target is None:
                 return
             self._restore_logits(saved)

@@ -463,17 +463,19 @@ class S2HTrainer:
 
 def next_latency_aim(checked: Sequence[tuple[float, float]], target: float) -> float:
     """The latency target to project the frozen widths onto next, from the (aim, measured
-    ratio) of each check so far: the last aim moved by its miss, scaled once two checks
-    exist by how far the measured ratio moved per unit of aim between them (secant), and
-    kept within a fifth of the target. Why: near the budget the measured ratio can move much
+    ratio) of each check so far: the last aim moved by its miss, scaled down once two checks
+    exist where the measured ratio moved faster than the aim between them (secant), and kept
+    within a fifth of the target. Why: near the budget the measured ratio can move much
     faster than the aim (MobileNetV3 under the FLOPs feature: 5 times), and a step of one
-    miss then overshot further at every check (0.54, 0.33, 0.70, 0.25 for a 0.5 target)."""
+    miss then overshot further at every check (0.54, 0.33, 0.70, 0.25 for a 0.5 target).
+    Never scaled up: two close checks' timing noise can fake a flat slope (digits: a step
+    4 times the miss went from 0.68 to 0.89)."""
     aim, measured = checked[-1]
     step = target - measured
     if len(checked) >= 2:
         aim_before, measured_before = checked[-2]
         if (aim - aim_before) * (measured - measured_before) > 0:  # a usable slope
-            step *= (aim - aim_before) / (measured - measured_before)
+            step *= min((aim - aim_before) / (measured - measured_before), 1.0)
     return min(max(aim + step, 0.8 * target), min(1.2 * target, 1.0))
 
 

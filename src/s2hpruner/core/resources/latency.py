@@ -27,8 +27,7 @@ half-width ResNet-20 by 35%, this rule by ~6%). Before any network is measured, 
 0 and ``correction = measured_full``. Tables of layers timed alone can miss how a whole
 narrow network behaves (per-call overheads, cache effects), so ``fit`` refits offset and
 correction on whole exported networks measured against the full one; the pruner measures
-the smallest network and one at the budget before the search, others during it, and the
-frozen one (measured feedback). Always
+them before and during the search and when the widths freeze (measured feedback). Always
 ``cost(full) == measured_full``. The pruner also offers the FLOPs ratio as a proxy feature,
 and ``fit`` keeps whichever feature predicts the measured networks better (leave-one-out).
 On a 2-core CPU (``benchmarks.latency_predictors``, 30 random networks per model), the tables
@@ -488,15 +487,11 @@ class LatencyModel(nn.Module):
         return D.broadcast_floats([ratio])[0]
 
     @torch.no_grad()
-    def calibrate(self, full_model: nn.Module, pruned_model: nn.Module | None,
-                  widths: torch.Tensor, rounds: int = 5,
-                  measured: float | None = None) -> dict[str, float]:  # fmt: skip
+    def calibrate(self, full_model: nn.Module, pruned_model: nn.Module, widths: torch.Tensor,
+                  rounds: int = 5) -> dict[str, float]:  # fmt: skip
         """Measure ``pruned_model`` (the network exported at ``widths``) against
-        ``full_model`` (or take ``measured``, its ratio already timed by
-        :meth:`measure_ratio`) and refit the cost through that point (:meth:`fit`)."""
-        if measured is None:
-            measured = self.measure_ratio(full_model, pruned_model, rounds)
-        result = self.fit(widths, measured)
+        ``full_model`` and refit the cost through that point (:meth:`fit`)."""
+        result = self.fit(widths, self.measure_ratio(full_model, pruned_model, rounds))
         # every rank keeps rank 0's line: each rank timed its own tables, so their fits and
         # even their choice of feature could differ a little
         names = self.predictors()
