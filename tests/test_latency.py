@@ -164,6 +164,64 @@ def test_non_monotone_table_keeps_values_but_gives_non_negative_gradient(monkeyp
     assert torch.isfinite(widths.grad).all() and (widths.grad >= 0).all()
 
 
+def stair_timer(jump: float):
+    """Kernels that handle 16 channels at once: the strided conv costs ``jump`` more from 17
+    output channels on; everything else is linear in the widths."""
+
+    def timer(cell, x, repeats):
+        layer = cell[0] if isinstance(cell, nn.Sequential) else cell
+        cin, cout = cell_widths(cell, x)
+        edge = jump if getattr(layer, "stride", None) == (2, 2) and cout > 16 else 0.0
+        return 1e-6 * (1 + cin + cout) + edge
+
+    return timer
+
+
+def test_a_staircase_prices_the_step_a_kept_width_takes_not_the_edge_of_a_stair(
+    monkeypatch, fake, tmp_path
+):
+    """With kept widths moving by 8, narrowing the strided conv from 16 or from 24 channels
+    saves jump / 16 per channel over a step either side. The tables' slope says the whole
+    jump (charged to channel 17) at 16, and nothing at 24: a search led by it cuts the one
+    far harder than a step saves and never cuts the other."""
+    model, _, groups = setup()
+    g = next(i for i, grp in enumerate(groups) if grp.producers[0].module_name == "6")
+    jump, grads = 1e-3, {}
+    for j in (0.0, jump):
+        monkeypatch.setattr(latency, "_time_cell", stair_timer(j))
+        lm = build(grid_points=8, cache=tmp_path / f"{j}.json")
+        sigs = [json.loads(key) for key in lm.signatures]
+        strided = next(sig for sig in sigs if sig.get("stride") == [2, 2])
+        assert {16, 17, 24} <= set(strided["grids"][1])  # the stair's edge is on the grid
+        for steps in (None, [8] * len(groups)):
+            lm.price_steps(steps)
+            for b in (16, 24):
+                widths = widths_of(model, groups, 12, b, 16).requires_grad_()
+                value = lm.table_sum(widths)
+                value.backward()
+                grads[j, steps is None, b] = float(widths.grad[g])
+                lm.price_steps(None)
+                assert float(value) == float(lm.table_sum(widths.detach()))  # value unchanged
+                lm.price_steps(steps)
+    stair = {key: grads[(jump, *key)] - grads[(0.0, *key)] for key in
+             [(True, 16), (True, 24), (False, 16), (False, 24)]}  # fmt: skip
+    assert stair[True, 16] == pytest.approx(jump, rel=1e-6)  # the slope: all on one channel
+    assert stair[True, 24] == pytest.approx(0.0, abs=1e-12)
+    assert stair[False, 16] == pytest.approx(jump / 16, rel=1e-6)  # the step's price
+    assert stair[False, 24] == pytest.approx(jump / 16, rel=1e-6)
+
+
+def test_the_pruner_prices_latency_by_the_step_its_kept_widths_take(fake, monkeypatch):
+    from s2hpruner import S2HPruner
+
+    monkeypatch.setattr(LatencyModel, "measure_ratio", fake_truth)
+    net, example, groups = setup()
+    table = LatencyModel(net, example, groups, batch_size=4, grid_points=3, repeats=3, rounds=1)
+    pruner = S2HPruner(net, example, target_latency=0.9, latency_model=table, round_to=4)
+    expected = [4 if g.kind == "channels" else g.step for g in pruner.groups]
+    assert pruner.latency.steps.tolist() == expected
+
+
 def test_cache_is_reused_and_keyed(fake, tmp_path):
     build()
     assert fake.calls > 0 and (tmp_path / "latency.json").exists()

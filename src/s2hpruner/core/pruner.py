@@ -164,6 +164,8 @@ class S2HPruner(nn.Module):
         if latency_model is not None and not isinstance(latency_model, nn.Module):
             latency_model = latency_model(model, example_inputs, self.groups)
         self.latency = latency_model
+        if hasattr(self.latency, "price_steps"):  # a step's price, not a stair's edge
+            self.latency.price_steps(self.search.hard_steps)
         if hasattr(self.latency, "add_proxy"):  # measured networks may favour FLOPs (latency.py)
             self.latency.add_proxy("flops", self._flops_ratio_of)
             choice = getattr(self.latency, "predictor_choice", "auto")

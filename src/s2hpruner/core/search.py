@@ -51,6 +51,8 @@ class WidthSearch(nn.Module):
                           dtype=torch.float32) for g in groups]
         )  # fmt: skip
         hard = [_hard_widths(g, round_to) for g in groups]
+        # channels a kept width moves by, per group (what a step of the search costs or saves)
+        self.hard_steps = [_hard_step(g, round_to) for g in groups]
         n_hard = max(len(h) for h in hard)
         hard_candidates = torch.stack(
             [torch.tensor(h + h[-1:] * (n_hard - len(h)), dtype=torch.float32) for h in hard]
@@ -126,6 +128,11 @@ class WidthSearch(nn.Module):
 
     def __len__(self) -> int:
         return len(self.logits)
+
+
+def _hard_step(group: ChannelGroup, round_to: int | None) -> int:
+    """Channels between a group's neighbouring hard widths (see :func:`_hard_widths`)."""
+    return group.step if round_to is None or group.kind != "channels" else round_to
 
 
 def _hard_widths(group: ChannelGroup, round_to: int | None) -> list[int]:

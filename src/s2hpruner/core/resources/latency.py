@@ -13,7 +13,10 @@ Prediction: the in/out widths of each call follow ResourceModel's rule ``fixed +
 grid), so the value is exact at grid points. Tables keep the raw medians (alignment effects are
 real), but a noisy non-monotone table would reward growing a width; the gradient is therefore
 taken from a monotone version (mean of the upper and lower monotone envelopes, equal to the raw
-table when that is monotone) by a straight-through sum.
+table when that is monotone) by a straight-through sum. Latency is a staircase in the width
+(kernels handle 8 or 16 channels at once), so the slope at a width is the whole jump or
+nothing; the pruner therefore has the gradient taken as the secant over the step its kept
+widths move by (``price_steps``, e.g. ``round_to``): what a step of the search really saves.
 
     cost(w) = offset + correction * feature(w)
     feature(w) = uncorrected(w) / uncorrected(full)     (or a proxy such as FLOPs, below)
@@ -285,6 +288,7 @@ class LatencyModel(nn.Module):
         modules, rows = dict(model.named_modules()), width_counts(groups)
         sigs: dict[str, dict] = {}
         entries: list[tuple] = []  # per call: (key, fixed, in_counts, out_counts, positions)
+        self.call_names: list[str] = []  # the layer of each timed call, in call order
         scale = batch_size / example_inputs.shape[0]
         for name, shape, bn, positions in _record_calls(model, example_inputs):
             module, counts = modules[name], rows.get(name)
@@ -296,6 +300,7 @@ class LatencyModel(nn.Module):
             key = json.dumps(sig, sort_keys=True, default=str)
             sigs.setdefault(key, {"sig": sig, "module": module, "bn": bn})
             entries.append((key, *widths, positions * scale))
+            self.call_names.append(name)
         self.signatures = list(sigs)
         self.cache_path, self.cache_key = self._cache_location(cache)
         tables = self._tables(sigs, rounds, progress)
@@ -320,6 +325,7 @@ class LatencyModel(nn.Module):
         self.register_buffer("out_counts", tensor([e[3] for e in entries], len(groups)))
         self.register_buffer("channels", torch.tensor([float(g.channels) for g in groups],
                                                       dtype=torch.float64))
+        self.register_buffer("steps", None, persistent=False)  # see price_steps
         self.measured_full = measure_latency(model, example_inputs, batch_size, self.device,
                                              repeats * rounds, self.memory_format)
         tables_full = float(self.table_sum(self.channels))
@@ -434,24 +440,71 @@ class LatencyModel(nn.Module):
                 os.unlink(tmp)
 
     def _widths(self, widths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """In and out widths of every call (..., calls) at group widths (..., groups)."""
         frac = widths.to(self.channels.device, torch.float64) / self.channels
-        return self.fixed[:, 0] + self.in_counts @ frac, self.fixed[:, 1] + self.out_counts @ frac
+        return (self.fixed[:, 0] + frac @ self.in_counts.T,
+                self.fixed[:, 1] + frac @ self.out_counts.T)  # fmt: skip
 
     def activations(self, widths: torch.Tensor) -> torch.Tensor:
         """Output elements of the table layers: what the untimed elementwise work scales with."""
         return (self._widths(widths)[1] * self.positions).sum()
 
-    def table_sum(self, widths: torch.Tensor) -> torch.Tensor:
-        """Sum of the interpolated tables (seconds): value from the raw tables, gradient from
-        their monotone versions."""
+    def price_steps(self, steps: Sequence[float] | None) -> None:
+        """Price each group's width by the step its kept width moves by (``steps[g]``
+        channels, e.g. ``round_to``), not by the tables' slope at that width.
+
+        Why: measured latency is a staircase in the width (kernels handle 8 or 16 channels at
+        once). At a width on a stair's edge the slope is the whole jump, charged to a single
+        channel; in the middle of a stair it is 0. A search led by that slope cuts groups that
+        sit on an edge far harder than a step saves, and never cuts the others. The gradient
+        is then the secant of the monotone tables over one step either side (one-sided at the
+        narrowest and the full width); the cost's value is unchanged. ``None``: the slope."""
+        self.steps = None if steps is None else torch.tensor(
+            [float(s) for s in steps], dtype=torch.float64, device=self.channels.device
+        )
+
+    def _calls(self, widths: torch.Tensor) -> torch.Tensor:
+        """(raw, monotone) table value of every call at group widths (..., groups): shape
+        (2, ..., calls)."""
         ins, outs = self._widths(widths)
-        total = ins.new_zeros(())
+        values = ins.new_zeros((2, *ins.shape))
         for k in range(len(self.signatures)):
             rows = getattr(self, f"entries_{k}")
             grids = getattr(self, f"in_grid_{k}"), getattr(self, f"out_grid_{k}")
-            raw, smooth = bilinear(*grids, getattr(self, f"table_{k}"), ins[rows], outs[rows])
-            total = total + (smooth + (raw - smooth).detach()).sum()
-        return total
+            values[..., rows] = bilinear(*grids, getattr(self, f"table_{k}"), ins[..., rows],
+                                         outs[..., rows])  # fmt: skip
+        return values
+
+    def _table_sums(self, widths: torch.Tensor) -> torch.Tensor:
+        """(raw, monotone) sums of the interpolated tables at group widths: (2, ...)."""
+        return self._calls(widths).sum(-1)
+
+    @torch.no_grad()
+    def call_costs(self, widths: torch.Tensor) -> dict[str, float]:
+        """Seconds of each timed call by the tables at the widths, by layer name (a layer
+        called twice sums): to check the tables against the calls inside a whole network."""
+        costs: dict[str, float] = {}
+        for name, value in zip(self.call_names, self._calls(widths)[0].tolist(), strict=True):
+            costs[name] = costs.get(name, 0.0) + value
+        return costs
+
+    def table_sum(self, widths: torch.Tensor) -> torch.Tensor:
+        """Sum of the interpolated tables (seconds): value from the raw tables, gradient from
+        their monotone versions (their slope, or their secant over ``price_steps``)."""
+        raw, smooth = self._table_sums(widths)
+        if self.steps is None or not widths.requires_grad:
+            return smooth + (raw - smooth).detach()
+        w = widths.detach().to(self.channels.device, torch.float64)
+        low = torch.minimum((w - self.steps).clamp(min=self.steps), w)
+        high = torch.maximum(torch.minimum(w + self.steps, self.channels), w)
+        n = len(w)
+        stepped = w.expand(2 * n, n).clone()
+        stepped[torch.arange(n), torch.arange(n)] = low
+        stepped[torch.arange(n, 2 * n), torch.arange(n)] = high
+        ends = self._table_sums(stepped)[1]
+        price = (ends[n:] - ends[:n]) / (high - low).clamp(min=1e-9)
+        moved = widths.to(price.dtype) - w  # 0 in value; its gradient is 1 per group
+        return raw.detach() + (price.detach() * moved).sum()
 
     def cost(self, widths: torch.Tensor) -> torch.Tensor:
         """Predicted seconds per batch at the given group widths, differentiable in them."""
