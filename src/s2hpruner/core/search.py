@@ -63,7 +63,7 @@ class WidthSearch(nn.Module):
         # (G, K'): the widths H may take, and whether H rounds to the nearest of them (round_to)
         # or up (SPEC); derived from round_to, so not in the state dict
         self.register_buffer("hard_candidates", hard_candidates, persistent=False)
-        nearest = [round_to is not None and g.kind == "channels" for g in groups]
+        nearest = [_aligned(g, round_to) for g in groups]
         self.register_buffer("nearest", torch.tensor(nearest), persistent=False)
         self.any_nearest = any(nearest)  # a Python bool: no device sync on the hot path
         self.register_buffer("real_candidate", real)  # (G, K) bool
@@ -130,14 +130,19 @@ class WidthSearch(nn.Module):
         return len(self.logits)
 
 
+def _aligned(group: ChannelGroup, round_to: int | None) -> bool:
+    """Does ``round_to`` apply to this group? (Heads and grouped-conv units keep theirs.)"""
+    return round_to is not None and group.kind == "channels"
+
+
 def _hard_step(group: ChannelGroup, round_to: int | None) -> int:
     """Channels between a group's neighbouring hard widths (see :func:`_hard_widths`)."""
-    return group.step if round_to is None or group.kind != "channels" else round_to
+    return round_to if _aligned(group, round_to) else group.step
 
 
 def _hard_widths(group: ChannelGroup, round_to: int | None) -> list[int]:
     """The widths a group's hard network may keep: its candidates, or with ``round_to`` m the
     multiples of m below its full width, and the full width."""
-    if round_to is None or group.kind != "channels":  # heads, grouped-conv units
+    if not _aligned(group, round_to):
         return list(group.candidates)
     return list(range(round_to, group.channels, round_to)) + [group.channels]
