@@ -491,20 +491,21 @@ class LatencyModel(nn.Module):
     def table_sum(self, widths: torch.Tensor) -> torch.Tensor:
         """Sum of the interpolated tables (seconds): value from the raw tables, gradient from
         their monotone versions (their slope, or their secant over ``price_steps``)."""
-        raw, smooth = self._table_sums(widths)
         if self.steps is None or not widths.requires_grad:
+            raw, smooth = self._table_sums(widths)
             return smooth + (raw - smooth).detach()
         w = widths.detach().to(self.channels.device, torch.float64)
         low = torch.minimum((w - self.steps).clamp(min=self.steps), w)
         high = torch.maximum(torch.minimum(w + self.steps, self.channels), w)
-        n = len(w)
-        stepped = w.expand(2 * n, n).clone()
-        stepped[torch.arange(n), torch.arange(n)] = low
-        stepped[torch.arange(n, 2 * n), torch.arange(n)] = high
-        ends = self._table_sums(stepped)[1]
-        price = (ends[n:] - ends[:n]) / (high - low).clamp(min=1e-9)
+        n, diagonal = len(w), torch.arange(len(w))
+        points = w.expand(2 * n + 1, n).clone()  # the widths, each group a step down, up
+        points[1 + diagonal, diagonal] = low
+        points[1 + n + diagonal, diagonal] = high
+        with torch.no_grad():  # one batched lookup for the value and every secant
+            raw, smooth = self._table_sums(points)
+        price = (smooth[1 + n :] - smooth[1 : 1 + n]) / (high - low).clamp(min=1e-9)
         moved = widths.to(price.dtype) - w  # 0 in value; its gradient is 1 per group
-        return raw.detach() + (price.detach() * moved).sum()
+        return raw[0] + (price * moved).sum()
 
     def cost(self, widths: torch.Tensor) -> torch.Tensor:
         """Predicted seconds per batch at the given group widths, differentiable in them."""
