@@ -165,6 +165,11 @@ def profile_markdown(results: dict, image: str | None) -> list[str]:
         f"weights, cosine per stage), val split {_val_size(s)}, train subset "
         f"{s['train_subset'] or 'all'}; S2HPruner family: {_frozen(s)} with frozen widths",
     ]
+    if s.get("round_to"):
+        lines.append(
+            f"- Aligned widths: every width the S2HPruner family keeps is a multiple of "
+            f"{s['round_to']} or the full width (`round_to`); the baselines keep any width"
+        )
     o = s["options"]
     pretrain = (
         "prunes the starting model at once"

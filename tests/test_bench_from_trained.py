@@ -430,3 +430,19 @@ def test_timed_profile_gives_the_compute_budget_the_side_by_side_ratio(tmp_path,
     text = (tmp_path / "RESULTS.md").read_text()
     assert "timed side by side in one process" in text
     assert "joint 2.00 x 0.30, one-off 1.5 s" in text
+
+
+
+def test_aligned_profile_aligns_the_s2hpruner_family_only(tmp_path):
+    """`from-trained-aligned` is `from-trained-all` with every width S2HPruner, DMP and the
+    ablations keep a multiple of 8; the baselines keep any width (no round_to reaches them)."""
+    profile = compare.FROM_TRAINED_ALIGNED
+    assert dataclasses.replace(profile, name="from-trained-all", round_to=None) == \
+        compare.FROM_TRAINED_ALL  # fmt: skip
+    for method in profile.methods:
+        cfg = compare.run_config(profile, compare.RunSpec(method, 0.35, 0, "epochs"), 1.0,
+                                 tmp_path)  # fmt: skip
+        assert cfg.round_to == (8 if method in compare.METHODS else None), method
+    cfg = compare.run_config(compare.FROM_TRAINED_ALL, compare.RunSpec("s2h", 0.35, 0, "epochs"),
+                             1.0, tmp_path)  # fmt: skip
+    assert cfg.round_to is None
