@@ -432,7 +432,6 @@ def test_timed_profile_gives_the_compute_budget_the_side_by_side_ratio(tmp_path,
     assert "joint 2.00 x 0.30, one-off 1.5 s" in text
 
 
-
 def test_aligned_profile_aligns_the_s2hpruner_family_only(tmp_path):
     """`from-trained-aligned` is `from-trained-all` with every width S2HPruner, DMP and the
     ablations keep a multiple of 8; the baselines keep any width (no round_to reaches them)."""
