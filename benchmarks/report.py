@@ -170,6 +170,11 @@ def profile_markdown(results: dict, image: str | None) -> list[str]:
             f"- Aligned widths: every width the S2HPruner family keeps is a multiple of "
             f"{s['round_to']} or the full width (`round_to`); the baselines keep any width"
         )
+    if s.get("prune_at_freeze"):
+        lines.append(
+            "- Last phase on the pruned network: once the widths freeze, the S2HPruner family "
+            "trains the physically pruned network itself (`prune_at_freeze`)"
+        )
     o = s["options"]
     pretrain = (
         "prunes the starting model at once"

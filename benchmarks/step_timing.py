@@ -12,7 +12,8 @@ pair.
 - Warm-up and frozen-width steps cost the same all phase long: the trainer is held at the
   phase's first step for ``turns`` pairs of blocks and the phase gets the median pair ratio.
 - One-off work a run does (tuning the hard pass's memory layout at the start, like a
-  one-epoch run, and projecting the widths onto the budget when they freeze) is timed and
+  one-epoch run, and projecting the widths onto the budget when they freeze, with
+  ``prune_at_freeze`` also exporting the pruned network and tuning its layout) is timed and
   added.
 
 The ratio is S2HPruner's seconds over plain seconds for the whole run: each phase's ratio
@@ -172,8 +173,9 @@ def time_side_by_side(cfg: RunConfig, turns: int = 9, block: int = 10) -> dict:
             ratio = sum(s for s, _ in pairs) / sum(p for _, p in pairs)
         else:  # held at its first step: every step of it costs the same
             first = 0 if phase == "warmup" else trainer.freeze_start
-            if phase == "freeze":  # the projection onto the budget, once
-                one_off += _timed(device, trainer.freeze_widths)
+            if phase == "freeze":  # the projection onto the budget (and the switch to the
+                batch, _ = next(_batches(data, cfg, 0, 1))  # pruned network, tuned), once
+                one_off += _timed(device, lambda: trainer.freeze_widths(batch))  # noqa: B023
             sides.s2h_block(next_start(), block, hold_at=first)  # untimed warm-up
             sides.log.pop()
             for _ in range(turns):

@@ -342,11 +342,13 @@ def test_bn_recalibration_is_the_plain_average_over_the_batches():
     assert torch.equal(model[0].weight, weight) and not model.training
 
 
-def test_side_by_side_timing_walks_the_search_and_holds_the_fixed_width_phase(tmp_path,
-                                                                            monkeypatch):
+@pytest.mark.parametrize("prune_at_freeze", [False, True])
+def test_side_by_side_timing_walks_the_search_and_holds_the_fixed_width_phase(
+        tmp_path, monkeypatch, prune_at_freeze):  # fmt: skip
     """benchmarks.step_timing: the joint search is walked step by step (its cost follows the
     widths), the frozen-width phase is held at its first step; every S2HPruner block has a
-    plain block on the same batches beside it, in plain-S2H / S2H-plain order."""
+    plain block on the same batches beside it, in plain-S2H / S2H-plain order. With
+    ``prune_at_freeze`` the frozen steps time the pruned network's own step."""
     from benchmarks import step_timing
     from s2hpruner.core.trainer import S2HTrainer
 
@@ -354,10 +356,13 @@ def test_side_by_side_timing_walks_the_search_and_holds_the_fixed_width_phase(tm
     cfg = compare.run_config(_tiny_profile(init=str(ckpt), freeze=0.25),
                              compare.RunSpec("s2h", 0.35, 0, "epochs"), 2.0, tmp_path / "run",
                              {"lr": 0.01, "freeze_teacher": "none"})  # fmt: skip
-    seen, original = [], S2HTrainer.gradients
+    cfg.prune_at_freeze = prune_at_freeze
+    seen, original, pruned = [], S2HTrainer.gradients, []
 
     def spy(self, x, y, phase):
         seen.append((phase, self.step_count))
+        if phase == "freeze":
+            pruned.append(self.pruned is not None)
         return original(self, x, y, phase)
 
     monkeypatch.setattr(S2HTrainer, "gradients", spy)
@@ -367,6 +372,7 @@ def test_side_by_side_timing_walks_the_search_and_holds_the_fixed_width_phase(tm
     assert {p: v["steps"] for p, v in timed["phases"].items()} == {"joint": 3, "freeze": 1}
     assert seen == [("joint", 0), ("joint", 1), ("joint", 2)] + [("freeze", 3)] * 5, \
         "the search walked in order; then one untimed frozen step and 2 turns of 2 blocks"
+    assert pruned == [prune_at_freeze] * 5
     order = timed["order"]
     assert [side for side, _ in order] == ["plain", "s2h", "s2h", "plain", "plain", "s2h",
                                            *(["plain", "s2h", "s2h", "plain"] * 2)]
@@ -444,4 +450,16 @@ def test_aligned_profile_aligns_the_s2hpruner_family_only(tmp_path):
         assert cfg.round_to == (8 if method in compare.METHODS else None), method
     cfg = compare.run_config(compare.FROM_TRAINED_ALL, compare.RunSpec("s2h", 0.35, 0, "epochs"),
                              1.0, tmp_path)  # fmt: skip
-    assert cfg.round_to is None
+    assert cfg.round_to is None and not cfg.prune_at_freeze
+
+
+def test_pruned_profile_prunes_the_s2hpruner_family_at_the_freeze(tmp_path):
+    """`from-trained-pruned` is `from-trained-all` with the S2HPruner family training the
+    pruned network once its widths freeze; the baselines are untouched."""
+    profile = compare.FROM_TRAINED_PRUNED
+    assert dataclasses.replace(profile, name="from-trained-all", prune_at_freeze=False) == \
+        compare.FROM_TRAINED_ALL  # fmt: skip
+    for method in profile.methods:
+        cfg = compare.run_config(profile, compare.RunSpec(method, 0.35, 0, "epochs"), 1.0,
+                                 tmp_path)  # fmt: skip
+        assert cfg.prune_at_freeze == (method in compare.METHODS), method

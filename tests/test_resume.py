@@ -173,13 +173,18 @@ def _assert_equal_tree(a, b, where: str = "") -> None:
         assert a == b, (where, a, b)
 
 
+# the last phase on the masked hard network (SPEC's), or on the pruned network itself, alone
+LAST_PHASES = {"masked": [], "pruned": ["--prune-at-freeze", "--freeze-teacher", "none"]}
+
+
 @pytest.mark.slow
-def test_killed_and_resumed_run_equals_uninterrupted_run(data_and_config, tmp_path):
+@pytest.mark.parametrize("last_phase", list(LAST_PHASES))
+def test_killed_and_resumed_run_equals_uninterrupted_run(data_and_config, tmp_path, last_phase):
     root, config = data_and_config
     reference, resumed = tmp_path / "reference", tmp_path / "resumed"
-    _run(_args(root, config, reference))
+    _run([*_args(root, config, reference), *LAST_PHASES[last_phase]])
 
-    args = _args(root, config, resumed)
+    args = [*_args(root, config, resumed), *LAST_PHASES[last_phase]]
     marker = tmp_path / "paused"
     # 1. mid-epoch: killed at step 8, the checkpoint on disk is the one of step 5
     _run_and_kill(args, marker, S2H_TEST_PAUSE_STEP=8)
@@ -191,6 +196,7 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(data_and_config, tmp_pa
     _run_and_kill([*args, "--resume"], marker, S2H_TEST_PAUSE_SAVE=STEPS_PER_EPOCH)
     ckpt = _checkpoint(resumed)
     assert ckpt["state"]["step"] == 10 and _frozen(ckpt)
+    assert (ckpt["trainer"]["pruned"] is not None) == (last_phase == "pruned")
     assert [r["step"] for r in _metrics(resumed)] == [0, 12]
     _run([*args, "--resume"])
 

@@ -160,10 +160,10 @@ def restore(
             f"{D.world_size()}; resume with the same torchrun --nproc_per_node"
         )
     load_model_and_pruner(ckpt, model, pruner)
-    try:
+    try:  # the trainer first: it may move the optimizer onto the pruned network
+        trainer.load_state_dict(ckpt["trainer"])
         trainer.optimizer.load_state_dict(ckpt["optimizer"])
         schedule.load_state_dict(ckpt["schedule"])
-        trainer.load_state_dict(ckpt["trainer"])
         set_rng_state(ckpt["rng"])
         state = RunState(**ckpt["state"])
     except (RuntimeError, ValueError, KeyError, TypeError) as exc:

@@ -97,6 +97,7 @@ class RunConfig:
     budget_tolerance: float = GradientBalancer.tolerance
     balance: str = GradientBalancer.scope  # the rule spans all width logits, or each group
     freeze_teacher: str = "soft"  # last phase: hard distilled from soft, "none" or "start"
+    prune_at_freeze: bool = False  # last phase trains the physically pruned network itself
     resource_on: str = "hard"  # R on the hard FLOPs ratio (straight-through) or on the soft one
     freeze_ranks_after_warmup: bool = False
     separate_hard_bn_stats: bool = True

@@ -248,6 +248,8 @@ def build_trainer(
         warmup=warmup,
         freeze=freeze,
         freeze_teacher=teacher,
+        prune_at_freeze=cfg.prune_at_freeze,
+        pruned_layout="auto" if cfg.hard_layout == "auto" and not cfg.deterministic else None,
         resource_on=cfg.resource_on,
         freeze_ranks_after_warmup=cfg.freeze_ranks_after_warmup,
         autocast=cfg.autocast,
@@ -313,7 +315,7 @@ def prune(cfg: RunConfig) -> dict:
         """End of an interval: average BatchNorm statistics over ranks, refuse to save a
         non-finite state, save."""
         nonlocal saved_step
-        _average_bn_statistics(model, pruner)
+        _average_bn_statistics(model, pruner, trainer)
         _check_finite(model, pruner, trainer, _non_finite(state, total_steps, last, saved_step))
         save_checkpoint(path, model, pruner, trainer, schedule, state, cfg)
         saved_step = state.step
@@ -331,7 +333,7 @@ def prune(cfg: RunConfig) -> dict:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if cfg.channels_last and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
-            if tune_layout:  # the kept widths have moved since the last epoch
+            if tune_layout and trainer.pruned is None:  # kept widths moved since last epoch
                 tune_hard_layout(pruner, x)
                 tune_layout = False
             try:
@@ -362,7 +364,7 @@ def prune(cfg: RunConfig) -> dict:
                 start = time.perf_counter()
                 save_interval()
         state.train_seconds += time.perf_counter() - start
-        _average_bn_statistics(model, pruner)  # before evaluating the epoch
+        _average_bn_statistics(model, pruner, trainer)  # before evaluating the epoch
         record = _epoch_record(state, steps_per_epoch, model, pruner, trainer, schedule,
                                val_loader, device, cfg)  # fmt: skip
         state.running = {}
@@ -390,8 +392,9 @@ def _start_record(model, pruner, val_loader, device, cfg: RunConfig) -> dict:
             "pretrained": cfg.pretrained}  # fmt: skip
 
 
-def _average_bn_statistics(model, pruner: S2HPruner) -> None:
-    """Average BatchNorm running statistics, the model's and the hard network's, over ranks.
+def _average_bn_statistics(model, pruner: S2HPruner, trainer: S2HTrainer) -> None:
+    """Average BatchNorm running statistics, the model's and the hard (or pruned) network's,
+    over ranks.
 
     They only feed evaluation, and their momentum update is affine, so averaging before a
     mid-epoch checkpoint gives the same epoch-end statistics as averaging once at the end.
@@ -399,12 +402,16 @@ def _average_bn_statistics(model, pruner: S2HPruner) -> None:
     D.average_buffers(model)
     if pruner.hard_stats is not None:
         D.average_tensors(list(pruner.hard_stats.buffers()))
+    if trainer.pruned is not None:
+        D.average_buffers(trainer.pruned)
 
 
 def _check_finite(model, pruner: S2HPruner, trainer: S2HTrainer, message: str) -> None:
     """Raise :class:`NonFiniteLossError` if a weight, width logit, statistic or optimizer state
     is NaN or infinite, so that such a state never replaces the last good checkpoint."""
     tensors = [*model.parameters(), *model.buffers(), *pruner.parameters(), *pruner.buffers()]
+    if trainer.pruned is not None:
+        tensors += [*trainer.pruned.parameters(), *trainer.pruned.buffers()]
     for optimizer in (trainer.optimizer, trainer.mask_optimizer):
         for param_state in optimizer.state.values():
             tensors += [v for v in param_state.values() if isinstance(v, torch.Tensor)]
@@ -436,7 +443,10 @@ def _epoch_record(state, steps_per_epoch, model, pruner, trainer, schedule, val_
     n = max(1, running.pop("n", 1))
     progress = cfg.progress and D.is_main()
     soft = evaluate(model, val_loader, device, pruner, "soft", progress, "val soft")
-    hard = evaluate(model, val_loader, device, pruner, "hard", progress, "val hard")
+    if trainer.pruned is not None:  # the hard network is the pruned one now
+        hard = evaluate(trainer.pruned, val_loader, device, progress=progress, desc="val hard")
+    else:
+        hard = evaluate(model, val_loader, device, pruner, "hard", progress, "val hard")
     return {
         "epoch": round(state.step / steps_per_epoch, 4),
         "step": state.step,

@@ -29,14 +29,24 @@ def _run_config_near(path: Path) -> RunConfig | None:
 
 
 def restore_from_checkpoint(path: str | Path, device: torch.device | str = "cpu"):
-    """(config, model, pruner, example) of a checkpoint, weights and widths loaded."""
+    """(config, model, pruner, example, hard network) of a checkpoint, weights and widths
+    loaded. The hard network is the physically pruned one: the one the run trained after its
+    freeze (``prune_at_freeze``), else the pruner's export of the model."""
     ckpt = load_checkpoint(Path(path), map_location=device)
     cfg = RunConfig.from_dict(ckpt["config"])
     cfg.init, cfg.pretrained = None, False  # the checkpoint holds the weights
     model, pruner, example = build_model_and_pruner(cfg, _spec_of(cfg), device)
     load_model_and_pruner(ckpt, model, pruner)
     pruner.freeze_ranks = True
-    return cfg, model, pruner, example
+    hard = pruner.export()
+    trained = (ckpt.get("trainer") or {}).get("pruned")
+    if trained is not None:
+        try:
+            hard.load_state_dict(trained)
+        except (RuntimeError, KeyError) as exc:
+            raise CheckpointError(f"{path}: its pruned network does not match its widths "
+                                  f"({exc}); the checkpoint is damaged") from exc  # fmt: skip
+    return cfg, model, pruner, example, hard
 
 
 def _spec_of(cfg: RunConfig):
@@ -56,7 +66,7 @@ def evaluate_path(args: argparse.Namespace) -> dict:
     cfg = _run_config_near(path)
     is_checkpoint = path.suffix == ".pt" and path.parent.name == "checkpoints"
     if is_checkpoint:
-        cfg, model, pruner, _ = restore_from_checkpoint(path, device)
+        cfg, model, pruner, _, hard = restore_from_checkpoint(path, device)
     dataset = args.dataset or (cfg.dataset if cfg else None)
     if dataset is None:
         raise S2HError(f"cannot tell which data set {path} was trained on; pass --dataset")
@@ -70,7 +80,7 @@ def evaluate_path(args: argparse.Namespace) -> dict:
     result = {"path": str(path), "dataset": dataset, "split": args.split}
     if is_checkpoint:
         result["top1_soft"] = evaluate(model, loader, device, pruner, "soft", True, "soft")
-        result["top1_hard"] = evaluate(model, loader, device, pruner, "hard", True, "hard")
+        result["top1_hard"] = evaluate(hard, loader, device, progress=True, desc="hard")
         result["flops_ratio_hard"] = pruner.ratio("hard")
         return result
     if path.suffix == ".pt2":
@@ -90,10 +100,10 @@ def evaluate_path(args: argparse.Namespace) -> dict:
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, onnx: bool = False) -> dict:
     """Export the hard network of ``checkpoint`` into ``out`` (.pt2, .pt, optionally .onnx)."""
-    cfg, model, pruner, example = restore_from_checkpoint(checkpoint)
+    cfg, model, pruner, example, exported = restore_from_checkpoint(checkpoint)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    exported = pruner.export().eval()
+    exported = exported.eval()
     atomic_torch_save(exported, out / "model_pruned.pt")
     save_program(exported, example, out / "model_pruned.pt2")
     result = {

@@ -1,4 +1,5 @@
-"""CPU memory-layout tuning of the sliced hard pass (opt-in: it picks a code path by timing).
+"""CPU memory-layout tuning of the sliced hard pass (and of the pruned network trained after
+the freeze) (opt-in: it picks a code path by timing).
 
 Which memory format trains the sliced hard network fastest depends on the kept widths, the
 feature map sizes and the kernels (``benchmarks/kernels.py``). All layouts compute the same
@@ -12,6 +13,7 @@ import statistics
 import time
 
 import torch
+from torch import nn
 
 from .pruner import S2HPruner
 
@@ -70,3 +72,46 @@ def tune_hard_layout(
     best = min(variants, key=lambda variant: statistics.median(times[variant]))
     pruner.hard_layout, pruner.hard_nchw_norms = best
     return pruner.hard_layout
+
+
+def tune_module_layout(
+    module: nn.Module, inputs: torch.Tensor, repeats: int = 3
+) -> torch.memory_format:
+    """Time ``module``'s training pass (forward and backward) in NCHW and in channels_last,
+    leave it in the faster and return that (for the pruned network a run trains once its
+    widths freeze). Its weights' values, BatchNorm statistics and the RNG are left as they
+    were."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    stats = list(module.buffers())
+    saved = [t.clone() for t in stats]
+    cuda = inputs.device.type == "cuda"
+
+    def training_pass(layout: torch.memory_format) -> float:
+        module.to(memory_format=layout)
+        x = inputs.contiguous(memory_format=layout)
+        if cuda:
+            torch.cuda.synchronize(inputs.device)
+        start = time.perf_counter()
+        out = module(x)
+        out = out if torch.is_tensor(out) else out[0]
+        torch.autograd.grad(out.float().sum(), params, allow_unused=True)
+        if cuda:
+            torch.cuda.synchronize(inputs.device)
+        return time.perf_counter() - start
+
+    layouts = (torch.contiguous_format, torch.channels_last)
+    times: dict = {layout: [] for layout in layouts}
+    try:
+        with torch.random.fork_rng(devices=[inputs.device] if cuda else []):
+            for round_ in range(repeats + 1):  # the first round warms up
+                for layout in layouts:  # interleaved: both see the same machine load
+                    elapsed = training_pass(layout)
+                    if round_:
+                        times[layout].append(elapsed)
+    finally:
+        with torch.no_grad():
+            for tensor, value in zip(stats, saved, strict=True):
+                tensor.copy_(value)
+    best = min(layouts, key=lambda layout: statistics.median(times[layout]))
+    module.to(memory_format=best)
+    return best

@@ -547,6 +547,21 @@ class S2HPruner(nn.Module):
         return prune_copy(model, self.example_inputs, self.groups,
                           list(self.kept_channels().values()), copy_model=False)  # fmt: skip
 
+    @torch.no_grad()
+    def prune_like_weights(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Per-weight tensors of the model (by parameter name, each of its parameter's shape,
+        e.g. an optimizer's momentum) sliced exactly as :meth:`export` slices the weights:
+        they ride through an export as the weights of a copy, so the same pruning functions
+        keep the same channels."""
+        carrier = copy.deepcopy(self.model)
+        params = dict(carrier.named_parameters())
+        for name, tensor in tensors.items():
+            params[name].copy_(tensor)
+        pruned = prune_copy(carrier, self.example_inputs, self.groups,
+                            list(self.kept_channels().values()), copy_model=False)  # fmt: skip
+        kept = dict(pruned.named_parameters())
+        return {name: kept[name].detach().clone() for name in tensors}
+
 
 def project_to_budget(
     pruner: S2HPruner, tolerance: float, lr: float = 0.02, max_steps: int = 5000,

@@ -10,6 +10,9 @@ the method's name.
         losses = trainer.step(x, y)       # both forwards, the losses, both optimizer steps
         scheduler.step()                  # your schedule, your logging
     pruned = trainer.export()             # the physically pruned hard network
+
+With ``prune_at_freeze=True`` the last phase trains that pruned network itself: the same
+updates as the masked hard network's, at the smaller network's cost.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -159,6 +163,18 @@ class S2HTrainer:
         resource_on: R on the ``"hard"`` ratio (straight-through) or the ``"soft"`` one.
         freeze_ranks_after_warmup: fix the importance order once the search starts.
         autocast: ``None``, ``"bf16"`` (CPU and CUDA) or ``"fp16"`` (CUDA, with a grad scaler).
+        prune_at_freeze: once the widths freeze, train the physically pruned network
+            (``pruner.export()``) instead of the masked hard network: the caller's optimizer
+            is moved onto its weights, each per-weight state (momentum, Adam's moments)
+            sliced the same way, so the updates are the same and each step costs the pruned
+            network's. :meth:`export` then returns that network, and the full model (the
+            soft network) keeps the weights it had at the freeze. Ignored by methods
+            without a hard network (DMP).
+        pruned_layout: memory format the pruned network trains in (with
+            ``prune_at_freeze``): ``None`` for the hard pass's (``pruner.hard_layout``, or
+            the model's own), a ``torch.memory_format``, or ``"auto"`` to time NCHW and
+            channels_last on the first frozen batch and keep the faster (not bit for bit
+            reproducible, like ``cudnn.benchmark``).
         latency_feedback: with a latency budget, how many times during the search the hard
             network is exported, timed and the latency model refitted through it (evenly
             spaced); when the widths freeze this is repeated, with a projection, until the
@@ -185,6 +201,8 @@ class S2HTrainer:
         resource_on: str = "hard",
         freeze_ranks_after_warmup: bool = False,
         autocast: str | None = None,
+        prune_at_freeze: bool = False,
+        pruned_layout: str | torch.memory_format | None = None,
         latency_feedback: int = 3,
     ):
         if isinstance(method, str):
@@ -216,6 +234,10 @@ class S2HTrainer:
                 f"freeze_teacher must be one of {', '.join(FREEZE_TEACHERS)} or a module, "
                 f"got {freeze_teacher!r}"
             )
+        if pruned_layout is not None and pruned_layout != "auto" and not isinstance(
+                pruned_layout, torch.memory_format):  # fmt: skip
+            raise ValueError(f"pruned_layout must be None, 'auto' or a torch.memory_format, "
+                             f"got {pruned_layout!r}")  # fmt: skip
         if autocast not in (None, "bf16", "fp16"):
             raise ValueError(f"autocast must be None, 'bf16' or 'fp16', got {autocast!r}")
         self.model, self.pruner, self.optimizer = model, pruner, optimizer
@@ -233,6 +255,10 @@ class S2HTrainer:
         self.resource_on = resource_on
         self.freeze_ranks_after_warmup = freeze_ranks_after_warmup
         self.autocast = autocast
+        self.prune_at_freeze = bool(prune_at_freeze) and method.hard
+        self.pruned_layout = pruned_layout
+        # the physically pruned network trained after the freeze (prune_at_freeze), else None
+        self.pruned: nn.Module | None = None
         self.scaler = torch.amp.GradScaler("cuda") if autocast == "fp16" else None
         # phase boundaries in whole steps, fixed once (no float comparisons at the edges)
         self.warmup_end = round(self.warmup * self.total_steps)
@@ -263,11 +289,19 @@ class S2HTrainer:
             return "freeze"
         return "joint"
 
-    def freeze_widths(self) -> int:
+    def freeze_widths(self, inputs: torch.Tensor | None = None) -> int:
         """Fix the architecture: freeze the importance order and project the widths onto the
-        budget (warning when the search had not met it). Returns the projection's steps."""
+        budget (warning when the search had not met it); with ``prune_at_freeze``, switch to
+        training the pruned network (``inputs``: a batch to time its layout on, for
+        ``pruned_layout="auto"``). Returns the projection's steps."""
         if self.widths_frozen:
             return self.projection_steps or 0
+        self._freeze_search()
+        if self.prune_at_freeze:
+            self._train_pruned_network(inputs)
+        return self.projection_steps
+
+    def _freeze_search(self) -> None:
         self.widths_frozen = True
         self.pruner.freeze_ranks = True
         before = self.pruner.ratios("hard")
@@ -281,9 +315,56 @@ class S2HTrainer:
                 f"{_fmt(self.pruner.budgets)}); projected the widths onto it in "
                 f"{searched} steps (now {_fmt(self.pruner.ratios('hard'))}). "
                 "A longer joint phase or a larger gamma_growth lets the search meet it itself.",
-                stacklevel=2,
+                stacklevel=3,
             )
-        return self.projection_steps
+
+    def _train_pruned_network(self, inputs: torch.Tensor | None = None) -> None:
+        """From now on train the physically pruned copy of the (frozen) hard network: the
+        caller's optimizer moves onto its weights with every per-weight state sliced as the
+        weights are (``S2HPruner.prune_like_weights``); other states (Adam's step count) and
+        the param groups (so the caller's LR schedule) are kept."""
+        pruned = self.pruner.export()
+        _set_training(pruned, self.model.training)
+        old, new = dict(self.model.named_parameters()), dict(pruned.named_parameters())
+        for name, p in new.items():
+            p.requires_grad_(old[name].requires_grad)
+        name_of = {id(p): name for name, p in old.items()}
+        state = self.optimizer.state
+        per_weight: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)  # key -> name -> t
+        for p, s in state.items():
+            for key, v in s.items():
+                if id(p) in name_of and torch.is_tensor(v) and v.shape == p.shape:
+                    per_weight[key][name_of[id(p)]] = v
+        sliced = {key: self.pruner.prune_like_weights(v) for key, v in per_weight.items()}
+        moved = defaultdict(dict)
+        for p, s in state.items():
+            name = name_of.get(id(p))
+            if name is None:  # not a weight of the model: untouched
+                moved[p] = s
+                continue
+            moved[new[name]] = {key: sliced[key][name] if name in sliced.get(key, {}) else v
+                                for key, v in s.items()}  # fmt: skip
+        for group in self.optimizer.param_groups:
+            group["params"] = [new[name_of[id(p)]] if id(p) in name_of else p
+                               for p in group["params"]]  # fmt: skip
+        self.optimizer.state = moved
+        if self.pruned_layout == "auto" and torch.is_tensor(inputs) and inputs.dim() == 4:
+            from .layout import tune_module_layout
+
+            self.pruned_layout = tune_module_layout(pruned, inputs)
+        elif self.pruned_layout == "auto":  # nothing to time on: the model's own layout
+            self.pruned_layout = None
+        layout = self.pruned_layout or self.pruner.hard_layout
+        if layout is not None:
+            self.pruned_layout = layout
+            pruned.to(memory_format=layout)
+        self.pruned = pruned
+
+    @property
+    def network(self) -> nn.Module:
+        """The module whose weights the optimizer trains: the model, or after a freeze with
+        ``prune_at_freeze`` the pruned network."""
+        return self.model if self.pruned is None else self.pruned
 
     def _meet_measured_latency(self, tolerance: float = 0.02, checks: int = 4) -> int:
         """Time the frozen network (refitting the latency model) and, while its measured
@@ -322,6 +403,11 @@ class S2HTrainer:
 
     # ------------------------------------------------------------------- step
     def _forward(self, x: torch.Tensor, mode: str) -> torch.Tensor:
+        if mode == "hard" and self.pruned is not None:  # the pruned network itself
+            if self.pruned_layout is not None and x.dim() == 4:
+                x = x.contiguous(memory_format=self.pruned_layout)
+            with self._autocast(x):
+                return self.output(self.pruned(x)).float()
         with self.pruner.mode(mode), self._autocast(x):
             return self.output(self.model(x)).float()
 
@@ -343,7 +429,7 @@ class S2HTrainer:
         gradient goes (not yet applied)."""
         m, alpha, loss_fn = self.method, self.alpha, self.loss_fn
         scale = None if self.scaler is None else self.scaler.scale  # fp16: scaled backward
-        weights = [p for p in self.model.parameters() if p.requires_grad]
+        weights = [p for p in self.network.parameters() if p.requires_grad]
         masks = self.pruner.mask_parameters() if phase == "joint" else []
         grads = StepGradients()
 
@@ -388,13 +474,13 @@ class S2HTrainer:
         the losses (and the balancer's ``gamma``)."""
         phase = self.phase()
         if phase == "freeze" and not self.widths_frozen:
-            self.freeze_widths()
+            self.freeze_widths(x)
         if phase == "joint" and self.step_count in self.feedback_steps:
             self.pruner.calibrate_latency("search")  # refit the latency model where u is
         if phase != "warmup" and self.freeze_ranks_after_warmup and not self.pruner.freeze_ranks:
             self.pruner.update_ranks(force=True)  # the order of the warmed-up weights, kept
             self.pruner.freeze_ranks = True
-        weights = [p for p in self.model.parameters() if p.requires_grad]
+        weights = [p for p in self.network.parameters() if p.requires_grad]
         masks = self.pruner.mask_parameters()
         self.pruner.update_ranks()
         grads = self.gradients(x, y, phase)
@@ -432,14 +518,17 @@ class S2HTrainer:
 
     # ------------------------------------------------------------- the end
     def export(self) -> nn.Module:
-        """The physically pruned hard network (the widths are frozen and meet the budget)."""
+        """The physically pruned hard network (the widths are frozen and meet the budget):
+        with ``prune_at_freeze``, the very network trained since the freeze."""
         if not self.widths_frozen:
             self.freeze_widths()
-        return self.pruner.export()
+        return self.pruner.export() if self.pruned is None else self.pruned
 
     def state_dict(self) -> dict:
         """Everything of the trainer a resumed run needs (save the model, the pruner and your
-        optimizer beside it)."""
+        optimizer beside it). Load them back in the order model, pruner, trainer, optimizer:
+        after a freeze with ``prune_at_freeze`` the trainer rebuilds the pruned network and
+        moves the optimizer onto it before the optimizer's saved state can fit."""
         return {
             "step_count": self.step_count,
             "widths_frozen": self.widths_frozen,
@@ -448,6 +537,8 @@ class S2HTrainer:
             "mask_optimizer": self.mask_optimizer.state_dict(),
             "balancer": self.balancer.state_dict(),
             "scaler": None if self.scaler is None else self.scaler.state_dict(),
+            "pruned": None if self.pruned is None else self.pruned.state_dict(),
+            "pruned_layout": None if self.pruned is None else str(self.pruned_layout),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -459,6 +550,14 @@ class S2HTrainer:
         self.balancer.load_state_dict(state["balancer"])
         if self.scaler is not None and state.get("scaler") is not None:
             self.scaler.load_state_dict(state["scaler"])
+        if state.get("pruned") is not None:  # trained the pruned network: rebuild it
+            if self.pruned is None:
+                layout = state.get("pruned_layout")
+                self.pruned_layout = _LAYOUTS_BY_NAME.get(layout, self.pruned_layout)
+                if self.pruned_layout == "auto":  # the saved run's choice is not known
+                    self.pruned_layout = None
+                self._train_pruned_network()
+            self.pruned.load_state_dict(state["pruned"])
 
 
 def next_latency_aim(checked: Sequence[tuple[float, float]], target: float) -> float:
@@ -477,6 +576,9 @@ def next_latency_aim(checked: Sequence[tuple[float, float]], target: float) -> f
         if (aim - aim_before) * (measured - measured_before) > 0:  # a usable slope
             step *= min((aim - aim_before) / (measured - measured_before), 1.0)
     return min(max(aim + step, 0.8 * target), min(1.2 * target, 1.0))
+
+
+_LAYOUTS_BY_NAME = {str(f): f for f in (torch.contiguous_format, torch.channels_last)}
 
 
 def _set_grads(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None] | None):

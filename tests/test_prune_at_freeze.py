@@ -1,0 +1,176 @@
+"""``prune_at_freeze``: once the widths freeze, the trainer trains the physically pruned
+network itself. It must make the same updates as the masked hard network would, move the
+caller's optimizer (and its states) onto the pruned weights, leave the full model alone,
+and resume exactly."""
+
+import pytest
+import torch
+
+from s2hpruner import S2HPruner, S2HTrainer
+from s2hpruner.app.models import create_model
+from s2hpruner.core.layout import tune_module_layout
+
+STEPS, FREEZE = 8, 0.5
+
+
+def _batches():
+    g = torch.Generator().manual_seed(5)
+    return [(torch.randn(8, 1, 16, 16, generator=g), torch.randint(0, 10, (8,), generator=g))
+            for _ in range(STEPS)]  # fmt: skip
+
+
+def _setup(optimizer: str, **kwargs):
+    torch.manual_seed(0)
+    model = create_model("resnet20", num_classes=10, in_chans=1)
+    pruner = S2HPruner(model, torch.zeros(1, 1, 16, 16), target_flops=0.35)
+    if optimizer == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 - step / (2 * STEPS))
+    trainer = S2HTrainer(model, pruner, opt, STEPS, freeze=FREEZE, freeze_teacher="none",
+                         mask_lr=0.5, **kwargs)  # fmt: skip
+    return model, pruner, trainer, schedule
+
+
+def _train(trainer, schedule, batches) -> None:
+    for x, y in batches:
+        trainer.step(x, y)
+        schedule.step()
+
+
+def _outputs(module: torch.nn.Module) -> torch.Tensor:
+    module.eval()
+    with torch.no_grad():
+        return module(torch.randn(16, 1, 16, 16, generator=torch.Generator().manual_seed(9)))
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_training_the_pruned_network_is_training_the_masked_hard_network(optimizer):
+    """Same seed, same batches: the run that switches to the pruned network at the freeze
+    exports the same network as the run that trains the masked hard network, with the
+    optimizer's momentum (or Adam's moments) carried over, and its LR schedule intact."""
+    batches = _batches()
+    _, _, masked, schedule = _setup(optimizer)
+    _train(masked, schedule, batches)
+    model, pruner, switched, schedule = _setup(optimizer, prune_at_freeze=True)
+    _train(switched, schedule, batches[: STEPS // 2])
+    assert switched.pruned is None  # the search phase trains the model itself
+    full = {k: v.clone() for k, v in model.state_dict().items()}
+    _train(switched, schedule, batches[STEPS // 2 :])
+    pruned = switched.export()
+    assert pruned is switched.pruned, "export() returns the network that was trained"
+    assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in full.values())
+    trained = {id(p) for g in switched.optimizer.param_groups for p in g["params"]}
+    assert trained == {id(p) for p in pruned.parameters()}, "the optimizer trains the pruned net"
+    base = 0.05 if optimizer == "sgd" else 1e-3  # the caller's schedule still drives it
+    assert switched.optimizer.param_groups[0]["lr"] == pytest.approx(base * 0.5)
+    for k, v in model.state_dict().items():  # after the switch the full model is not trained
+        if v.is_floating_point() and "running" not in k:
+            assert torch.equal(v, full[k]), k
+    expected, got = _outputs(masked.export()), _outputs(pruned)
+    assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4), (got - expected).abs().max()
+    # and the updates after the freeze were real: the exported network moved
+    _, _, frozen_only, schedule = _setup(optimizer)
+    _train(frozen_only, schedule, batches[: STEPS // 2])
+    assert not torch.allclose(_outputs(frozen_only.export()), got, atol=1e-3)
+
+
+def test_a_run_resumed_after_the_switch_continues_bit_for_bit():
+    """Saved after the freeze and loaded in the order model, pruner, trainer, optimizer
+    (the trainer rebuilds the pruned network and moves the optimizer onto it first), a
+    fresh trainer continues exactly as the uninterrupted one."""
+    batches = _batches()
+    _, _, straight, schedule = _setup("sgd", prune_at_freeze=True)
+    _train(straight, schedule, batches)
+    model, pruner, first, schedule = _setup("sgd", prune_at_freeze=True)
+    _train(first, schedule, batches[:6])
+    saved = {"model": model.state_dict(), "pruner": pruner.state_dict(),
+             "trainer": first.state_dict(), "optimizer": first.optimizer.state_dict(),
+             "schedule": schedule.state_dict()}  # fmt: skip
+    saved = _round_trip(saved)
+    model, pruner, resumed, schedule = _setup("sgd", prune_at_freeze=True)
+    model.load_state_dict(saved["model"])
+    pruner.load_state_dict(saved["pruner"])
+    resumed.load_state_dict(saved["trainer"])
+    assert resumed.pruned is not None and resumed.widths_frozen
+    resumed.optimizer.load_state_dict(saved["optimizer"])
+    schedule.load_state_dict(saved["schedule"])
+    _train(resumed, schedule, batches[6:])
+    assert torch.equal(_outputs(resumed.export()), _outputs(straight.export()))
+
+
+def _round_trip(obj):
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
+def test_methods_without_a_hard_network_keep_training_the_model():
+    _, _, trainer, schedule = _setup("sgd", prune_at_freeze=True, method="dmp")
+    _train(trainer, schedule, _batches())
+    assert trainer.pruned is None and trainer.network is trainer.model
+
+
+def test_tuned_layout_trains_the_same_network():
+    """``pruned_layout="auto"`` times both layouts on the first frozen batch, leaves the
+    pruned network's statistics as they were, and trains the same network (up to float
+    rounding) as the model's own layout."""
+    batches = _batches()
+    _, _, plain, schedule = _setup("sgd", prune_at_freeze=True)
+    _train(plain, schedule, batches)
+    _, _, tuned, schedule = _setup("sgd", prune_at_freeze=True, pruned_layout="auto")
+    _train(tuned, schedule, batches)
+    assert tuned.pruned_layout in (torch.contiguous_format, torch.channels_last)
+    assert torch.allclose(_outputs(tuned.export()), _outputs(plain.export()), atol=1e-4)
+    module = plain.export().train()
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    layout = tune_module_layout(module, batches[0][0])
+    for k, v in module.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    conv = next(m for m in module.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=layout)
+    with pytest.raises(ValueError, match="pruned_layout"):
+        _setup("sgd", pruned_layout="fast")
+
+
+def test_a_cli_run_with_a_pruned_last_phase(tmp_path, capsys):
+    """``s2hpruner prune --prune-at-freeze`` end to end: the run learns, its exported model is
+    the network trained after the freeze (evaluated in metrics, report and by ``eval`` of its
+    checkpoint alike), and ``export`` of the checkpoint gives that network, not the model's."""
+    import json
+
+    from fabricate import learnable_fashion_mnist
+
+    from s2hpruner.app.cli import main
+
+    root = learnable_fashion_mnist(tmp_path / "fmnist", n_train=600)
+    out = tmp_path / "run"
+    assert main([
+        "prune", "--model", "resnet20", "--dataset", "fashion-mnist", "--data-root", str(root),
+        "--target-flops", "0.5", "--epochs", "3", "--freeze-epochs", "1.5", "--batch-size", "50",
+        "--val-size", "100", "--lr", "0.1", "--mask-lr", "0.1", "--out", str(out),
+        "--no-progress", "--latency-repeats", "1", "--prune-at-freeze", "--freeze-teacher",
+        "none", "--hard-layout", "auto",
+    ]) == 0  # fmt: skip
+    capsys.readouterr()
+    report = json.loads((out / "report.json").read_text())
+    assert abs(report["flops_ratio"] - 0.5) <= 0.01
+    assert report["top1_hard"] > 50.0, "the fabricated task is learnable"
+    ckpt = torch.load(out / "checkpoints" / "last.pt", weights_only=False)
+    assert ckpt["trainer"]["pruned"] is not None
+    pruned = torch.load(out / "model_pruned.pt", weights_only=False)
+    for k, v in pruned.state_dict().items():  # the exported model is the trained one
+        assert torch.equal(v, ckpt["trainer"]["pruned"][k].cpu()), k
+    assert main(["eval", str(out / "checkpoints" / "last.pt"), "--data-root", str(root)]) == 0
+    assert json.loads(capsys.readouterr().out)["top1_hard"] == pytest.approx(
+        report["top1_hard"], abs=1e-6)  # fmt: skip
+    assert main(["export", str(out / "checkpoints" / "last.pt"), "--out",
+                 str(tmp_path / "exported")]) == 0  # fmt: skip
+    again = torch.load(tmp_path / "exported" / "model_pruned.pt", weights_only=False)
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.allclose(again.eval()(x), pruned.eval()(x), atol=1e-5)
