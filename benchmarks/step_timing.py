@@ -24,6 +24,7 @@ same starting model with the baselines' recipe (``s2hpruner.app.optim``) and los
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 
@@ -175,7 +176,7 @@ def time_side_by_side(cfg: RunConfig, turns: int = 9, block: int = 10) -> dict:
             first = 0 if phase == "warmup" else trainer.freeze_start
             if phase == "freeze":  # the projection onto the budget (and the switch to the
                 batch, _ = next(_batches(data, cfg, 0, 1))  # pruned network, tuned), once
-                one_off += _timed(device, lambda: trainer.freeze_widths(batch))  # noqa: B023
+                one_off += _timed(device, functools.partial(trainer.freeze_widths, batch))
             sides.s2h_block(next_start(), block, hold_at=first)  # untimed warm-up
             sides.log.pop()
             for _ in range(turns):
