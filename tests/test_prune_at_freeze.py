@@ -9,6 +9,7 @@ import torch
 from s2hpruner import S2HPruner, S2HTrainer
 from s2hpruner.app.models import create_model
 from s2hpruner.core.layout import tune_module_layout
+from s2hpruner.core.trainer import kl
 
 STEPS, FREEZE = 8, 0.5
 
@@ -59,10 +60,12 @@ def test_training_the_pruned_network_is_training_the_masked_hard_network(optimiz
     full = {k: v.clone() for k, v in model.state_dict().items()}
     _train(switched, schedule, batches[STEPS // 2 :])
     pruned = switched.export()
-    assert pruned is switched.pruned, "export() returns the network that was trained"
+    assert pruned is not switched.network, "export() gives a copy the caller may change"
+    for k, v in pruned.state_dict().items():  # of the network that was trained
+        assert torch.equal(v, switched.network.state_dict()[k]), k
     assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in full.values())
     trained = {id(p) for g in switched.optimizer.param_groups for p in g["params"]}
-    assert trained == {id(p) for p in pruned.parameters()}, "the optimizer trains the pruned net"
+    assert trained == {id(p) for p in switched.network.parameters()}, "it trains the pruned net"
     base = 0.05 if optimizer == "sgd" else 1e-3  # the caller's schedule still drives it
     assert switched.optimizer.param_groups[0]["lr"] == pytest.approx(base * 0.5)
     for k, v in model.state_dict().items():  # after the switch the full model is not trained
@@ -129,10 +132,11 @@ def test_tuned_layout_trains_the_same_network():
     module = plain.export().train()
     before = {k: v.clone() for k, v in module.state_dict().items()}
     layout = tune_module_layout(module, batches[0][0])
+    assert layout in (torch.contiguous_format, torch.channels_last)
     for k, v in module.state_dict().items():
         assert torch.equal(v, before[k]), k
     conv = next(m for m in module.modules() if isinstance(m, torch.nn.Conv2d))
-    assert conv.weight.is_contiguous(memory_format=layout)
+    assert conv.weight.is_contiguous(), "left in the layout it had"
     with pytest.raises(ValueError, match="pruned_layout"):
         _setup("sgd", pruned_layout="fast")
 
@@ -174,3 +178,90 @@ def test_a_cli_run_with_a_pruned_last_phase(tmp_path, capsys):
     x = torch.randn(4, 1, 28, 28)
     with torch.no_grad():
         assert torch.allclose(again.eval()(x), pruned.eval()(x), atol=1e-5)
+
+
+def test_a_soft_teacher_is_the_soft_network_as_it_was_at_the_freeze():
+    """With freeze_teacher "soft" the pruned network is distilled from the soft network,
+    which no longer trains: its logits are the full model's, in soft mode, with the weights
+    it had at the freeze, and the pruned network's gradient is that of L + alpha KL."""
+    batches = _batches()
+    model, pruner, trainer, schedule = _setup("sgd", prune_at_freeze=True)
+    trainer.freeze_teacher, trainer.alpha = "soft", 0.7
+    _train(trainer, schedule, batches[: STEPS // 2 + 1])  # through the switch
+    frozen = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = batches[-1]
+    with torch.no_grad(), pruner.mode("soft"):
+        soft = model(x)
+    pruned = trainer.network
+    loss = torch.nn.functional.cross_entropy(pruned(x), y) + 0.7 * kl(soft, pruned(x))
+    expected = torch.autograd.grad(loss, list(pruned.parameters()))
+    model.load_state_dict(frozen)  # (the soft forward above moved BN statistics)
+    got = trainer.gradients(x, y, "freeze").weights["task"]
+    for g, e in zip(got, expected, strict=True):
+        assert torch.allclose(g, e, atol=1e-5, rtol=1e-4)
+    _train(trainer, schedule, batches[STEPS // 2 + 1 :])
+    for k, v in model.state_dict().items():
+        if "running" not in k and "num_batches" not in k:
+            assert torch.equal(v, frozen[k]), k
+
+
+def test_a_failed_switch_changes_nothing_and_is_retried(monkeypatch):
+    from s2hpruner.core import layout
+
+    batches = _batches()
+    model, _, trainer, schedule = _setup("sgd", prune_at_freeze=True, pruned_layout="auto")
+    _train(trainer, schedule, batches[: STEPS // 2])
+    params = [p for g in trainer.optimizer.param_groups for p in g["params"]]
+    state = {id(p): {k: v.clone() for k, v in s.items()}
+             for p, s in trainer.optimizer.state.items()}
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("timing failed")
+
+    monkeypatch.setattr(layout, "tune_module_layout", broken)
+    x, y = batches[STEPS // 2]
+    with pytest.raises(RuntimeError, match="timing failed"):
+        trainer.step(x, y)
+    assert trainer.pruned is None and trainer.widths_frozen
+    assert [p for g in trainer.optimizer.param_groups for p in g["params"]] == params
+    for p, s in trainer.optimizer.state.items():
+        for k, v in s.items():
+            assert torch.equal(v, state[id(p)][k])
+    monkeypatch.undo()
+    trainer.step(x, y)  # retried on the next frozen step
+    assert trainer.pruned is not None
+
+
+def test_tied_weights_and_a_state_from_before_the_switch_are_refused():
+    model, pruner, trainer, schedule = _setup("sgd", prune_at_freeze=True)
+    before = trainer.state_dict()
+    _train(trainer, schedule, _batches())
+    with pytest.raises(ValueError, match="before the switch"):
+        trainer.load_state_dict(before)
+    tied = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 4))
+    tied[2].weight = tied[0].weight
+    with pytest.raises(ValueError, match="tied weights"):
+        S2HTrainer(tied, pruner, trainer.optimizer, 4, prune_at_freeze=True)
+
+
+def test_frozen_weights_stay_frozen_and_bf16_steps_run_after_the_switch():
+    torch.manual_seed(0)
+    model = create_model("resnet20", num_classes=10, in_chans=1)
+    model.layer3[0].conv1.weight.requires_grad_(False)  # a frozen layer, pruned
+    pruner = S2HPruner(model, torch.zeros(1, 1, 16, 16), target_flops=0.35)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05,
+                                momentum=0.9)  # fmt: skip
+    trainer = S2HTrainer(model, pruner, optimizer, STEPS, freeze=FREEZE, freeze_teacher="none",
+                         prune_at_freeze=True, autocast="bf16")  # fmt: skip
+    stem = None  # the frozen layer's weight at the switch
+    for x, y in _batches():
+        losses = trainer.step(x, y)
+        assert all(torch.isfinite(torch.tensor(v)) for v in losses.values())
+        if trainer.pruned is not None and stem is None:
+            stem = trainer.network.layer3[0].conv1.weight.detach().clone()
+    network = trainer.network
+    frozen = network.layer3[0].conv1.weight
+    assert not frozen.requires_grad and torch.equal(frozen, stem)
+    assert frozen.shape[0] < model.layer3[0].conv1.weight.shape[0], "the frozen layer was pruned"
+    trained = [n for n, p in network.named_parameters() if p.requires_grad]
+    assert len(trained) == len(list(network.parameters())) - 1

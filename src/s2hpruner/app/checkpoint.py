@@ -42,6 +42,7 @@ MUST_MATCH = (
     "freeze",
     "warmup_epochs",
     "freeze_epochs",
+    "prune_at_freeze",
     "batch_size",
     "val_size",
     "train_subset",
@@ -148,8 +149,9 @@ def restore(
     saved = ckpt.get("config")
     if not isinstance(saved, dict):
         raise CheckpointError("checkpoint has no run config; it is corrupt or not from a run")
+    defaults = RunConfig()  # a setting older checkpoints lack had its default then
     for key in MUST_MATCH:
-        if saved.get(key) != getattr(cfg, key):
+        if saved.get(key, getattr(defaults, key)) != getattr(cfg, key):
             raise CheckpointError(
                 f"checkpoint was made with {key}={saved.get(key)!r} but this run has "
                 f"{key}={getattr(cfg, key)!r}; use the same settings or another --out"

@@ -513,6 +513,9 @@ def finish(cfg, out, splits, model, pruner, trainer, example, device, state) -> 
         "budget_met_step": trainer.budget_met_step,
         "joint_phase_steps": [trainer.warmup_end, trainer.freeze_start],
         "round_to": pruner.round_to,  # the alignment used (a latency budget's default: 8)
+        # the last phase trained the pruned network itself: top1_soft is then the soft
+        # network as it was when the widths froze
+        "prune_at_freeze": trainer.pruned is not None,
         "latency_speedup_b1": speed["b1"],
         "latency_speedup_b64": speed["b64"],
         "epochs": cfg.epochs,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -75,12 +76,17 @@ def tune_hard_layout(
 
 
 def tune_module_layout(
-    module: nn.Module, inputs: torch.Tensor, repeats: int = 3
+    module: nn.Module,
+    inputs: torch.Tensor,
+    forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    repeats: int = 3,
 ) -> torch.memory_format:
-    """Time ``module``'s training pass (forward and backward) in NCHW and in channels_last,
-    leave it in the faster and return that (for the pruned network a run trains once its
-    widths freeze). Its weights' values, BatchNorm statistics and the RNG are left as they
-    were."""
+    """Time ``module``'s training pass (forward, backward) in NCHW and in channels_last and
+    return the faster (for the pruned network a run trains once its widths freeze), the
+    module left in the layout it had. ``forward(x)``: the output tensor of the module on
+    ``x`` (default ``module(x)``; e.g. its logits under autocast). Its weights' values,
+    BatchNorm statistics and the RNG are left as they were."""
+    forward = forward or module
     params = [p for p in module.parameters() if p.requires_grad]
     stats = list(module.buffers())
     saved = [t.clone() for t in stats]
@@ -88,12 +94,10 @@ def tune_module_layout(
 
     def training_pass(layout: torch.memory_format) -> float:
         module.to(memory_format=layout)
-        x = inputs.contiguous(memory_format=layout)
         if cuda:
             torch.cuda.synchronize(inputs.device)
         start = time.perf_counter()
-        out = module(x)
-        out = out if torch.is_tensor(out) else out[0]
+        out = forward(inputs.contiguous(memory_format=layout))
         torch.autograd.grad(out.float().sum(), params, allow_unused=True)
         if cuda:
             torch.cuda.synchronize(inputs.device)
@@ -101,6 +105,10 @@ def tune_module_layout(
 
     layouts = (torch.contiguous_format, torch.channels_last)
     times: dict = {layout: [] for layout in layouts}
+    weight = next((p for p in module.parameters() if p.dim() == 4), None)
+    before = (torch.channels_last if weight is not None and not weight.is_contiguous()
+              and weight.is_contiguous(memory_format=torch.channels_last)
+              else torch.contiguous_format)  # fmt: skip
     try:
         with torch.random.fork_rng(devices=[inputs.device] if cuda else []):
             for round_ in range(repeats + 1):  # the first round warms up
@@ -109,9 +117,8 @@ def tune_module_layout(
                     if round_:
                         times[layout].append(elapsed)
     finally:
+        module.to(memory_format=before)
         with torch.no_grad():
             for tensor, value in zip(stats, saved, strict=True):
                 tensor.copy_(value)
-    best = min(layouts, key=lambda layout: statistics.median(times[layout]))
-    module.to(memory_format=best)
-    return best
+    return min(layouts, key=lambda layout: statistics.median(times[layout]))

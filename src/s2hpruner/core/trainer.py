@@ -11,13 +11,14 @@ the method's name.
         scheduler.step()                  # your schedule, your logging
     pruned = trainer.export()             # the physically pruned hard network
 
-With ``prune_at_freeze=True`` the last phase trains that pruned network itself: the same
-updates as the masked hard network's, at the smaller network's cost.
+With ``prune_at_freeze=True`` the last phase trains that pruned network itself, at the
+smaller network's cost.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import warnings
 from collections import defaultdict
@@ -165,11 +166,16 @@ class S2HTrainer:
         autocast: ``None``, ``"bf16"`` (CPU and CUDA) or ``"fp16"`` (CUDA, with a grad scaler).
         prune_at_freeze: once the widths freeze, train the physically pruned network
             (``pruner.export()``) instead of the masked hard network: the caller's optimizer
-            is moved onto its weights, each per-weight state (momentum, Adam's moments)
-            sliced the same way, so the updates are the same and each step costs the pruned
-            network's. :meth:`export` then returns that network, and the full model (the
-            soft network) keeps the weights it had at the freeze. Ignored by methods
-            without a hard network (DMP).
+            is moved onto its weights (in place: your LR schedule keeps working), each
+            per-weight state (momentum, Adam's moments) sliced the same way, and each step
+            costs the pruned network's. The full model keeps the weights it had at the
+            freeze, so the soft network (``pruner.mode("soft")``, and a ``"soft"`` teacher)
+            no longer moves: with ``freeze_teacher`` ``"none"`` or a module the updates are
+            the masked hard network's, with ``"soft"`` the teacher is the soft network as
+            it was at the freeze (as are ``pruner.mode("hard")`` and ``pruner.export()``).
+            :meth:`export` returns a copy of the trained network, :attr:`network` the
+            network itself. Needs the model's parameters untied (no
+            weight shared by two modules). Ignored by methods without a hard network (DMP).
         pruned_layout: memory format the pruned network trains in (with
             ``prune_at_freeze``): ``None`` for the hard pass's (``pruner.hard_layout``, or
             the model's own), a ``torch.memory_format``, or ``"auto"`` to time NCHW and
@@ -256,6 +262,11 @@ class S2HTrainer:
         self.freeze_ranks_after_warmup = freeze_ranks_after_warmup
         self.autocast = autocast
         self.prune_at_freeze = bool(prune_at_freeze) and method.hard
+        if self.prune_at_freeze:
+            names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
+            if len(names) != len(dict(model.named_parameters())):
+                raise ValueError("prune_at_freeze needs a model without tied weights (one "
+                                 "parameter shared by two modules); train without it")  # fmt: skip
         self.pruned_layout = pruned_layout
         # the physically pruned network trained after the freeze (prune_at_freeze), else None
         self.pruned: nn.Module | None = None
@@ -294,12 +305,11 @@ class S2HTrainer:
         budget (warning when the search had not met it); with ``prune_at_freeze``, switch to
         training the pruned network (``inputs``: a batch to time its layout on, for
         ``pruned_layout="auto"``). Returns the projection's steps."""
-        if self.widths_frozen:
-            return self.projection_steps or 0
-        self._freeze_search()
-        if self.prune_at_freeze:
+        if not self.widths_frozen:
+            self._freeze_search()
+        if self.prune_at_freeze and self.pruned is None:  # (again, if it failed before)
             self._train_pruned_network(inputs)
-        return self.projection_steps
+        return self.projection_steps or 0
 
     def _freeze_search(self) -> None:
         self.widths_frozen = True
@@ -321,44 +331,69 @@ class S2HTrainer:
     def _train_pruned_network(self, inputs: torch.Tensor | None = None) -> None:
         """From now on train the physically pruned copy of the (frozen) hard network: the
         caller's optimizer moves onto its weights with every per-weight state sliced as the
-        weights are (``S2HPruner.prune_like_weights``); other states (Adam's step count) and
-        the param groups (so the caller's LR schedule) are kept."""
+        weights are (``S2HPruner.prune_like_weights``); scalar states (Adam's step) and the
+        param groups (so the caller's LR schedule) are kept. Everything is prepared before
+        anything is changed, so a failure leaves the trainer as it was."""
         pruned = self.pruner.export()
-        _set_training(pruned, self.model.training)
         old, new = dict(self.model.named_parameters()), dict(pruned.named_parameters())
+        if set(old) != set(new):
+            raise RuntimeError(
+                "prune_at_freeze: the pruned network's parameters are not the model's "
+                f"(only in the model: {sorted(set(old) - set(new))[:5]}, only in the pruned "
+                f"network: {sorted(set(new) - set(old))[:5]}); train without prune_at_freeze"
+            )
+        name_of = {id(p): name for name, p in old.items()}
+        moved_state = self._pruned_optimizer_state(name_of, old, new)
+        layout = self.pruned_layout
+        if layout == "auto":  # timed on the first frozen batch; nothing to time on: as it is
+            layout = None
+            if torch.is_tensor(inputs) and inputs.dim() == 4:
+                from .layout import tune_module_layout
+
+                layout = tune_module_layout(pruned, inputs, lambda x: self._pruned_logits(
+                    pruned, x))  # fmt: skip
+        layout = layout or self.pruner.hard_layout
+        # the switch itself
         for name, p in new.items():
             p.requires_grad_(old[name].requires_grad)
-        name_of = {id(p): name for name, p in old.items()}
-        state = self.optimizer.state
-        per_weight: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)  # key -> name -> t
-        for p, s in state.items():
-            for key, v in s.items():
-                if id(p) in name_of and torch.is_tensor(v) and v.shape == p.shape:
-                    per_weight[key][name_of[id(p)]] = v
-        sliced = {key: self.pruner.prune_like_weights(v) for key, v in per_weight.items()}
-        moved = defaultdict(dict)
-        for p, s in state.items():
-            name = name_of.get(id(p))
-            if name is None:  # not a weight of the model: untouched
-                moved[p] = s
-                continue
-            moved[new[name]] = {key: sliced[key][name] if name in sliced.get(key, {}) else v
-                                for key, v in s.items()}  # fmt: skip
+        if layout is not None:
+            pruned.to(memory_format=layout)
+        _set_training(pruned, self.model.training)
         for group in self.optimizer.param_groups:
             group["params"] = [new[name_of[id(p)]] if id(p) in name_of else p
                                for p in group["params"]]  # fmt: skip
-        self.optimizer.state = moved
-        if self.pruned_layout == "auto" and torch.is_tensor(inputs) and inputs.dim() == 4:
-            from .layout import tune_module_layout
+        self.optimizer.state = moved_state
+        self.pruned_layout, self.pruned = layout, pruned
 
-            self.pruned_layout = tune_module_layout(pruned, inputs)
-        elif self.pruned_layout == "auto":  # nothing to time on: the model's own layout
-            self.pruned_layout = None
-        layout = self.pruned_layout or self.pruner.hard_layout
-        if layout is not None:
-            self.pruned_layout = layout
-            pruned.to(memory_format=layout)
-        self.pruned = pruned
+    def _pruned_optimizer_state(self, name_of: dict, old: dict, new: dict) -> defaultdict:
+        """The optimizer's state keyed by the pruned network's parameters: each state tensor
+        of a weight's shape sliced like the weight, scalars and unpruned weights' states as
+        they are; a state of another shape on a pruned weight cannot be moved (an error)."""
+        per_key: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)  # key -> name -> state
+        for p, state in self.optimizer.state.items():
+            name = name_of.get(id(p))
+            if name is None or new[name].shape == p.shape:
+                continue
+            for key, v in state.items():
+                if torch.is_tensor(v) and v.dim() > 0:
+                    if v.shape != p.shape:
+                        raise RuntimeError(
+                            f"prune_at_freeze cannot move the optimizer's {key!r} of {name} "
+                            f"(shape {tuple(v.shape)}, the weight's {tuple(p.shape)}); use an "
+                            "optimizer whose states have their weight's shape (SGD, Adam, "
+                            "AdamW), or train without prune_at_freeze"
+                        )
+                    per_key[key][name] = v
+        sliced = {key: self.pruner.prune_like_weights(v) for key, v in per_key.items()}
+        moved = defaultdict(dict)
+        for p, state in self.optimizer.state.items():
+            name = name_of.get(id(p))
+            if name is None:  # not a weight of the model: untouched
+                moved[p] = state
+                continue
+            moved[new[name]] = {key: sliced[key][name] if name in sliced.get(key, {}) else v
+                                for key, v in state.items()}  # fmt: skip
+        return moved
 
     @property
     def network(self) -> nn.Module:
@@ -406,10 +441,13 @@ class S2HTrainer:
         if mode == "hard" and self.pruned is not None:  # the pruned network itself
             if self.pruned_layout is not None and x.dim() == 4:
                 x = x.contiguous(memory_format=self.pruned_layout)
-            with self._autocast(x):
-                return self.output(self.pruned(x)).float()
+            return self._pruned_logits(self.pruned, x)
         with self.pruner.mode(mode), self._autocast(x):
             return self.output(self.model(x)).float()
+
+    def _pruned_logits(self, pruned: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        with self._autocast(x):
+            return self.output(pruned(x)).float()
 
     def _autocast(self, x: torch.Tensor):
         if self.autocast is None:
@@ -473,8 +511,11 @@ class S2HTrainer:
         logits the norm-balanced combination of task, gap and resource gradients. Returns
         the losses (and the balancer's ``gamma``)."""
         phase = self.phase()
-        if phase == "freeze" and not self.widths_frozen:
+        if phase == "freeze" and (not self.widths_frozen
+                                  or self.prune_at_freeze and self.pruned is None):
             self.freeze_widths(x)
+        if self.pruned is not None:  # model.train() / model.eval() of the caller hold for it
+            _set_training(self.pruned, self.model.training)
         if phase == "joint" and self.step_count in self.feedback_steps:
             self.pruner.calibrate_latency("search")  # refit the latency model where u is
         if phase != "warmup" and self.freeze_ranks_after_warmup and not self.pruner.freeze_ranks:
@@ -518,17 +559,18 @@ class S2HTrainer:
 
     # ------------------------------------------------------------- the end
     def export(self) -> nn.Module:
-        """The physically pruned hard network (the widths are frozen and meet the budget):
-        with ``prune_at_freeze``, the very network trained since the freeze."""
+        """The physically pruned hard network (the widths are frozen and meet the budget), a
+        copy the caller may change: with ``prune_at_freeze``, of the network trained since
+        the freeze (:attr:`network` is that network itself)."""
         if not self.widths_frozen:
             self.freeze_widths()
-        return self.pruner.export() if self.pruned is None else self.pruned
+        return self.pruner.export() if self.pruned is None else copy.deepcopy(self.pruned)
 
     def state_dict(self) -> dict:
         """Everything of the trainer a resumed run needs (save the model, the pruner and your
-        optimizer beside it). Load them back in the order model, pruner, trainer, optimizer:
-        after a freeze with ``prune_at_freeze`` the trainer rebuilds the pruned network and
-        moves the optimizer onto it before the optimizer's saved state can fit."""
+        optimizer beside it). Load the trainer's after the model's and the pruner's and
+        before the optimizer's: after a freeze with ``prune_at_freeze`` it rebuilds the pruned
+        network and moves the optimizer onto it, where the optimizer's saved state fits."""
         return {
             "step_count": self.step_count,
             "widths_frozen": self.widths_frozen,
@@ -550,6 +592,9 @@ class S2HTrainer:
         self.balancer.load_state_dict(state["balancer"])
         if self.scaler is not None and state.get("scaler") is not None:
             self.scaler.load_state_dict(state["scaler"])
+        if state.get("pruned") is None and self.pruned is not None:
+            raise ValueError("this trainer already trains its pruned network; a state saved "
+                             "before the switch needs a new trainer")  # fmt: skip
         if state.get("pruned") is not None:  # trained the pruned network: rebuild it
             if self.pruned is None:
                 layout = state.get("pruned_layout")
