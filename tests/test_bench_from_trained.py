@@ -438,28 +438,27 @@ def test_timed_profile_gives_the_compute_budget_the_side_by_side_ratio(tmp_path,
     assert "joint 2.00 x 0.30, one-off 1.5 s" in text
 
 
-def test_aligned_profile_aligns_the_s2hpruner_family_only(tmp_path):
-    """`from-trained-aligned` is `from-trained-all` with every width S2HPruner, DMP and the
-    ablations keep a multiple of 8; the baselines keep any width (no round_to reaches them)."""
-    profile = compare.FROM_TRAINED_ALIGNED
-    assert dataclasses.replace(profile, name="from-trained-all", round_to=None) == \
+# profiles that are `from-trained-all` with one setting of the S2HPruner family changed:
+# (profile, the setting, its value there, its value in from-trained-all)
+FAMILY_SETTINGS = [
+    # every width S2HPruner, DMP and the ablations keep a multiple of 8; the baselines keep
+    # any width (no round_to reaches them)
+    (compare.FROM_TRAINED_ALIGNED, "round_to", 8, None),
+    # the family trains the pruned network once its widths freeze
+    (compare.FROM_TRAINED_PRUNED, "prune_at_freeze", True, False),
+]
+
+
+@pytest.mark.parametrize(("profile", "setting", "value", "default"), FAMILY_SETTINGS,
+                         ids=lambda v: v.name if isinstance(v, compare.Profile) else None)
+def test_profiles_that_change_the_s2hpruner_family_only(tmp_path, profile, setting, value,
+                                                         default):  # fmt: skip
+    """Each is `from-trained-all` with one setting of the S2HPruner family changed: its runs
+    get it, the baselines' runs do not."""
+    assert dataclasses.replace(profile, name="from-trained-all", **{setting: default}) == \
         compare.FROM_TRAINED_ALL  # fmt: skip
     for method in profile.methods:
         cfg = compare.run_config(profile, compare.RunSpec(method, 0.35, 0, "epochs"), 1.0,
                                  tmp_path)  # fmt: skip
-        assert cfg.round_to == (8 if method in compare.METHODS else None), method
-    cfg = compare.run_config(compare.FROM_TRAINED_ALL, compare.RunSpec("s2h", 0.35, 0, "epochs"),
-                             1.0, tmp_path)  # fmt: skip
-    assert cfg.round_to is None and not cfg.prune_at_freeze
-
-
-def test_pruned_profile_prunes_the_s2hpruner_family_at_the_freeze(tmp_path):
-    """`from-trained-pruned` is `from-trained-all` with the S2HPruner family training the
-    pruned network once its widths freeze; the baselines are untouched."""
-    profile = compare.FROM_TRAINED_PRUNED
-    assert dataclasses.replace(profile, name="from-trained-all", prune_at_freeze=False) == \
-        compare.FROM_TRAINED_ALL  # fmt: skip
-    for method in profile.methods:
-        cfg = compare.run_config(profile, compare.RunSpec(method, 0.35, 0, "epochs"), 1.0,
-                                 tmp_path)  # fmt: skip
-        assert cfg.prune_at_freeze == (method in compare.METHODS), method
+        expected = value if method in compare.METHODS else default
+        assert getattr(cfg, setting) == expected, method

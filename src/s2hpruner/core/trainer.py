@@ -584,6 +584,9 @@ class S2HTrainer:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        if state.get("pruned") is None and self.pruned is not None:
+            raise ValueError("this trainer already trains its pruned network; a state saved "
+                             "before the switch needs a new trainer")  # fmt: skip
         self.step_count = int(state["step_count"])
         self.widths_frozen = bool(state["widths_frozen"])
         self.projection_steps = state["projection_steps"]
@@ -592,9 +595,6 @@ class S2HTrainer:
         self.balancer.load_state_dict(state["balancer"])
         if self.scaler is not None and state.get("scaler") is not None:
             self.scaler.load_state_dict(state["scaler"])
-        if state.get("pruned") is None and self.pruned is not None:
-            raise ValueError("this trainer already trains its pruned network; a state saved "
-                             "before the switch needs a new trainer")  # fmt: skip
         if state.get("pruned") is not None:  # trained the pruned network: rebuild it
             if self.pruned is None:
                 layout = state.get("pruned_layout")
