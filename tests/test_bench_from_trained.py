@@ -438,27 +438,29 @@ def test_timed_profile_gives_the_compute_budget_the_side_by_side_ratio(tmp_path,
     assert "joint 2.00 x 0.30, one-off 1.5 s" in text
 
 
-# profiles that are `from-trained-all` with one setting of the S2HPruner family changed:
-# (profile, the setting, its value there, its value in from-trained-all)
+# profiles that are `from-trained-all` with settings of the S2HPruner family changed:
+# (profile, {setting: (its value there, its value in from-trained-all)})
+ALIGNED = {"round_to": (8, None)}  # every width the family keeps a multiple of 8; the
+# baselines keep any width (no round_to reaches them)
+PRUNED = {"prune_at_freeze": (True, False)}  # the pruned network trained once widths freeze
 FAMILY_SETTINGS = [
-    # every width S2HPruner, DMP and the ablations keep a multiple of 8; the baselines keep
-    # any width (no round_to reaches them)
-    (compare.FROM_TRAINED_ALIGNED, "round_to", 8, None),
-    # the family trains the pruned network once its widths freeze
-    (compare.FROM_TRAINED_PRUNED, "prune_at_freeze", True, False),
+    (compare.FROM_TRAINED_ALIGNED, ALIGNED),
+    (compare.FROM_TRAINED_PRUNED, PRUNED),
+    (compare.FROM_TRAINED_ALIGNED_PRUNED, {**ALIGNED, **PRUNED}),
 ]
 
 
-@pytest.mark.parametrize(("profile", "setting", "value", "default"), FAMILY_SETTINGS,
-                         ids=lambda v: v.name if isinstance(v, compare.Profile) else None)
-def test_profiles_that_change_the_s2hpruner_family_only(tmp_path, profile, setting, value,
-                                                         default):  # fmt: skip
-    """Each is `from-trained-all` with one setting of the S2HPruner family changed: its runs
-    get it, the baselines' runs do not."""
-    assert dataclasses.replace(profile, name="from-trained-all", **{setting: default}) == \
+@pytest.mark.parametrize(("profile", "settings"), FAMILY_SETTINGS,
+                         ids=[p.name for p, _ in FAMILY_SETTINGS])  # fmt: skip
+def test_profiles_that_change_the_s2hpruner_family_only(tmp_path, profile, settings):
+    """Each is `from-trained-all` with settings of the S2HPruner family changed: its runs get
+    them, the baselines' runs do not."""
+    defaults = {setting: default for setting, (_, default) in settings.items()}
+    assert dataclasses.replace(profile, name="from-trained-all", **defaults) == \
         compare.FROM_TRAINED_ALL  # fmt: skip
     for method in profile.methods:
         cfg = compare.run_config(profile, compare.RunSpec(method, 0.35, 0, "epochs"), 1.0,
                                  tmp_path)  # fmt: skip
-        expected = value if method in compare.METHODS else default
-        assert getattr(cfg, setting) == expected, method
+        for setting, (value, default) in settings.items():
+            expected = value if method in compare.METHODS else default
+            assert getattr(cfg, setting) == expected, (method, setting)
