@@ -49,9 +49,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_setup():
+def make_setup(prune_at_freeze: bool = False):
     """A tiny ResNet with BatchNorm in eval mode (running statistics, so a sample's output does
-    not depend on the rest of its batch and the doubled batch is comparable), fixed data."""
+    not depend on the rest of its batch and the doubled batch is comparable), fixed data.
+    ``prune_at_freeze``: the frozen phase trains the physically pruned network."""
     torch.manual_seed(0)
     model = create_model("resnet20", num_classes=10, in_chans=1, width=4)
     x = torch.randn(WORLD * B, 1, 16, 16)
@@ -63,20 +64,22 @@ def make_setup():
     # SGD on the width logits: Adam's first steps are ~lr * sign(g) and would hide differences
     warmup, freeze = SCHEDULE[0][1] / TOTAL, SCHEDULE[-1][1] / TOTAL
     cfg = RunConfig(target_flops=0.4, lr=0.05, mask_optimizer="sgd", mask_lr=0.5,
-                    warmup=warmup, freeze=freeze)  # fmt: skip
+                    warmup=warmup, freeze=freeze, prune_at_freeze=prune_at_freeze,
+                    freeze_teacher="none" if prune_at_freeze else "soft")  # fmt: skip
     trainer, schedule = build_trainer(cfg, model, pruner, total_steps=TOTAL)
     model.eval()
     return model, pruner, x, y, cfg, (trainer, schedule)
 
 
 def snapshot(model, pruner, trainer: S2HTrainer, grads: dict) -> dict:
+    network = trainer.network  # the model, or the pruned network once it trains that
     return {
         **grads,  # the gradients each optimizer applied in this step
-        "weights": [p.detach().clone() for p in model.parameters()],
+        "weights": [p.detach().clone() for p in network.parameters()],
         "logits": [u.detach().clone() for u in pruner.mask_parameters()],
         "momentum": [
             trainer.optimizer.state[p]["momentum_buffer"].clone()
-            for p in model.parameters()
+            for p in network.parameters()
             if "momentum_buffer" in trainer.optimizer.state.get(p, {})
         ],
         "mask_momentum": [
@@ -125,6 +128,8 @@ def worker(rank: int, port: int, folder: str) -> None:
         model, pruner, x, y, cfg, opt = make_setup()
         shard = slice(rank * B, (rank + 1) * B)
         result["steps"] = run_schedule(model, pruner, x[shard], y[shard], cfg, opt)
+        model_p, pruner_p, _, _, cfg_p, opt_p = make_setup(prune_at_freeze=True)
+        result["pruned_steps"] = run_schedule(model_p, pruner_p, x[shard], y[shard], cfg_p, opt_p)
 
         # 2. BatchNorm statistics: train-mode forwards on different data per rank make the
         # model's and the hard network's running statistics differ; then average them
@@ -138,7 +143,7 @@ def worker(rank: int, port: int, folder: str) -> None:
             [t.clone() for t in pruner.hard_stats.buffers() if t.is_floating_point()],
         )  # fmt: skip
         result["bn_before"] = stats()
-        run._average_bn_statistics(model, pruner)
+        run._average_bn_statistics(model, pruner, opt[0])
         result["bn_after"] = stats()
 
         # 3. the epoch's loss sums are summed over ranks
@@ -177,6 +182,28 @@ def single():
         return run_schedule(*make_setup())
     finally:
         torch.set_num_threads(threads)
+
+
+def test_after_the_switch_to_the_pruned_network_ranks_agree_and_match_one_process(ranks):
+    """With prune_at_freeze, every rank switches to the same pruned network at the freeze,
+    averages its gradients and keeps identical weights and momentum, and the result matches
+    one process with the doubled batch."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = run_schedule(*make_setup(prune_at_freeze=True))
+    finally:
+        torch.set_num_threads(threads)
+    steps0, steps1 = ranks[0]["pruned_steps"], ranks[1]["pruned_steps"]
+    frozen = len(steps0) - SCHEDULE[-1][1]
+    full = sum(w.numel() for w in steps0[frozen - 1]["weights"])
+    assert sum(w.numel() for w in steps0[-1]["weights"]) < full, "the pruned network trained"
+    for i, (a, b, s) in enumerate(zip(steps0, steps1, single, strict=True)):
+        for key in ("weights", "momentum"):
+            for ta, tb in zip(a[key], b[key], strict=True):
+                assert torch.equal(ta, tb), f"step {i}: {key} differ between ranks"
+        assert _max_rel(a["weight_grads"], s["weight_grads"]) < 1e-5, i
+        assert _max_rel(a["weights"], s["weights"]) < 1e-5, i
 
 
 def test_every_rank_holds_identical_weights_logits_and_optimizer_states(ranks):
