@@ -105,9 +105,10 @@ HELP = {
                       "(the soft network's logits, as the method specifies), none (task loss "
                       "only; the last phase costs one pruned network's step) or start (a fixed "
                       "copy of the starting weights, --init or --pretrained)",
-    "prune_at_freeze": "once the widths freeze, train the physically pruned network itself "
-                       "(the same updates as the masked hard network, at its smaller cost); "
-                       "the soft network then keeps the weights it had at the freeze",
+    "prune_at_freeze": "once the widths freeze, train the physically pruned network itself, "
+                       "at its smaller cost; the soft network keeps the weights it had at the "
+                       "freeze (with --freeze-teacher none or start the updates are the masked "
+                       "hard network's; with soft the teacher is the soft network at the freeze)",
     "resource_on": "resource ratio in the resource loss: hard (kept widths, straight-through "
                    "gradient; what the exported model will have) or soft (expected widths)",
     "freeze_ranks_after_warmup": "stop recomputing the channel importance order after warm-up",
