@@ -443,20 +443,21 @@ def test_timed_profile_gives_the_compute_budget_the_side_by_side_ratio(tmp_path,
 ALIGNED = {"round_to": (8, None)}  # every width the family keeps a multiple of 8; the
 # baselines keep any width (no round_to reaches them)
 PRUNED = {"prune_at_freeze": (True, False)}  # the pruned network trained once widths freeze
+LONG = {"long_targets": (), "long_methods": ()}  # (the profile also runs the long budget)
 FAMILY_SETTINGS = [
-    (compare.FROM_TRAINED_ALIGNED, ALIGNED),
-    (compare.FROM_TRAINED_PRUNED, PRUNED),
-    (compare.FROM_TRAINED_ALIGNED_PRUNED, {**ALIGNED, **PRUNED}),
+    (compare.FROM_TRAINED_ALIGNED, ALIGNED, {}),
+    (compare.FROM_TRAINED_PRUNED, PRUNED, {}),
+    (compare.FROM_TRAINED_ALIGNED_PRUNED, {**ALIGNED, **PRUNED}, LONG),
 ]
 
 
-@pytest.mark.parametrize(("profile", "settings"), FAMILY_SETTINGS,
-                         ids=[p.name for p, _ in FAMILY_SETTINGS])  # fmt: skip
-def test_profiles_that_change_the_s2hpruner_family_only(tmp_path, profile, settings):
-    """Each is `from-trained-all` with settings of the S2HPruner family changed: its runs get
-    them, the baselines' runs do not."""
+@pytest.mark.parametrize(("profile", "settings", "others"), FAMILY_SETTINGS,
+                         ids=[p.name for p, _, _ in FAMILY_SETTINGS])  # fmt: skip
+def test_profiles_that_change_the_s2hpruner_family_only(tmp_path, profile, settings, others):
+    """Each is `from-trained-all` with settings of the S2HPruner family changed (and
+    ``others`` of the profile's plan): its runs get them, the baselines' runs do not."""
     defaults = {setting: default for setting, (_, default) in settings.items()}
-    assert dataclasses.replace(profile, name="from-trained-all", **defaults) == \
+    assert dataclasses.replace(profile, name="from-trained-all", **defaults, **others) == \
         compare.FROM_TRAINED_ALL  # fmt: skip
     for method in profile.methods:
         cfg = compare.run_config(profile, compare.RunSpec(method, 0.35, 0, "epochs"), 1.0,
