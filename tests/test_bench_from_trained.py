@@ -443,7 +443,8 @@ def test_timed_profile_gives_the_compute_budget_the_side_by_side_ratio(tmp_path,
 ALIGNED = {"round_to": (8, None)}  # every width the family keeps a multiple of 8; the
 # baselines keep any width (no round_to reaches them)
 PRUNED = {"prune_at_freeze": (True, False)}  # the pruned network trained once widths freeze
-LONG = {"long_targets": (), "long_methods": ()}  # (the profile also runs the long budget)
+LONG = {"long_targets": (), "long_methods": compare.MAIN_METHODS}  # (that one also runs the
+# long budget, for three of them)
 FAMILY_SETTINGS = [
     (compare.FROM_TRAINED_ALIGNED, ALIGNED, {}),
     (compare.FROM_TRAINED_PRUNED, PRUNED, {}),
