@@ -36,40 +36,24 @@ def tune_hard_layout(
     stats = list(pruner.model.buffers())
     if pruner.hard_stats is not None:
         stats += list(pruner.hard_stats.buffers())
-    saved = [t.clone() for t in stats]
-    cuda = inputs.device.type == "cuda"
 
-    def training_pass() -> float:
-        if cuda:
-            torch.cuda.synchronize(inputs.device)
-        start = time.perf_counter()
+    def use(variant) -> None:
+        pruner.hard_layout, pruner.hard_nchw_norms = variant
+
+    def training_pass() -> None:
         with pruner.mode("hard"):
             out = pruner.model(inputs)
         torch.autograd.grad(out.float().sum(), params, allow_unused=True)
-        if cuda:
-            torch.cuda.synchronize(inputs.device)
-        return time.perf_counter() - start
 
     # (layout, narrow BatchNorms in NCHW); the flag only matters for channels_last
     variants = [(torch.contiguous_format, True), (torch.channels_last, True),
                 (torch.channels_last, False)]
-    times: dict = {variant: [] for variant in variants}
     previous = (pruner.hard_layout, pruner.hard_nchw_norms)
     try:
-        with torch.random.fork_rng(devices=[inputs.device] if cuda else []):
-            for round_ in range(repeats + 1):  # the first round warms up
-                for variant in variants:  # interleaved: all see the same machine load
-                    pruner.hard_layout, pruner.hard_nchw_norms = variant
-                    elapsed = training_pass()
-                    if round_:
-                        times[variant].append(elapsed)
+        times = _time_variants(variants, use, training_pass, stats, inputs.device, repeats)
     except BaseException:
         pruner.hard_layout, pruner.hard_nchw_norms = previous
         raise
-    finally:
-        with torch.no_grad():
-            for tensor, value in zip(stats, saved, strict=True):
-                tensor.copy_(value)
     best = min(variants, key=lambda variant: statistics.median(times[variant]))
     pruner.hard_layout, pruner.hard_nchw_norms = best
     return pruner.hard_layout
@@ -88,37 +72,53 @@ def tune_module_layout(
     BatchNorm statistics and the RNG are left as they were."""
     forward = forward or module
     params = [p for p in module.parameters() if p.requires_grad]
-    stats = list(module.buffers())
-    saved = [t.clone() for t in stats]
-    cuda = inputs.device.type == "cuda"
 
-    def training_pass(layout: torch.memory_format) -> float:
+    current = {}
+
+    def use(layout: torch.memory_format) -> None:
         module.to(memory_format=layout)
-        if cuda:
-            torch.cuda.synchronize(inputs.device)
-        start = time.perf_counter()
-        out = forward(inputs.contiguous(memory_format=layout))
+        current["inputs"] = inputs.contiguous(memory_format=layout)
+
+    def training_pass() -> None:
+        out = forward(current["inputs"])
         torch.autograd.grad(out.float().sum(), params, allow_unused=True)
-        if cuda:
-            torch.cuda.synchronize(inputs.device)
-        return time.perf_counter() - start
 
     layouts = (torch.contiguous_format, torch.channels_last)
-    times: dict = {layout: [] for layout in layouts}
     weight = next((p for p in module.parameters() if p.dim() == 4), None)
     before = (torch.channels_last if weight is not None and not weight.is_contiguous()
               and weight.is_contiguous(memory_format=torch.channels_last)
               else torch.contiguous_format)  # fmt: skip
     try:
-        with torch.random.fork_rng(devices=[inputs.device] if cuda else []):
-            for round_ in range(repeats + 1):  # the first round warms up
-                for layout in layouts:  # interleaved: both see the same machine load
-                    elapsed = training_pass(layout)
-                    if round_:
-                        times[layout].append(elapsed)
+        times = _time_variants(layouts, use, training_pass, list(module.buffers()),
+                               inputs.device, repeats)  # fmt: skip
     finally:
         module.to(memory_format=before)
+    return min(layouts, key=lambda layout: statistics.median(times[layout]))
+
+
+def _time_variants(variants, use, training_pass, stats: list[torch.Tensor],
+                   device: torch.device, repeats: int) -> dict:  # fmt: skip
+    """Seconds of ``training_pass()`` after ``use(variant)`` (untimed) for each variant,
+    ``repeats`` rounds after one warm-up round, interleaved so that all see the same machine
+    load; ``stats`` (BatchNorm statistics) and the RNG are left as they were."""
+    saved = [t.clone() for t in stats]
+    cuda = device.type == "cuda"
+    times: dict = {variant: [] for variant in variants}
+    try:
+        with torch.random.fork_rng(devices=[device] if cuda else []):
+            for round_ in range(repeats + 1):  # the first round warms up
+                for variant in variants:
+                    use(variant)
+                    if cuda:
+                        torch.cuda.synchronize(device)
+                    start = time.perf_counter()
+                    training_pass()
+                    if cuda:
+                        torch.cuda.synchronize(device)
+                    if round_:
+                        times[variant].append(time.perf_counter() - start)
+    finally:
         with torch.no_grad():
             for tensor, value in zip(stats, saved, strict=True):
                 tensor.copy_(value)
-    return min(layouts, key=lambda layout: statistics.median(times[layout]))
+    return times
