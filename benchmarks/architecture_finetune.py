@@ -37,12 +37,19 @@ from s2hpruner.core.resources import count_flops
 from s2hpruner.core.trainer import evaluate
 
 
+def _cut_pruner(cfg: RunConfig, device: torch.device):
+    """A pruner of ``cfg``'s starting model for cutting: its groups and importance, not the
+    run's budget (no latency tables are built) nor its width steps (any width can be cut,
+    e.g. the uniform baseline's)."""
+    cfg = dataclasses.replace(cfg, target_flops=0.5, target_params=None, target_latency=None,
+                              round_to=None, width_step=1)  # fmt: skip
+    return build_model_and_pruner(cfg, dataset_spec(cfg.dataset), device)[1]  # its importance
+
+
 def cut(cfg: RunConfig, kept_widths: dict[str, int], device: torch.device) -> nn.Module:
     """The network of ``cfg``'s starting weights at ``kept_widths`` (group name -> width),
     each group keeping its channels of largest L1 norm."""
-    # the cut needs groups and importance, not the run's budget: no latency tables are built
-    cfg = dataclasses.replace(cfg, target_flops=0.5, target_params=None, target_latency=None)
-    _, pruner, _ = build_model_and_pruner(cfg, dataset_spec(cfg.dataset), device)
+    pruner = _cut_pruner(cfg, device)
     pruner.update_ranks(force=True)
     missing = sorted(set(pruner.candidate_widths()) - set(kept_widths))
     if missing:
@@ -52,32 +59,83 @@ def cut(cfg: RunConfig, kept_widths: dict[str, int], device: torch.device) -> nn
         return pruner.export()
 
 
-def finetune_run(run_dir: Path, lr: float | None, epochs: float, init: str | None,
-                 device: torch.device) -> dict:  # fmt: skip
-    """Cut ``run_dir``'s architecture and fine-tune it; its record (top-1 on test and val)."""
-    report = json.loads((run_dir / "report.json").read_text())
+def uniform_widths(cfg: RunConfig, target: float, device: torch.device) -> dict[str, int]:
+    """The widths the ``l1-ft`` baseline keeps with uniform allocation (every layer loses the
+    same share, torch-pruning's L1) at ``target`` x the FLOPs of ``cfg``'s starting model."""
+    data = B.load_data(cfg, device)
+    model = B.build_model(cfg, data)
+    B.prune_to_flops(model, data.example, partial(B.l1_pruner, global_pruning=False), target)
+    names = cut_groups(cfg, device)
+    return {name: model.get_submodule(name).out_channels for name in names}
+
+
+def cut_groups(cfg: RunConfig, device: torch.device) -> list[str]:
+    """The names of ``cfg``'s model's channel groups (each its first producing layer's)."""
+    return list(_cut_pruner(cfg, device).candidate_widths())
+
+
+def run_config(run_dir: Path, lr: float | None, epochs: float, init: str | None,
+               importance: str | None = None) -> RunConfig:  # fmt: skip
+    """``run_dir``'s config with the one fine-tuning recipe's seed, epochs and lr (and the
+    channel ranking the cut keeps by, ``importance``: default the run's own)."""
     cfg = RunConfig.from_yaml(run_dir / "config.yaml", seed=0, epochs=epochs, progress=False,
                               **({"lr": lr} if lr is not None else {}),
-                              **({"init": init} if init is not None else {}))  # fmt: skip
+                              **({"init": init} if init is not None else {}),
+                              **({"importance": importance} if importance else {}))  # fmt: skip
     if cfg.init is None and not cfg.pretrained:
         raise ValueError(f"{run_dir}: the run started from random weights; give --init")
+    return cfg
+
+
+def finetune(cfg: RunConfig, kept_widths: dict[str, int], label: str,
+             device: torch.device) -> dict:  # fmt: skip
+    """Cut ``kept_widths`` from ``cfg``'s starting weights and fine-tune them by the one
+    recipe; top-1 on test and validation."""
     seed_everything(cfg.seed)
     data = B.load_data(cfg, device)
     full = B.build_model(cfg, data)
-    net = B._memory_format(cut(cfg, report["kept_widths"], device), cfg)
-    steps = max(1, round(epochs * data.steps_per_epoch))
-    seconds = B.train(net, data, cfg, 0, steps, f"fine-tune {run_dir.name}")
+    net = B._memory_format(cut(cfg, kept_widths, device), cfg)
+    steps = max(1, round(cfg.epochs * data.steps_per_epoch))
+    seconds = B.train(net, data, cfg, 0, steps, f"fine-tune {label}")
     net.eval()
     loader = partial(DataLoader, batch_size=cfg.eval_batch_size, num_workers=cfg.workers)
     return {
-        "run": str(run_dir), "budget": {k: report.get(f"target_{k}") for k in
-                                        ("flops", "params", "latency")},
-        "kept_widths": report["kept_widths"], "run_top1": report["top1_hard"],
+        "kept_widths": kept_widths,
         "flops_ratio": count_flops(net, data.example) / count_flops(full, data.example),
-        "latency_ratio": report.get("latency_ratio"), "init": cfg.init, "lr": cfg.lr,
-        "epochs": epochs, "train_seconds": seconds,
+        "init": cfg.init, "lr": cfg.lr, "epochs": cfg.epochs, "train_seconds": seconds,
         "test_top1": evaluate(net, loader(data.splits.test), device, progress=False),
         "val_top1": evaluate(net, loader(data.splits.val), device, progress=False),
+    }  # fmt: skip
+
+
+def finetune_run(run_dir: Path, lr: float | None, epochs: float, init: str | None,
+                 device: torch.device, importance: str | None = None) -> dict:  # fmt: skip
+    """Cut ``run_dir``'s architecture and fine-tune it; its record (top-1 on test and val)."""
+    report = json.loads((run_dir / "report.json").read_text())
+    cfg = run_config(run_dir, lr, epochs, init, importance)
+    return {
+        "run": str(run_dir), "budget": {k: report.get(f"target_{k}") for k in
+                                        ("flops", "params", "latency")},
+        "run_top1": report["top1_hard"], "latency_ratio": report.get("latency_ratio"),
+        "importance": cfg.importance,
+        **finetune(cfg, report["kept_widths"], run_dir.name, device),
+    }  # fmt: skip
+
+
+def finetune_uniform(run_dir: Path, lr: float | None, epochs: float, init: str | None,
+                     device: torch.device, importance: str | None = None) -> dict:  # fmt: skip
+    """The uniform L1 architecture at ``run_dir``'s FLOPs target, fine-tuned alike: the
+    allocation the ``l1-ft`` baseline keeps, against which a search's allocation is judged."""
+    report = json.loads((run_dir / "report.json").read_text())
+    target = report.get("target_flops")
+    if target is None:
+        raise ValueError(f"{run_dir}: --uniform needs runs with a FLOPs budget")
+    cfg = run_config(run_dir, lr, epochs, init, importance)
+    return {
+        "run": f"uniform L1 at {target} ({run_dir})", "uniform": True,
+        "budget": {"flops": target, "params": None, "latency": None},
+        "run_top1": None, "latency_ratio": None, "importance": cfg.importance,
+        **finetune(cfg, uniform_widths(cfg, target, device), "uniform", device),
     }  # fmt: skip
 
 
@@ -86,14 +144,15 @@ def plot(records: list[dict], path: Path) -> None:
     from s2hpruner.app.report import plt, save_figure  # pyplot on the Agg backend
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for kind, marker in (("latency", "o"), ("flops", "s"), ("params", "^")):
-        rows = [r for r in records if r["budget"].get(kind) is not None]
+    for kind, marker in (("latency", "o"), ("flops", "s"), ("params", "^"), ("uniform L1", "*")):
+        rows = [r for r in records if r.get("uniform", False) == (kind == "uniform L1")
+                and (kind == "uniform L1" or r["budget"].get(kind) is not None)]  # fmt: skip
         if rows:
             ax.scatter([r["flops_ratio"] for r in rows], [r["test_top1"] for r in rows],
-                       marker=marker, label=f"{kind} budget: test")  # fmt: skip
+                       marker=marker, label=f"{kind}: test")  # fmt: skip
             ax.scatter([r["flops_ratio"] for r in rows], [r["val_top1"] for r in rows],
                        marker=marker, facecolors="none", edgecolors="0.4",
-                       label=f"{kind} budget: validation")  # fmt: skip
+                       label=f"{kind}: validation")  # fmt: skip
     ax.set_xlabel("FLOPs ratio of the architecture")
     ax.set_ylabel("top-1 after the same fine-tuning (%)")
     ax.set_title("Each run's kept widths, cut from one checkpoint and fine-tuned alike", fontsize=9)
@@ -107,23 +166,45 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=None, help="default: each run's own lr")
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--init", default=None, help="default: each run's own starting weights")
+    parser.add_argument("--uniform", action="store_true",
+                        help="also the uniform L1 architecture (the l1-ft baseline's) at each "
+                             "distinct FLOPs target and start of the runs")  # fmt: skip
+    parser.add_argument("--importance", choices=("producers", "group"), default=None,
+                        help="the channel ranking every cut keeps by (default: each run's "
+                             "own): see s2hpruner prune --importance")  # fmt: skip
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", type=Path,
                         default=Path("benchmarks/results/architecture_finetune.json"))
     args = parser.parse_args(argv)
     device = B.pick_device(args.device)
     records = []
+
+    def save() -> None:  # after every architecture: a long benchmark keeps what it measured
+        result = {"machine": {"cpu": platform.processor() or platform.machine(),
+                              "torch": torch.__version__, "threads": torch.get_num_threads()},
+                  "command": "python -m benchmarks.architecture_finetune " + " ".join(
+                      sys.argv[1:] if argv is None else argv),
+                  "runs": records}  # fmt: skip
+        atomic_write_bytes(args.json, json.dumps(result, indent=2).encode())
+
     for run_dir in tqdm(args.runs, desc="architectures"):
-        records.append(finetune_run(run_dir, args.lr, args.epochs, args.init, device))
+        records.append(finetune_run(run_dir, args.lr, args.epochs, args.init, device,
+                                    args.importance))  # fmt: skip
+        save()
         r = records[-1]
         tqdm.write(f"{run_dir.name:32s} FLOPs {r['flops_ratio']:.3f}  run {r['run_top1']:.2f}"
                    f"  fine-tuned alike: test {r['test_top1']:.2f} val {r['val_top1']:.2f}")
-    result = {"machine": {"cpu": platform.processor() or platform.machine(),
-                          "torch": torch.__version__, "threads": torch.get_num_threads()},
-              "command": "python -m benchmarks.architecture_finetune " + " ".join(
-                  sys.argv[1:] if argv is None else argv),
-              "runs": records}  # fmt: skip
-    atomic_write_bytes(args.json, json.dumps(result, indent=2).encode())
+    if args.uniform:
+        starts = {}  # (start, target) -> one run of it
+        for run_dir, r in zip(args.runs, records, strict=True):
+            starts.setdefault((r["init"], r["budget"]["flops"]), run_dir)
+        for run_dir in starts.values():
+            records.append(finetune_uniform(run_dir, args.lr, args.epochs, args.init, device,
+                                            args.importance))  # fmt: skip
+            save()
+            r = records[-1]
+            tqdm.write(f"{r['run']}: FLOPs {r['flops_ratio']:.3f}  fine-tuned alike: test "
+                       f"{r['test_top1']:.2f} val {r['val_top1']:.2f}")
     plot(records, args.json.with_suffix(".png"))
     return 0
 

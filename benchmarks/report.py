@@ -175,6 +175,18 @@ def profile_markdown(results: dict, image: str | None) -> list[str]:
             "- Last phase on the pruned network: once the widths freeze, the S2HPruner family "
             "trains the physically pruned network itself (`prune_at_freeze`)"
         )
+    if s.get("importance", "producers") != "producers":
+        lines.append(
+            "- Channel ranking: the S2HPruner family ranks each group's channels by "
+            "torch-pruning's group L1 importance, as the `l1-ft` baseline does, not by its "
+            f"producers' L1 norms alone (`importance: {s['importance']}`)"
+        )
+    if s.get("search_start", "full") != "full":
+        lines.append(
+            "- Search start: the S2HPruner family's width search starts at the widths of "
+            "uniform pruning at the budget, not at the nearly full network (`search_start: "
+            f"{s['search_start']}`)"
+        )
     o = s["options"]
     pretrain = (
         "prunes the starting model at once"

@@ -77,3 +77,28 @@ def test_every_run_is_fine_tuned_alike_and_reported_with_a_picture(tmp_path):
     # one recipe, the same batches: the same architecture twice gives the same network
     assert records[0]["test_top1"] == records[1]["test_top1"]
     assert records[0]["val_top1"] == records[1]["val_top1"]
+
+
+def test_uniform_adds_the_l1_baselines_allocation_at_the_runs_flops_target(tmp_path):
+    """``--uniform``: also the widths uniform L1 pruning keeps at the runs' FLOPs target (one
+    record per start and target), cut and fine-tuned like the runs' own."""
+    run = _run_dir(tmp_path)
+    report = json.loads((run / "report.json").read_text())
+    report.update(target_latency=None, latency_ratio=None, target_flops=0.5)
+    (run / "report.json").write_text(json.dumps(report))
+    out = tmp_path / "arch.json"
+    assert A.main([str(run), str(run), "--uniform", "--json", str(out)]) == 0
+    records = json.loads(out.read_text())["runs"]
+    assert [r.get("uniform", False) for r in records] == [False, False, True]
+    uniform = records[-1]
+    assert uniform["budget"] == {"flops": 0.5, "params": None, "latency": None}
+    # (one channel of the stem's 4 is a quarter of its width: the FLOPs steps are coarse)
+    assert abs(uniform["flops_ratio"] - 0.5) <= 0.1 and uniform["kept_widths"] != WIDTHS
+    # every layer keeps about the same share (the stem and stage widths are 4, 8 and 16)
+    shares = [w / {"conv1": 4, "layer1": 4, "layer2": 8, "layer3": 16}[n.split(".")[0]]
+              for n, w in uniform["kept_widths"].items()]  # fmt: skip
+    assert max(shares) - min(shares) <= 0.25
+    (tmp_path / "latency").mkdir()
+    latency_run = _run_dir(tmp_path / "latency")
+    with pytest.raises(ValueError, match="--uniform needs runs with a FLOPs budget"):
+        A.main([str(latency_run), "--uniform", "--json", str(tmp_path / "latency.json")])

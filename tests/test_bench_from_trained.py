@@ -443,12 +443,16 @@ def test_timed_profile_gives_the_compute_budget_the_side_by_side_ratio(tmp_path,
 ALIGNED = {"round_to": (8, None)}  # every width the family keeps a multiple of 8; the
 # baselines keep any width (no round_to reaches them)
 PRUNED = {"prune_at_freeze": (True, False)}  # the pruned network trained once widths freeze
+UNIFORM_START = {"search_start": ("uniform", "full")}  # the search starts at uniform widths
+GROUP_IMPORTANCE = {"importance": ("group", "producers")}  # channels ranked by the group
 LONG = {"long_targets": (), "long_methods": compare.MAIN_METHODS}  # (that one also runs the
 # long budget, for three of them)
 FAMILY_SETTINGS = [
     (compare.FROM_TRAINED_ALIGNED, ALIGNED, {}),
     (compare.FROM_TRAINED_PRUNED, PRUNED, {}),
     (compare.FROM_TRAINED_ALIGNED_PRUNED, {**ALIGNED, **PRUNED}, LONG),
+    (compare.FROM_TRAINED_UNIFORM_START, {**PRUNED, **UNIFORM_START}, {}),
+    (compare.FROM_TRAINED_GROUP_IMPORTANCE, {**PRUNED, **GROUP_IMPORTANCE}, {}),
 ]
 
 

@@ -20,9 +20,11 @@ from .config import (
     BALANCE_SCOPES,
     FREEZE_TEACHER_CHOICES,
     HARD_LAYOUTS,
+    IMPORTANCE_CHOICES,
     LATENCY_PREDICTORS,
     MASK_LR_SCHEDULES,
     METHODS,
+    SEARCH_STARTS,
     RunConfig,
 )
 
@@ -101,6 +103,14 @@ HELP = {
     "budget_tolerance": "tolerance on the hard resource ratio around the target",
     "balance": "what the norm balancing of the width-logit gradients spans: global (all "
                "groups at once) or per_group (each group on its own)",
+    "importance": "what ranks a group's channels (the hard network keeps the first ones): "
+                  "producers (the L1 norm of the channel's weights in the layers that produce "
+                  "it, as the method specifies) or group (torch-pruning's group L1 importance: "
+                  "also the consuming layers' input weights and the norms' scales)",
+    "search_start": "where the width search starts: full (the nearly full network, as the "
+                    "method specifies) or uniform (the widths of uniform pruning at the "
+                    "budget, e.g. from a trained model: the search then moves channels "
+                    "between groups instead of first cutting down to the budget)",
     "freeze_teacher": "what the hard network is distilled from once the widths freeze: soft "
                       "(the soft network's logits, as the method specifies), none (task loss "
                       "only; the last phase costs one pruned network's step) or start (a fixed "
@@ -168,6 +178,8 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
                          "autocast": AUTOCAST, "balance": BALANCE_SCOPES,
                          "mask_lr_schedule": MASK_LR_SCHEDULES,
                          "freeze_teacher": FREEZE_TEACHER_CHOICES,
+                         "search_start": SEARCH_STARTS,
+                         "importance": IMPORTANCE_CHOICES,
                          "latency_predictor": LATENCY_PREDICTORS}.get(f.name),  # fmt: skip
             )
 

@@ -25,6 +25,10 @@ MASK_LR_SCHEDULES = ("constant", "cosine")
 LATENCY_PREDICTORS = ("auto", "tables", "flops")
 # "start": a fixed copy of the starting weights (--init or --pretrained) teaches the last phase
 FREEZE_TEACHER_CHOICES = (*FREEZE_TEACHERS, "start")
+# what ranks a group's channels: its producers' L1 norms (SPEC) or torch-pruning's group L1
+IMPORTANCE_CHOICES = ("producers", "group")
+# where the width search starts: the nearly full network (SPEC) or uniform pruning's widths
+SEARCH_STARTS = ("full", "uniform")
 DEFAULT_TARGET_FLOPS = 0.35
 # with no --epochs: 4 epochs, or more on a small data set, so that the schedule has at least
 # this many steps (scikit-learn's digits has 10 steps per epoch at batch 128: 4 epochs left
@@ -96,6 +100,8 @@ class RunConfig:
     gamma_max: float = GradientBalancer.gamma_max
     budget_tolerance: float = GradientBalancer.tolerance
     balance: str = GradientBalancer.scope  # the rule spans all width logits, or each group
+    importance: str = "producers"  # channel ranks: producers' L1 (SPEC) or the whole group's
+    search_start: str = "full"  # the search starts nearly full, or at uniform pruning's widths
     freeze_teacher: str = "soft"  # last phase: hard distilled from soft, "none" or "start"
     prune_at_freeze: bool = False  # last phase trains the physically pruned network itself
     resource_on: str = "hard"  # R on the hard FLOPs ratio (straight-through) or on the soft one
@@ -178,6 +184,12 @@ class RunConfig:
             raise ConfigError(
                 f"hard_layout must be one of {', '.join(HARD_LAYOUTS)}, got {self.hard_layout!r}"
             )
+        if self.importance not in IMPORTANCE_CHOICES:
+            raise ConfigError(f"importance must be one of {', '.join(IMPORTANCE_CHOICES)}, "
+                              f"got {self.importance!r}")  # fmt: skip
+        if self.search_start not in SEARCH_STARTS:
+            raise ConfigError(f"search_start must be one of {', '.join(SEARCH_STARTS)}, "
+                              f"got {self.search_start!r}")  # fmt: skip
         if self.freeze_teacher not in FREEZE_TEACHER_CHOICES:
             raise ConfigError(
                 f"freeze_teacher must be one of {', '.join(FREEZE_TEACHER_CHOICES)}, "

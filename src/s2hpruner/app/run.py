@@ -33,7 +33,7 @@ from ..core.errors import (
 )
 from ..core.layout import tune_hard_layout
 from ..core.measure import latency_ratio, latency_speedup
-from ..core.pruner import S2HPruner
+from ..core.pruner import S2HPruner, uniform_widths
 from ..core.resources import count_flops, count_params
 from ..core.trainer import METHODS, S2HTrainer, evaluate
 from .checkpoint import (
@@ -197,12 +197,15 @@ def _build_pruner(
         ignored_layers=cfg.ignored_layers,
         temperature=cfg.temperature,
         separate_hard_bn_stats=cfg.separate_hard_bn_stats and METHODS[cfg.method].hard,
+        importance=cfg.importance,
     )
     if pruner.latency is not None:  # every rank uses rank 0's timings (and calibration)
         table = pruner.latency
         values = D.broadcast_floats([getattr(table, n) for n in table._SCALARS])
         table.set_extra_state(dict(zip(table._SCALARS, values, strict=True)))
     pruner.hard_layout = _LAYOUTS.get(cfg.hard_layout)
+    if cfg.search_start == "uniform":  # (a resumed run's logits then come from its checkpoint)
+        pruner.start_at(uniform_widths(pruner))
     return pruner
 
 

@@ -2,7 +2,7 @@
 hard pass, physical pruning and the trainer. Imports torch and torch-pruning, never ``app``."""
 
 from .errors import S2HError
-from .pruner import S2HPruner
+from .pruner import S2HPruner, uniform_widths
 from .resources import count_flops, count_params
 from .trainer import METHODS, Method, S2HTrainer, evaluate
 
@@ -15,4 +15,5 @@ __all__ = [
     "count_flops",
     "count_params",
     "evaluate",
+    "uniform_widths",
 ]

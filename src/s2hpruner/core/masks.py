@@ -105,6 +105,32 @@ def grouped_ranks(
     return ranks
 
 
+def peaked_logits(candidates: list[int], expected: float, sharpness: float = 2.0) -> torch.Tensor:
+    """Logits of a bump over the candidates (each step away from its centre costs
+    ``sharpness``), its centre placed by bisection so that E = ``expected``: a search that
+    starts at a chosen width, with every logit finite so that it can move from there. Near
+    the smallest or largest candidate the bump is made sharper until E reaches that far."""
+    c = torch.tensor(candidates, dtype=torch.float64)
+    step = float(c[1] - c[0]) if len(c) > 1 else 1.0
+    lo, hi = float(c[0]) - 2 * step, float(c[-1]) + 2 * step  # beyond: E no longer moves
+
+    def mean_width(centre: float, sharp: float) -> float:
+        return float((torch.softmax(-sharp * (c - centre).abs() / step, 0) * c).sum())
+
+    while mean_width(lo, sharpness) > expected or mean_width(hi, sharpness) < expected:
+        if sharpness >= 16:  # e^-16: the far candidates would hardly get a gradient
+            raise ValueError(f"no finite logits give an expected width of {expected} over "
+                             f"the candidates {candidates[0]}..{candidates[-1]}")  # fmt: skip
+        sharpness *= 2
+    for _ in range(80):  # E grows with the centre
+        mid = 0.5 * (lo + hi)
+        if mean_width(mid, sharpness) < expected:
+            lo = mid
+        else:
+            hi = mid
+    return (-sharpness * (c - 0.5 * (lo + hi)).abs() / step).float()
+
+
 def initial_logits(candidates: list[int], step: int) -> torch.Tensor:
     """Logits whose mass sits on the full width so that E is about C - d (SPEC section 2).
 

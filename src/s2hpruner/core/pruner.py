@@ -21,6 +21,7 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator
 
 import torch
+import torch_pruning as tp
 from torch import nn
 
 from . import masks as M
@@ -40,6 +41,11 @@ from .sliced import (
     unsliceable_modules,
 )
 from .structure import ChannelGroup, find_groups
+
+# what ranks a group's channels (S2HPruner's ``importance``)
+IMPORTANCES = ("producers", "group")
+# torch-pruning's group L1 importance, without its normaliser (ranks within a group only)
+_GROUP_L1 = tp.importance.MagnitudeImportance(p=1, normalizer=None)
 
 MODES = ("full", "soft", "hard")
 RESOURCES = ("flops", "params", "latency")
@@ -106,6 +112,13 @@ class S2HPruner(nn.Module):
         prune_embedding: also search a transformer's embedding width (the residual stream
             through its LayerNorms, attention projections and MLPs; kinds/norms.py). Off by
             default: the heads and MLP widths are what transformers are usually pruned by.
+        importance: what ranks a group's channels (the hard network keeps the first H):
+            ``"producers"`` (SPEC: the L1 norm of each channel's weights, averaged over the
+            group's producing layers) or ``"group"`` (torch-pruning's group L1 importance,
+            ``MagnitudeImportance(p=1)``: averaged over every layer of the group, so also the
+            input weights of the layers that consume the channel and the norms' scales; the
+            ranking of torch-pruning's L1 pruner). Head groups and grouped-conv units keep
+            the producers' rule.
     """
 
     def __init__(
@@ -125,8 +138,12 @@ class S2HPruner(nn.Module):
         latency_model: nn.Module | Callable[..., nn.Module] | None = None,
         skip_slow_widths: bool = True,
         prune_embedding: bool = False,
+        importance: str = "producers",
     ):
         super().__init__()
+        if importance not in IMPORTANCES:
+            raise ValueError(f"importance must be one of {', '.join(IMPORTANCES)}, got "
+                             f"{importance!r}")  # fmt: skip
         if target_flops is None and target_params is None and target_latency is None:
             target_flops = 0.35
         self.budgets = {
@@ -142,8 +159,8 @@ class S2HPruner(nn.Module):
             raise ValueError(f"round_to must be >= 1 (or None), got {round_to}")
         object.__setattr__(self, "model", model)  # wrapped, not a submodule
         self.example_inputs = example_inputs
-        groups, _ = find_groups(model, example_inputs, width_step, ignored_layers, max_candidates,
-                                embedding=prune_embedding)  # fmt: skip
+        groups, graph = find_groups(model, example_inputs, width_step, ignored_layers,
+                                    max_candidates, embedding=prune_embedding)  # fmt: skip
         groups = [g for g in groups if len(g.candidates) > 1]
         self.groups: list[ChannelGroup] = _working_groups(model, example_inputs, groups)
         if not self.groups:
@@ -154,6 +171,9 @@ class S2HPruner(nn.Module):
         self.round_to = round_to
         self.layers = dict(model.named_modules())
         self.index = ChannelIndex(self.groups, self.layers)
+        # importance "group": torch-pruning's dependency group of each channel group, by index
+        self.dependency_groups = {} if importance == "producers" else _dependency_groups(
+            graph, self.groups, self.layers)  # fmt: skip
         self.search = WidthSearch(self.groups, self.index, temperature, round_to)
         self.resources = ResourceModel(model, example_inputs, self.groups)
         if "latency" in self.budgets and latency_model is None:
@@ -255,7 +275,11 @@ class S2HPruner(nn.Module):
             sources.append(norms[name][self.index.map(map_id)])
         source = torch.cat(sources)
         total = torch.zeros_like(self.index.producer_count, dtype=source.dtype)
-        return total.index_add_(0, self.index.importance_dest, source) / self.index.producer_count
+        total = total.index_add_(0, self.index.importance_dest, source) / self.index.producer_count
+        for i, group in self.dependency_groups.items():  # importance "group"
+            start = self.index.offsets[i]
+            total[start : start + self.groups[i].channels] = _GROUP_L1(group).to(total)
+        return total
 
     # ----------------------------------------------------------------- masks
     def relaxed_masks(self) -> list[torch.Tensor]:
@@ -384,6 +408,52 @@ class S2HPruner(nn.Module):
         result = self.latency.calibrate(self.model, self.export().eval(), widths, rounds)
         self.latency_calibration.append({"when": when, **result})
         return result
+
+    def start_at(self, widths: dict[str, int]) -> None:
+        """Start the search from ``widths`` (group name -> one of its ``candidate_widths``;
+        groups not named keep their start): the hard network keeps them, and the soft
+        network's mass sits around them (finite logits, so the search moves on from there).
+        Call it before the trainer is built. E.g. :func:`uniform_widths`, to search from
+        the allocation of uniform pruning instead of from the full network."""
+        choices = self.candidate_widths()
+        for name, width in widths.items():
+            if name not in choices or width not in choices[name]:
+                raise ValueError(f"group {name!r} cannot keep {width} channels; its widths "
+                                 f"are {choices.get(name)}")  # fmt: skip
+        search = self.search
+
+        def target(i: int, width: int) -> float | None:
+            """The expected width to aim at: H rounds E to the nearest allowed width
+            (round_to), so the width itself; or up to the next candidate (SPEC), so the
+            middle of the interval that rounds up to it (None: below the smallest)."""
+            candidates = search.candidates[i][search.real_candidate[i]].tolist()
+            below = max((c for c in candidates if c < width), default=None)
+            if bool(search.nearest[i]):
+                return float(width)
+            return None if below is None else 0.5 * (below + width)
+
+        index = {g.name: i for i, g in enumerate(self.groups)}
+        targets = {name: target(index[name], w) for name, w in widths.items()}
+        stuck = [n for n, t in targets.items() if t is None]
+        if stuck:  # E, an average of the candidates, only gets there with infinite logits
+            raise ValueError("the search cannot start at " + ", ".join(
+                f"{n} = {widths[n]} (its smallest width)" for n in stuck) +
+                "; start those groups one width wider")  # fmt: skip
+
+        def fill(i: int, logits: torch.Tensor) -> None:
+            name = self.groups[i].name
+            if name in targets:
+                candidates = search.candidates[i][search.real_candidate[i]].tolist()
+                logits.copy_(search.temperature * M.peaked_logits(candidates, targets[name]))
+
+        saved = self._with_logits(fill)
+        kept = self.kept_widths()
+        moved = {n: (w, kept[n]) for n, w in widths.items() if kept[n] != w}
+        if moved:  # (never, for widths candidate_widths offers)
+            self._restore_logits(saved)
+            raise ValueError("the search cannot start at " + ", ".join(
+                f"{n} = {w} (it would keep {k})" for n, (w, k) in moved.items()) +
+                "; start those groups one width wider")  # fmt: skip
 
     def _with_logits(self, fill: Callable[[int, torch.Tensor], None]) -> list[torch.Tensor]:
         """Set every group's width logits with ``fill(i, u)``; returns the saved values."""
@@ -561,6 +631,58 @@ class S2HPruner(nn.Module):
                             list(self.kept_channels().values()), copy_model=False)  # fmt: skip
         kept = dict(pruned.named_parameters())
         return {name: kept[name].detach().clone() for name in tensors}
+
+
+def _dependency_groups(graph, groups: list[ChannelGroup], layers: dict[str, nn.Module]) -> dict:
+    """torch-pruning's dependency group of every channel group whose channels are its root
+    layer's output channels (not heads, not grouped-conv units), by the group's index."""
+    from .structure import index_mapping_once
+
+    found = {}
+    with index_mapping_once():
+        for i, g in enumerate(groups):
+            if g.kind == "channels" and not g.root_units:
+                root = layers[g.root_module]
+                handler = graph.get_pruner_of_module(root).prune_out_channels
+                found[i] = graph.get_pruning_group(root, handler, list(range(g.channels)))
+    return found
+
+
+def uniform_widths(pruner: S2HPruner) -> dict[str, int]:
+    """The widths that keep about the same share of every group, the largest share whose
+    hard network meets every budget: the allocation of uniform pruning (torch-pruning's
+    uniform ``pruning_ratio``), a search's start from a trained model. A group whose hard
+    width rounds up (SPEC) keeps at least its second-smallest width: E, an average of the
+    candidates, never reaches the smallest with finite logits (:meth:`S2HPruner.start_at`)."""
+    choices = pruner.candidate_widths()
+    channels = {g.name: g.channels for g in pruner.groups}
+    rounds_up = {g.name: not bool(n) for g, n in zip(pruner.groups, pruner.search.nearest,
+                                                     strict=True)}  # fmt: skip
+
+    def at(share: float) -> dict[str, int]:
+        widths = {}
+        for name, ws in choices.items():
+            movable = (ws[1:] or ws) if rounds_up[name] else ws
+            widths[name] = next((w for w in movable if w >= share * channels[name] - 1e-6),
+                                movable[-1])  # fmt: skip
+        return widths
+
+    def excess(share: float) -> float:
+        with pruner.at_widths(at(share)):
+            return float(pruner.budget_excess("hard").detach())
+
+    if excess(0.0) > 0:
+        raise BudgetError("no uniform share of the groups meets the budget: every group at "
+                          "the smallest width it can start at is still over it; set a larger "
+                          "target or start the search from the full network")  # fmt: skip
+    lo, hi = 0.0, 1.0  # excess(lo) <= 0
+    for _ in range(40):
+        mid = 0.5 * (lo + hi)
+        if excess(mid) <= 0:
+            lo = mid
+        else:
+            hi = mid
+    return at(lo)
 
 
 def project_to_budget(
