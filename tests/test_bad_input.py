@@ -221,6 +221,7 @@ def test_corrupt_checkpoint_is_refused(setup, tmp_path, capsys, spoil, message):
         (["--train-subset", "150"], "train_subset=200", "train_subset=150"),
         (["--freeze-epochs", "0.25"], "freeze_epochs=0.5", "freeze_epochs=0.25"),
         (["--seed", "1"], "seed=0", "seed=1"),
+        (["--importance", "group"], "importance='producers'", "importance='group'"),
     ],
 )
 def test_checkpoint_of_other_settings_is_refused(setup, tmp_path, capsys, args, saved, asked):

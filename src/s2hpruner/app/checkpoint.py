@@ -43,6 +43,7 @@ MUST_MATCH = (
     "warmup_epochs",
     "freeze_epochs",
     "prune_at_freeze",
+    "importance",
     "batch_size",
     "val_size",
     "train_subset",
