@@ -179,32 +179,30 @@ def main(argv: list[str] | None = None) -> int:
     device = B.pick_device(args.device)
     records = []
 
-    def save() -> None:  # after every architecture: a long benchmark keeps what it measured
+    def add(record: dict, label: str) -> None:
+        """Keep and show one architecture's record, and write the JSON: a long benchmark
+        keeps what it measured."""
+        records.append(record)
         result = {"machine": {"cpu": platform.processor() or platform.machine(),
                               "torch": torch.__version__, "threads": torch.get_num_threads()},
                   "command": "python -m benchmarks.architecture_finetune " + " ".join(
                       sys.argv[1:] if argv is None else argv),
                   "runs": records}  # fmt: skip
         atomic_write_bytes(args.json, json.dumps(result, indent=2).encode())
+        run = "" if record["run_top1"] is None else f"  run {record['run_top1']:.2f}"
+        tqdm.write(f"{label:32s} FLOPs {record['flops_ratio']:.3f}{run}  fine-tuned alike: "
+                   f"test {record['test_top1']:.2f} val {record['val_top1']:.2f}")
 
+    options = (args.lr, args.epochs, args.init, device, args.importance)
     for run_dir in tqdm(args.runs, desc="architectures"):
-        records.append(finetune_run(run_dir, args.lr, args.epochs, args.init, device,
-                                    args.importance))  # fmt: skip
-        save()
-        r = records[-1]
-        tqdm.write(f"{run_dir.name:32s} FLOPs {r['flops_ratio']:.3f}  run {r['run_top1']:.2f}"
-                   f"  fine-tuned alike: test {r['test_top1']:.2f} val {r['val_top1']:.2f}")
+        add(finetune_run(run_dir, *options), run_dir.name)
     if args.uniform:
         starts = {}  # (start, target) -> one run of it
         for run_dir, r in zip(args.runs, records, strict=True):
             starts.setdefault((r["init"], r["budget"]["flops"]), run_dir)
         for run_dir in starts.values():
-            records.append(finetune_uniform(run_dir, args.lr, args.epochs, args.init, device,
-                                            args.importance))  # fmt: skip
-            save()
-            r = records[-1]
-            tqdm.write(f"{r['run']}: FLOPs {r['flops_ratio']:.3f}  fine-tuned alike: test "
-                       f"{r['test_top1']:.2f} val {r['val_top1']:.2f}")
+            record = finetune_uniform(run_dir, *options)
+            add(record, record["run"])
     plot(records, args.json.with_suffix(".png"))
     return 0
 
