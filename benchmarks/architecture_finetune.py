@@ -59,7 +59,7 @@ def cut(cfg: RunConfig, kept_widths: dict[str, int], device: torch.device) -> nn
         return pruner.export()
 
 
-def uniform_widths(cfg: RunConfig, target: float, device: torch.device) -> dict[str, int]:
+def l1_uniform_widths(cfg: RunConfig, target: float, device: torch.device) -> dict[str, int]:
     """The widths the ``l1-ft`` baseline keeps with uniform allocation (every layer loses the
     same share, torch-pruning's L1) at ``target`` x the FLOPs of ``cfg``'s starting model."""
     data = B.load_data(cfg, device)
@@ -135,7 +135,7 @@ def finetune_uniform(run_dir: Path, lr: float | None, epochs: float, init: str |
         "run": f"uniform L1 at {target} ({run_dir})", "uniform": True,
         "budget": {"flops": target, "params": None, "latency": None},
         "run_top1": None, "latency_ratio": None, "importance": cfg.importance,
-        **finetune(cfg, uniform_widths(cfg, target, device), "uniform", device),
+        **finetune(cfg, l1_uniform_widths(cfg, target, device), "uniform", device),
     }  # fmt: skip
 
 

@@ -415,11 +415,7 @@ class S2HPruner(nn.Module):
         network's mass sits around them (finite logits, so the search moves on from there).
         Call it before the trainer is built. E.g. :func:`uniform_widths`, to search from
         the allocation of uniform pruning instead of from the full network."""
-        choices = self.candidate_widths()
-        for name, width in widths.items():
-            if name not in choices or width not in choices[name]:
-                raise ValueError(f"group {name!r} cannot keep {width} channels; its widths "
-                                 f"are {choices.get(name)}")  # fmt: skip
+        self._check_widths(widths)
         search = self.search
 
         def target(i: int, width: int) -> float | None:
@@ -451,9 +447,20 @@ class S2HPruner(nn.Module):
         moved = {n: (w, kept[n]) for n, w in widths.items() if kept[n] != w}
         if moved:  # (never, for widths candidate_widths offers)
             self._restore_logits(saved)
-            raise ValueError("the search cannot start at " + ", ".join(
-                f"{n} = {w} (it would keep {k})" for n, (w, k) in moved.items()) +
-                "; start those groups one width wider")  # fmt: skip
+            raise RuntimeError(f"the hard network keeps {({n: k for n, (_, k) in moved.items()})}"
+                               f", not {({n: w for n, (w, _) in moved.items()})}")  # fmt: skip
+
+    def _check_widths(self, widths: dict[str, int]) -> None:
+        """Refuse a group name the pruner has not, or a width its group cannot keep."""
+        choices = self.candidate_widths()
+        unknown = sorted(set(widths) - set(choices))
+        if unknown:
+            raise ValueError(f"no channel group named {', '.join(map(repr, unknown))}; the "
+                             f"groups are {', '.join(choices)}")  # fmt: skip
+        for name, width in widths.items():
+            if width not in choices[name]:
+                raise ValueError(f"group {name!r} cannot keep {width} channels; its widths "
+                                 f"are {choices[name]}")  # fmt: skip
 
     def _with_logits(self, fill: Callable[[int, torch.Tensor], None]) -> list[torch.Tensor]:
         """Set every group's width logits with ``fill(i, u)``; returns the saved values."""
@@ -558,15 +565,7 @@ class S2HPruner(nn.Module):
         ``candidate_widths``; groups not named keep their own): export, time or evaluate a
         chosen architecture, e.g. a finished run's ``kept_widths``. The width logits are
         restored afterwards."""
-        choices = self.candidate_widths()
-        unknown = sorted(set(widths) - set(choices))
-        if unknown:
-            raise ValueError(f"no channel group named {', '.join(map(repr, unknown))}; the "
-                             f"groups are {', '.join(choices)}")  # fmt: skip
-        for name, width in widths.items():
-            if width not in choices[name]:
-                raise ValueError(f"group {name!r} cannot keep {width} channels; its widths "
-                                 f"are {choices[name]}")  # fmt: skip
+        self._check_widths(widths)
         search = self.search
 
         def fill(i: int, logits: torch.Tensor) -> None:
