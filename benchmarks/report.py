@@ -372,6 +372,91 @@ def _search_lines(results: dict) -> list[str]:
     return lines
 
 
+def equal_compute_summary(results: dict) -> list[dict]:
+    """Per target: S2HPruner against each method of the compute budget, on the seeds both ran
+    (paired, so a seed one of them lacks cannot tilt the mean). Test and validation top-1."""
+    runs: dict[tuple[float, str, int], dict] = {}
+    for run in results["runs"]:
+        if (run["method"], run["budget"]) == ("s2h", "epochs") or run["budget"] == "compute":
+            runs[(round(run["target_flops"], 6), run["method"], run["seed"])] = run
+
+    def searched(method: str) -> bool:
+        """Whether the method's recipe was chosen among several on this profile's validation
+        split (else it was carried over from elsewhere, not tuned from this checkpoint)."""
+        return any(len(r.get("candidates") or ()) > 1 for r in results["runs"]
+                   if r["method"] == method)  # fmt: skip
+
+    rows = []
+    for target in sorted({t for t, m, _ in runs if m == "s2h"}):
+        ours = {seed: run for (t, m, seed), run in runs.items() if (t, m) == (target, "s2h")}
+        others = sorted({m for t, m, _ in runs if t == target and m != "s2h"}, key=_order)
+        for method in others:
+            seeds = sorted(s for (t, m, s) in runs if (t, m) == (target, method) and s in ours)
+            if not seeds:
+                continue
+            theirs = [runs[(target, method, s)] for s in seeds]
+
+            def mean(members: list[dict], key: str) -> float | None:
+                values = [r[key] for r in members if r.get(key) is not None]
+                return statistics.fmean(values) if len(values) == len(members) else None
+
+            row = {"target": target, "method": method, "seeds": seeds,
+                   "ratio": statistics.fmean(r["compute_ratio"] for r in theirs),
+                   "searched": searched(method)}  # fmt: skip
+            for split, key in (("test", "top1_hard"), ("val", "val_top1")):
+                row[f"s2h_{split}"] = mean([ours[s] for s in seeds], key)
+                row[f"other_{split}"] = mean(theirs, key)
+            rows.append(row)
+    return rows
+
+
+def _summary_lines(all_results: list[dict]) -> list[str]:
+    """The table a reader of issue #15 wants first: each from-trained profile's S2HPruner
+    against every other method at equal compute, mean over the seeds both ran."""
+
+    def cell(ours: float | None, theirs: float | None) -> str:
+        if ours is None or theirs is None:
+            return "–"
+        return f"{ours:.2f} / {theirs:.2f} (**{ours - theirs:+.2f}**)"
+
+    lines = []
+    for results in all_results:
+        if not results.get("checkpoint"):
+            continue
+        strongest: dict[float, dict] = {}  # per target, the method S2HPruner leads least
+        for row in equal_compute_summary(results):
+            lead = (row["s2h_test"] or 0.0) - (row["other_test"] or 0.0)
+            best = strongest.get(row["target"])
+            if best is None or lead < (best["s2h_test"] or 0.0) - (best["other_test"] or 0.0):
+                strongest[row["target"]] = row
+        for row in strongest.values():
+            lines.append(
+                f"| `{results['profile']}` | {row['target']:g} | `{row['method']}`"
+                f"{'' if row['searched'] else ' †'} | "
+                f"{', '.join(map(str, row['seeds']))} | {row['ratio']:.2f} | "
+                f"{cell(row['s2h_test'], row['other_test'])} | "
+                f"{cell(row['s2h_val'], row['other_val'])} |"
+            )
+    if not lines:
+        return []
+    return [
+        "## At a glance: S2HPruner against the strongest other method at equal compute, "
+        "from a trained model",
+        "",
+        "Each row: S2HPruner's runs of the epochs budget against the method given the epochs x "
+        "the compute ratio (timed per target and seed) that S2HPruner leads least on test, "
+        "mean over the seeds both ran. Cells: S2HPruner / that method (S2HPruner's lead); "
+        "exported top-1 (%). †: that method's recipe was not chosen on this profile's "
+        "validation split but carried over from another profile, so the row flatters "
+        "S2HPruner. The profiles' sections below say what each changes.",
+        "",
+        "| Profile | Target | Strongest other | Seeds | Compute ratio | Test | Validation |",
+        "|---|---|---|---|---|---|---|",
+        *lines,
+        "",
+    ]
+
+
 def markdown(all_results: list[dict], images: dict[str, str]) -> str:
     lines = [
         "# Benchmark results",
@@ -383,6 +468,7 @@ def markdown(all_results: list[dict], images: dict[str, str]) -> str:
         "Where several seeds ran, cells show mean ± standard deviation. Soft top-1 and gap "
         "exist only for methods with a soft network.",
         "",
+        *_summary_lines(all_results),
         "Methods:"
         if not any(r.get("checkpoint") for r in all_results)
         else "Methods (as run from scratch; a profile that starts from a trained model says in "

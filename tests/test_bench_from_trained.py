@@ -272,7 +272,8 @@ def test_reports(smoke):
     text = (out.parent / "RESULTS.md").read_text()
     for needle in ("## Profile `from-trained`", "Hyper-parameter search (validation split)",
                    "starts from the trained checkpoint", "Target 0.35, long budget",
-                   "Target 0.35, compute budget", "Compute ratio", "uniform L1"):
+                   "Target 0.35, compute budget", "Compute ratio", "uniform L1",
+                   "## At a glance: S2HPruner against the strongest other method"):
         assert needle in text, needle
 
 
@@ -447,12 +448,16 @@ UNIFORM_START = {"search_start": ("uniform", "full")}  # the search starts at un
 GROUP_IMPORTANCE = {"importance": ("group", "producers")}  # channels ranked by the group
 LONG = {"long_targets": (), "long_methods": compare.MAIN_METHODS}  # (that one also runs the
 # long budget, for three of them)
+ALL_SEEDS = {"seed_limits": compare.FROM_TRAINED_ALL.seed_limits}  # (these run every seed at
+# every target)
 FAMILY_SETTINGS = [
     (compare.FROM_TRAINED_ALIGNED, ALIGNED, {}),
     (compare.FROM_TRAINED_PRUNED, PRUNED, {}),
     (compare.FROM_TRAINED_ALIGNED_PRUNED, {**ALIGNED, **PRUNED}, LONG),
     (compare.FROM_TRAINED_UNIFORM_START, {**PRUNED, **UNIFORM_START}, {}),
-    (compare.FROM_TRAINED_GROUP_IMPORTANCE, {**PRUNED, **GROUP_IMPORTANCE}, {}),
+    (compare.FROM_TRAINED_GROUP_IMPORTANCE, {**PRUNED, **GROUP_IMPORTANCE}, ALL_SEEDS),
+    (compare.FROM_TRAINED_GROUP_ALIGNED, {**ALIGNED, **PRUNED, **GROUP_IMPORTANCE},
+     {**LONG, **ALL_SEEDS}),
 ]
 
 
@@ -470,3 +475,34 @@ def test_profiles_that_change_the_s2hpruner_family_only(tmp_path, profile, setti
         for setting, (value, default) in settings.items():
             expected = value if method in compare.METHODS else default
             assert getattr(cfg, setting) == expected, (method, setting)
+
+
+def test_summary_pairs_seeds_and_names_the_strongest_method_at_equal_compute():
+    """The at-a-glance table: S2HPruner's epochs runs against each compute run on the seeds
+    both have (a seed only one of them ran never enters a mean), and per target the method
+    S2HPruner leads least on test."""
+    from benchmarks import report
+
+    def run(method, budget, seed, test, val):
+        return {"method": method, "budget": budget, "seed": seed, "target_flops": 0.35,
+                "top1_hard": test, "val_top1": val, "compute_ratio": 1.5}  # fmt: skip
+
+    results = {"profile": "p", "checkpoint": {"test_top1": 92.0}, "runs": [
+        run("s2h", "epochs", 0, 91.0, 91.2), run("s2h", "epochs", 1, 91.4, 91.6),
+        run("s2h", "epochs", 2, 80.0, 80.0),  # no baseline ran seed 2: left out of every mean
+        run("l1-ft", "epochs", 0, 99.0, 99.0),  # equal epochs: not the equal-compute table
+        run("l1-ft", "compute", 0, 91.3, 91.0), run("l1-ft", "compute", 1, 91.3, 91.0),
+        run("random", "compute", 0, 90.5, 91.5),
+    ]}  # fmt: skip
+    results["runs"][3]["candidates"] = ["lr0.01", "lr0.03"]  # l1-ft's recipe searched here
+    rows = {row["method"]: row for row in report.equal_compute_summary(results)}
+    assert rows["l1-ft"]["seeds"] == [0, 1] and rows["random"]["seeds"] == [0]
+    assert rows["l1-ft"]["s2h_test"] == pytest.approx(91.2)
+    assert rows["l1-ft"]["other_test"] == pytest.approx(91.3)
+    assert rows["random"]["s2h_val"] == pytest.approx(91.2)
+    lines = report._summary_lines([results])
+    (row,) = [line for line in lines if line.startswith("| `p`")]
+    assert "`l1-ft` | 0, 1 | 1.50 | 91.20 / 91.30 (**-0.10**) | 91.40 / 91.00 (**+0.40**)" in row
+    del results["runs"][3]["candidates"]  # carried over from elsewhere: flagged
+    assert "`l1-ft` † | 0, 1" in report._summary_lines([results])[-2]
+    assert report._summary_lines([{**results, "checkpoint": None}]) == []  # from scratch
