@@ -40,7 +40,7 @@ from .sliced import (
     prune_copy,
     unsliceable_modules,
 )
-from .structure import ChannelGroup, find_groups
+from .structure import ChannelGroup, find_groups, index_mapping_once
 
 # what ranks a group's channels (S2HPruner's ``importance``)
 IMPORTANCES = ("producers", "group")
@@ -635,8 +635,6 @@ class S2HPruner(nn.Module):
 def _dependency_groups(graph, groups: list[ChannelGroup], layers: dict[str, nn.Module]) -> dict:
     """torch-pruning's dependency group of every channel group whose channels are its root
     layer's output channels (not heads, not grouped-conv units), by the group's index."""
-    from .structure import index_mapping_once
-
     found = {}
     with index_mapping_once():
         for i, g in enumerate(groups):
