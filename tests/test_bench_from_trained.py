@@ -461,6 +461,18 @@ FAMILY_SETTINGS = [
 ]
 
 
+def test_short_search_profile_changes_only_s2hpruners_search_share():
+    """`from-trained-group-aligned-short` is `from-trained-group-aligned` with S2HPruner's one
+    candidate the 15% search (freeze 0.85) at lr 0.03; every baseline keeps its grid."""
+    short, aligned = compare.FROM_TRAINED_GROUP_ALIGNED_SHORT, compare.FROM_TRAINED_GROUP_ALIGNED
+    assert short.search["s2h"] == ({"lr": 0.03, "freeze_teacher": "none", "freeze": 0.85},)
+    assert dataclasses.replace(short, name=aligned.name, search=aligned.search) == aligned
+    assert short.search["s2h"][0] in aligned.search["s2h"]  # one of the grid searched there
+    cfg = compare.run_config(short, compare.RunSpec("s2h", 0.35, 0, "epochs"), 1.0, Path("x"),
+                             short.search["s2h"][0])  # fmt: skip
+    assert (cfg.freeze, cfg.freeze_epochs, cfg.lr) == (0.85, None, 0.03)
+
+
 @pytest.mark.parametrize(("profile", "settings", "others"), FAMILY_SETTINGS,
                          ids=[p.name for p, _, _ in FAMILY_SETTINGS])  # fmt: skip
 def test_profiles_that_change_the_s2hpruner_family_only(tmp_path, profile, settings, others):
@@ -502,7 +514,9 @@ def test_summary_pairs_seeds_and_names_the_strongest_method_at_equal_compute():
     assert rows["random"]["s2h_val"] == pytest.approx(91.2)
     lines = report._summary_lines([results])
     (row,) = [line for line in lines if line.startswith("| `p`")]
-    assert "`l1-ft` | 0, 1 | 1.50 | 91.20 / 91.30 (**-0.10**) | 91.40 / 91.00 (**+0.40**)" in row
+    assert rows["l1-ft"]["seeds_ahead_test"] == 1  # 91.4 > 91.3 on seed 1, not on seed 0
+    assert ("`l1-ft` | 0, 1 | 1.50 | 91.20 / 91.30 (**-0.10**) | 1 of 2 | "
+            "91.40 / 91.00 (**+0.40**)") in row  # fmt: skip
     del results["runs"][3]["candidates"]  # carried over from elsewhere: flagged
     assert "`l1-ft` † | 0, 1" in report._summary_lines([results])[-2]
     assert report._summary_lines([{**results, "checkpoint": None}]) == []  # from scratch
