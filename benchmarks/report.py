@@ -409,8 +409,8 @@ def equal_compute_summary(results: dict) -> list[dict]:
             both = row["s2h_test"] is not None and row["other_test"] is not None
             row["lead_test"] = row["s2h_test"] - row["other_test"] if both else None
             # how often the mean's sign holds seed by seed (ties count for neither)
-            row["seeds_ahead_test"] = sum(ours[s]["top1_hard"] > runs[(target, method, s)]
-                                          ["top1_hard"] for s in seeds)  # fmt: skip
+            row["seeds_ahead_test"] = sum(ours[s]["top1_hard"] > run["top1_hard"]
+                                          for s, run in zip(seeds, theirs, strict=True))
             rows.append(row)
     return rows
 
