@@ -385,12 +385,11 @@ FROM_TRAINED_GROUP_ALIGNED = dataclasses.replace(
 
 # The same with S2HPruner fixed to the cheaper of its two search shares: is the search share
 # worth choosing per unit of compute rather than at equal epochs? At 0.35, seed 0, validation
-# put the 15% search (freeze 0.85) 0.04 below the 30%
-# one (91.44 against 91.48), inside one run's noise, while each joint step costs ~2.6 plain
-# steps and a frozen one ~0.7: the short search saves ~0.25 plain epochs, which come off the
-# baselines' compute budget. This profile asks whether that cheaper epoch wins at equal
-# compute. S2HPruner keeps lr 0.03 (validation's choice in both group profiles); the baselines
-# search their grids again (deterministic: the same choice as from-trained-group-aligned).
+# put the 15% search (freeze 0.85) 0.04 below the 30% one (91.44 against 91.48), inside one
+# run's noise, while each joint step costs ~2.6 plain steps and a frozen one ~0.7: the short
+# search saves ~0.25 plain epochs, which come off the baselines' compute budget. S2HPruner
+# keeps lr 0.03 (validation's choice in both group profiles); the baselines search their grids
+# again (deterministic: the same choice as from-trained-group-aligned).
 FROM_TRAINED_GROUP_ALIGNED_SHORT = dataclasses.replace(
     FROM_TRAINED_GROUP_ALIGNED, name="from-trained-group-aligned-short",
     search={**FROM_TRAINED_GROUP_ALIGNED.search,
