@@ -71,7 +71,8 @@ BUDGETS = ("epochs", "compute", "long", "long-compute")
 LONG = {"long": "epochs", "long-compute": "compute"}
 COMPUTE = ("compute", "long-compute")
 # what a search candidate may set: RunConfig fields, and BaselineOptions fields
-RUN_HYPER = ("lr", "freeze", "freeze_epochs", "weight_decay", "mask_lr", "freeze_teacher")
+RUN_HYPER = ("lr", "freeze", "freeze_epochs", "weight_decay", "mask_lr", "freeze_teacher",
+             "descent")
 OPTION_HYPER = tuple(f.name for f in dataclasses.fields(BaselineOptions))
 
 

@@ -271,6 +271,25 @@ def test_balance_scope_reaches_the_trainer_and_unknown_scopes_are_refused():
     assert config_from_args(args).balance == "per_group"
 
 
+def test_descent_reaches_the_trainer_and_contradictions_are_refused():
+    from s2hpruner import S2HPruner
+    from s2hpruner.app.models import create_model
+    from s2hpruner.app.run import build_trainer
+
+    with pytest.raises(ConfigError, match="descent is a fraction"):
+        RunConfig(descent=1.5).validate()
+    with pytest.raises(ConfigError, match="search_start 'uniform' starts it at the budget"):
+        RunConfig(descent=0.5, search_start="uniform").validate()
+    cfg = config_from_args(build_parser().parse_args(["prune", "--descent", "0.5",
+                                                      "--target-flops", "0.5"]))  # fmt: skip
+    assert cfg.descent == 0.5
+    model = create_model("resnet20", num_classes=10, in_chans=1, width=4)
+    pruner = S2HPruner(model, torch.zeros(1, 1, 16, 16), target_flops=0.5)
+    trainer, _ = build_trainer(cfg, model, pruner, total_steps=10)
+    assert trainer.descent == 0.5 and trainer.aim(0) == {"flops": 1.0}
+    assert trainer.aim(5) == {"flops": 0.5}
+
+
 def test_cosine_mask_lr_follows_the_weights_schedule():
     from s2hpruner import S2HPruner
     from s2hpruner.app.models import create_model

@@ -181,3 +181,71 @@ def test_group_importance_ranks_by_every_layer_of_the_group_as_torch_pruning_doe
         assert (grouped.export().eval()(x) - hard).abs().max() <= 1e-4 * hard.abs().max()
     with pytest.raises(ValueError, match="importance must be one of producers, group"):
         S2HPruner(model, x[:1], target_flops=0.35, importance="taylor")
+
+
+def _trainer(total_steps=20, **kwargs):
+    from s2hpruner import S2HTrainer
+
+    model, x, pruner = _resnet20()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    return S2HTrainer(model, pruner, optimizer, total_steps, **kwargs)
+
+
+def test_descent_aims_along_a_line_from_the_full_model_to_the_budget():
+    """``descent``: over that share of the joint search the budget the search aims at falls
+    linearly from 1 (the full model) to the target, then stays there; the pruner's own
+    budgets (what the freeze and the export meet) are never changed."""
+    trainer = _trainer(warmup=0.1, freeze=0.3, descent=0.5)  # search: steps 2-13, aim 2-8
+    assert (trainer.warmup_end, trainer.freeze_start, trainer.descent_end) == (2, 14, 8)
+    aims = [trainer.aim(step)["flops"] for step in range(20)]
+    assert aims[:3] == [1.0, 1.0, 1.0]
+    assert aims[5] == pytest.approx(0.35 + 0.65 * 3 / 6)
+    assert all(a > b for a, b in zip(aims[2:8], aims[3:9], strict=True))  # falling
+    assert aims[8:] == [0.35] * 12
+    assert trainer.pruner.budgets == {"flops": 0.35}
+    flat = _trainer(warmup=0.1, freeze=0.3)  # default: the target from the first step
+    assert [flat.aim(step)["flops"] for step in range(20)] == [0.35] * 20
+    with pytest.raises(ValueError, match="descent"):
+        _trainer(descent=1.5)
+
+
+def test_descent_narrows_the_hard_network_gradually_and_still_meets_the_budget():
+    """A real search on scikit-learn's digits, without and with a descent over 80% of the
+    search: with it the hard network follows the falling aim (never far below it, well above
+    the target early on) and reaches the budget later, and both runs end on the budget, counted
+    by the independent counter on the exported network."""
+    from torch.utils.data import DataLoader
+
+    from s2hpruner import S2HTrainer
+    from s2hpruner.app.data import build_datasets
+
+    splits = build_datasets("digits", val_size=200, seed=0)
+    x0 = torch.zeros(1, 1, 8, 8)
+    traces, met, exported = {}, {}, {}
+    for descent in (0.0, 0.8):
+        torch.manual_seed(0)
+        model = create_model("resnet20", num_classes=10, in_chans=1)
+        full = count_flops(model, x0)
+        pruner = S2HPruner(model, x0, target_flops=0.35)
+        loader = DataLoader(splits.train, batch_size=64, shuffle=True, drop_last=True,
+                            generator=torch.Generator().manual_seed(0))  # fmt: skip
+        steps = 4 * len(loader)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        trainer = S2HTrainer(model, pruner, optimizer, steps, mask_lr=0.1, freeze=0.2,
+                             descent=descent)  # fmt: skip
+        trace = []
+        for _ in range(4):
+            for x, y in loader:
+                aim = trainer.aim()["flops"]
+                trainer.step(x, y)
+                if trainer.phase(trainer.step_count - 1) == "joint":
+                    trace.append((aim, float(pruner.flops_ratio("hard"))))
+        traces[descent], met[descent] = trace, (trainer.budget_met_step, trainer.descent_end)
+        exported[descent] = count_flops(trainer.export(), x0) / full
+    early = traces[0.8][: len(traces[0.8]) // 3]
+    assert all(ratio >= aim - 0.05 for aim, ratio in traces[0.8]), traces[0.8]
+    assert min(ratio for _, ratio in early) > 0.35 + 0.2, early
+    (plain, _), (descended, descent_end) = met[0.0], met[0.8]
+    assert plain is not None and descended is not None, met
+    assert descent_end - 5 <= descended and plain < descended, met  # not before the aim is
+    assert all(abs(ratio - 0.35) <= 0.01 for ratio in exported.values()), exported

@@ -111,6 +111,10 @@ HELP = {
                     "method specifies) or uniform (the widths of uniform pruning at the "
                     "budget, e.g. from a trained model: the search then moves channels "
                     "between groups instead of first cutting down to the budget)",
+    "descent": "fraction of the joint search over which the budget it aims at falls "
+               "linearly from the full model to the target (0: the target from the first "
+               "step, as the method specifies): a slower, gradual narrowing of the hard "
+               "network, e.g. when pruning a trained model",
     "freeze_teacher": "what the hard network is distilled from once the widths freeze: soft "
                       "(the soft network's logits, as the method specifies), none (task loss "
                       "only; the last phase costs one pruned network's step) or start (a fixed "

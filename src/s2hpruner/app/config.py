@@ -102,6 +102,7 @@ class RunConfig:
     balance: str = GradientBalancer.scope  # the rule spans all width logits, or each group
     importance: str = "producers"  # channel ranks: producers' L1 (SPEC) or the whole group's
     search_start: str = "full"  # the search starts nearly full, or at uniform pruning's widths
+    descent: float = 0.0  # share of the search over which its aim falls from full to the budget
     freeze_teacher: str = "soft"  # last phase: hard distilled from soft, "none" or "start"
     prune_at_freeze: bool = False  # last phase trains the physically pruned network itself
     resource_on: str = "hard"  # R on the hard FLOPs ratio (straight-through) or on the soft one
@@ -187,6 +188,12 @@ class RunConfig:
         if self.importance not in IMPORTANCE_CHOICES:
             raise ConfigError(f"importance must be one of {', '.join(IMPORTANCE_CHOICES)}, "
                               f"got {self.importance!r}")  # fmt: skip
+        if not 0.0 <= self.descent <= 1.0:
+            raise ConfigError(f"descent is a fraction of the joint search in [0, 1], got "
+                              f"{self.descent}")  # fmt: skip
+        if self.descent and self.search_start == "uniform":
+            raise ConfigError("descent lowers the search's aim from the full model, but "
+                              "search_start 'uniform' starts it at the budget: use one of them")
         if self.search_start not in SEARCH_STARTS:
             raise ConfigError(f"search_start must be one of {', '.join(SEARCH_STARTS)}, "
                               f"got {self.search_start!r}")  # fmt: skip

@@ -257,6 +257,7 @@ def build_trainer(
         freeze_ranks_after_warmup=cfg.freeze_ranks_after_warmup,
         autocast=cfg.autocast,
         latency_feedback=cfg.latency_feedback,
+        descent=cfg.descent,
     )
     set_mask_lr(trainer.mask_optimizer, cfg, schedule)
     return trainer, schedule

@@ -181,6 +181,12 @@ class S2HTrainer:
             the model's own), a ``torch.memory_format``, or ``"auto"`` to time NCHW and
             channels_last on the first frozen batch and keep the faster (not bit for bit
             reproducible, like ``cudnn.benchmark``).
+        descent: fraction of the joint search over which the budgets the search aims at
+            (the resource loss and the balancer's error) fall linearly from the full model's
+            (1.0) to the targets, as torch-pruning's linear iterative schedule does: the hard
+            network narrows gradually while it trains. 0 (default) aims at the targets from
+            the first search step, as the SPEC does; the search may still take a few dozen
+            steps to reach them.
         latency_feedback: with a latency budget, how many times during the search the hard
             network is exported, timed and the latency model refitted through it (evenly
             spaced); when the widths freeze this is repeated, with a projection, until the
@@ -210,6 +216,7 @@ class S2HTrainer:
         prune_at_freeze: bool = False,
         pruned_layout: str | torch.memory_format | None = None,
         latency_feedback: int = 3,
+        descent: float = 0.0,
     ):
         if isinstance(method, str):
             if method not in METHODS:
@@ -222,6 +229,8 @@ class S2HTrainer:
                 f"warmup ({warmup}) and freeze ({freeze}) are fractions of the run that must "
                 "leave a joint search phase: each >= 0 and warmup + freeze < 1"
             )
+        if not 0.0 <= descent <= 1.0:
+            raise ValueError(f"descent is a fraction of the joint search in [0, 1], got {descent}")
         if resource_on not in ("hard", "soft"):
             raise ValueError(f"resource_on must be 'hard' or 'soft', got {resource_on!r}")
         if isinstance(freeze_teacher, nn.Module):
@@ -274,6 +283,9 @@ class S2HTrainer:
         # phase boundaries in whole steps, fixed once (no float comparisons at the edges)
         self.warmup_end = round(self.warmup * self.total_steps)
         self.freeze_start = self.total_steps - round(self.freeze * self.total_steps)
+        self.descent = float(descent)
+        self.descent_end = self.warmup_end + round(
+            self.descent * (self.freeze_start - self.warmup_end))
         if autocast == "fp16" and next(model.parameters()).device.type != "cuda":
             raise ValueError("autocast='fp16' needs CUDA (and its grad scaler); use 'bf16' on CPU")
         self.step_count = 0
@@ -299,6 +311,27 @@ class S2HTrainer:
         if step >= self.freeze_start:
             return "freeze"
         return "joint"
+
+    def aim(self, step: int | None = None) -> dict[str, float]:
+        """The budgets the search aims at ``step``: the targets, or during the ``descent`` a
+        point on the straight line from the full model (1.0) down to them."""
+        step = self.step_count if step is None else step
+        targets = self.pruner.budgets
+        if step >= self.descent_end or self.descent_end == self.warmup_end:  # no descent
+            return dict(targets)
+        left = min(1.0, (self.descent_end - step) / (self.descent_end - self.warmup_end))
+        return {name: target + (1.0 - target) * left for name, target in targets.items()}
+
+    @contextlib.contextmanager
+    def _aiming(self):
+        """The pruner's budgets set to :meth:`aim` while the search's resource terms are
+        computed (the targets themselves stay what the pruner, the freeze and export see)."""
+        targets = self.pruner.budgets
+        self.pruner.budgets = self.aim()
+        try:
+            yield
+        finally:
+            self.pruner.budgets = targets
 
     def freeze_widths(self, inputs: torch.Tensor | None = None) -> int:
         """Fix the architecture: freeze the importance order and project the widths onto the
@@ -502,7 +535,8 @@ class S2HTrainer:
                 grads.losses["gap_soft"] = float(gap_soft.detach())
 
         if masks:  # 4. resource loss R, on the width logits only
-            resource = self.pruner.resource_loss(self.resource_on)
+            with self._aiming():
+                resource = self.pruner.resource_loss(self.resource_on)
             grads.add("resource", resource, [], masks, scale=scale)
         return grads
 
@@ -537,7 +571,11 @@ class S2HTrainer:
             gap = _sum(grads.masks.get("gap_hard"), grads.masks.get("gap_soft"))
             gap = None if gap is None else D.average_gradient_list(gap, masks)
             excess = float(self.pruner.budget_excess("hard").detach())
-            self.balancer.update(excess)
+            if self.step_count < self.descent_end:  # the balancer follows the descent's aim
+                with self._aiming():
+                    self.balancer.update(float(self.pruner.budget_excess("hard").detach()))
+            else:
+                self.balancer.update(excess)
             if self.budget_met_step is None and abs(excess) <= self.balancer.tolerance:
                 self.budget_met_step = self.step_count
             _set_grads(masks, self.balancer.combine(masks, task, gap, grads.masks["resource"]))
