@@ -689,9 +689,9 @@ def project_to_budget(
     """Move the width logits, on the resource loss alone, until every budget's hard ratio is
     met (the binding one within ``tolerance`` of its target). Used once when the widths
     freeze, so that the exported model always meets the budget; during a healthy search it
-    does nothing. Where one channel of a large residual group moves a ratio by more than the
-    tolerance, the closest widths seen are kept (after ``patience`` steps without getting
-    closer). Returns the steps taken (0: untouched)."""
+    does nothing. Where these steps stall (after ``patience`` steps without getting closer),
+    the closest widths seen are walked on one width at a time (:func:`_walk_widths_to_budget`).
+    Returns the steps and moves taken (0: untouched)."""
     masks = pruner.mask_parameters()
     optimizer = torch.optim.Adam(masks, lr=lr)
     best = (float("inf"), [u.detach().clone() for u in masks], 0)
@@ -710,7 +710,45 @@ def project_to_budget(
     with torch.no_grad():
         for u, kept in zip(masks, best[1], strict=True):
             u.copy_(kept)
-    return step + 1
+    return step + 1 + _walk_widths_to_budget(pruner, tolerance)
+
+
+def _walk_widths_to_budget(pruner: S2HPruner, tolerance: float, max_moves: int = 1000) -> int:
+    """Where steps on the logits stall off the budget (coarse widths: with ``round_to`` one
+    step of a residual group moves the FLOPs by several percent), walk on the kept widths
+    themselves: each move takes one group one width narrower or wider, the move that brings
+    the binding budget closest to its target, until within ``tolerance`` or no move gets
+    closer. Returns the moves made."""
+    choices = pruner.candidate_widths()
+    rounds_up = {g.name: not bool(n) for g, n in zip(pruner.groups, pruner.search.nearest,
+                                                     strict=True)}  # fmt: skip
+    start = pruner.kept_widths()
+    # a group whose hard width rounds up (SPEC) reaches its smallest width only with infinite
+    # logits: it may stay there, not be moved there (as in start_at)
+    movable = {n: ws[1:] if rounds_up[n] and len(ws) > 1 else ws for n, ws in choices.items()}
+
+    def error(moved: dict[str, int]) -> float:  # (only moved groups: any kept width stays)
+        with pruner.at_widths(moved):
+            return abs(float(pruner.budget_excess("hard").detach()))
+
+    moved: dict[str, int] = {}
+    best, moves = error(moved), 0
+    while best > tolerance and moves < max_moves:
+        options = []
+        for name, ws in movable.items():
+            width = moved.get(name, start[name])
+            narrower, wider = [w for w in ws if w < width], [w for w in ws if w > width]
+            for w in narrower[-1:] + wider[:1]:
+                options.append((error({**moved, name: w}), name, w))
+        if not options or min(options)[0] >= best:
+            break
+        best, name, w = min(options)
+        moved[name] = w
+        moves += 1
+    moved = {n: w for n, w in moved.items() if w != start[n]}
+    if moved:
+        pruner.start_at(moved)
+    return moves
 
 
 def _working_groups(model: nn.Module, example_inputs, groups: list[ChannelGroup]):
