@@ -397,6 +397,21 @@ FROM_TRAINED_GROUP_ALIGNED_SHORT = dataclasses.replace(
             "s2h": _grid(lr=(0.03,), freeze_teacher=("none",), freeze=(0.85,))},
 )
 
+# The short profile at 0.15 alone, every method searched on validation at 0.15 itself (the
+# other from-trained profiles search at 0.35 and reuse the choice): S2HPruner's candidates are
+# the short search as it is and with a slower descent to the budget (RunConfig.descent: the
+# search's aim falls linearly from the full model over 80% of the search, ~51 steps where it
+# reaches the budget by itself in ~37). Round 24's probes (seed 0, validation): the descent
+# helped at 0.15 (90.00 against 89.62; seeds 1, 2: +0.02, +0.10) and not at 0.35 (-0.18) or
+# 0.55 (-0.16); over 80% of a 30% search (~103 steps) it cost 0.54-0.56 at 0.15 and 0.35.
+FROM_TRAINED_DESCENT = dataclasses.replace(
+    FROM_TRAINED_GROUP_ALIGNED_SHORT, name="from-trained-descent", targets=(0.15,),
+    tune_targets=(0.15,),
+    search={**FROM_TRAINED_GROUP_ALIGNED_SHORT.search,
+            "s2h": _grid(lr=(0.03,), freeze_teacher=("none",), freeze=(0.85,),
+                         descent=(0.0, 0.8))},
+)
+
 PROFILES = {
     # ~1 h on a 2-core CPU: s2h ~4.5 min/epoch, a plain epoch ~1.5-2 min
     "quick": Profile("quick", epochs=3.0),
@@ -420,6 +435,7 @@ PROFILES = {
     "from-trained-group-importance": FROM_TRAINED_GROUP_IMPORTANCE,
     "from-trained-group-aligned": FROM_TRAINED_GROUP_ALIGNED,
     "from-trained-group-aligned-short": FROM_TRAINED_GROUP_ALIGNED_SHORT,
+    "from-trained-descent": FROM_TRAINED_DESCENT,
 }
 
 

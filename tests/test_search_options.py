@@ -97,6 +97,20 @@ def test_a_search_started_at_widths_keeps_them_exactly_and_can_move(round_to):
     assert (pruner.widths("soft").detach() < before - 1e-3).all()
 
 
+@pytest.mark.parametrize("round_to", [None, 8])
+def test_every_width_a_group_can_keep_can_be_set_with_finite_logits(round_to):
+    """``start_at`` (also how the projection sets the widths it walks to) reaches every width
+    of every group but the SPEC's smallest, the full width included, which E (an average of
+    the candidates) reaches only with infinite logits when H rounds to the nearest width."""
+    _, _, pruner = _resnet20(round_to=round_to)
+    rounds_up = round_to is None
+    for name, widths in pruner.candidate_widths().items():
+        for width in widths[1:] if rounds_up else widths:
+            pruner.start_at({name: width})
+            assert pruner.kept_widths()[name] == width, (name, width)
+            assert all(torch.isfinite(u).all() for u in pruner.mask_parameters())
+
+
 def test_a_start_the_search_cannot_hold_is_refused_and_leaves_the_logits():
     _, _, pruner = _resnet20()
     before = [u.detach().clone() for u in pruner.mask_parameters()]

@@ -417,15 +417,21 @@ class S2HPruner(nn.Module):
         the allocation of uniform pruning instead of from the full network."""
         self._check_widths(widths)
         search = self.search
+        allowed = self.candidate_widths()
 
         def target(i: int, width: int) -> float | None:
             """The expected width to aim at: H rounds E to the nearest allowed width
-            (round_to), so the width itself; or up to the next candidate (SPEC), so the
-            middle of the interval that rounds up to it (None: below the smallest)."""
+            (round_to), so the width itself (the full width, which E reaches only with
+            infinite logits: a quarter of the way down to the next allowed width); or up to
+            the next candidate (SPEC), so the middle of the interval that rounds up to it
+            (None: below the smallest)."""
             candidates = search.candidates[i][search.real_candidate[i]].tolist()
             below = max((c for c in candidates if c < width), default=None)
             if bool(search.nearest[i]):
-                return float(width)
+                lower = [w for w in allowed[self.groups[i].name] if w < width]
+                if width < max(candidates) or not lower:
+                    return float(width)
+                return 0.25 * lower[-1] + 0.75 * width
             return None if below is None else 0.5 * (below + width)
 
         index = {g.name: i for i, g in enumerate(self.groups)}
@@ -747,7 +753,14 @@ def _walk_widths_to_budget(pruner: S2HPruner, tolerance: float, max_moves: int =
         moves += 1
     moved = {n: w for n, w in moved.items() if w != start[n]}
     if moved:
-        pruner.start_at(moved)
+        saved = [u.detach().clone() for u in pruner.mask_parameters()]
+        try:
+            pruner.start_at(moved)
+        except (ValueError, RuntimeError) as error:  # the widths as the steps left them
+            pruner._restore_logits(saved)
+            warnings.warn(f"could not set the widths closer to the budget ({error})",
+                          stacklevel=2)  # fmt: skip
+            return 0
     return moves
 
 
