@@ -312,7 +312,7 @@ def _hyper_text(hyper: dict) -> str:
         elif key == "sparse_fraction":
             parts.append(f"sparse {value:.0%}")
         elif key == "descent":
-            parts.append(f"descent over {value:.0%} of the search")
+            parts.append(f"descent over {value:.0%} of the search" if value else "no descent")
         elif key == "freeze_teacher":
             parts.append({"none": "last phase: hard network alone",
                           "start": "last phase distilled from the starting weights"}.get(

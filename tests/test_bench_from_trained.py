@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # benchmarks/ is a package beside src/, not installed
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import compare  # noqa: E402
+from benchmarks import compare, report  # noqa: E402
 from s2hpruner.app.models import create_model  # noqa: E402
 
 RUN_KEYS = {"method", "target_flops", "seed", "epochs", "budget", "top1_hard", "top1_soft",
@@ -473,6 +473,26 @@ def test_short_search_profile_changes_only_s2hpruners_search_share():
     assert (cfg.freeze, cfg.freeze_epochs, cfg.lr) == (0.85, None, 0.03)
 
 
+def test_descent_profile_searches_every_method_at_its_one_target():
+    """`from-trained-descent` is the short profile at 0.15 alone, every method searched at 0.15
+    itself, and S2HPruner's two candidates the short search without and with the descent; the
+    descent reaches the run's config (and the trainer's aim: tests/test_search_options.py)."""
+    descent, short = compare.FROM_TRAINED_DESCENT, compare.FROM_TRAINED_GROUP_ALIGNED_SHORT
+    assert (descent.targets, descent.tune_targets) == ((0.15,), (0.15,))
+    assert [c.pop("descent") for c in map(dict, descent.search["s2h"])] == [0.0, 0.8]
+    assert all({k: v for k, v in c.items() if k != "descent"} == short.search["s2h"][0]
+               for c in descent.search["s2h"])  # fmt: skip
+    assert dataclasses.replace(descent, name=short.name, targets=short.targets,
+                               tune_targets=short.tune_targets, search=short.search) == short
+    for hyper in descent.search["s2h"]:
+        cfg = compare.run_config(descent, compare.RunSpec("s2h", 0.15, 0, "epochs"), 1.0,
+                                 Path("x"), hyper)  # fmt: skip
+        assert (cfg.descent, cfg.freeze, cfg.target_flops) == (hyper["descent"], 0.85, 0.15)
+    assert compare.candidate_name(descent.search["s2h"][1]).endswith("-descent0.8")
+    assert report._hyper_text({"descent": 0.8}) == "descent over 80% of the search"
+    assert report._hyper_text({"descent": 0.0}) == "no descent"
+
+
 @pytest.mark.parametrize(("profile", "settings", "others"), FAMILY_SETTINGS,
                          ids=[p.name for p, _, _ in FAMILY_SETTINGS])  # fmt: skip
 def test_profiles_that_change_the_s2hpruner_family_only(tmp_path, profile, settings, others):
@@ -493,7 +513,6 @@ def test_summary_pairs_seeds_and_names_the_strongest_method_at_equal_compute():
     """The at-a-glance table: S2HPruner's epochs runs against each compute run on the seeds
     both have (a seed only one of them ran never enters a mean), and per target the method
     S2HPruner leads least on test."""
-    from benchmarks import report
 
     def run(method, budget, seed, test, val):
         return {"method": method, "budget": budget, "seed": seed, "target_flops": 0.35,
