@@ -756,9 +756,9 @@ def _walk_widths_to_budget(pruner: S2HPruner, tolerance: float, max_moves: int =
         saved = [u.detach().clone() for u in pruner.mask_parameters()]
         try:
             pruner.start_at(moved)
-        except (ValueError, RuntimeError) as error:  # the widths as the steps left them
+        except (ValueError, RuntimeError) as failure:  # the widths as the steps left them
             pruner._restore_logits(saved)
-            warnings.warn(f"could not set the widths closer to the budget ({error})",
+            warnings.warn(f"could not set the widths closer to the budget ({failure})",
                           stacklevel=2)  # fmt: skip
             return 0
     return moves
