@@ -217,6 +217,11 @@ def test_descent_aims_along_a_line_from_the_full_model_to_the_budget():
     assert all(a > b for a, b in zip(aims[2:8], aims[3:9], strict=True))  # falling
     assert aims[8:] == [0.35] * 12
     assert trainer.pruner.budgets == {"flops": 0.35}
+    with trainer.pruner.aiming_at(trainer.aim(5)):  # how the step's resource terms see it
+        assert trainer.pruner.budgets == {"flops": aims[5]}
+        assert float(trainer.pruner.budget_excess("hard")) == pytest.approx(
+            float(trainer.pruner.flops_ratio("hard")) - aims[5], abs=1e-6)  # fmt: skip
+    assert trainer.pruner.budgets == {"flops": 0.35}
     flat = _trainer(warmup=0.1, freeze=0.3)  # default: the target from the first step
     assert [flat.aim(step)["flops"] for step in range(20)] == [0.35] * 20
     with pytest.raises(ValueError, match="descent"):

@@ -566,6 +566,19 @@ class S2HPruner(nn.Module):
                 for i, g in enumerate(self.groups)}  # fmt: skip
 
     @contextlib.contextmanager
+    def aiming_at(self, budgets: dict[str, float]) -> Iterator[None]:
+        """Within the block the resource terms (``resource_loss``, ``budget_excess``,
+        :func:`project_to_budget`) aim at ``budgets`` (name -> ratio; those not named keep
+        their targets) instead of the targets: a search's descent, or the latency check's
+        corrected aim. The targets are restored afterwards."""
+        targets = self.budgets
+        self.budgets = {**targets, **budgets}
+        try:
+            yield
+        finally:
+            self.budgets = targets
+
+    @contextlib.contextmanager
     def at_widths(self, widths: dict[str, int]) -> Iterator[None]:
         """Within the block, the hard network keeps ``widths`` (group name -> one of its
         ``candidate_widths``; groups not named keep their own): export, time or evaluate a

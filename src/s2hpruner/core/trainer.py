@@ -322,17 +322,6 @@ class S2HTrainer:
         left = min(1.0, (self.descent_end - step) / (self.descent_end - self.warmup_end))
         return {name: target + (1.0 - target) * left for name, target in targets.items()}
 
-    @contextlib.contextmanager
-    def _aiming(self):
-        """The pruner's budgets set to :meth:`aim` while the search's resource terms are
-        computed (the targets themselves stay what the pruner, the freeze and export see)."""
-        targets = self.pruner.budgets
-        self.pruner.budgets = self.aim()
-        try:
-            yield
-        finally:
-            self.pruner.budgets = targets
-
     def freeze_widths(self, inputs: torch.Tensor | None = None) -> int:
         """Fix the architecture: freeze the importance order and project the widths onto the
         budget (warning when the search had not met it); with ``prune_at_freeze``, switch to
@@ -459,11 +448,8 @@ class S2HTrainer:
             if abs(miss) <= tolerance or check == checks - 1:
                 break
             aim = next_latency_aim(checked, target)
-            try:
-                budgets["latency"] = aim
+            with self.pruner.aiming_at({"latency": aim}):
                 steps += project_to_budget(self.pruner, self.balancer.tolerance)
-            finally:
-                budgets["latency"] = target
         with torch.no_grad():
             for u, kept in zip(masks, best[1], strict=True):
                 u.copy_(kept)
@@ -535,7 +521,7 @@ class S2HTrainer:
                 grads.losses["gap_soft"] = float(gap_soft.detach())
 
         if masks:  # 4. resource loss R, on the width logits only
-            with self._aiming():
+            with self.pruner.aiming_at(self.aim()):
                 resource = self.pruner.resource_loss(self.resource_on)
             grads.add("resource", resource, [], masks, scale=scale)
         return grads
@@ -572,7 +558,7 @@ class S2HTrainer:
             gap = None if gap is None else D.average_gradient_list(gap, masks)
             excess = float(self.pruner.budget_excess("hard").detach())
             if self.step_count < self.descent_end:  # the balancer follows the descent's aim
-                with self._aiming():
+                with self.pruner.aiming_at(self.aim()):
                     self.balancer.update(float(self.pruner.budget_excess("hard").detach()))
             else:
                 self.balancer.update(excess)
