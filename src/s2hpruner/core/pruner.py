@@ -664,24 +664,27 @@ def _dependency_groups(graph, groups: list[ChannelGroup], layers: dict[str, nn.M
     return found
 
 
+def startable_widths(pruner: S2HPruner) -> dict[str, list[int]]:
+    """Per group, the widths :meth:`S2HPruner.start_at` can set: every candidate width, but
+    a group whose hard width rounds up (SPEC) not its smallest, which E (an average of the
+    candidates) reaches only with infinite logits."""
+    return {name: ws[1:] if not bool(nearest) and len(ws) > 1 else ws
+            for (name, ws), nearest in zip(pruner.candidate_widths().items(),
+                                           pruner.search.nearest, strict=True)}  # fmt: skip
+
+
 def uniform_widths(pruner: S2HPruner) -> dict[str, int]:
     """The widths that keep about the same share of every group, the largest share whose
     hard network meets every budget: the allocation of uniform pruning (torch-pruning's
     uniform ``pruning_ratio``), a search's start from a trained model. A group whose hard
     width rounds up (SPEC) keeps at least its second-smallest width: E, an average of the
     candidates, never reaches the smallest with finite logits (:meth:`S2HPruner.start_at`)."""
-    choices = pruner.candidate_widths()
+    choices = startable_widths(pruner)
     channels = {g.name: g.channels for g in pruner.groups}
-    rounds_up = {g.name: not bool(n) for g, n in zip(pruner.groups, pruner.search.nearest,
-                                                     strict=True)}  # fmt: skip
 
     def at(share: float) -> dict[str, int]:
-        widths = {}
-        for name, ws in choices.items():
-            movable = (ws[1:] or ws) if rounds_up[name] else ws
-            widths[name] = next((w for w in movable if w >= share * channels[name] - 1e-6),
-                                movable[-1])  # fmt: skip
-        return widths
+        return {name: next((w for w in ws if w >= share * channels[name] - 1e-6), ws[-1])
+                for name, ws in choices.items()}  # fmt: skip
 
     def excess(share: float) -> float:
         with pruner.at_widths(at(share)):
@@ -738,13 +741,8 @@ def _walk_widths_to_budget(pruner: S2HPruner, tolerance: float, max_moves: int =
     themselves: each move takes one group one width narrower or wider, the move that brings
     the binding budget closest to its target, until within ``tolerance`` or no move gets
     closer. Returns the moves made."""
-    choices = pruner.candidate_widths()
-    rounds_up = {g.name: not bool(n) for g, n in zip(pruner.groups, pruner.search.nearest,
-                                                     strict=True)}  # fmt: skip
     start = pruner.kept_widths()
-    # a group whose hard width rounds up (SPEC) reaches its smallest width only with infinite
-    # logits: it may stay there, not be moved there (as in start_at)
-    movable = {n: ws[1:] if rounds_up[n] and len(ws) > 1 else ws for n, ws in choices.items()}
+    movable = startable_widths(pruner)  # a group at a width it cannot be set to may stay there
 
     def error(moved: dict[str, int]) -> float:  # (only moved groups: any kept width stays)
         with pruner.at_widths(moved):
