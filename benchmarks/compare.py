@@ -412,6 +412,15 @@ FROM_TRAINED_DESCENT = dataclasses.replace(
                          descent=(0.0, 0.8))},
 )
 
+# The same at 0.55 alone: round 24 left 0.55's baselines searched at 0.35 only, and at 0.15,
+# searched at their own target, the strongest baseline got stronger (global L1 over uniform).
+# Here every method searches its grid at 0.55; S2HPruner's candidates are the descent
+# profile's (the descent cost 0.16 on validation at 0.55 in round 24's probe, seed 0).
+FROM_TRAINED_SEARCHED_055 = dataclasses.replace(
+    FROM_TRAINED_DESCENT, name="from-trained-searched-055", targets=(0.55,),
+    tune_targets=(0.55,),
+)
+
 PROFILES = {
     # ~1 h on a 2-core CPU: s2h ~4.5 min/epoch, a plain epoch ~1.5-2 min
     "quick": Profile("quick", epochs=3.0),
@@ -436,6 +445,7 @@ PROFILES = {
     "from-trained-group-aligned": FROM_TRAINED_GROUP_ALIGNED,
     "from-trained-group-aligned-short": FROM_TRAINED_GROUP_ALIGNED_SHORT,
     "from-trained-descent": FROM_TRAINED_DESCENT,
+    "from-trained-searched-055": FROM_TRAINED_SEARCHED_055,
 }
 
 

@@ -410,9 +410,13 @@ def equal_compute_summary(results: dict) -> list[dict]:
                 row[f"other_{split}"] = mean(theirs, key)
             both = row["s2h_test"] is not None and row["other_test"] is not None
             row["lead_test"] = row["s2h_test"] - row["other_test"] if both else None
-            # how often the mean's sign holds seed by seed (ties count for neither)
-            row["seeds_ahead_test"] = sum(ours[s]["top1_hard"] > run["top1_hard"]
-                                          for s, run in zip(seeds, theirs, strict=True))
+            # how often the mean's sign holds seed by seed (ties count for neither), and how
+            # far the mean can be trusted: the standard error of the seed-by-seed lead
+            leads = [ours[s]["top1_hard"] - run["top1_hard"]
+                     for s, run in zip(seeds, theirs, strict=True)]  # fmt: skip
+            row["seeds_ahead_test"] = sum(lead > 0 for lead in leads)
+            row["lead_test_se"] = (statistics.stdev(leads) / math.sqrt(len(leads))
+                                   if len(leads) > 1 else None)  # fmt: skip
             rows.append(row)
     return rows
 
@@ -421,10 +425,11 @@ def _summary_lines(all_results: list[dict]) -> list[str]:
     """The table a reader of issue #15 wants first: each from-trained profile's S2HPruner
     against every other method at equal compute, mean over the seeds both ran."""
 
-    def cell(ours: float | None, theirs: float | None) -> str:
+    def cell(ours: float | None, theirs: float | None, se: float | None = None) -> str:
         if ours is None or theirs is None:
             return "–"
-        return f"{ours:.2f} / {theirs:.2f} (**{ours - theirs:+.2f}**)"
+        spread = "" if se is None else f" ± {se:.2f}"
+        return f"{ours:.2f} / {theirs:.2f} (**{ours - theirs:+.2f}**{spread})"
 
     lines = []
     for results in all_results:
@@ -439,7 +444,7 @@ def _summary_lines(all_results: list[dict]) -> list[str]:
                 f"| `{results['profile']}` | {row['target']:g} | `{row['method']}`"
                 f"{'' if row['searched'] else ' †'} | "
                 f"{', '.join(map(str, row['seeds']))} | {row['ratio']:.2f} | "
-                f"{cell(row['s2h_test'], row['other_test'])} | "
+                f"{cell(row['s2h_test'], row['other_test'], row['lead_test_se'])} | "
                 f"{row['seeds_ahead_test']} of {len(row['seeds'])} | "
                 f"{cell(row['s2h_val'], row['other_val'])} |"
             )
@@ -451,7 +456,8 @@ def _summary_lines(all_results: list[dict]) -> list[str]:
         "",
         "Each row: S2HPruner's runs of the epochs budget against the method given the epochs x "
         "the compute ratio (timed per target and seed) that S2HPruner leads least on test, "
-        "mean over the seeds both ran. Cells: S2HPruner / that method (S2HPruner's lead); "
+        "mean over the seeds both ran. Cells: S2HPruner / that method (S2HPruner's lead, and "
+        "on test, where several seeds ran, ± the standard error of the seed-by-seed lead); "
         "exported top-1 (%). †: that method's recipe was not chosen on this profile's "
         "validation split but carried over from another profile, so the row flatters "
         "S2HPruner. Ahead on: the seeds on which S2HPruner's test top-1 is above that "

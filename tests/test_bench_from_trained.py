@@ -493,6 +493,21 @@ def test_descent_profile_searches_every_method_at_its_one_target():
     assert report._hyper_text({"descent": 0.0}) == "no descent"
 
 
+def test_the_055_profile_is_the_descent_profile_searched_at_055():
+    """`from-trained-searched-055` changes only the target, where every method searches its
+    grid (the other from-trained profiles search at 0.35 and reuse the choice at 0.55)."""
+    at_055, descent = compare.FROM_TRAINED_SEARCHED_055, compare.FROM_TRAINED_DESCENT
+    assert (at_055.targets, at_055.tune_targets) == ((0.55,), (0.55,))
+    assert dataclasses.replace(at_055, name=descent.name, targets=descent.targets,
+                               tune_targets=descent.tune_targets) == descent  # fmt: skip
+    for method in ("s2h", "l1-ft", "random"):
+        spec = compare.RunSpec(method, 0.55, 0, "epochs")
+        assert compare.search_candidates(spec, at_055) == at_055.search[method]
+        assert compare.choice_source(dataclasses.replace(spec, seed=1), at_055) == spec
+    assert compare.search_candidates(compare.RunSpec("l1-ft", 0.55, 0, "epochs"),
+                                     compare.FROM_TRAINED_GROUP_ALIGNED_SHORT) == ()  # fmt: skip
+
+
 @pytest.mark.parametrize(("profile", "settings", "others"), FAMILY_SETTINGS,
                          ids=[p.name for p, _, _ in FAMILY_SETTINGS])  # fmt: skip
 def test_profiles_that_change_the_s2hpruner_family_only(tmp_path, profile, settings, others):
@@ -534,7 +549,10 @@ def test_summary_pairs_seeds_and_names_the_strongest_method_at_equal_compute():
     lines = report._summary_lines([results])
     (row,) = [line for line in lines if line.startswith("| `p`")]
     assert rows["l1-ft"]["seeds_ahead_test"] == 1  # 91.4 > 91.3 on seed 1, not on seed 0
-    assert ("`l1-ft` | 0, 1 | 1.50 | 91.20 / 91.30 (**-0.10**) | 1 of 2 | "
+    # seed-by-seed leads -0.3 and +0.1: standard deviation 0.283, standard error 0.2
+    assert rows["l1-ft"]["lead_test_se"] == pytest.approx(0.2)
+    assert rows["random"]["lead_test_se"] is None  # one seed: no spread to report
+    assert ("`l1-ft` | 0, 1 | 1.50 | 91.20 / 91.30 (**-0.10** ± 0.20) | 1 of 2 | "
             "91.40 / 91.00 (**+0.40**)") in row  # fmt: skip
     del results["runs"][3]["candidates"]  # carried over from elsewhere: flagged
     assert "`l1-ft` † | 0, 1" in report._summary_lines([results])[-2]
