@@ -167,9 +167,12 @@ def profile_markdown(results: dict, image: str | None) -> list[str]:
         f"{s['train_subset'] or 'all'}; S2HPruner family: {_frozen(s)} with frozen widths",
     ]
     if s.get("round_to"):
+        searched = any("round_to" in c for c in (s.get("search") or {}).get("s2h", ()))
         lines.append(
             f"- Aligned widths: every width the S2HPruner family keeps is a multiple of "
-            f"{s['round_to']} or the full width (`round_to`); the baselines keep any width"
+            f"{s['round_to']} or the full width (`round_to`"
+            f"{', or the step the search below chooses' if searched else ''}); the baselines "
+            f"keep any width"
         )
     if s.get("prune_at_freeze"):
         lines.append(

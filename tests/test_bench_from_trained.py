@@ -508,6 +508,45 @@ def test_the_055_profile_is_the_descent_profile_searched_at_055():
                                      compare.FROM_TRAINED_GROUP_ALIGNED_SHORT) == ()  # fmt: skip
 
 
+WIDTH_STEP = [  # (profile, the profile it changes, the descents of S2HPruner's recipes)
+    (compare.FROM_TRAINED_WIDTH_STEP_055, compare.FROM_TRAINED_SEARCHED_055, (0.0,)),
+    (compare.FROM_TRAINED_WIDTH_STEP_015, compare.FROM_TRAINED_DESCENT, (0.0, 0.8)),
+]
+
+
+@pytest.mark.parametrize(("steps", "base", "descents"), WIDTH_STEP,
+                         ids=[p.name for p, _, _ in WIDTH_STEP])  # fmt: skip
+def test_the_width_step_profiles_search_s2hpruners_alignment(tmp_path, steps, base, descents):
+    """`from-trained-width-step-055` (-015) is `from-trained-searched-055`
+    (`from-trained-descent`) with S2HPruner's recipes at two width steps (multiples of 8, the
+    profile's, and of 4), chosen on validation; the candidate's step reaches S2HPruner's run
+    and never a baseline's."""
+    assert dataclasses.replace(steps, name=base.name, search=base.search) == base
+    assert {m: c for m, c in steps.search.items() if m != "s2h"} == \
+        {m: c for m, c in base.search.items() if m != "s2h"}  # fmt: skip
+    recipes = [c for c in base.search["s2h"] if c["descent"] in descents]
+    candidates = steps.search["s2h"]
+    assert [c["round_to"] for c in candidates] == [8] * len(recipes) + [4] * len(recipes)
+    assert [{"descent": 0.0, **{k: v for k, v in c.items() if k != "round_to"}}
+            for c in candidates] == recipes * 2  # fmt: skip
+    target = steps.targets[0]
+    assert steps.tune_targets == (target,)
+    spec = compare.RunSpec("s2h", target, 0, "epochs")
+    assert compare.search_candidates(spec, steps) == candidates
+    for hyper in candidates:
+        assert compare.run_config(steps, spec, 1.0, tmp_path, hyper).round_to == hyper["round_to"]
+    baseline = compare.RunSpec("l1-ft", target, 0, "epochs")
+    for hyper in steps.search["l1-ft"]:
+        assert compare.run_config(steps, baseline, 1.0, tmp_path, hyper).round_to is None
+    # RESULTS.md says the step may be the search's, only where it is searched
+    results = {"profile": steps.name, "command": "c", "runs": [], "machine": json.loads(
+        (ROOT / "benchmarks/results/from_trained_searched_055.json").read_text())["machine"]}
+    for profile, searched in ((steps, True), (base, False)):
+        text = "\n".join(report.profile_markdown(
+            {**results, "settings": compare.settings(profile)}, None))  # fmt: skip
+        assert ("or the step the search below chooses" in text) == searched
+
+
 @pytest.mark.parametrize(("profile", "settings", "others"), FAMILY_SETTINGS,
                          ids=[p.name for p, _, _ in FAMILY_SETTINGS])  # fmt: skip
 def test_profiles_that_change_the_s2hpruner_family_only(tmp_path, profile, settings, others):
