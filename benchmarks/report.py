@@ -197,15 +197,19 @@ def profile_markdown(results: dict, image: str | None) -> list[str]:
         if o["pretrain_fraction"] <= 0
         else f"pre-trains {o['pretrain_fraction']:.0%} of the budget"
     )
-    lines.append(
-        f"- Baselines: `l1-ft` {pretrain}; "
+    ran = {r["method"] for r in results["runs"]}
+    group_sl = (
         f"`group-sl` sparse-trains {o['sparse_fraction']:.0%} (reg {o['group_sl_reg']:g}, "
-        f"weight decay {o['sparse_weight_decay']:g} while regularising); importance methods "
+        f"weight decay {o['sparse_weight_decay']:g} while regularising); "
+        if "group-sl" in ran or not ran else ""
+    )
+    lines.append(
+        f"- Baselines: `l1-ft` {pretrain}; {group_sl}importance methods "
         f"search the {'global ' if o.get('l1_global', True) else ''}pruning ratio to within "
         f"{o['flops_tolerance']:g} of the target"
         + (" (values the search below chooses override these)" if s.get("search") else "")
     )
-    lines += _checkpoint_lines(results)
+    lines += _checkpoint_lines(results, ran)
     ratios = results.get("compute_ratios", {})
     if ratios:
         parts = [
@@ -287,8 +291,9 @@ def _frozen(s: dict) -> str:
     return f"last {s.get('freeze', 0.25):.0%} of the run"
 
 
-def _checkpoint_lines(results: dict) -> list[str]:
-    """Where every method starts: the checkpoint, its hash and what it scores."""
+def _checkpoint_lines(results: dict, ran: set[str]) -> list[str]:
+    """Where every method starts: the checkpoint, its hash and what it scores; what the
+    baselines that ran (all of them, before any ran) do from it."""
     c = results.get("checkpoint")
     if not c:
         return []
@@ -301,7 +306,8 @@ def _checkpoint_lines(results: dict) -> list[str]:
         made = c.get("pretrain") or {}
         extra = f", {made['train_seconds']:.0f} s" if made.get("train_seconds") else ""
         lines.append(f"  (made once with plain PyTorch: `{c['pretrain_command']}`{extra})")
-    lines += [f"- `{m}` from a trained model: {text}" for m, text in FROM_TRAINED.items()]
+    lines += [f"- `{m}` from a trained model: {text}" for m, text in FROM_TRAINED.items()
+              if m in ran or not ran]
     return lines
 
 

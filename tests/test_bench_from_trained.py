@@ -461,6 +461,33 @@ FAMILY_SETTINGS = [
 ]
 
 
+def test_resnet56_short_profile_runs_resnet20s_strongest_recipe_and_searches_every_method(
+        tmp_path):
+    """`from-trained-resnet56-short` is `from-trained-group-aligned-short` on resnet56 from its
+    own checkpoint: every method searched on resnet56's validation split at 0.35 (S2HPruner
+    at both width steps), group-sl left out; each run gets resnet56 and that checkpoint."""
+    deep, short = compare.FROM_TRAINED_RESNET56_SHORT, compare.FROM_TRAINED_GROUP_ALIGNED_SHORT
+    same = dict(name=short.name, model=short.model, init=short.init, targets=short.targets,
+                tune_targets=short.tune_targets, seeds=short.seeds, methods=short.methods,
+                compute_methods=short.compute_methods, search=short.search,
+                borrow=short.borrow, pretrain_command=short.pretrain_command)  # fmt: skip
+    assert dataclasses.replace(deep, **same) == short
+    assert (deep.model, deep.init) == ("resnet56", compare.CHECKPOINT_RESNET56)
+    assert {(s.method, s.budget) for s in compare.plan_runs(deep)} == {
+        ("s2h", "epochs"), ("l1-ft", "epochs"), ("random", "epochs"),
+        ("l1-ft", "compute"), ("random", "compute")}  # fmt: skip
+    assert [c["round_to"] for c in deep.search["s2h"]] == [8, 4]
+    assert {m: deep.search[m] for m in ("l1-ft", "random")} == \
+        {m: short.search[m] for m in ("l1-ft", "random")}  # fmt: skip
+    for method in ("s2h", "l1-ft", "random"):
+        spec = compare.RunSpec(method, 0.35, 0, "epochs")
+        assert compare.search_candidates(spec, deep) == deep.search[method]
+        for hyper in deep.search[method]:
+            cfg = compare.run_config(deep, spec, 1.0, tmp_path, hyper)
+            assert (cfg.model, cfg.init) == ("resnet56", compare.CHECKPOINT_RESNET56)
+            assert cfg.round_to == (hyper["round_to"] if method == "s2h" else None)
+
+
 def test_short_search_profile_changes_only_s2hpruners_search_share():
     """`from-trained-group-aligned-short` is `from-trained-group-aligned` with S2HPruner's one
     candidate the 15% search (freeze 0.85) at lr 0.03; every baseline keeps its grid."""
@@ -596,3 +623,14 @@ def test_summary_pairs_seeds_and_names_the_strongest_method_at_equal_compute():
     del results["runs"][3]["candidates"]  # carried over from elsewhere: flagged
     assert "`l1-ft` † | 0, 1" in report._summary_lines([results])[-2]
     assert report._summary_lines([{**results, "checkpoint": None}]) == []  # from scratch
+
+
+@pytest.mark.parametrize(("stored", "with_group_sl"),
+                         [("from_trained_all", True), ("from_trained_group_aligned_short", False)])
+def test_a_profile_section_describes_only_the_baselines_that_ran(stored, with_group_sl):
+    """RESULTS.md says what Group-SL did from the checkpoint only where Group-SL ran."""
+    results = json.loads((ROOT / f"benchmarks/results/{stored}.json").read_text())
+    text = "\n".join(report.profile_markdown(results, None))
+    assert ("`group-sl` from a trained model" in text) == with_group_sl
+    assert ("`group-sl` sparse-trains" in text) == with_group_sl
+    assert "`l1-ft` from a trained model" in text and "`random` from a trained model" in text
