@@ -391,10 +391,12 @@ FROM_TRAINED_GROUP_ALIGNED = dataclasses.replace(
 # search saves ~0.25 plain epochs, which come off the baselines' compute budget. S2HPruner
 # keeps lr 0.03 (validation's choice in both group profiles); the baselines search their grids
 # again (deterministic: the same choice as from-trained-group-aligned).
+# S2HPruner's short recipe (round 23): lr 0.03, the 15% search, the hard network alone after it
+SHORT_RECIPE = {"lr": (0.03,), "freeze_teacher": ("none",), "freeze": (0.85,)}
 FROM_TRAINED_GROUP_ALIGNED_SHORT = dataclasses.replace(
     FROM_TRAINED_GROUP_ALIGNED, name="from-trained-group-aligned-short",
     search={**FROM_TRAINED_GROUP_ALIGNED.search,
-            "s2h": _grid(lr=(0.03,), freeze_teacher=("none",), freeze=(0.85,))},
+            "s2h": _grid(**SHORT_RECIPE)},
 )
 
 # The short profile at 0.15 alone, every method searched on validation at 0.15 itself (the
@@ -408,8 +410,7 @@ FROM_TRAINED_DESCENT = dataclasses.replace(
     FROM_TRAINED_GROUP_ALIGNED_SHORT, name="from-trained-descent", targets=(0.15,),
     tune_targets=(0.15,),
     search={**FROM_TRAINED_GROUP_ALIGNED_SHORT.search,
-            "s2h": _grid(lr=(0.03,), freeze_teacher=("none",), freeze=(0.85,),
-                         descent=(0.0, 0.8))},
+            "s2h": _grid(**SHORT_RECIPE, descent=(0.0, 0.8))},
 )
 
 # The same at 0.55 alone: round 24 left 0.55's baselines searched at 0.35 only, and at 0.15,
@@ -431,8 +432,7 @@ FROM_TRAINED_SEARCHED_055 = dataclasses.replace(
 FROM_TRAINED_WIDTH_STEP_055 = dataclasses.replace(
     FROM_TRAINED_SEARCHED_055, name="from-trained-width-step-055",
     search={**FROM_TRAINED_SEARCHED_055.search,
-            "s2h": _grid(lr=(0.03,), freeze_teacher=("none",), freeze=(0.85,),
-                         round_to=(8, 4))},
+            "s2h": _grid(**SHORT_RECIPE, round_to=(8, 4))},
 )
 
 # The same at 0.15 (every method searched at 0.15, as in from-trained-descent): there global
@@ -443,8 +443,7 @@ FROM_TRAINED_WIDTH_STEP_055 = dataclasses.replace(
 FROM_TRAINED_WIDTH_STEP_015 = dataclasses.replace(
     FROM_TRAINED_DESCENT, name="from-trained-width-step-015",
     search={**FROM_TRAINED_DESCENT.search,
-            "s2h": _grid(lr=(0.03,), freeze_teacher=("none",), freeze=(0.85,),
-                         descent=(0.0, 0.8), round_to=(8, 4))},
+            "s2h": _grid(**SHORT_RECIPE, descent=(0.0, 0.8), round_to=(8, 4))},
 )
 
 # resnet56 from its own trained checkpoint with resnet20's strongest recipe at 0.35
