@@ -463,6 +463,18 @@ FROM_TRAINED_RESNET56_SHORT = dataclasses.replace(
     borrow={},
 )
 
+# The same resnet56 checkpoint at 0.15, the one target where S2HPruner leads on resnet20
+# (from-trained-descent): does that lead hold on a deeper network? Every method searches its
+# grid on validation at 0.15 itself. S2HPruner's candidates are resnet20's 0.15 recipe (the
+# short search with the slower descent, validation's choice there) at width steps 8 and 4:
+# two candidates against l1-ft's four, so the search favours the baseline if anything.
+FROM_TRAINED_RESNET56_015 = dataclasses.replace(
+    FROM_TRAINED_RESNET56_SHORT, name="from-trained-resnet56-015", targets=(0.15,),
+    tune_targets=(0.15,),
+    search={**FROM_TRAINED_RESNET56_SHORT.search,
+            "s2h": _grid(**SHORT_RECIPE, descent=(0.8,), round_to=(8, 4))},
+)
+
 PROFILES = {
     # ~1 h on a 2-core CPU: s2h ~4.5 min/epoch, a plain epoch ~1.5-2 min
     "quick": Profile("quick", epochs=3.0),
@@ -491,6 +503,7 @@ PROFILES = {
     "from-trained-width-step-055": FROM_TRAINED_WIDTH_STEP_055,
     "from-trained-width-step-015": FROM_TRAINED_WIDTH_STEP_015,
     "from-trained-resnet56-short": FROM_TRAINED_RESNET56_SHORT,
+    "from-trained-resnet56-015": FROM_TRAINED_RESNET56_015,
 }
 
 

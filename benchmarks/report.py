@@ -164,7 +164,8 @@ def profile_markdown(results: dict, image: str | None) -> list[str]:
         f"- Model `{s['model']}` on `{s['dataset']}`: {s['epochs']:g} epochs, batch "
         f"{s['batch_size']}, lr {s['lr']:g} (SGD, Nesterov momentum 0.9, weight decay 5e-4 on "
         f"weights, cosine per stage), val split {_val_size(s)}, train subset "
-        f"{s['train_subset'] or 'all'}; S2HPruner family: {_frozen(s)} with frozen widths",
+        f"{s['train_subset'] or 'all'}; S2HPruner family: {_frozen(s)} with frozen widths"
+        + (" (values the search below chooses override these)" if s.get("search") else ""),
     ]
     if s.get("round_to"):
         searched = any("round_to" in c for c in (s.get("search") or {}).get("s2h", ()))

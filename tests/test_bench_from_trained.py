@@ -488,6 +488,28 @@ def test_resnet56_short_profile_runs_resnet20s_strongest_recipe_and_searches_eve
             assert cfg.round_to == (hyper["round_to"] if method == "s2h" else None)
 
 
+def test_resnet56_at_015_searches_every_method_at_015_with_resnet20s_015_recipe(tmp_path):
+    """`from-trained-resnet56-015` is `from-trained-resnet56-short` at 0.15, searched at 0.15;
+    S2HPruner's candidates are resnet20's 0.15 choice (the descent) at both width steps, and
+    the baselines keep their grids."""
+    at_015, short = compare.FROM_TRAINED_RESNET56_015, compare.FROM_TRAINED_RESNET56_SHORT
+    same = dict(name=short.name, targets=short.targets, tune_targets=short.tune_targets,
+                search=short.search)  # fmt: skip
+    assert dataclasses.replace(at_015, **same) == short
+    assert (at_015.targets, at_015.tune_targets) == ((0.15,), (0.15,))
+    assert {m: at_015.search[m] for m in ("l1-ft", "random")} == \
+        {m: short.search[m] for m in ("l1-ft", "random")}  # fmt: skip
+    assert [(c["descent"], c["round_to"], c["freeze"]) for c in at_015.search["s2h"]] == [
+        (0.8, 8, 0.85), (0.8, 4, 0.85)]  # fmt: skip
+    assert {s.target for s in compare.plan_runs(at_015)} == {0.15}
+    spec = compare.RunSpec("s2h", 0.15, 0, "epochs")
+    for hyper in compare.search_candidates(spec, at_015):
+        cfg = compare.run_config(at_015, spec, 1.0, tmp_path, hyper)
+        assert (cfg.model, cfg.init, cfg.target_flops) == (
+            "resnet56", compare.CHECKPOINT_RESNET56, 0.15)  # fmt: skip
+        assert (cfg.descent, cfg.round_to) == (0.8, hyper["round_to"])
+
+
 def test_short_search_profile_changes_only_s2hpruners_search_share():
     """`from-trained-group-aligned-short` is `from-trained-group-aligned` with S2HPruner's one
     candidate the 15% search (freeze 0.85) at lr 0.03; every baseline keeps its grid."""

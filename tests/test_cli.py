@@ -8,6 +8,7 @@ import pytest
 import torch
 from fabricate import learnable_fashion_mnist
 
+import s2hpruner
 from s2hpruner.app.cli import main
 from s2hpruner.app.run import REPORT_KEYS
 
@@ -35,6 +36,7 @@ def test_prune_writes_a_complete_run_directory(finished_run):
     assert any((out / "tensorboard").iterdir())
     report = json.loads((out / "report.json").read_text())
     assert set(REPORT_KEYS) <= set(report)
+    assert report["s2hpruner"] == s2hpruner.__version__  # which release made this run
     assert abs(report["flops_ratio"] - 0.5) <= 0.01, "exported model meets the budget"
     assert report["top1_hard"] > 50.0, "the fabricated task is learnable"
     assert report["gap"] == pytest.approx(report["top1_soft"] - report["top1_hard"])
@@ -45,6 +47,21 @@ def test_prune_writes_a_complete_run_directory(finished_run):
     for key in ("val_top1_soft", "val_top1_hard", "gap", "flops_ratio_soft", "flops_ratio_hard",
                 "losses", "lr", "widths", "budget_met_step"):
         assert key in records[-1]
+    for r in records:  # every budget's ratio, for both networks
+        assert r["ratios_soft"] == {"flops": pytest.approx(r["flops_ratio_soft"])}
+        assert r["ratios_hard"] == {"flops": pytest.approx(r["flops_ratio_hard"])}
+
+
+def test_version_is_one_fact_for_the_cli_and_the_installed_package(capsys):
+    """``s2hpruner --version`` and pip's metadata both read ``s2hpruner.__version__``
+    (pyproject takes it from there), so they cannot disagree."""
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"s2hpruner {s2hpruner.__version__}"
+    assert version("s2hpruner") == s2hpruner.__version__
 
 
 def test_the_run_records_when_the_search_met_its_budget_and_traces_it_by_step(finished_run):

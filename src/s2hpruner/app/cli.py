@@ -1,6 +1,7 @@
 """Command-line interface: ``s2hpruner prune | eval | export | report``.
 
-Every field of :class:`RunConfig` is a flag of ``prune`` (``target_flops`` -> ``--target-flops``);
+Every field of :class:`RunConfig` but ``model_kwargs`` (config file only) is a flag of ``prune``
+(``target_flops`` -> ``--target-flops``);
 ``--config file.yaml`` fills the same fields, and flags given on the command line win.
 Bad input exits with code 2 and a one-line message that says what to fix.
 """
@@ -14,6 +15,7 @@ import sys
 import typing
 from pathlib import Path
 
+from .. import __version__
 from ..core.errors import S2HError
 from .config import (
     AUTOCAST,
@@ -194,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Prune an image model to a FLOPs, parameter or latency budget with "
         "S2HPruner (soft-to-hard distillation) and export the physically smaller network.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser(

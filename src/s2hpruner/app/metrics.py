@@ -59,8 +59,9 @@ class MetricWriter:
                 self.writer.add_scalar(key, record[key], step)
         for key, value in record.get("losses", {}).items():
             self.writer.add_scalar(f"loss/{key}", value, step)
-        for key, value in record.get("ratios_hard", {}).items():
-            self.writer.add_scalar(f"ratio_hard/{key}", value, step)
+        for mode in ("soft", "hard"):
+            for key, value in record.get(f"ratios_{mode}", {}).items():
+                self.writer.add_scalar(f"ratio_{mode}/{key}", value, step)
         for name, width in record.get("widths", {}).items():
             self.writer.add_scalar(f"width/{name}", width, step)
         self.writer.flush()

@@ -22,6 +22,7 @@ import torch
 import yaml
 from torch import nn
 
+from .. import __version__
 from ..core import distributed as D
 from ..core.balance import GradientBalancer
 from ..core.errors import (
@@ -461,6 +462,7 @@ def _epoch_record(state, steps_per_epoch, model, pruner, trainer, schedule, val_
         "flops_ratio_soft": pruner.ratio("soft"),
         "flops_ratio_hard": pruner.ratio("hard"),
         "target_flops": pruner.budgets.get("flops"),
+        "ratios_soft": pruner.ratios("soft"),
         "ratios_hard": pruner.ratios("hard"),
         "budgets": pruner.budgets,
         "budget_projection_steps": trainer.projection_steps,
@@ -534,6 +536,7 @@ def finish(cfg, out, splits, model, pruner, trainer, example, device, state) -> 
         "device": str(device),
         "world_size": D.world_size(),
         "torch": torch.__version__,
+        "s2hpruner": __version__,
     }
     if pruner.latency is not None:
         report.update(_latency_report(model, exported, pruner, example, cfg, device))
