@@ -475,6 +475,16 @@ FROM_TRAINED_RESNET56_015 = dataclasses.replace(
             "s2h": _grid(**SHORT_RECIPE, descent=(0.8,), round_to=(8, 4))},
 )
 
+# The same resnet56 checkpoint at 0.55, the target where S2HPruner trails on resnet20
+# (from-trained-width-step-055: -0.16 ± 0.05): does the deeper network show the same gap?
+# Every method searches its grid on validation at 0.55 itself; S2HPruner's candidates are
+# resnet20's 0.55 recipe (the short search without the descent, which cost 0.16 there) at
+# width steps 8 and 4, as in from-trained-resnet56-short.
+FROM_TRAINED_RESNET56_055 = dataclasses.replace(
+    FROM_TRAINED_RESNET56_SHORT, name="from-trained-resnet56-055", targets=(0.55,),
+    tune_targets=(0.55,),
+)
+
 PROFILES = {
     # ~1 h on a 2-core CPU: s2h ~4.5 min/epoch, a plain epoch ~1.5-2 min
     "quick": Profile("quick", epochs=3.0),
@@ -504,6 +514,7 @@ PROFILES = {
     "from-trained-width-step-015": FROM_TRAINED_WIDTH_STEP_015,
     "from-trained-resnet56-short": FROM_TRAINED_RESNET56_SHORT,
     "from-trained-resnet56-015": FROM_TRAINED_RESNET56_015,
+    "from-trained-resnet56-055": FROM_TRAINED_RESNET56_055,
 }
 
 

@@ -510,6 +510,24 @@ def test_resnet56_at_015_searches_every_method_at_015_with_resnet20s_015_recipe(
         assert (cfg.descent, cfg.round_to) == (0.8, hyper["round_to"])
 
 
+def test_resnet56_at_055_is_the_resnet56_short_profile_searched_at_055(tmp_path):
+    """`from-trained-resnet56-055` changes only the target (and where the search runs) of
+    `from-trained-resnet56-short`: S2HPruner keeps its two width steps, without the descent."""
+    at_055, short = compare.FROM_TRAINED_RESNET56_055, compare.FROM_TRAINED_RESNET56_SHORT
+    same = dict(name=short.name, targets=short.targets, tune_targets=short.tune_targets)
+    assert dataclasses.replace(at_055, **same) == short
+    assert (at_055.targets, at_055.tune_targets) == ((0.55,), (0.55,))
+    assert {s.target for s in compare.plan_runs(at_055)} == {0.55}
+    spec = compare.RunSpec("s2h", 0.55, 0, "epochs")
+    candidates = compare.search_candidates(spec, at_055)
+    assert [c["round_to"] for c in candidates] == [8, 4]
+    for hyper in candidates:
+        cfg = compare.run_config(at_055, spec, 1.0, tmp_path, hyper)
+        assert (cfg.model, cfg.init, cfg.target_flops) == (
+            "resnet56", compare.CHECKPOINT_RESNET56, 0.55)  # fmt: skip
+        assert (cfg.descent, cfg.round_to, cfg.freeze) == (0.0, hyper["round_to"], 0.85)
+
+
 def test_short_search_profile_changes_only_s2hpruners_search_share():
     """`from-trained-group-aligned-short` is `from-trained-group-aligned` with S2HPruner's one
     candidate the 15% search (freeze 0.85) at lr 0.03; every baseline keeps its grid."""
