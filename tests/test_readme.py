@@ -44,3 +44,16 @@ def test_recipe_is_short_and_complete():
     for step in ("class Net(nn.Module)", "DataLoader(", "torch.optim.SGD(", "S2HTrainer(",
                  "trainer.step(", "scheduler.step()", "trainer.export()", "torch.save("):
         assert step in code, step
+
+
+def test_every_repository_file_the_readme_names_is_in_the_repository():
+    """A clone has only what the repository holds: a path the README names under one of its
+    folders (or outside it, `../`) would send a reader nowhere."""
+    root = README.parent
+    named = set(re.findall(r"`([^`\s]+)`", README.read_text()))
+    folders = ("app/", "core/", "benchmarks/", "configs/", "docs/", "scripts/", "src/", "tests/")
+    paths = [t for t in named if t.startswith(folders) or t.startswith("../")]
+    assert len(paths) > 20  # the module table and the benchmark files are named
+    missing = [p for p in paths
+               if not any((base / p).exists() for base in (root, root / "src/s2hpruner"))]
+    assert not missing, f"README names files the repository does not have: {missing}"

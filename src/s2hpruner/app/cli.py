@@ -45,8 +45,8 @@ HELP = {
     "target_latency": "latency budget as a fraction of the full model's latency measured on "
     "--device at --latency-batch (per-layer tables, cached)",
     "latency_batch": "batch size at which latency is measured (budget and report)",
-    "latency_cache": "file of measured latency tables (default: ~/.cache/s2hpruner/latency/, "
-    "or $S2HPRUNER_CACHE)",
+    "latency_cache": "file of measured latency tables (default: "
+    "~/.cache/s2hpruner/latency/latency.json, or latency.json in $S2HPRUNER_CACHE)",
     "latency_feedback": "with --target-latency, times the hard network is exported, timed and "
     "the latency model refitted during the search (and again when the widths freeze)",
     "latency_predictor": "with --target-latency, what the latency model's shape follows: the "

@@ -53,7 +53,7 @@ class RunConfig:
     target_params: float | None = None
     target_latency: float | None = None
     latency_batch: int = 64  # batch size at which latency counts (target and report)
-    latency_cache: str | None = None  # latency table file (default: ~/.cache/s2hpruner)
+    latency_cache: str | None = None  # default: ~/.cache/s2hpruner/latency/latency.json
     skip_slow_widths: bool = True  # latency budget: never keep a width slower than a wider one
     latency_feedback: int = 3  # latency budget: measured refits of the latency model mid-search
     latency_predictor: str = "auto"  # latency budget: shape of the cost (LATENCY_PREDICTORS)
