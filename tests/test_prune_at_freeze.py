@@ -240,10 +240,16 @@ def test_tied_weights_and_a_state_from_before_the_switch_are_refused():
     _train(trainer, schedule, _batches())
     with pytest.raises(ValueError, match="before the switch"):
         trainer.load_state_dict(before)
-    tied = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 4))
-    tied[2].weight = tied[0].weight
+    nn = torch.nn
+    tied = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    tied[6].weight = tied[3].weight  # one weight, two convolutions
+    pruner = S2HPruner(tied, torch.zeros(1, 1, 8, 8), target_flops=0.5)
     with pytest.raises(ValueError, match="tied weights"):
-        S2HTrainer(tied, pruner, trainer.optimizer, 4, prune_at_freeze=True)
+        S2HTrainer(tied, pruner, torch.optim.SGD(tied.parameters(), lr=0.1), 4,
+                   prune_at_freeze=True)
 
 
 def test_frozen_weights_stay_frozen_and_bf16_steps_run_after_the_switch():

@@ -40,7 +40,7 @@ from .sliced import (
     prune_copy,
     unsliceable_modules,
 )
-from .structure import ChannelGroup, find_groups, index_mapping_once
+from .structure import ChannelGroup, find_groups, index_mapping_once, inputs_on_device_of
 
 # what ranks a group's channels (S2HPruner's ``importance``)
 IMPORTANCES = ("producers", "group")
@@ -87,19 +87,22 @@ class S2HPruner(nn.Module):
 
     Args:
         model: the network to prune; it is not modified (masks act through temporary hooks).
-        example_inputs: a batch (or tuple of inputs) used to trace the model and count FLOPs.
+        example_inputs: a batch (or tuple of inputs) used to trace the model and count FLOPs;
+            it follows the model to its device (an export after ``model.cuda()`` traces there).
         target_flops: budget as a fraction of the full model's FLOPs in (0, 1].
         target_params: budget as a fraction of the full model's parameters.
         target_latency: budget as a fraction of the full model's latency, measured by
             ``latency_model``: a :class:`~s2hpruner.core.resources.latency.LatencyModel`, or
             a function ``(model, example_inputs, groups) -> LatencyModel`` called once the
             groups are known. Every budget given is met; with none, ``target_flops=0.35``.
-        width_step: channel step d of every group (default: smallest divisor with <= 32 widths).
+        width_step: channel step d of every group (default: the smallest divisor of its
+            width that gives at most ``max_candidates`` widths).
         round_to: make every kept (hard) width a multiple of this, or the group's full width
             (e.g. 8 or 16 for fast kernels); the search itself keeps the step ``width_step``.
         ignored_layers: modules (or their names) whose output channels are never pruned; the
             classifier is always ignored.
         temperature: tau of p = softmax(u / tau); constant, never annealed.
+        max_candidates: most candidate widths per group (bounds the default ``width_step``).
         separate_hard_bn_stats: keep the hard network's BatchNorm running statistics apart
             from the soft network's (the two see different activations); the exported model
             gets the hard ones. Use it whenever the hard network is trained (S2HPruner); DMP
@@ -124,7 +127,7 @@ class S2HPruner(nn.Module):
     def __init__(
         self,
         model: nn.Module,
-        example_inputs,
+        example_inputs: torch.Tensor | tuple[torch.Tensor, ...],
         target_flops: float | None = None,
         width_step: int | None = None,
         round_to: int | None = None,
@@ -158,6 +161,7 @@ class S2HPruner(nn.Module):
         if round_to is not None and round_to < 1:
             raise ValueError(f"round_to must be >= 1 (or None), got {round_to}")
         object.__setattr__(self, "model", model)  # wrapped, not a submodule
+        example_inputs = inputs_on_device_of(model, example_inputs)
         self.example_inputs = example_inputs
         groups, graph = find_groups(model, example_inputs, width_step, ignored_layers,
                                     max_candidates, embedding=prune_embedding)  # fmt: skip
@@ -255,7 +259,7 @@ class S2HPruner(nn.Module):
     # ------------------------------------------------------------ importance
     @torch.no_grad()
     def update_ranks(self, force: bool = False) -> None:
-        """Rank each group's channels by the L1 norm of their producers' weights (rank 0 first).
+        """Rank each group's channels by :meth:`importance` (rank 0 first).
 
         Called once per training step; a no-op when ``freeze_ranks`` is set (unless forced).
         """
@@ -265,7 +269,8 @@ class S2HPruner(nn.Module):
         self.search.ranks.copy_(ranks)
 
     def importance(self) -> torch.Tensor:
-        """Per flat group channel: mean over the group's producers of its L1 weight norm."""
+        """Per flat group channel: mean over the group's producers of its L1 weight norm
+        (``importance="producers"``), or torch-pruning's group L1 importance (``"group"``)."""
         norms: dict[str, torch.Tensor] = {}
         sources = []
         for name, map_id in self.index.importance_sources:

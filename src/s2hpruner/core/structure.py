@@ -184,8 +184,24 @@ def tolerant_passes() -> Iterator[None]:
         _tp_shape_infer.init_shape_information, _tp_index_mapping.update_index_mapping = saved
 
 
+def inputs_on_device_of(model: nn.Module, example_inputs):
+    """``example_inputs`` (a tensor, or a list, tuple or dict of them) on the device of
+    ``model``'s weights: a pruner built before the model moved still traces and exports it."""
+    weight = next(model.parameters(), None)
+    if weight is None:
+        return example_inputs
+    if torch.is_tensor(example_inputs):
+        return example_inputs.to(weight.device)
+    if isinstance(example_inputs, list | tuple):
+        return type(example_inputs)(inputs_on_device_of(model, v) for v in example_inputs)
+    if isinstance(example_inputs, dict):
+        return {k: inputs_on_device_of(model, v) for k, v in example_inputs.items()}
+    return example_inputs
+
+
 def build_graph(model: nn.Module, example_inputs) -> tp.DependencyGraph:
     """Trace ``model`` with torch-pruning (needs autograd, so grad mode is forced on)."""
+    example_inputs = inputs_on_device_of(model, example_inputs)
     was_training = model.training
     model.eval()
     try:

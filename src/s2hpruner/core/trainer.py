@@ -22,7 +22,7 @@ import copy
 import math
 import warnings
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -75,7 +75,7 @@ def kl(target_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     )
 
 
-def logits_of(output) -> torch.Tensor:
+def logits_of(output: object) -> torch.Tensor:
     """The class logits of a model's output: a tensor, the first of a tuple or list, a dict's
     ``"logits"`` entry, or an object's ``.logits`` (Hugging Face)."""
     if torch.is_tensor(output):
@@ -99,7 +99,8 @@ class StepGradients:
     masks: dict[str, list] = field(default_factory=dict)
     losses: dict[str, float] = field(default_factory=dict)
 
-    def add(self, name, loss, weights: list, masks: list, retain_graph: bool = False,
+    def add(self, name: str, loss: torch.Tensor, weights: list, masks: list,
+            retain_graph: bool = False,
             scale: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:  # fmt: skip
         """Record ``loss`` and take its gradient with respect to ``weights`` and ``masks``
         (of ``scale(loss)`` when a grad scaler is in use)."""
@@ -139,16 +140,19 @@ class S2HTrainer:
     norm-balanced width-logit update) in the caller's loop.
 
     Args:
-        model: the network being pruned (the one ``pruner`` wraps), on its device.
+        model: the network being pruned (``pruner.model`` itself, not a copy), on its device.
         pruner: its :class:`S2HPruner`.
-        optimizer: the caller's optimizer of the model's weights; the trainer calls its
-            ``step()`` and ``zero_grad()``. The LR schedule stays with the caller.
-        total_steps: steps of the whole run; the phases are fractions of it.
+        optimizer: the caller's optimizer of the model's weights (not the width logits); the
+            trainer calls its ``step()`` and ``zero_grad()``. The LR schedule stays with the
+            caller.
+        total_steps: calls of :meth:`step` over the whole run (batches, not epochs); the
+            phases are fractions of it.
         method: ``"s2h"`` or an ablation, see :data:`METHODS`.
         loss_fn: ``loss_fn(logits, target)``, default cross-entropy (label smoothing, mixup
             targets or a teacher's soft targets work as long as the function takes them).
         output: picks the logits from the model's output (default :func:`logits_of`).
         mask_optimizer: optimizer of the width logits (default Adam, ``mask_lr``, no decay).
+        mask_lr: the default mask optimizer's learning rate.
         alpha: weight of G_h in the weights' loss.
         balancer: the norm balancing of u's gradients (``balance.py``).
         warmup: fraction of the steps with u frozen at its start (weights only).
@@ -233,6 +237,18 @@ class S2HTrainer:
             raise ValueError(f"descent is a fraction of the joint search in [0, 1], got {descent}")
         if resource_on not in ("hard", "soft"):
             raise ValueError(f"resource_on must be 'hard' or 'soft', got {resource_on!r}")
+        if model is not pruner.model:  # the masks act on pruner.model's layers only
+            raise ValueError(
+                "model is not the module the pruner wraps: pass pruner.model (a copy, a "
+                "rebuilt model or a wrapper such as DDP's .module would train without the masks)"
+            )
+        logits = {id(u) for u in pruner.mask_parameters()}
+        if any(id(p) in logits for group in optimizer.param_groups for p in group["params"]):
+            raise ValueError(
+                "the optimizer holds the pruner's width logits, which the trainer steps with "
+                "its own mask_optimizer; build it on model.parameters() only (in a "
+                "LightningModule that holds the pruner, leave out pruner.parameters())"
+            )
         if isinstance(freeze_teacher, nn.Module):
             shared = {id(p) for p in model.parameters()} & {
                 id(p) for p in freeze_teacher.parameters()}  # fmt: skip
@@ -244,6 +260,7 @@ class S2HTrainer:
                 )
             _set_training(freeze_teacher, False)  # a fixed teacher: its BN running stats
             freeze_teacher.requires_grad_(False)
+            freeze_teacher.to(next(model.parameters()).device)  # it sees the model's batches
         elif freeze_teacher not in FREEZE_TEACHERS:
             raise ValueError(
                 f"freeze_teacher must be one of {', '.join(FREEZE_TEACHERS)} or a module, "
@@ -289,6 +306,7 @@ class S2HTrainer:
         if autocast == "fp16" and next(model.parameters()).device.type != "cuda":
             raise ValueError("autocast='fp16' needs CUDA (and its grad scaler); use 'bf16' on CPU")
         self.step_count = 0
+        self._warned: set[str] = set()  # misuse warned about once (eval mode, extra steps)
         self.widths_frozen = False
         self.projection_steps: int | None = None  # steps project_to_budget took, once frozen
         # first search step after which the hard ratios were within tolerance of the budget:
@@ -481,7 +499,7 @@ class S2HTrainer:
                 return self.output(self.freeze_teacher(x)).float()
         return self._forward(x, "soft")
 
-    def gradients(self, x: torch.Tensor, y, phase: str) -> StepGradients:
+    def gradients(self, x: torch.Tensor, y: torch.Tensor, phase: str) -> StepGradients:
         """The forwards and losses of one step of ``self.method``, and where each loss's
         gradient goes (not yet applied)."""
         m, alpha, loss_fn = self.method, self.alpha, self.loss_fn
@@ -526,10 +544,13 @@ class S2HTrainer:
             grads.add("resource", resource, [], masks, scale=scale)
         return grads
 
-    def step(self, x: torch.Tensor, y) -> dict[str, float]:
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         """One optimisation step: the weights get the sum of their gradients, the width
         logits the norm-balanced combination of task, gap and resource gradients. Returns
-        the losses (and the balancer's ``gamma``)."""
+        the losses by name and the balancer's ``gamma``: during the search ``task``,
+        ``gap_hard``, ``gap_soft`` and ``resource``; once the widths freeze ``task`` alone
+        (the hard network's, with the teacher's KL added unless ``freeze_teacher="none"``)."""
+        self._warn_misuse()
         phase = self.phase()
         if phase == "freeze" and (not self.widths_frozen
                                   or self.prune_at_freeze and self.pruned is None):
@@ -575,6 +596,21 @@ class S2HTrainer:
         self.step_count += 1
         return {**grads.losses, "gamma": self.balancer.gamma}
 
+    def _warn_misuse(self) -> None:
+        """Warn once about two silent mistakes: training in eval mode (BatchNorm then
+        neither uses the batch's statistics nor updates its running ones) and stepping past
+        ``total_steps`` (often an epoch count: the run then sits in the last phase)."""
+        if not self.model.training and "eval" not in self._warned:
+            self._warned.add("eval")
+            warnings.warn("S2HTrainer.step() with the model in eval mode: call model.train() "
+                          "after evaluating", stacklevel=3)  # fmt: skip
+        if self.step_count >= self.total_steps and "steps" not in self._warned:
+            self._warned.add("steps")
+            warnings.warn(
+                f"step {self.step_count + 1} is past total_steps ({self.total_steps}), which "
+                "counts calls of step() over the whole run (batches, not epochs); the extra "
+                "steps train with the widths frozen", stacklevel=3)  # fmt: skip
+
     def _optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         if self.scaler is None:
             optimizer.step()
@@ -583,12 +619,29 @@ class S2HTrainer:
 
     # ------------------------------------------------------------- the end
     def export(self) -> nn.Module:
-        """The physically pruned hard network (the widths are frozen and meet the budget), a
-        copy the caller may change: with ``prune_at_freeze``, of the network trained since
-        the freeze (:attr:`network` is that network itself)."""
+        """The physically pruned hard network, a copy the caller may change. At the end of
+        the search (from the first step of the last phase on) the widths are frozen, projected
+        onto the budget if the search had not met it; with ``prune_at_freeze`` this is the
+        network trained since the freeze (:attr:`network` is that network itself). Before
+        that, a snapshot: the current hard network projected onto the budget, while the
+        search itself goes on untouched (export to evaluate mid-run)."""
+        if not self.widths_frozen and self.step_count < self.freeze_start:
+            return self._snapshot()
         if not self.widths_frozen:
             self.freeze_widths()
         return self.pruner.export() if self.pruned is None else copy.deepcopy(self.pruned)
+
+    def _snapshot(self) -> nn.Module:
+        masks = self.pruner.mask_parameters()
+        saved = [(u.detach().clone(), u.grad) for u in masks]
+        try:
+            project_to_budget(self.pruner, self.balancer.tolerance)
+            return self.pruner.export()
+        finally:
+            with torch.no_grad():
+                for u, (value, grad) in zip(masks, saved, strict=True):
+                    u.copy_(value)
+                    u.grad = grad
 
     def state_dict(self) -> dict:
         """Everything of the trainer a resumed run needs (save the model, the pruner and your
@@ -664,7 +717,7 @@ def _fmt(ratios: dict[str, float]) -> str:
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
-    loader,
+    loader: Iterable,
     device: torch.device | str,
     pruner: S2HPruner | None = None,
     mode: str = "full",

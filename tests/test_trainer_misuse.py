@@ -1,0 +1,123 @@
+"""Mistakes a user's own loop plausibly makes with S2HTrainer: each is refused early with the
+fix named, warned about once, or made harmless (an export mid-run, a model moved after the
+pruner was built)."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from s2hpruner import S2HPruner, S2HTrainer, count_flops
+from s2hpruner.core.structure import inputs_on_device_of
+
+STEPS = 12
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def build(seed: int = 0, **kwargs):
+    torch.manual_seed(seed)
+    model = Net()
+    x = torch.randn(16, 1, 8, 8)
+    y = torch.randint(0, 4, (16,))
+    pruner = S2HPruner(model, x[:1], target_flops=0.5)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    trainer = S2HTrainer(model, pruner, optimizer, STEPS, mask_lr=0.2, freeze=0.25, **kwargs)
+    return model, pruner, trainer, x, y
+
+
+def test_a_model_other_than_the_pruners_is_refused():
+    model, pruner, trainer, _, _ = build()
+    other = copy.deepcopy(model)
+    with pytest.raises(ValueError, match="pass pruner.model"):
+        S2HTrainer(other, pruner, torch.optim.SGD(other.parameters(), lr=0.1), STEPS)
+
+
+def test_an_optimizer_holding_the_width_logits_is_refused():
+    model, pruner, _, _, _ = build()
+    both = torch.optim.SGD([*model.parameters(), *pruner.mask_parameters()], lr=0.1)
+    with pytest.raises(ValueError, match="model.parameters\\(\\) only"):
+        S2HTrainer(model, pruner, both, STEPS)
+
+
+def test_an_export_mid_search_meets_the_budget_and_leaves_the_search_as_it_was():
+    """Two identical runs, one exporting after every search step: the snapshots meet the
+    budget and are the hard network projected there, and the run ends bit for bit as the
+    other (same widths, same weights)."""
+    _, _, plain, x, y = build()
+    model, pruner, exporting, _, _ = build()
+    full = count_flops(model, x[:1])
+    snapshots = 0
+    for _ in range(STEPS):
+        plain.step(x, y)
+        exporting.step(x, y)
+        if exporting.phase() == "joint":
+            snapshot = exporting.export().eval()
+            snapshots += 1
+            assert not exporting.widths_frozen
+            assert count_flops(snapshot, x[:1]) / full <= 0.5 + 0.02
+            assert all(u.grad is None for u in pruner.mask_parameters())
+    assert snapshots >= 5
+    for a, b in zip(plain.pruner.mask_parameters(), pruner.mask_parameters(), strict=True):
+        assert torch.equal(a, b)
+    ends = plain.export().state_dict(), exporting.export().state_dict()
+    assert ends[0].keys() == ends[1].keys()
+    assert all(torch.equal(ends[0][k], ends[1][k]) for k in ends[0])
+
+
+def test_training_in_eval_mode_and_past_total_steps_each_warn_once():
+    model, _, trainer, x, y = build()
+
+    def misuse_warnings(steps: int) -> list[str]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(steps):
+                trainer.step(x, y)
+        return [str(w.message) for w in caught
+                if "eval mode" in str(w.message) or "past total_steps" in str(w.message)]
+
+    model.eval()
+    (eval_mode,) = misuse_warnings(2)
+    assert "call model.train()" in eval_mode
+    model.train()
+    assert misuse_warnings(STEPS - 2) == []
+    (extra,) = misuse_warnings(2)
+    assert "batches, not epochs" in extra
+    assert misuse_warnings(1) == []
+
+
+def test_example_inputs_follow_the_model_to_its_device():
+    model = Net().to("meta")
+    inputs = (torch.randn(1, 1, 8, 8), {"mask": torch.ones(1)}, 3)
+    moved = inputs_on_device_of(model, inputs)
+    assert moved[0].device.type == "meta" and moved[1]["mask"].device.type == "meta"
+    assert moved[2] == 3 and inputs[0].device.type == "cpu"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_a_pruner_built_on_cpu_exports_the_model_moved_to_cuda():
+    teacher = Net()
+    model, pruner, _, x, y = build()
+    model.cuda()
+    pruner.cuda()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    trainer = S2HTrainer(model, pruner, optimizer, STEPS, freeze_teacher=teacher)
+    assert next(teacher.parameters()).device.type == "cuda"
+    for _ in range(STEPS):
+        trainer.step(x.cuda(), y.cuda())
+    pruned = trainer.export().eval()
+    assert next(pruned.parameters()).device.type == "cuda"
+    assert count_flops(pruned, x[:1].cuda()) / count_flops(model, x[:1].cuda()) <= 0.52
