@@ -88,6 +88,68 @@ def test_finished_run_without_overwrite_is_left_intact(setup, capsys):
     assert snapshot(out) == before
 
 
+def test_unfinished_run_without_resume_or_overwrite_is_left_intact(setup, tmp_path, capsys):
+    root, config, out = setup
+    run_dir = copy_run(out, tmp_path / "run")
+    (run_dir / "report.json").unlink()  # stopped before the end: checkpoints/last.pt only
+    before = snapshot(run_dir)
+    assert prune(root, config, run_dir) == 2
+    err = error_of(capsys)
+    assert "unfinished run" in err and "--resume" in err and "--overwrite" in err
+    assert snapshot(run_dir) == before
+
+
+def test_overwrite_leaves_no_best_model_of_the_replaced_run(setup, tmp_path):
+    """With no frozen-width phase the new run never writes best.pt (it is chosen among
+    frozen architectures), so the replaced run's must not stay beside the new report."""
+    root, config, out = setup
+    run_dir = copy_run(out, tmp_path / "run")
+    assert (run_dir / "checkpoints" / "best.pt").exists()
+    assert prune(root, config, run_dir, "--overwrite", "--freeze-epochs", "0") == 0
+    assert not (run_dir / "checkpoints" / "best.pt").exists()
+    assert (run_dir / "report.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["--epochs", "nan"], "epochs must be a finite number > 0"),
+        (["--epochs", "inf"], "epochs must be a finite number > 0"),
+        (["--freeze", "nan"], "freeze must be a finite number >= 0"),
+        (["--temperature", "0"], "temperature must be a finite number > 0"),
+        (["--temperature", "-1"], "temperature must be a finite number > 0"),
+        (["--eval-batch-size", "0"], "eval_batch_size must be >= 1"),
+        (["--workers", "-1"], "workers must be >= 0"),
+    ],
+)
+def test_numbers_that_cannot_run_are_refused_before_anything_is_written(
+        setup, tmp_path, capsys, args, named):  # fmt: skip
+    root, config, _ = setup
+    out = tmp_path / "never"
+    assert prune(root, config, out, *args) == 2
+    assert named in error_of(capsys)
+    assert not out.exists()
+
+
+def test_export_never_replaces_earlier_models_unless_asked(setup, tmp_path, capsys):
+    _, _, out = setup
+    run_dir = copy_run(out, tmp_path / "run")
+    best = str(run_dir / "checkpoints" / "best.pt")
+    before = snapshot(run_dir)
+    assert main(["export", best, "--out", str(run_dir)]) == 2
+    assert "--overwrite" in error_of(capsys) and snapshot(run_dir) == before
+    assert main(["export", best, "--out", str(run_dir), "--overwrite"]) == 0
+    assert (run_dir / "model_pruned.pt2").stat().st_mtime_ns > 0
+
+
+def test_eval_of_a_corrupt_program_is_refused(setup, tmp_path, capsys):
+    root, _, out = setup
+    run_dir = copy_run(out, tmp_path / "run")
+    _truncate(run_dir / "model_pruned.pt2")
+    assert main(["eval", str(run_dir / "model_pruned.pt2"), "--data-root", str(root)]) == 2
+    assert "not a readable torch.export program" in error_of(capsys)
+
+
 @pytest.mark.parametrize("target", ["0", "-0.25", "1.0001", "nan", "inf"])
 def test_target_outside_0_1_with_overwrite_touches_nothing(setup, capsys, target):
     root, config, out = setup
@@ -222,6 +284,9 @@ def test_corrupt_checkpoint_is_refused(setup, tmp_path, capsys, spoil, message):
         (["--freeze-epochs", "0.25"], "freeze_epochs=0.5", "freeze_epochs=0.25"),
         (["--seed", "1"], "seed=0", "seed=1"),
         (["--importance", "group"], "importance='producers'", "importance='group'"),
+        (["--split-seed", "3"], "split_seed=None", "split_seed=3"),
+        (["--optimizer", "adamw"], "optimizer='sgd'", "optimizer='adamw'"),
+        (["--mask-optimizer", "sgd"], "mask_optimizer='adam'", "mask_optimizer='sgd'"),
     ],
 )
 def test_checkpoint_of_other_settings_is_refused(setup, tmp_path, capsys, args, saved, asked):

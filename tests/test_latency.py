@@ -486,9 +486,13 @@ def test_latency_budget_aligns_widths_by_default_and_falls_back_when_it_cannot(
     assert fallback.round_to is None and fallback.latency_floor < between
     with pytest.raises(BudgetError, match="below"):
         pruner_at(between, round_to=8)
-    # a resumed run keeps its checkpoint's alignment, whatever the timings say now
-    assert pruner_at(0.8, resumed={"round_to": None}).round_to is None
-    assert pruner_at(0.8, resumed={"round_to": 8}).round_to == 8
+    # a resumed run keeps its checkpoint's alignment (its pruner's state dict, as saved),
+    # whatever the timings say now, and loads that state
+    for saved in (aligned, fallback):
+        state = saved.state_dict()
+        resumed = pruner_at(0.8, resumed=state)
+        assert resumed.round_to == saved.round_to
+        resumed.load_state_dict(state)
 
 
 HOLD_PROBE = """

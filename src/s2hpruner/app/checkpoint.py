@@ -48,6 +48,9 @@ MUST_MATCH = (
     "val_size",
     "train_subset",
     "seed",
+    "split_seed",
+    "optimizer",
+    "mask_optimizer",
 )
 
 

@@ -142,7 +142,7 @@ HELP = {
                    "bit for bit)",
     "out": "run directory for config, metrics, checkpoints, exported model, report and plots",
     "resume": "continue from OUT/checkpoints/last.pt",
-    "overwrite": "allow replacing a finished run in OUT",
+    "overwrite": "allow replacing a run in OUT (finished, or stopped before its end)",
     "checkpoint_every": "also save OUT/checkpoints/last.pt every N training steps (0: epochs only)",
     "deterministic": "use deterministic algorithms (bitwise-reproducible resume on CPU)",
     "latency_repeats": "timed repeats per latency measurement (medians are reported)",
@@ -234,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also write model_pruned.onnx and check it with onnxruntime",
     )
+    x.add_argument("--overwrite", action="store_true",
+                   help="replace models an earlier export (or the run) wrote in OUT")
 
     r = sub.add_parser(
         "report",
@@ -267,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "export":
             from .tools import export_checkpoint
 
-            print(json.dumps(export_checkpoint(args.checkpoint, args.out, args.onnx), indent=2))
+            print(json.dumps(export_checkpoint(args.checkpoint, args.out, args.onnx,
+                                                args.overwrite), indent=2))
         elif args.command == "report":
             from .tools import redraw_report
 

@@ -135,12 +135,18 @@ class RunConfig:
                     f"target_{name} must be in (0, 1] (a fraction of the full model's {name}), "
                     f"got {value}"
                 )
-        if self.epochs is not None and self.epochs <= 0:
-            raise ConfigError(f"epochs must be > 0, got {self.epochs}")
+        if self.epochs is not None and not (self.epochs > 0 and math.isfinite(self.epochs)):
+            raise ConfigError(f"epochs must be a finite number > 0, got {self.epochs}")
         for name in ("warmup", "freeze", "warmup_epochs", "freeze_epochs"):
             value = getattr(self, name)
-            if value is not None and value < 0:
-                raise ConfigError(f"{name} must be >= 0, got {value}")
+            if value is not None and not (value >= 0 and math.isfinite(value)):
+                raise ConfigError(f"{name} must be a finite number >= 0, got {value}")
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise ConfigError(f"temperature must be a finite number > 0, got {self.temperature}")
+        if self.eval_batch_size < 1:
+            raise ConfigError(f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
+        if self.workers < 0:
+            raise ConfigError(f"workers must be >= 0, got {self.workers}")
         absolute = self.warmup_epochs is not None or self.freeze_epochs is not None
         if self.epochs is not None or not absolute:  # else checked once the epochs are known
             warmup, freeze = self.phase_fractions()

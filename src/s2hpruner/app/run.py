@@ -81,6 +81,11 @@ def prepare_run_dir(cfg: RunConfig) -> Path:
             f"{out} holds a finished run (report.json exists); pass --overwrite to replace it, "
             "or choose another --out"
         )
+    if (out / "checkpoints" / "last.pt").exists() and not (cfg.overwrite or cfg.resume):
+        raise RunDirectoryError(
+            f"{out} holds an unfinished run (checkpoints/last.pt exists); pass --resume to "
+            "continue it, --overwrite to replace it, or choose another --out"
+        )
     if cfg.resume and not (out / "checkpoints" / "last.pt").exists():
         raise CheckpointError(f"--resume: no checkpoint at {out / 'checkpoints' / 'last.pt'}")
     if D.is_main():
@@ -146,8 +151,9 @@ def build_pruner(
     run (``resumed``: its checkpoint's pruner state) keeps the alignment it was built with:
     timings taken again could decide that choice the other way."""
     budgets = cfg.budgets()
-    if resumed is not None and cfg.round_to is None:
-        return _build_pruner(cfg, model, spec, device, resumed.get("round_to"))
+    if resumed is not None and cfg.round_to is None:  # (the pruner keeps it in extra state)
+        saved = resumed.get("_extra_state", {}).get("round_to")
+        return _build_pruner(cfg, model, spec, device, saved)
     if cfg.round_to is not None or "latency" not in budgets:
         return _build_pruner(cfg, model, spec, device, cfg.round_to)
     try:
@@ -309,6 +315,8 @@ def prune(cfg: RunConfig) -> dict:
     else:  # what the starting weights score: what pruning costs is measured against it
         state.history.append(_start_record(model, pruner, val_loader, device, cfg))
     if main:
+        if checkpoint is None:  # replacing a run (--overwrite): its best model is not this one's
+            (out / "checkpoints" / "best.pt").unlink(missing_ok=True)
         # exactly the epochs of the checkpoint: a run killed between writing an epoch's line
         # and its checkpoint repeats that epoch when resumed
         lines = "".join(json.dumps(record) + "\n" for record in state.history)

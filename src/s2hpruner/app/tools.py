@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from ..core import distributed as D
-from ..core.errors import CheckpointError, S2HError
+from ..core.errors import CheckpointError, RunDirectoryError, S2HError
 from ..core.resources import count_flops, count_params
 from ..core.trainer import evaluate
 from .checkpoint import load_checkpoint, load_model_and_pruner
@@ -86,7 +86,11 @@ def evaluate_path(args: argparse.Namespace) -> dict:
     if path.suffix == ".pt2":
         from .files import load_program
 
-        model = load_program(path).to(device)
+        try:
+            model = load_program(path).to(device)
+        except Exception as exc:
+            raise CheckpointError(f"{path} is not a readable torch.export program "
+                                  f"({type(exc).__name__}: {exc})") from exc  # fmt: skip
     else:
         try:
             model = torch.load(path, map_location=device, weights_only=False)
@@ -98,14 +102,20 @@ def evaluate_path(args: argparse.Namespace) -> dict:
     return result
 
 
-def export_checkpoint(checkpoint: str | Path, out: str | Path, onnx: bool = False) -> dict:
-    """Export the hard network of ``checkpoint`` into ``out`` (.pt2, .pt, optionally .onnx)."""
-    cfg, model, pruner, example, exported = restore_from_checkpoint(checkpoint)
+def export_checkpoint(checkpoint: str | Path, out: str | Path, onnx: bool = False,
+                      overwrite: bool = False) -> dict:  # fmt: skip
+    """Export the hard network of ``checkpoint`` into ``out`` (.pt2, .pt, optionally .onnx),
+    never over an earlier export (a run's own models) unless ``overwrite``."""
     out = Path(out)
+    earlier = sorted(str(p) for p in out.glob("model_pruned.*"))
+    if earlier and not overwrite:
+        raise RunDirectoryError(f"{out} already holds exported models ({', '.join(earlier)}); "
+                                "pass --overwrite to replace them, or choose another --out")
+    cfg, model, pruner, example, exported = restore_from_checkpoint(checkpoint)
     out.mkdir(parents=True, exist_ok=True)
     exported = exported.eval()
+    save_program(exported, example, out / "model_pruned.pt2")  # first: the step that can fail
     atomic_torch_save(exported, out / "model_pruned.pt")
-    save_program(exported, example, out / "model_pruned.pt2")
     result = {
         "model": cfg.model,
         "flops_ratio": count_flops(exported, example) / count_flops(model, example),
