@@ -135,11 +135,15 @@ def test_export_never_replaces_earlier_models_unless_asked(setup, tmp_path, caps
     _, _, out = setup
     run_dir = copy_run(out, tmp_path / "run")
     best = str(run_dir / "checkpoints" / "best.pt")
+    (run_dir / "model_pruned.onnx").write_bytes(b"an earlier export's")
     before = snapshot(run_dir)
+    files = {name: (run_dir / name).stat().st_ino
+             for name in ("model_pruned.pt", "model_pruned.pt2")}
     assert main(["export", best, "--out", str(run_dir)]) == 2
     assert "--overwrite" in error_of(capsys) and snapshot(run_dir) == before
     assert main(["export", best, "--out", str(run_dir), "--overwrite"]) == 0
-    assert (run_dir / "model_pruned.pt2").stat().st_mtime_ns > 0
+    assert all((run_dir / name).stat().st_ino != inode for name, inode in files.items())
+    assert not (run_dir / "model_pruned.onnx").exists()  # not of this checkpoint: gone
 
 
 def test_eval_of_a_corrupt_program_is_refused(setup, tmp_path, capsys):
@@ -297,6 +301,12 @@ def test_checkpoint_of_other_settings_is_refused(setup, tmp_path, capsys, args, 
     err = error_of(capsys)
     assert saved in err and asked in err
     assert snapshot(run_dir) == before
+
+
+def test_the_split_seed_spelled_out_resumes_a_run_that_left_it_to_the_seed(setup, tmp_path):
+    root, config, out = setup
+    run_dir = copy_run(out, tmp_path / "run")  # saved with split_seed None and seed 0
+    assert prune(root, config, run_dir, "--resume", "--split-seed", "0") == 0
 
 
 def test_checkpoint_of_another_architecture_is_refused(setup, tmp_path, capsys):

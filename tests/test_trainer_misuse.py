@@ -2,6 +2,7 @@
 fix named, warned about once, or made harmless (an export mid-run, a model moved after the
 pruner was built)."""
 
+import collections
 import copy
 import warnings
 
@@ -65,7 +66,8 @@ def test_an_export_mid_search_meets_the_budget_and_leaves_the_search_as_it_was()
         plain.step(x, y)
         exporting.step(x, y)
         if exporting.phase() == "joint":
-            snapshot = exporting.export().eval()
+            with torch.no_grad():  # as evaluation code runs
+                snapshot = exporting.export().eval()
             snapshots += 1
             assert not exporting.widths_frozen
             assert count_flops(snapshot, x[:1]) / full <= 0.5 + 0.02
@@ -101,10 +103,12 @@ def test_training_in_eval_mode_and_past_total_steps_each_warn_once():
 
 def test_example_inputs_follow_the_model_to_its_device():
     model = Net().to("meta")
-    inputs = (torch.randn(1, 1, 8, 8), {"mask": torch.ones(1)}, 3)
+    Pair = collections.namedtuple("Pair", "image mask")
+    inputs = (torch.randn(1, 1, 8, 8), {"mask": torch.ones(1)}, 3, Pair(torch.ones(1), None))
     moved = inputs_on_device_of(model, inputs)
     assert moved[0].device.type == "meta" and moved[1]["mask"].device.type == "meta"
     assert moved[2] == 3 and inputs[0].device.type == "cpu"
+    assert isinstance(moved[3], Pair) and moved[3].image.device.type == "meta"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

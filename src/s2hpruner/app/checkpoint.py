@@ -154,8 +154,16 @@ def restore(
     if not isinstance(saved, dict):
         raise CheckpointError("checkpoint has no run config; it is corrupt or not from a run")
     defaults = RunConfig()  # a setting older checkpoints lack had its default then
+
+    def setting(config: dict, key: str):
+        value = config.get(key, getattr(defaults, key))
+        if key == "split_seed" and value is None:  # None: the run's seed splits the data
+            value = config.get("seed", defaults.seed)
+        return value
+
+    asked = cfg.to_dict()
     for key in MUST_MATCH:
-        if saved.get(key, getattr(defaults, key)) != getattr(cfg, key):
+        if setting(saved, key) != setting(asked, key):
             raise CheckpointError(
                 f"checkpoint was made with {key}={saved.get(key)!r} but this run has "
                 f"{key}={getattr(cfg, key)!r}; use the same settings or another --out"

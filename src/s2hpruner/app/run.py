@@ -315,8 +315,9 @@ def prune(cfg: RunConfig) -> dict:
     else:  # what the starting weights score: what pruning costs is measured against it
         state.history.append(_start_record(model, pruner, val_loader, device, cfg))
     if main:
-        if checkpoint is None:  # replacing a run (--overwrite): its best model is not this one's
-            (out / "checkpoints" / "best.pt").unlink(missing_ok=True)
+        if checkpoint is None:  # replacing a run (--overwrite): none of its results stay
+            for stale in ("checkpoints/best.pt", "checkpoints/last.pt", "report.json"):
+                (out / stale).unlink(missing_ok=True)
         # exactly the epochs of the checkpoint: a run killed between writing an epoch's line
         # and its checkpoint repeats that epoch when resumed
         lines = "".join(json.dumps(record) + "\n" for record in state.history)

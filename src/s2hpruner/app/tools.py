@@ -35,7 +35,8 @@ def restore_from_checkpoint(path: str | Path, device: torch.device | str = "cpu"
     ckpt = load_checkpoint(Path(path), map_location=device)
     cfg = RunConfig.from_dict(ckpt["config"])
     cfg.init, cfg.pretrained = None, False  # the checkpoint holds the weights
-    model, pruner, example = build_model_and_pruner(cfg, _spec_of(cfg), device)
+    model, pruner, example = build_model_and_pruner(cfg, _spec_of(cfg), device,
+                                                    resumed=ckpt.get("pruner"))  # (alignment)
     load_model_and_pruner(ckpt, model, pruner)
     pruner.freeze_ranks = True
     hard = pruner.export()
@@ -113,6 +114,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, onnx: bool = Fals
                                 "pass --overwrite to replace them, or choose another --out")
     cfg, model, pruner, example, exported = restore_from_checkpoint(checkpoint)
     out.mkdir(parents=True, exist_ok=True)
+    if not onnx:  # replaced: no model of another checkpoint stays beside these
+        (out / "model_pruned.onnx").unlink(missing_ok=True)
     exported = exported.eval()
     save_program(exported, example, out / "model_pruned.pt2")  # first: the step that can fail
     atomic_torch_save(exported, out / "model_pruned.pt")

@@ -718,7 +718,14 @@ def project_to_budget(
     freeze, so that the exported model always meets the budget; during a healthy search it
     does nothing. Where these steps stall (after ``patience`` steps without getting closer),
     the closest widths seen are walked on one width at a time (:func:`_walk_widths_to_budget`).
-    Returns the steps and moves taken (0: untouched)."""
+    Returns the steps and moves taken (0: untouched). Works under ``torch.no_grad()`` too
+    (an export to evaluate)."""
+    with torch.enable_grad():
+        return _project_to_budget(pruner, tolerance, lr, max_steps, patience)
+
+
+def _project_to_budget(pruner: S2HPruner, tolerance: float, lr: float, max_steps: int,
+                       patience: int) -> int:  # fmt: skip
     masks = pruner.mask_parameters()
     optimizer = torch.optim.Adam(masks, lr=lr)
     best = (float("inf"), [u.detach().clone() for u in masks], 0)

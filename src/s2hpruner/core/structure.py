@@ -193,7 +193,9 @@ def inputs_on_device_of(model: nn.Module, example_inputs):
     if torch.is_tensor(example_inputs):
         return example_inputs.to(weight.device)
     if isinstance(example_inputs, list | tuple):
-        return type(example_inputs)(inputs_on_device_of(model, v) for v in example_inputs)
+        moved = [inputs_on_device_of(model, v) for v in example_inputs]
+        return type(example_inputs)(*moved) if hasattr(example_inputs, "_fields") else (
+            type(example_inputs)(moved))  # a namedtuple takes its fields one by one
     if isinstance(example_inputs, dict):
         return {k: inputs_on_device_of(model, v) for k, v in example_inputs.items()}
     return example_inputs
