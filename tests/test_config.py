@@ -186,6 +186,8 @@ def test_exponent_without_dot_gets_a_hint(tmp_path):
         (b"model: [unclosed\n", "is not valid YAML"),
         (b"model: \xff\xfe\n", "is not valid YAML"),
         (b"- a list\n- not a mapping\n", "must hold a mapping"),
+        (b"", "holds no settings"),
+        (b"# every setting commented out\n", "holds no settings"),
         (b"1: 2\nmodell: resnet20\n", "unknown config key(s) 1, modell"),
         (b"batch_size: many\n", "config key 'batch_size'"),
     ],

@@ -276,9 +276,12 @@ class RunConfig:
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
         try:
-            values = yaml.safe_load(path.read_text()) or {}
+            values = yaml.safe_load(path.read_text())
         except (yaml.YAMLError, UnicodeDecodeError) as exc:
             raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from exc
+        if values is None:  # empty, or comments only: most likely a file not written yet
+            raise ConfigError(f"config file {str(path)!r} holds no settings; write them into it, "
+                              "or leave out --config to run on the defaults")  # fmt: skip
         if not isinstance(values, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys to values")
         values.update({k: v for k, v in overrides.items() if v is not None})
