@@ -64,7 +64,8 @@ def l1_uniform_widths(cfg: RunConfig, target: float, device: torch.device) -> di
     same share, torch-pruning's L1) at ``target`` x the FLOPs of ``cfg``'s starting model."""
     data = B.load_data(cfg, device)
     model = B.build_model(cfg, data)
-    B.prune_to_flops(model, data.example, partial(B.l1_pruner, global_pruning=False), target)
+    B.prune_to_flops(model, data.example, partial(B.l1_pruner, global_pruning=False), target,
+                     ignored_layers=cfg.ignored_layers)  # the groups cut_groups(cfg) finds
     names = cut_groups(cfg, device)
     return {name: model.get_submodule(name).out_channels for name in names}
 

@@ -38,7 +38,7 @@ import os
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -261,6 +261,21 @@ def classifier_names(model: nn.Module, example: torch.Tensor) -> list[str]:
     return [names[m] for m in classifier_layers(model, build_graph(model, example))]
 
 
+def ignored_names(model: nn.Module, example: torch.Tensor, extra: Sequence[str]) -> list[str]:
+    """The classifier and ``extra`` (``RunConfig.ignored_layers``, the list S2HPruner runs
+    keep whole): torch-pruning then skips every group that holds one of them, as S2HPruner
+    fixes the group of an ignored layer at full width. Layers only: torch-pruning would also
+    ignore a container's children, S2HPruner would not, and the methods would differ."""
+    names = dict(model.named_modules())
+    unknown = [name for name in extra if name not in names]
+    if unknown:
+        raise ValueError(f"ignored layers {unknown} are not modules of the model")
+    containers = [name for name in extra if any(True for _ in names[name].children())]
+    if containers:
+        raise ValueError(f"ignored layers {containers} hold other modules; name their layers")
+    return [*classifier_names(model, example), *extra]
+
+
 def make_pruner(
     factory: PrunerFactory, model: nn.Module, example: torch.Tensor, ratio: float, ignored: list
 ):
@@ -282,6 +297,7 @@ def prune_to_flops(
     target: float,
     tolerance: float = 0.005,
     max_probes: int = 30,
+    ignored_layers: Sequence[str] = (),
 ) -> dict:
     """Prune ``model`` in place to ``target`` x its FLOPs by searching the global ratio.
 
@@ -291,9 +307,10 @@ def prune_to_flops(
     layer loses inputs and outputs (the first probe is 1 - sqrt(target)); even probes bisect, so
     the bracket at least halves every two probes. It stops within ``tolerance``, or when the
     bracket is below 1e-4: then the target lies inside the FLOPs jump of a single channel
-    (group), and the closest ratio seen is kept, with a warning.
+    (group), and the closest ratio seen is kept, with a warning. ``ignored_layers`` (names)
+    keep their groups whole, besides the classifier.
     """
-    ignored = classifier_names(model, example)
+    ignored = ignored_names(model, example, ignored_layers)
     full = count_flops(model, example)
 
     def prune(net: nn.Module, ratio: float) -> float:
@@ -332,7 +349,12 @@ def prune_to_flops(
 
 
 def random_architecture(
-    model: nn.Module, example: torch.Tensor, target: float, seed: int, logit_std: float
+    model: nn.Module,
+    example: torch.Tensor,
+    target: float,
+    seed: int,
+    logit_std: float,
+    ignored_layers: Sequence[str] = (),
 ) -> tuple[nn.Module, int]:
     """A physically pruned copy of ``model`` with random widths at ``target`` FLOPs.
 
@@ -340,7 +362,7 @@ def random_architecture(
     target, then exported: the kept channels keep their (random) initial weights. Returns the
     model and the projection steps taken.
     """
-    pruner = S2HPruner(model, example, target_flops=target)
+    pruner = S2HPruner(model, example, target_flops=target, ignored_layers=ignored_layers)
     generator = torch.Generator().manual_seed(10_007 * seed + 1)  # leaves torch's RNG alone
     with torch.no_grad():
         for logits in pruner.mask_parameters():
@@ -393,6 +415,7 @@ def run_baseline(
     data = load_data(cfg, device)
     model = build_model(cfg, data)
     example = data.example
+    ignored_names(model, example, cfg.ignored_layers)  # a wrong name fails before training
     target = flops_target(cfg)
     full_flops, full_params = count_flops(model, example), count_params(model)
     total = max(1, round(cfg.resolve_epochs(data.steps_per_epoch) * data.steps_per_epoch))
@@ -426,7 +449,7 @@ def run_baseline(
 
     if method == "random":
         model, projection_steps = random_architecture(
-            model, example, target, cfg.seed, options.random_logit_std
+            model, example, target, cfg.seed, options.random_logit_std, cfg.ignored_layers
         )
         model = _memory_format(model, cfg)
         record["projection_steps"] = projection_steps
@@ -444,7 +467,7 @@ def run_baseline(
             first = _split(total, options.sparse_fraction)
             factory = partial(group_sl_pruner, reg=options.group_sl_reg)
             if first:
-                ignored = classifier_names(model, example)
+                ignored = ignored_names(model, example, cfg.ignored_layers)
                 sparse = make_pruner(factory, model, example, 0.0, ignored)
                 sparse.update_regularizer()  # groups do not change until the pruning below
                 stage(
@@ -457,8 +480,9 @@ def run_baseline(
                 del sparse  # its dependency graph describes the unpruned model
         record["top1_dense"] = test("test dense")
         found = prune_to_flops(
-            model, example, factory, target, options.flops_tolerance, options.max_probes
-        )
+            model, example, factory, target, options.flops_tolerance, options.max_probes,
+            ignored_layers=cfg.ignored_layers,
+        )  # fmt: skip
         record.update(found)
         model = _memory_format(model, cfg)
         if total > first:

@@ -323,6 +323,10 @@ def _hyper_text(hyper: dict) -> str:
             parts.append(f"sparse {value:.0%}")
         elif key == "descent":
             parts.append(f"descent over {value:.0%} of the search" if value else "no descent")
+        elif key == "ignored_layers":
+            groups = "channel group" + ("s" if len(value) > 1 else "")
+            parts.append(f"the {groups} of {', '.join(value)} kept whole" if value
+                         else "no layer kept whole")  # fmt: skip
         elif key == "freeze_teacher":
             parts.append({"none": "last phase: hard network alone",
                           "start": "last phase distilled from the starting weights"}.get(
