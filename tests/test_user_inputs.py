@@ -152,6 +152,41 @@ def test_train_test_layout_rgb_with_sizes_and_given_stats(tmp_path):
     assert len(small.test) == 3 and len(small.spec.mean) == 3
 
 
+def test_grey_images_read_as_rgb_for_a_model_trained_that_way(tmp_path):
+    """torchvision's ImageFolder converts every image to RGB, so a model trained on grey
+    images with it takes 3 channels: ``in_chans=3`` gives it three equal channels."""
+    make_folder(tmp_path, per_class=3)
+    assert folder_spec(str(tmp_path)).in_chans == 1
+    splits = build_datasets("imagefolder", str(tmp_path), val_size=None, augment=False,
+                            in_chans=3)  # fmt: skip
+    assert splits.spec.in_chans == 3 and len(splits.spec.mean) == 3
+    assert len(set(splits.spec.mean)) == 1, "three copies of one grey channel"
+    image, _ = splits.train[0]
+    assert image.shape[0] == 3 and torch.equal(image[0], image[1])
+    with pytest.raises(DataOptionError, match="in_chans must be 1 .* or 3 .*, got 2"):
+        folder_spec(str(tmp_path), in_chans=2)
+    with pytest.raises(DataOptionError, match="in_chans can only be set"):
+        build_datasets("digits", in_chans=3)
+
+
+def test_16_bit_greyscale_images_keep_their_range(tmp_path):
+    """A 16-bit PNG spans 0..65535: it must come out spread over 0..1, not clipped to white
+    (PIL's convert("L") clips every value above 255)."""
+    ramp = np.linspace(0, 65535, 16 * 16).reshape(16, 16).astype(np.uint16)
+    for name in CLASSES:
+        (tmp_path / name).mkdir()
+        for i in range(2):
+            Image.fromarray(ramp).save(tmp_path / name / f"{i}.png")
+    assert Image.open(tmp_path / "cat" / "0.png").mode.startswith("I")  # really 16 bits
+    spec = folder_spec(str(tmp_path))
+    assert spec.in_chans == 1 and abs(spec.mean[0] - 0.5) < 0.01 and spec.std[0] > 0.25
+    from torchvision.transforms import v2
+
+    files = ImageFiles([(str(tmp_path / "cat" / "0.png"), 0)], v2.PILToTensor(), mode="L")
+    pixels = files[0][0].numpy()
+    assert pixels.min() == 0 and pixels.max() == 255 and abs(pixels.mean() - 127.5) < 1
+
+
 def test_imagefolder_errors(tmp_path):
     with pytest.raises(DataNotFoundError, match="nowhere.*does not exist"):
         build_datasets("imagefolder", str(tmp_path / "nowhere"))
@@ -184,6 +219,12 @@ def test_imagefolder_errors(tmp_path):
         build_datasets("imagefolder", str(root), mean=(0.5, 0.5, 0.5), std=(0.2, 0.2, 0.2))
     with pytest.raises(DataOptionError, match="image_size"):
         build_datasets("imagefolder", str(root), image_size=0)
+    (root / "test" / "dog" / "broken.png").write_bytes(b"\x89PNG not really")
+    broken = build_datasets("imagefolder", str(root), val_size=None).test  # not in the sample
+    index = next(i for i, (p, _) in enumerate(broken.samples) if p.endswith("broken.png"))
+    with pytest.raises(DataFormatError, match="broken.png: cannot be read as an image"):
+        broken[index]
+    (root / "test" / "dog" / "broken.png").unlink()
     (root / "train" / "dog" / "broken.png").write_bytes(b"\x89PNG not really")
     with pytest.raises(DataFormatError, match="broken.png"):
         folder_spec(str(root))
@@ -375,6 +416,12 @@ def same_weights(a: nn.Module, b: nn.Module) -> bool:
             "state_dict",
             "model.",
         ),
+        (  # ... beside other state of the LightningModule (a loss's class weights)
+            lambda m: {"state_dict": {**{f"model.{k}": v for k, v in m.state_dict().items()},
+                                      "criterion.weight": torch.ones(10)}},
+            "state_dict",
+            "model.",
+        ),  # fmt: skip
         (lambda m: m, "pickled module", ""),
         (  # Python objects beside the weights: needs weights_only=False
             lambda m: {"args": argparse.Namespace(lr=0.1), "state_dict_ema": m.state_dict()},
@@ -382,7 +429,8 @@ def same_weights(a: nn.Module, b: nn.Module) -> bool:
             "",
         ),
     ],
-    ids=["plain", "model-key", "nested", "ddp", "compiled-ddp", "lightning", "module", "namespace"],
+    ids=["plain", "model-key", "nested", "ddp", "compiled-ddp", "lightning", "lightning-extra",
+         "module", "namespace"],  # fmt: skip
 )
 def test_load_init_weights_round_trip(tmp_path, wrap, source, prefix):
     trained = small_model()
@@ -401,6 +449,16 @@ def test_load_init_weights_round_trip(tmp_path, wrap, source, prefix):
         "tensors": len(trained.state_dict()),
         "stripped_prefix": prefix,
     }
+
+
+def test_two_sets_of_weights_that_fit_are_refused_not_guessed(tmp_path):
+    """A LightningModule with its model and an EMA copy: either could be meant."""
+    model = small_model()
+    state = {f"{p}.{k}": v.clone() + i for i, p in enumerate(("model", "ema"))
+             for k, v in model.state_dict().items()}  # fmt: skip
+    torch.save({"state_dict": state}, tmp_path / "two.ckpt")
+    with pytest.raises(CheckpointError, match=r"more than one set .* \(under 'model\.', 'ema\.'\)"):
+        load_init_weights(small_model(), tmp_path / "two.ckpt")
 
 
 def test_load_init_weights_safetensors(tmp_path):
@@ -523,6 +581,21 @@ def test_pretrained_errors(hub):
     assert "missing key(s): features.0.1.weight" in message
     assert "1 unexpected key(s): features.0.weight" in message
     assert "'torchvision/mobilenet_v3_small'" in message
+
+
+def test_pretrained_weights_of_another_stem_are_refused_not_half_loaded(hub):
+    """The registry's resnet50 has a 3x3 stem for 32x32 images; torchvision's ImageNet weights
+    have a 7x7 one. Loading all but the stem would train a fresh stem under ImageNet layers."""
+    path = torchvision_cache_path("resnet50")
+    path.parent.mkdir(parents=True)
+    torch.save(torchvision.models.resnet50(weights=None).state_dict(), path)
+    with pytest.raises(CheckpointError) as info:
+        load_pretrained("resnet50", create_model("resnet50", num_classes=10))
+    message = str(info.value)
+    assert "another stem (conv1.weight: weights (64, 3, 7, 7) vs model (64, 3, 3, 3))" in message
+    assert "'torchvision/resnet50'" in message
+    model = create_model("torchvision/resnet50", num_classes=10, in_chans=1)
+    assert load_pretrained("torchvision/resnet50", model)["adapted"] == ["conv1.weight"]
 
 
 def fake_hf_cache(cache: Path, repo: str, state: dict) -> Path:

@@ -3,15 +3,19 @@ own .py file, weights trained with plain PyTorch, pruned with ``--init``; the de
 data and one epoch; parameter budgets and combined budgets."""
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from s2hpruner import S2HPruner, count_flops, count_params
 from s2hpruner.app.cli import main
+from s2hpruner.app.data import build_datasets
+from s2hpruner.app.models import create_model
 
 USER_MODEL = '''
 import torch
@@ -53,8 +57,6 @@ def user_setup(tmp_path_factory):
     """Folders, a model file and its weights trained with plain PyTorch."""
     import importlib.util
 
-    from s2hpruner.app.data import build_datasets
-
     root = tmp_path_factory.mktemp("user")
     write_digit_folders(root / "digits")
     (root / "my_net.py").write_text(USER_MODEL)
@@ -93,12 +95,24 @@ def test_prune_a_users_trained_model_on_image_folders(user_setup, capsys):
     assert report["top1_start_val"] == first["val_top1_full"]
     assert abs(report["flops_ratio"] - 0.5) <= 0.01
     assert report["top1_hard"] > 60.0
+    # the preprocessing measured on the folder is recorded, so eval and deployment reuse it
+    spec = build_datasets("imagefolder", str(root / "digits"), val_size=None).spec
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert (saved["image_size"], saved["mean"], saved["std"]) == \
+        (spec.image_size, list(spec.mean), list(spec.std))  # fmt: skip
     capsys.readouterr()
     assert main(["eval", str(out / "model_pruned.pt2")]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["top1"] == pytest.approx(report["top1_hard"], abs=0.01)
     assert main(["eval", str(out / "checkpoints" / "last.pt")]) == 0  # rebuilds Net from file
     assert json.loads(capsys.readouterr().out)["top1_hard"] == pytest.approx(
+        report["top1_hard"], abs=0.01
+    )
+    # the pickled model in a fresh process: Net's module is not imported yet
+    for name in [n for n in sys.modules if n.startswith("s2hpruner_user_my_net")]:
+        del sys.modules[name]
+    assert main(["eval", str(out / "model_pruned.pt")]) == 0
+    assert json.loads(capsys.readouterr().out)["top1"] == pytest.approx(
         report["top1_hard"], abs=0.01
     )
 
@@ -120,6 +134,25 @@ def test_init_with_a_wrong_checkpoint_exits_2_naming_the_keys(user_setup, capsys
     for key in ("fc.weight", "extra.weight", "body.0.weight"):
         assert key in err, err
     assert not (tmp_path / "run" / "report.json").exists()
+
+
+def test_a_model_trained_on_rgb_copies_of_grey_images_starts_with_in_chans_3(
+    user_setup, capsys, tmp_path
+):
+    """The user trained Net with torchvision's ImageFolder (grey PNGs read as RGB): its first
+    layer takes 3 channels. Without --in-chans the error names the fix; with it the run goes."""
+    root = user_setup
+    torch.manual_seed(0)
+    rgb = create_model(f"{root / 'my_net.py'}:Net", num_classes=10, in_chans=3)
+    torch.save(rgb.state_dict(), tmp_path / "rgb.pt")
+    args = ["prune", "--model", f"{root / 'my_net.py'}:Net", "--init", str(tmp_path / "rgb.pt"),
+            "--dataset", "imagefolder", "--data-root", str(root / "digits"), "--epochs", "0.2",
+            "--batch-size", "32", "--no-progress", "--latency-repeats", "1"]  # fmt: skip
+    assert main([*args, "--out", str(tmp_path / "grey")]) == 2
+    assert "--in-chans 3" in capsys.readouterr().err
+    assert main([*args, "--out", str(tmp_path / "rgb"), "--in-chans", "3"]) == 0
+    saved = yaml.safe_load((tmp_path / "rgb" / "config.yaml").read_text())
+    assert saved["in_chans"] == 3 and len(saved["mean"]) == 3
 
 
 def test_digits_with_one_epoch_and_every_other_option_default(tmp_path, monkeypatch):

@@ -59,6 +59,8 @@ HELP = {
     "pretrained": "start from torchvision/timm pretrained weights, read from the local cache "
     "only (never downloaded)",
     "image_size": "imagefolder: input size in pixels (default: from the images)",
+    "in_chans": "imagefolder: 1 (greyscale) or 3 (RGB: grey images are converted, as "
+    "torchvision's ImageFolder does; for a model trained that way) (default: from the images)",
     "mean": "imagefolder: per-channel normalisation mean (default: measured on a sample)",
     "std": "imagefolder: per-channel normalisation std (default: measured on a sample)",
     "method": f"training method: {', '.join(METHODS)}",

@@ -62,6 +62,7 @@ class RunConfig:
     init: str | None = None  # start from these trained weights (state dict or checkpoint)
     pretrained: bool = False  # torchvision/timm weights from the local cache only
     image_size: int | None = None  # imagefolder: input size (default: from the images)
+    in_chans: int | None = None  # imagefolder: 1 or 3 channels (default: from the images)
     mean: list[float] | None = None  # imagefolder: normalisation (default: measured)
     std: list[float] | None = None
     width_step: int | None = None

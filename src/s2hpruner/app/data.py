@@ -129,6 +129,7 @@ def dataset_spec(
     image_size: int | None = None,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
+    in_chans: int | None = None,
 ) -> DataSpec:
     """The spec of ``name``, so that a model can be built before the data.
 
@@ -141,8 +142,9 @@ def dataset_spec(
             raise DataNotFoundError(
                 f"data set {FOLDER!r} has no default data root; fix: {_FIX[FOLDER]}"
             )
-        return folder_spec(data_root, image_size=image_size, mean=mean, std=std)
-    _check_folder_options(name, image_size, mean, std)
+        return folder_spec(data_root, image_size=image_size, mean=mean, std=std,
+                           in_chans=in_chans)  # fmt: skip
+    _check_folder_options(name, image_size, mean, std, in_chans)
     return _SPECS[name]
 
 
@@ -199,13 +201,14 @@ def build_datasets(
     image_size: int | None = None,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
+    in_chans: int | None = None,
 ) -> DataSplits:
     """Build train/val/test for ``name`` from local files.
 
     ``val_size`` (see :func:`resolve_val_size`; None = 10% capped at 5,000) of the training files
     is held out with ``seed``; ``train_subset`` keeps only the first N of the (seed-shuffled)
-    train part. ``image_size``, ``mean`` and ``std`` are ``imagefolder`` options (None: measured
-    from the folder, see :func:`folder_spec`); other sets refuse them.
+    train part. ``image_size``, ``mean``, ``std`` and ``in_chans`` are ``imagefolder`` options
+    (None: measured from the folder, see :func:`folder_spec`); other sets refuse them.
     """
     _check_name(name)
     common = dict(
@@ -216,8 +219,9 @@ def build_datasets(
         train_subset=train_subset,
     )
     if name == FOLDER:
-        return DATASETS[name](**common, image_size=image_size, mean=mean, std=std)
-    _check_folder_options(name, image_size, mean, std)
+        return DATASETS[name](**common, image_size=image_size, mean=mean, std=std,
+                              in_chans=in_chans)  # fmt: skip
+    _check_folder_options(name, image_size, mean, std, in_chans)
     return DATASETS[name](**common)
 
 
@@ -310,8 +314,13 @@ class ImageFiles(Dataset):
         from PIL import Image
 
         path, label = self.samples[index]
-        with Image.open(path) as img:
-            image = img.convert(self.mode)  # some Tiny ImageNet JPEGs are greyscale
+        try:  # the folder's statistics read a sample only: any other file may be broken
+            with Image.open(path) as img:
+                image = _as_mode(img, self.mode)  # some Tiny ImageNet JPEGs are greyscale
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            raise DataFormatError(
+                f"{path}: cannot be read as an image ({e}); fix: replace or remove the file"
+            ) from e
         return self.transform(image).as_subclass(torch.Tensor), label
 
 
@@ -422,11 +431,12 @@ def _check_name(name: str) -> None:
         raise UnknownNameError("dataset", name, list_datasets())
 
 
-def _check_folder_options(name: str, image_size: Any, mean: Any, std: Any) -> None:
+def _check_folder_options(
+    name: str, image_size: Any, mean: Any, std: Any, in_chans: Any = None
+) -> None:
     """Registered sets have a fixed size and normalisation: refuse options they would ignore."""
-    given = [
-        k for k, v in (("image_size", image_size), ("mean", mean), ("std", std)) if v is not None
-    ]
+    options = (("image_size", image_size), ("mean", mean), ("std", std), ("in_chans", in_chans))
+    given = [k for k, v in options if v is not None]
     if given:
         raise DataOptionError(
             f"{', '.join(given)} can only be set for data set {FOLDER!r}; {name!r} has a fixed "
@@ -879,6 +889,23 @@ def _scan_folder(root: str | None) -> _Folder:
     return _Folder(root, classes, [samples[i] for i in train_idx], [samples[i] for i in test_idx])
 
 
+#: PIL modes of 16-bit greyscale files (PNG, TIFF), and the value of white in them
+_WIDE_GREY = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535}
+
+
+def _as_mode(img: Any, mode: str) -> Any:
+    """``img`` in PIL mode ``mode``. 16-bit greyscale is scaled to 8 bits first: PIL's
+    ``convert`` clips every value above 255, and such images (medical, scientific) would
+    turn almost white."""
+    from PIL import Image
+
+    white = _WIDE_GREY.get(img.mode)
+    if white is not None:
+        pixels = np.asarray(img, dtype=np.float64) * (255.0 / white)
+        img = Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8))
+    return img.convert(mode)
+
+
 def _open_image(path: str) -> Any:
     from PIL import Image, UnidentifiedImageError
 
@@ -893,11 +920,13 @@ def _folder_stats(
     image_size: int | None,
     mean: Sequence[float] | None,
     std: Sequence[float] | None,
+    in_chans: int | None = None,
 ) -> tuple[DataSpec, int]:
     """The spec, and the eval resize, from a seeded sample of up to 500 training images.
 
     * channels: 1 if every sampled image is greyscale (PIL mode 'L', '1', 'I', ...), else 3
-      (greyscale images among colour ones are converted to RGB);
+      (greyscale images among colour ones are converted to RGB); ``in_chans`` 3 makes grey
+      images RGB (as torchvision's ImageFolder does: a model trained so takes 3 channels);
     * image_size: the median shorter side of the sample, capped at 224 (so 28x28 or 32x32
       images keep their resolution, photos get the ImageNet 224);
     * mean/std per channel over the sample's pixels after resizing (0..1 scale), unless given.
@@ -912,7 +941,10 @@ def _folder_stats(
         with _open_image(path) as img:
             modes.append(img.mode)
             short_sides.append(min(img.size))
-    in_chans = 1 if all(m in _GREY_MODES for m in modes) else 3
+    if in_chans is None:
+        in_chans = 1 if all(m in _GREY_MODES for m in modes) else 3
+    elif isinstance(in_chans, bool) or in_chans not in (1, 3):
+        raise DataOptionError(f"in_chans must be 1 (greyscale) or 3 (RGB), got {in_chans!r}")
     median_side = int(np.median(short_sides))
     if image_size is None:
         image_size = min(median_side, _FOLDER_MAX_SIZE)
@@ -935,7 +967,7 @@ def _folder_stats(
             with _open_image(path) as img:
                 img.draft(mode, (resize, resize))  # JPEG: decode at reduced size, much faster
                 try:
-                    pixels = np.asarray(geometric(img.convert(mode)), np.float64) / 255.0
+                    pixels = np.asarray(geometric(_as_mode(img, mode)), np.float64) / 255.0
                 except OSError as e:
                     raise DataFormatError(f"{path}: cannot be decoded ({e})") from e
             pixels = pixels.reshape(-1, in_chans)
@@ -962,6 +994,7 @@ def folder_spec(
     image_size: int | None = None,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
+    in_chans: int | None = None,
 ) -> DataSpec:
     """The spec of the image folder ``root`` (classes sorted by name -> label index).
 
@@ -969,7 +1002,7 @@ def folder_spec(
     :func:`_folder_stats` for the defaults); the same inputs always give the same spec.
     """
     folder = _scan_folder(root)
-    return _folder_stats(folder, image_size, mean, std)[0]
+    return _folder_stats(folder, image_size, mean, std, in_chans)[0]
 
 
 def _imagefolder(
@@ -981,6 +1014,7 @@ def _imagefolder(
     image_size: int | None = None,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
+    in_chans: int | None = None,
 ) -> DataSplits:
     """Your own images in class folders (torchvision ImageFolder layout); see :func:`folder_spec`.
 
@@ -988,7 +1022,7 @@ def _imagefolder(
     Tiny ImageNet and ImageNet) and horizontal flip; evaluation: resize and centre crop.
     """
     folder = _scan_folder(data_root)
-    spec, resize = _folder_stats(folder, image_size, mean, std)
+    spec, resize = _folder_stats(folder, image_size, mean, std, in_chans)
     source = _Files(
         folder.train,
         folder.test,

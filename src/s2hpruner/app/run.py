@@ -98,7 +98,8 @@ def build_splits(cfg: RunConfig, augment: bool | None = None):
     """The run's train/val/test splits (val held out of the training files, seeded)."""
     extra = {}
     if cfg.dataset == "imagefolder":
-        extra = {"image_size": cfg.image_size, "mean": cfg.mean, "std": cfg.std}
+        extra = {"image_size": cfg.image_size, "mean": cfg.mean, "std": cfg.std,
+                 "in_chans": cfg.in_chans}  # fmt: skip
     try:
         return build_datasets(
             cfg.dataset,
@@ -292,6 +293,10 @@ def prune(cfg: RunConfig) -> dict:
     out = prepare_run_dir(cfg)
     seed_everything(cfg.seed)
     splits = build_splits(cfg)
+    if cfg.dataset == "imagefolder":  # config.yaml records the preprocessing measured on the
+        spec = splits.spec  # folder: eval, export and users deploying the model reuse it
+        cfg.image_size, cfg.in_chans = spec.image_size, spec.in_chans
+        cfg.mean, cfg.std = list(spec.mean), list(spec.std)
     last = out / "checkpoints" / "last.pt"
     checkpoint = load_checkpoint(last, device) if cfg.resume else None
     model, pruner, example = build_model_and_pruner(

@@ -17,6 +17,7 @@ from .checkpoint import load_checkpoint, load_model_and_pruner
 from .config import RunConfig
 from .data import build_datasets
 from .files import atomic_torch_save, onnx_max_abs_diff, save_onnx, save_program
+from .models import load_factory
 from .report import plot_run, summary_table
 from .run import build_model_and_pruner, build_splits
 
@@ -55,7 +56,7 @@ def _spec_of(cfg: RunConfig):
     from .data import dataset_spec, folder_spec
 
     if cfg.dataset == "imagefolder":
-        return folder_spec(cfg.data_root, cfg.image_size)
+        return folder_spec(cfg.data_root, cfg.image_size, cfg.mean, cfg.std, cfg.in_chans)
     return dataset_spec(cfg.dataset)
 
 
@@ -93,6 +94,8 @@ def evaluate_path(args: argparse.Namespace) -> dict:
             raise CheckpointError(f"{path} is not a readable torch.export program "
                                   f"({type(exc).__name__}: {exc})") from exc  # fmt: skip
     else:
+        if cfg is not None and ":" in cfg.model:  # a user's class: import it as the run did,
+            load_factory(cfg.model)  # so that unpickling finds its module
         try:
             model = torch.load(path, map_location=device, weights_only=False)
         except Exception as exc:

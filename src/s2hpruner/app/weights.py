@@ -170,12 +170,14 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, Any], str]:
     )
 
 
-def _strip(state: dict[str, Any], model_keys: set[str]) -> tuple[dict[str, Any], str]:
+def _strip(state: dict[str, Any], model_keys: set[str]) -> tuple[dict[str, Any], str, list[str]]:
     """``state`` with the key prefix that best matches ``model_keys`` removed.
 
     Candidates: none; leading ``module.`` / ``_orig_mod.`` (DDP, torch.compile, in any order);
-    a first component shared by every key (Lightning's ``model.``). The one matching the most
-    model keys wins, ties going to the smallest change.
+    each first component with the keys under it (Lightning's ``model.``, also beside other
+    state such as a loss's buffers or an EMA copy). The one matching the most model keys wins,
+    ties going to the smallest change. Returns the state, the prefix and the other prefixes
+    that match as well (an ambiguity: a model and its EMA copy both fit).
     """
 
     def unwrap(key: str) -> str:
@@ -184,12 +186,20 @@ def _strip(state: dict[str, Any], model_keys: set[str]) -> tuple[dict[str, Any],
         return key
 
     candidates = [("", state), ("module./_orig_mod.", {unwrap(k): v for k, v in state.items()})]
-    firsts = {k.split(".", 1)[0] for k in state}
-    if len(firsts) == 1 and all("." in k for k in state):
-        first = firsts.pop()
-        candidates.append((first + ".", {k.split(".", 1)[1]: v for k, v in state.items()}))
-    prefix, best = max(candidates, key=lambda c: len(model_keys & set(c[1])))  # first on ties
-    return best, prefix
+    for first in dict.fromkeys(k.split(".", 1)[0] for k in state if "." in k):
+        inner = {k[len(first) + 1 :]: v for k, v in state.items() if k.startswith(first + ".")}
+        candidates.append((first + ".", inner))
+
+    def score(candidate: tuple[str, dict]) -> int:
+        return len(model_keys & set(candidate[1]))
+
+    def same(a: dict, b: dict) -> bool:  # the same tensors under the same names
+        return a.keys() == b.keys() and all(a[k] is b[k] for k in a)
+
+    prefix, best = max(candidates, key=score)  # the first on ties
+    top = score((prefix, best))
+    others = [p for p, c in candidates if top and score((p, c)) == top and not same(c, best)]
+    return best, prefix, list(dict.fromkeys(others))
 
 
 def load_init_weights(model: nn.Module, path: str | Path) -> dict[str, Any]:
@@ -200,13 +210,19 @@ def load_init_weights(model: nn.Module, path: str | Path) -> dict[str, Any]:
     """
     state, source = read_state_dict(path)
     model_state = model.state_dict()
-    state, stripped = _strip(state, set(model_state))
+    state, stripped, also = _strip(state, set(model_state))
+    if also:
+        raise CheckpointError(
+            f"weights file {path} ({source}) holds more than one set of weights that fits the "
+            f"model (under {', '.join(repr(p) for p in [stripped, *also])}); fix: save the one "
+            "to start from on its own, e.g. torch.save(module.model.state_dict(), 'init.pt')"
+        )
     problem = describe_state_dict_mismatch(state, model_state)
     if problem:
         raise CheckpointError(
             f"weights file {path} ({source}) does not fit the model: {problem}; fix: build the "
             "model these weights were trained with (same model, num_classes, in_chans, "
-            "model_kwargs)"
+            "model_kwargs; for grey images read as RGB in training, --in-chans 3)"
         )
     counters = {k: v for k, v in model_state.items() if k.endswith("num_batches_tracked")}
     model.load_state_dict({**counters, **state})
@@ -291,8 +307,15 @@ def load_pretrained(model_name: str, model: nn.Module) -> dict[str, Any]:
     def under(key: str, names: tuple[str, ...]) -> bool:
         return any(key == n or key.startswith(n + ".") for n in names)
 
+    def other_stem(value: torch.Tensor, target: torch.Tensor) -> bool:
+        """Another kind of stem (kernel size, outputs), not the same one on other channels."""
+        if value.ndim != target.ndim:
+            return True
+        return any(a != b for i, (a, b) in enumerate(zip(value.shape, target.shape, strict=True))
+                   if i != 1)  # fmt: skip
+
     model_state = model.state_dict()
-    loaded, fresh, adapted = {}, [], []
+    loaded, fresh, adapted, misfit = {}, [], [], []
     for key, target in model_state.items():
         value = state.get(key)
         if value is not None and value.shape == target.shape:
@@ -304,11 +327,17 @@ def load_pretrained(model_name: str, model: nn.Module) -> dict[str, Any]:
                 adapted.append(key)
             else:
                 fresh.append(key)
+            if value is not None and under(key, stems) and other_stem(value, target):
+                misfit.append(f"{key}: weights {tuple(value.shape)} vs model "
+                              f"{tuple(target.shape)}")  # fmt: skip
     edge = [k for k in {*state, *model_state} if under(k, stems) or under(k, heads)]
     problem = describe_state_dict_mismatch(
         {k: v for k, v in state.items() if k not in edge},
         {k: v for k, v in model_state.items() if k not in edge},
     )
+    if misfit:  # only the input channels may differ: a fresh stem of another shape is not it
+        stem = f"another stem ({', '.join(misfit)})"
+        problem = f"{problem}; {stem}" if problem else stem
     if problem:
         hint = ""
         if model_name in MODELS:
