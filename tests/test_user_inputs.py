@@ -633,3 +633,26 @@ def test_pretrained_timm_from_hf_cache(tmp_path, monkeypatch):
     for key, value in ref.items():
         if not key.startswith("head."):
             assert torch.equal(got[key], value), key
+
+
+def test_a_model_that_ignores_the_datas_channels_or_classes_is_named_before_tracing(tmp_path):
+    """A factory with hard-coded channels or classes: the run stops with what to fix, not
+    with a tracing error about channel shuffles or an index error in the loss."""
+    from s2hpruner.app.data import DataSpec
+    from s2hpruner.app.models import ModelSpecError
+    from s2hpruner.app.run import check_model_fits_data
+
+    spec = DataSpec("imagefolder", num_classes=10, in_chans=1, image_size=16, mean=(0.5,),
+                    std=(0.2,))  # fmt: skip
+    rgb = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
+    with pytest.raises(ModelSpecError, match="1-channel 16x16 images .* --in-chans"):
+        check_model_fits_data(rgb, "mine.py:Net", spec)
+    thousand = nn.Sequential(nn.Conv2d(1, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                             nn.Linear(4, 1000))  # fmt: skip
+    with pytest.raises(ModelSpecError, match="gives 1000 outputs but the data set has 10"):
+        check_model_fits_data(thousand, "mine.py:Net", spec)
+    fits = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(4, 10))  # fmt: skip
+    before = {k: v.clone() for k, v in fits.state_dict().items()}
+    check_model_fits_data(fits, "mine.py:Net", spec)
+    assert fits.training and all(torch.equal(before[k], v) for k, v in fits.state_dict().items())

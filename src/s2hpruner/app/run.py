@@ -48,7 +48,7 @@ from .config import ConfigError, RunConfig
 from .data import build_datasets
 from .files import atomic_torch_save, atomic_write_bytes, save_program
 from .metrics import MetricWriter, append_jsonl, reduced_sums
-from .models import create_model
+from .models import ModelSpecError, create_model
 from .optim import build_mask_optimizer, build_weight_optimizer, set_mask_lr
 from .sampling import EpochSampler, eval_loader, train_loader
 
@@ -116,6 +116,30 @@ def build_splits(cfg: RunConfig, augment: bool | None = None):
         raise ConfigError(f"{exc}; choose another --val-size or --train-subset") from exc
 
 
+def check_model_fits_data(model: nn.Module, name: str, spec) -> None:
+    """One forward of a blank batch, in eval mode: a factory that ignores ``in_chans`` or
+    ``num_classes`` fails here, named, instead of in the graph tracing or the loss."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(2, spec.in_chans, spec.image_size, spec.image_size))
+    except (RuntimeError, ValueError, AssertionError) as exc:  # timm asserts input sizes
+        raise ModelSpecError(
+            f"model {name!r} does not take the data's {spec.in_chans}-channel "
+            f"{spec.image_size}x{spec.image_size} images ({exc}); fix: let its factory accept "
+            "in_chans (and image_size), or for an image folder set --in-chans to what it takes"
+        ) from exc
+    finally:
+        model.train(was_training)
+    if isinstance(out, torch.Tensor) and out.ndim == 2 and out.shape[1] != spec.num_classes:
+        raise ModelSpecError(
+            f"model {name!r} gives {out.shape[1]} outputs but the data set has "
+            f"{spec.num_classes} classes; fix: let its factory accept num_classes (or set it "
+            "in model_kwargs)"
+        )
+
+
 def build_model(cfg: RunConfig, spec, device: torch.device) -> nn.Module:
     """The model of a run, with its starting weights (``--init`` or ``--pretrained``)."""
     from .weights import load_init_weights, load_pretrained
@@ -127,6 +151,7 @@ def build_model(cfg: RunConfig, spec, device: torch.device) -> nn.Module:
         image_size=spec.image_size,
         **cfg.model_kwargs,
     )
+    check_model_fits_data(model, cfg.model, spec)
     if cfg.init is not None:
         load_init_weights(model, cfg.init)
     elif cfg.pretrained:
