@@ -3,6 +3,7 @@ own .py file, weights trained with plain PyTorch, pruned with ``--init``; the de
 data and one epoch; parameter budgets and combined budgets."""
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -108,6 +109,15 @@ def test_prune_a_users_trained_model_on_image_folders(user_setup, capsys):
     assert json.loads(capsys.readouterr().out)["top1_hard"] == pytest.approx(
         report["top1_hard"], abs=0.01
     )
+    # another folder: the recorded preprocessing applies, its classes must be the run's
+    assert report["classes"] == [f"digit_{i}" for i in range(10)]
+    other = root / "digits_renamed"
+    shutil.copytree(root / "digits", other)
+    for split in ("train", "test"):
+        (other / split / "digit_9").rename(other / split / "digit_nine")
+    capsys.readouterr()
+    assert main(["eval", str(out / "model_pruned.pt2"), "--data-root", str(other)]) == 2
+    assert "trained on classes" in capsys.readouterr().err
     # the pickled model in a fresh process: Net's module is not imported yet
     for name in [n for n in sys.modules if n.startswith("s2hpruner_user_my_net")]:
         del sys.modules[name]

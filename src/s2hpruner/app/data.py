@@ -79,6 +79,7 @@ class DataSplits:
     val: Dataset
     test: Dataset
     spec: DataSpec
+    classes: list[str] | None = None  # class folder names in label order (image files only)
 
 
 DATASETS: dict[str, Callable[..., DataSplits]] = {}
@@ -416,6 +417,7 @@ def _make_splits(
         val=ImageFiles([source.train[i] for i in val_idx], evaluate, mode),
         test=ImageFiles(source.test, evaluate, mode),
         spec=spec,
+        classes=list(source.classes),
     )
 
 

@@ -572,6 +572,7 @@ def finish(cfg, out, splits, model, pruner, trainer, example, device, state) -> 
         "params_pruned": count_params(pruned_cpu),
         "kept_widths": pruner.kept_widths(),
         "channels": {g.name: g.channels for g in pruner.groups},
+        "classes": splits.classes,  # label i is classes[i] (image folders; None: fixed sets)
         "device": str(device),
         "world_size": D.world_size(),
         "torch": torch.__version__,

@@ -22,11 +22,33 @@ from .report import plot_run, summary_table
 from .run import build_model_and_pruner, build_splits
 
 
-def _run_config_near(path: Path) -> RunConfig | None:
+def _run_dir_near(path: Path) -> Path | None:
+    """The run directory of a model or checkpoint file (it holds config.yaml)."""
     for folder in (path.parent, path.parent.parent):
         if (folder / "config.yaml").exists():
-            return RunConfig.from_dict(yaml.safe_load((folder / "config.yaml").read_text()))
+            return folder
     return None
+
+
+def _run_config_near(path: Path) -> RunConfig | None:
+    folder = _run_dir_near(path)
+    if folder is None:
+        return None
+    return RunConfig.from_dict(yaml.safe_load((folder / "config.yaml").read_text()))
+
+
+def _check_classes(path: Path, splits) -> None:
+    """Labels are folder names' ranks: another folder with other classes would mislabel."""
+    folder = _run_dir_near(path)
+    report = folder / "report.json" if folder else None
+    if splits.classes is None or report is None or not report.exists():
+        return
+    trained = json.loads(report.read_text()).get("classes")
+    if trained is not None and trained != splits.classes:
+        raise S2HError(
+            f"{path} was trained on classes {trained}, but the data has {splits.classes}: "
+            "their labels would not match; fix: evaluate on class folders named as in training"
+        )
 
 
 def restore_from_checkpoint(path: str | Path, device: torch.device | str = "cpu"):
@@ -78,6 +100,7 @@ def evaluate_path(args: argparse.Namespace) -> dict:
         splits = build_splits(cfg, augment=False)
     else:
         splits = build_datasets(dataset, root, val_size=None, seed=0, augment=False)
+    _check_classes(path, splits)
     loader = torch.utils.data.DataLoader(getattr(splits, args.split), batch_size=args.batch_size)
     result = {"path": str(path), "dataset": dataset, "split": args.split}
     if is_checkpoint:
