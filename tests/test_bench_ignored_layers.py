@@ -1,8 +1,10 @@
 """A layer kept whole (``RunConfig.ignored_layers``) is offered to every method alike: the
-baselines keep its torch-pruning group at full width, as S2HPruner keeps its channel group."""
+baselines keep its torch-pruning group at full width, as S2HPruner keeps its channel group.
+And ``benchmarks.probe``, the single run that tries such a setting first."""
 
 import copy
 import dataclasses
+import json
 import sys
 from functools import partial
 from pathlib import Path
@@ -118,3 +120,26 @@ def test_the_stem_profile_keeps_the_stream_whole_for_s2hpruner_and_l1_alike():
         assert all(c["ignored_layers"] == ["conv1"] for c in stem.search[method])
     assert {c["l1_global"] for c in stem.search["l1-ft"]} == {True, False}
     assert {s.method for s in compare.plan_runs(stem)} == {"s2h", "l1-ft"}
+
+
+def test_a_probe_is_the_profiles_run_with_the_settings_changed(tmp_path, monkeypatch):
+    """benchmarks.probe: the candidate's recipe, then --set on top, in one run."""
+    from benchmarks import probe
+
+    monkeypatch.setattr("s2hpruner.app.run.latency_speedup", lambda *a, **k: {"b1": 1.0,
+                                                                          "b64": 1.0})
+    monkeypatch.setattr("s2hpruner.app.run.save_program", lambda *a, **k: None)
+    tiny = {"dataset": "digits", "model_kwargs": {"width": 4}, "init": None, "batch_size": 32,
+            "val_size": 100, "train_subset": 64, "latency_repeats": 1}  # fmt: skip
+    result = probe.main([
+        "--profile", "from-trained-width-step-055", "--target", "0.55", "--seed", "1",
+        "--hyper", '{"lr": 0.03, "freeze": 0.85, "round_to": 4}',
+        "--set", json.dumps({**tiny, "ignored_layers": ["conv1"]}),
+        "--out", str(tmp_path / "probe"),
+    ])  # fmt: skip
+    saved = (tmp_path / "probe" / "config.yaml").read_text()
+    for line in ("lr: 0.03", "round_to: 4", "freeze: 0.85", "seed: 1", "- conv1",
+                 "dataset: digits"):  # fmt: skip
+        assert line in saved, line
+    assert "conv1" not in result["kept_widths"], "kept whole: no longer a searched group"
+    assert abs(result["flops_ratio"] - 0.55) <= 0.02 and result["val_top1"] is not None
