@@ -165,6 +165,30 @@ def test_a_model_trained_on_rgb_copies_of_grey_images_starts_with_in_chans_3(
     assert saved["in_chans"] == 3 and len(saved["mean"]) == 3
 
 
+def test_pretrained_weights_bring_their_normalisation(user_setup, tmp_path, monkeypatch):
+    """ImageNet weights expect ImageNet's mean and std, not the folder's: the run uses the
+    weights' (averaged over RGB for grey images, whose stem sums the RGB kernels) and
+    records them; a --mean/--std the user gives still wins."""
+    import torchvision
+
+    from s2hpruner.app.weights import torchvision_cache_path
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    path = torchvision_cache_path("mobilenet_v3_small")
+    path.parent.mkdir(parents=True)
+    torch.save(torchvision.models.mobilenet_v3_small(weights=None).state_dict(), path)
+    args = ["prune", "--model", "mobilenet_v3_small", "--pretrained", "--dataset", "imagefolder",
+            "--data-root", str(user_setup / "digits"), "--epochs", "0.1", "--batch-size", "32",
+            "--no-progress", "--latency-repeats", "1"]  # fmt: skip
+    assert main([*args, "--out", str(tmp_path / "imagenet")]) == 0
+    saved = yaml.safe_load((tmp_path / "imagenet" / "config.yaml").read_text())
+    assert saved["mean"] == pytest.approx([(0.485 + 0.456 + 0.406) / 3])
+    assert saved["std"] == pytest.approx([(0.229 + 0.224 + 0.225) / 3])
+    assert main([*args, "--out", str(tmp_path / "own"), "--mean", "0.3", "--std", "0.2"]) == 0
+    saved = yaml.safe_load((tmp_path / "own" / "config.yaml").read_text())
+    assert (saved["mean"], saved["std"]) == ([0.3], [0.2])
+
+
 def test_digits_with_one_epoch_and_every_other_option_default(tmp_path, monkeypatch):
     """No option the user did not set may make the run fail: the validation split fits the
     data set, and the phases are fractions of whatever epochs were asked for."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import time
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -138,6 +139,24 @@ def check_model_fits_data(model: nn.Module, name: str, spec) -> None:
             f"{spec.num_classes} classes; fix: let its factory accept num_classes (or set it "
             "in model_kwargs)"
         )
+
+
+def pretrained_normalization(name: str, model: nn.Module, in_chans: int):
+    """(mean, std) the pretrained weights of ``model`` were trained with: timm's pretrained
+    config, or the torchvision weights' transforms (ImageNet's); for grey input (the stem's
+    RGB kernels summed) the channels' averages."""
+    import torchvision
+
+    cfg = getattr(model, "pretrained_cfg", None)
+    if isinstance(cfg, Mapping) and cfg.get("mean") and cfg.get("std"):
+        mean, std = cfg["mean"], cfg["std"]
+    else:
+        weights = torchvision.models.get_model_weights(name.removeprefix("torchvision/"))
+        transforms = weights.DEFAULT.transforms()
+        mean, std = transforms.mean, transforms.std
+    if in_chans == 1:
+        mean, std = [sum(mean) / len(mean)], [sum(std) / len(std)]
+    return [float(v) for v in mean], [float(v) for v in std]
 
 
 def build_model(cfg: RunConfig, spec, device: torch.device) -> nn.Module:
@@ -318,15 +337,19 @@ def prune(cfg: RunConfig) -> dict:
     out = prepare_run_dir(cfg)
     seed_everything(cfg.seed)
     splits = build_splits(cfg)
-    if cfg.dataset == "imagefolder":  # config.yaml records the preprocessing measured on the
-        spec = splits.spec  # folder: eval, export and users deploying the model reuse it
-        cfg.image_size, cfg.in_chans = spec.image_size, spec.in_chans
-        cfg.mean, cfg.std = list(spec.mean), list(spec.std)
     last = out / "checkpoints" / "last.pt"
     checkpoint = load_checkpoint(last, device) if cfg.resume else None
     model, pruner, example = build_model_and_pruner(
         cfg, splits.spec, device, resumed=checkpoint and checkpoint["pruner"]
     )
+    if cfg.dataset == "imagefolder":
+        if cfg.pretrained and cfg.mean is None and cfg.std is None:  # what the weights expect
+            cfg.mean, cfg.std = pretrained_normalization(cfg.model, model, splits.spec.in_chans)
+            splits = build_splits(cfg)
+        # config.yaml records the folder's preprocessing: eval, export and deployment reuse it
+        spec = splits.spec
+        cfg.image_size, cfg.in_chans = spec.image_size, spec.in_chans
+        cfg.mean, cfg.std = list(spec.mean), list(spec.std)
     main = D.is_main()
 
     sampler = EpochSampler(len(splits.train), cfg.seed, cfg.batch_size)
