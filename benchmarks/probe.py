@@ -19,7 +19,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from .compare import PROFILES, RunSpec, prune_record, run_config
+from .compare import PROFILES, RUN_HYPER, RunSpec, prune_record, run_config
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -38,6 +38,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    unknown = sorted(set(args.hyper) - set(RUN_HYPER))
+    if unknown:
+        raise SystemExit(f"--hyper takes {', '.join(RUN_HYPER)}; put {unknown} in --set")
+    if (Path(args.out) / "report.json").exists():  # the run below replaces its directory
+        raise SystemExit(f"{args.out} holds a finished run; give another --out")
     profile = dataclasses.replace(PROFILES[args.profile], progress=False)
     spec = RunSpec(args.method, args.target, args.seed, "epochs")
     cfg = run_config(profile, spec, profile.epochs, Path(args.out), args.hyper)

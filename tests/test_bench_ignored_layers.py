@@ -90,19 +90,33 @@ def test_a_search_candidate_keeps_layers_whole_for_every_method(tmp_path):
         "the channel group of conv1 kept whole"  # fmt: skip
 
 
-@pytest.mark.parametrize("method", ["l1-ft", "random"])
-def test_a_baseline_run_keeps_the_configs_ignored_layers_whole(tmp_path, method):
+@pytest.mark.parametrize("method", ["l1-ft", "random", "group-sl"])
+def test_a_baseline_run_keeps_the_configs_ignored_layers_whole(tmp_path, method, monkeypatch):
     """End to end: the run's exported model keeps the stream at the full width (4 channels
-    in this resnet20 of width 4), at the target FLOPs."""
+    in this resnet20 of width 4), at the target FLOPs; every torch-pruning pruner of the run
+    (group-sl's sparse regulariser too) is built with the list."""
+    built = []
+    make_pruner = baselines.make_pruner
+
+    def spy(factory, model, example, ratio, ignored):
+        built.append(list(ignored))
+        return make_pruner(factory, model, example, ratio, ignored)
+
+    monkeypatch.setattr(baselines, "make_pruner", spy)
     profile = dataclasses.replace(
         compare.FROM_TRAINED_ALL, dataset="digits", model_kwargs={"width": 4}, batch_size=32,
         val_size=100, train_subset=64, progress=False, init=None,
     )  # fmt: skip
     spec = compare.RunSpec(method, 0.55, 0, "epochs")
     options = baselines.BaselineOptions(pretrain_fraction=0.0, flops_tolerance=0.03)
-    records = [baselines.run_baseline(method, compare.run_config(
-        profile, spec, 1.0, tmp_path / str(ignored), {"ignored_layers": ignored}), options)
-        for ignored in (["conv1"], [])]  # fmt: skip
+    records = []
+    for ignored in (["conv1"], []):
+        cfg = compare.run_config(profile, spec, 1.0, tmp_path / str(ignored),
+                                 {"ignored_layers": ignored})  # fmt: skip
+        records.append(baselines.run_baseline(method, cfg, options))
+        if ignored:  # every pruner of this run got the list (random widths build none)
+            assert all("conv1" in names for names in built), built
+            assert (len(built) > 0) == (method != "random")
     assert all(records[0]["conv_out_channels"][name] == 4 for name in STREAM)
     assert records[1]["conv_out_channels"]["conv1"] < 4, "the control: the stream is cut"
     assert all(abs(r["flops_ratio"] - 0.55) <= 0.03 for r in records)
@@ -143,3 +157,8 @@ def test_a_probe_is_the_profiles_run_with_the_settings_changed(tmp_path, monkeyp
         assert line in saved, line
     assert "conv1" not in result["kept_widths"], "kept whole: no longer a searched group"
     assert abs(result["flops_ratio"] - 0.55) <= 0.02 and result["val_top1"] is not None
+    base = ["--profile", "from-trained-width-step-055", "--target", "0.55"]
+    with pytest.raises(SystemExit, match="holds a finished run"):
+        probe.main([*base, "--out", str(tmp_path / "probe")])
+    with pytest.raises(SystemExit, match=r"put \['temperature'\] in --set"):
+        probe.main([*base, "--hyper", '{"temperature": 2}', "--out", str(tmp_path / "other")])

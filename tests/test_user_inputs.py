@@ -422,6 +422,13 @@ def same_weights(a: nn.Module, b: nn.Module) -> bool:
             "state_dict",
             "model.",
         ),  # fmt: skip
+        (  # ... beside a distillation teacher: a larger model holding every key of this one
+            lambda m: {"state_dict": {**{f"model.{k}": v for k, v in m.state_dict().items()},
+                                      **{f"teacher.{k}": v + 1 for k, v in m.state_dict().items()},
+                                      "teacher.extra.weight": torch.ones(3)}},
+            "state_dict",
+            "model.",
+        ),  # fmt: skip
         (lambda m: m, "pickled module", ""),
         (  # Python objects beside the weights: needs weights_only=False
             lambda m: {"args": argparse.Namespace(lr=0.1), "state_dict_ema": m.state_dict()},
@@ -430,7 +437,7 @@ def same_weights(a: nn.Module, b: nn.Module) -> bool:
         ),
     ],
     ids=["plain", "model-key", "nested", "ddp", "compiled-ddp", "lightning", "lightning-extra",
-         "module", "namespace"],  # fmt: skip
+         "lightning-teacher", "module", "namespace"],  # fmt: skip
 )
 def test_load_init_weights_round_trip(tmp_path, wrap, source, prefix):
     trained = small_model()

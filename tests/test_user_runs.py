@@ -189,6 +189,22 @@ def test_pretrained_weights_bring_their_normalisation(user_setup, tmp_path, monk
     assert (saved["mean"], saved["std"]) == ([0.3], [0.2])
 
 
+def test_resume_keeps_the_runs_recorded_preprocessing(user_setup, tmp_path):
+    """A resumed run reads its images as it started to (the checkpoint's mean and std), even
+    if measuring the folder again would now give other values."""
+    args = ["prune", "--model", f"{user_setup / 'my_net.py'}:Net", "--dataset", "imagefolder",
+            "--data-root", str(user_setup / "digits"), "--epochs", "0.2", "--batch-size", "32",
+            "--no-progress", "--latency-repeats", "1", "--out", str(tmp_path / "run")]  # fmt: skip
+    assert main(args) == 0
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    ckpt = torch.load(last, weights_only=False)
+    ckpt["config"]["mean"], ckpt["config"]["std"] = [0.123], [0.321]  # as if measured then
+    torch.save(ckpt, last)
+    assert main([*args, "--resume"]) == 0
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert (saved["mean"], saved["std"]) == ([0.123], [0.321])
+
+
 def test_digits_with_one_epoch_and_every_other_option_default(tmp_path, monkeypatch):
     """No option the user did not set may make the run fail: the validation split fits the
     data set, and the phases are fractions of whatever epochs were asked for."""

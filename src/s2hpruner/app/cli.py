@@ -61,8 +61,10 @@ HELP = {
     "image_size": "imagefolder: input size in pixels (default: from the images)",
     "in_chans": "imagefolder: 1 (greyscale) or 3 (RGB: grey images are converted, as "
     "torchvision's ImageFolder does; for a model trained that way) (default: from the images)",
-    "mean": "imagefolder: per-channel normalisation mean (default: measured on a sample)",
-    "std": "imagefolder: per-channel normalisation std (default: measured on a sample)",
+    "mean": "imagefolder: per-channel normalisation mean (default: measured on a sample; "
+    "with --pretrained, the weights' own)",
+    "std": "imagefolder: per-channel normalisation std (default: measured on a sample; "
+    "with --pretrained, the weights' own)",
     "method": f"training method: {', '.join(METHODS)}",
     "model_kwargs": "extra keyword arguments of the model factory (YAML mapping, config file only)",
     "width_step": "channel step d of every group (default: smallest divisor of the channel "

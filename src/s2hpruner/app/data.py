@@ -318,7 +318,7 @@ class ImageFiles(Dataset):
         try:  # the folder's statistics read a sample only: any other file may be broken
             with Image.open(path) as img:
                 image = _as_mode(img, self.mode)  # some Tiny ImageNet JPEGs are greyscale
-        except (OSError, ValueError, Image.DecompressionBombError) as e:
+        except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
             raise DataFormatError(
                 f"{path}: cannot be read as an image ({e}); fix: replace or remove the file"
             ) from e
@@ -891,19 +891,20 @@ def _scan_folder(root: str | None) -> _Folder:
     return _Folder(root, classes, [samples[i] for i in train_idx], [samples[i] for i in test_idx])
 
 
-#: PIL modes of 16-bit greyscale files (PNG, TIFF), and the value of white in them
-_WIDE_GREY = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535}
+#: PIL modes of 16-bit greyscale files (PNG, TIFF); "I" (32-bit) holds them in older Pillow
+_WIDE_GREY = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
 
 
 def _as_mode(img: Any, mode: str) -> Any:
     """``img`` in PIL mode ``mode``. 16-bit greyscale is scaled to 8 bits first: PIL's
     ``convert`` clips every value above 255, and such images (medical, scientific) would
-    turn almost white."""
+    turn almost white. An "I" image whose values all fit in 8 bits is taken as 8-bit data."""
     from PIL import Image
 
-    white = _WIDE_GREY.get(img.mode)
-    if white is not None:
-        pixels = np.asarray(img, dtype=np.float64) * (255.0 / white)
+    if img.mode in _WIDE_GREY:
+        pixels = np.asarray(img, dtype=np.float64)
+        if img.mode != "I" or pixels.max() > 255:
+            pixels = pixels * (255.0 / 65535.0)
         img = Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8))
     return img.convert(mode)
 
@@ -913,7 +914,7 @@ def _open_image(path: str) -> Any:
 
     try:
         return Image.open(path)
-    except (UnidentifiedImageError, OSError) as e:
+    except (UnidentifiedImageError, OSError, SyntaxError, EOFError) as e:
         raise DataFormatError(f"{path}: cannot be read as an image ({e})") from e
 
 
@@ -970,7 +971,7 @@ def _folder_stats(
                 img.draft(mode, (resize, resize))  # JPEG: decode at reduced size, much faster
                 try:
                     pixels = np.asarray(geometric(_as_mode(img, mode)), np.float64) / 255.0
-                except OSError as e:
+                except (OSError, SyntaxError, EOFError) as e:
                     raise DataFormatError(f"{path}: cannot be decoded ({e})") from e
             pixels = pixels.reshape(-1, in_chans)
             total += pixels.sum(0)

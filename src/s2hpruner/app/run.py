@@ -117,14 +117,20 @@ def build_splits(cfg: RunConfig, augment: bool | None = None):
         raise ConfigError(f"{exc}; choose another --val-size or --train-subset") from exc
 
 
+# an image folder's preprocessing, measured on it (or the weights') and recorded by a run
+FOLDER_PREPROCESSING = ("image_size", "in_chans", "mean", "std")
+
+
 def check_model_fits_data(model: nn.Module, name: str, spec) -> None:
     """One forward of a blank batch, in eval mode: a factory that ignores ``in_chans`` or
     ``num_classes`` fails here, named, instead of in the graph tracing or the loss."""
+    first = next(model.parameters(), None)  # a factory may return it on a GPU, or in half
+    kind = {} if first is None else {"device": first.device, "dtype": first.dtype}
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            out = model(torch.zeros(2, spec.in_chans, spec.image_size, spec.image_size))
+            out = model(torch.zeros(2, spec.in_chans, spec.image_size, spec.image_size, **kind))
     except (RuntimeError, ValueError, AssertionError) as exc:  # timm asserts input sizes
         raise ModelSpecError(
             f"model {name!r} does not take the data's {spec.in_chans}-channel "
@@ -336,14 +342,20 @@ def prune(cfg: RunConfig) -> dict:
         torch.use_deterministic_algorithms(True)
     out = prepare_run_dir(cfg)
     seed_everything(cfg.seed)
-    splits = build_splits(cfg)
     last = out / "checkpoints" / "last.pt"
     checkpoint = load_checkpoint(last, device) if cfg.resume else None
+    if checkpoint is not None and cfg.dataset == "imagefolder":  # the run's own preprocessing
+        saved = checkpoint.get("config") or {}
+        for key in FOLDER_PREPROCESSING:
+            if getattr(cfg, key) is None:
+                setattr(cfg, key, saved.get(key))
+    splits = build_splits(cfg)
     model, pruner, example = build_model_and_pruner(
         cfg, splits.spec, device, resumed=checkpoint and checkpoint["pruner"]
     )
     if cfg.dataset == "imagefolder":
-        if cfg.pretrained and cfg.mean is None and cfg.std is None:  # what the weights expect
+        # what pretrained weights expect; a run resumed from before this rule keeps its own
+        if cfg.pretrained and cfg.mean is None and cfg.std is None and checkpoint is None:
             cfg.mean, cfg.std = pretrained_normalization(cfg.model, model, splits.spec.in_chans)
             splits = build_splits(cfg)
         # config.yaml records the folder's preprocessing: eval, export and deployment reuse it

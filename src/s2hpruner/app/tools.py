@@ -117,10 +117,16 @@ def evaluate_path(args: argparse.Namespace) -> dict:
             raise CheckpointError(f"{path} is not a readable torch.export program "
                                   f"({type(exc).__name__}: {exc})") from exc  # fmt: skip
     else:
-        if cfg is not None and ":" in cfg.model:  # a user's class: import it as the run did,
-            load_factory(cfg.model)  # so that unpickling finds its module
         try:
-            model = torch.load(path, map_location=device, weights_only=False)
+            try:
+                model = torch.load(path, map_location=device, weights_only=False)
+            except (ModuleNotFoundError, AttributeError):  # a user's class not imported yet:
+                if cfg is None or ":" not in cfg.model:  # import its module as the run did
+                    raise
+                load_factory(cfg.model)
+                model = torch.load(path, map_location=device, weights_only=False)
+        except S2HError:
+            raise
         except Exception as exc:
             raise CheckpointError(f"{path} is not a readable model file: {exc}") from exc
         if not isinstance(model, torch.nn.Module):

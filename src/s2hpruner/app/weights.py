@@ -170,14 +170,17 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, Any], str]:
     )
 
 
-def _strip(state: dict[str, Any], model_keys: set[str]) -> tuple[dict[str, Any], str, list[str]]:
-    """``state`` with the key prefix that best matches ``model_keys`` removed.
+def _strip(
+    state: dict[str, Any], model_state: dict[str, Any]
+) -> tuple[dict[str, Any], str, list[str]]:
+    """``state`` with the key prefix that best matches ``model_state`` removed.
 
     Candidates: none; leading ``module.`` / ``_orig_mod.`` (DDP, torch.compile, in any order);
     each first component with the keys under it (Lightning's ``model.``, also beside other
-    state such as a loss's buffers or an EMA copy). The one matching the most model keys wins,
-    ties going to the smallest change. Returns the state, the prefix and the other prefixes
-    that match as well (an ambiguity: a model and its EMA copy both fit).
+    state such as a loss's buffers, a teacher or an EMA copy). One that fits exactly (every
+    key, every shape) wins, else the one matching the most keys; ties go to the smallest
+    change. Returns the state, the prefix and the other prefixes that fit exactly as well (an
+    ambiguity: a model and its EMA copy both fit).
     """
 
     def unwrap(key: str) -> str:
@@ -190,15 +193,17 @@ def _strip(state: dict[str, Any], model_keys: set[str]) -> tuple[dict[str, Any],
         inner = {k[len(first) + 1 :]: v for k, v in state.items() if k.startswith(first + ".")}
         candidates.append((first + ".", inner))
 
-    def score(candidate: tuple[str, dict]) -> int:
-        return len(model_keys & set(candidate[1]))
+    def fits(candidate: dict) -> bool:
+        return describe_state_dict_mismatch(candidate, model_state) is None
+
+    def rank(candidate: tuple[str, dict]) -> tuple[bool, int]:
+        return fits(candidate[1]), len(model_state.keys() & candidate[1].keys())
 
     def same(a: dict, b: dict) -> bool:  # the same tensors under the same names
         return a.keys() == b.keys() and all(a[k] is b[k] for k in a)
 
-    prefix, best = max(candidates, key=score)  # the first on ties
-    top = score((prefix, best))
-    others = [p for p, c in candidates if top and score((p, c)) == top and not same(c, best)]
+    prefix, best = max(candidates, key=rank)  # the first on ties
+    others = [p for p, c in candidates if fits(best) and fits(c) and not same(c, best)]
     return best, prefix, list(dict.fromkeys(others))
 
 
@@ -210,7 +215,7 @@ def load_init_weights(model: nn.Module, path: str | Path) -> dict[str, Any]:
     """
     state, source = read_state_dict(path)
     model_state = model.state_dict()
-    state, stripped, also = _strip(state, set(model_state))
+    state, stripped, also = _strip(state, model_state)
     if also:
         raise CheckpointError(
             f"weights file {path} ({source}) holds more than one set of weights that fits the "
