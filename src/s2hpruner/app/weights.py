@@ -193,18 +193,16 @@ def _strip(
         inner = {k[len(first) + 1 :]: v for k, v in state.items() if k.startswith(first + ".")}
         candidates.append((first + ".", inner))
 
-    def fits(candidate: dict) -> bool:
-        return describe_state_dict_mismatch(candidate, model_state) is None
-
-    def rank(candidate: tuple[str, dict]) -> tuple[bool, int]:
-        return fits(candidate[1]), len(model_state.keys() & candidate[1].keys())
-
     def same(a: dict, b: dict) -> bool:  # the same tensors under the same names
         return a.keys() == b.keys() and all(a[k] is b[k] for k in a)
 
-    prefix, best = max(candidates, key=rank)  # the first on ties
-    others = [p for p, c in candidates if fits(best) and fits(c) and not same(c, best)]
-    return best, prefix, list(dict.fromkeys(others))
+    ranked = [  # (fits exactly, model keys matched, prefix, state)
+        (describe_state_dict_mismatch(c, model_state) is None, len(model_state.keys() & c.keys()),
+         p, c) for p, c in candidates
+    ]  # fmt: skip
+    fits, _, prefix, best = max(ranked, key=lambda r: r[:2])  # the first on ties
+    others = [p for fit, _, p, c in ranked if fits and fit and not same(c, best)]
+    return best, prefix, others
 
 
 def load_init_weights(model: nn.Module, path: str | Path) -> dict[str, Any]:
