@@ -110,6 +110,33 @@ def test_overwrite_leaves_no_best_model_of_the_replaced_run(setup, tmp_path):
     assert (run_dir / "report.json").exists()
 
 
+def test_an_overwrite_stopped_before_its_end_leaves_nothing_of_the_replaced_run(
+    setup, tmp_path, monkeypatch
+):
+    """The replaced run's models, plots and TensorBoard events go when the new run starts:
+    stopped before its own are written, the folder must not offer the old run's as its."""
+    from s2hpruner.app import run
+
+    root, config, out = setup
+    run_dir = copy_run(out, tmp_path / "run")
+    (run_dir / "tensorboard").mkdir(exist_ok=True)
+    (run_dir / "tensorboard" / "events.old").write_bytes(b"the replaced run's curves")
+    (run_dir / "model_pruned.onnx").write_bytes(b"the replaced run's")
+    old = [name for name in run.REPLACED_RESULTS if (run_dir / name).exists()]
+    replaced = {name: (run_dir / name).read_bytes() for name in old}
+    assert {"model_pruned.pt", "model_pruned.pt2", "accuracy.png", "report.json"} <= set(old)
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run, "finish", stopped)
+    assert prune(root, config, run_dir, "--overwrite") == 130  # interrupted
+    left = [name for name in run.REPLACED_RESULTS if (run_dir / name).exists()]
+    assert left == ["checkpoints/best.pt", "checkpoints/last.pt"]  # the new run's epochs
+    assert all((run_dir / name).read_bytes() != replaced[name] for name in left)
+    assert not (run_dir / "tensorboard" / "events.old").exists()
+
+
 @pytest.mark.parametrize(
     ("args", "named"),
     [
@@ -144,6 +171,49 @@ def test_export_never_replaces_earlier_models_unless_asked(setup, tmp_path, caps
     assert main(["export", best, "--out", str(run_dir), "--overwrite"]) == 0
     assert all((run_dir / name).stat().st_ino != inode for name, inode in files.items())
     assert not (run_dir / "model_pruned.onnx").exists()  # not of this checkpoint: gone
+
+
+@pytest.mark.parametrize("fails", ["program", "onnx check"])
+def test_an_export_that_fails_leaves_the_earlier_export_as_it_was(
+    setup, tmp_path, capsys, monkeypatch, fails
+):
+    """Every file is written and checked before any replaces the earlier export's: a
+    torch.export failure, or an ONNX program that computes something else, changes nothing
+    (and the ONNX check fails the command)."""
+    from s2hpruner.app import tools
+
+    _, _, out = setup
+    run_dir = copy_run(out, tmp_path / "run")
+    (run_dir / "model_pruned.onnx").write_bytes(b"an earlier export's")
+    before = snapshot(run_dir)
+    if fails == "program":
+        def broken(*args, **kwargs):
+            raise RuntimeError("torch.export could not trace it")
+
+        monkeypatch.setattr(tools, "save_program", broken)
+        with pytest.raises(RuntimeError):
+            tools.export_checkpoint(run_dir / "checkpoints" / "best.pt", run_dir, overwrite=True)
+    else:
+        monkeypatch.setattr(tools, "save_onnx", lambda m, x, path: Path(path).write_bytes(b"?"))
+        monkeypatch.setattr(tools, "onnx_max_abs_diff", lambda *args: 0.5)
+        assert main(["export", str(run_dir / "checkpoints" / "best.pt"), "--out", str(run_dir),
+                     "--overwrite", "--onnx"]) == 2  # fmt: skip
+        assert "differ from PyTorch's by 0.5" in error_of(capsys)
+    assert snapshot(run_dir) == before
+    assert not [p.name for p in run_dir.iterdir() if p.name.startswith(".export.")]
+
+
+def test_an_export_outside_the_run_carries_the_runs_config(setup, tmp_path):
+    """eval of an exported model in a folder of its own reads the data as the run did (its
+    config.yaml: data set, preprocessing), not as defaults would."""
+    from s2hpruner.app.tools import _run_config_near
+
+    _, _, out = setup
+    exported = tmp_path / "exported"
+    assert main(["export", str(out / "checkpoints" / "best.pt"), "--out", str(exported)]) == 0
+    assert sorted(p.name for p in exported.iterdir()) == [
+        "config.yaml", "model_pruned.pt", "model_pruned.pt2"]  # (fixed classes: no list)
+    assert _run_config_near(exported / "model_pruned.pt2") == _run_config_near(out / "report.json")
 
 
 def test_eval_of_a_corrupt_program_is_refused(setup, tmp_path, capsys):

@@ -363,3 +363,17 @@ def test_torchrun_prune_end_to_end(tmp_path):
     # the exported model is the checkpoint's hard network
     pruned = torch.load(out / "model_pruned.pt", weights_only=False).eval()
     assert pruned(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_a_single_process_runs_on_the_cuda_device_it_was_given(monkeypatch):
+    """``--device cuda:1`` outside torchrun: that device, not the first one."""
+    from s2hpruner.core import distributed as D
+
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert D.setup("cuda:1") == torch.device("cuda", 1) and chosen == [1]
+    monkeypatch.setenv("LOCAL_RANK", "0")  # torchrun's local rank decides under torchrun
+    assert D.setup("cuda") == torch.device("cuda", 0)

@@ -687,3 +687,17 @@ def test_the_frozen_widths_aim_by_the_measured_slope_once_two_checks_exist():
     assert next_latency_aim([(0.673, 0.676), (0.686, 0.679)], 0.7) == pytest.approx(0.707)
     assert next_latency_aim([(0.5, 0.2)], 0.5) == pytest.approx(0.6)
     assert next_latency_aim([(0.5, 0.95)], 0.5) == pytest.approx(0.4)
+
+
+def test_a_cuda_timing_waits_for_the_timed_device(monkeypatch):
+    """A model on cuda:1 is timed until cuda:1 is done, not the current device (cuda:0),
+    which would time only the kernel launches."""
+    from types import SimpleNamespace
+
+    from s2hpruner.core import measure
+
+    waited = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: waited.append(device))
+    x = SimpleNamespace(is_cuda=True, device=torch.device("cuda", 1))
+    measure._seconds(lambda inputs: None, x)
+    assert waited == [torch.device("cuda", 1)]

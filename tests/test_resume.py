@@ -236,3 +236,17 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(data_and_config, tmp_pa
     ckpt_a["config"].pop("resume"), ckpt_b["config"].pop("resume")
     ckpt_a["config"].pop("out"), ckpt_b["config"].pop("out")
     assert ckpt_a["config"] == ckpt_b["config"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_rng_states_loaded_onto_a_gpu_are_restored():
+    """``--resume`` on CUDA loads the checkpoint there (map_location), RNG states included;
+    the generators take CPU byte tensors only."""
+    from s2hpruner.app.checkpoint import rng_state, set_rng_state
+
+    state = rng_state()
+    expected = torch.rand(3)
+    on_gpu = {**state, "torch": state["torch"].cuda(),
+              "cuda": [s.cuda() for s in state.get("cuda", [])]}  # fmt: skip
+    set_rng_state(on_gpu)
+    assert torch.equal(torch.rand(3), expected)

@@ -125,3 +125,50 @@ def test_a_pruner_built_on_cpu_exports_the_model_moved_to_cuda():
     pruned = trainer.export().eval()
     assert next(pruned.parameters()).device.type == "cuda"
     assert count_flops(pruned, x[:1].cuda()) / count_flops(model, x[:1].cuda()) <= 0.52
+
+
+def test_dmp_exports_the_soft_networks_batchnorm_statistics():
+    """DMP never runs the hard network: a default pruner's separate hard statistics would stay
+    as built (mean 0, variance 1 here) and be exported; the export takes the soft network's."""
+    model, pruner, trainer, x, y = build(method="dmp")
+    model.train()
+    for _ in range(STEPS):
+        trainer.step(x, y)
+    exported = trainer.export()
+    bn = exported.features[1]  # built fresh: mean 0 until the soft network's batches
+    assert not torch.allclose(bn.running_mean, torch.zeros_like(bn.running_mean))
+    model.eval()
+    with torch.no_grad(), pruner.mode("hard"):
+        masked = model(x)
+    assert torch.allclose(exported.eval()(x), masked, atol=1e-5)
+
+
+def test_gradient_checkpointing_is_refused_naming_the_fix():
+    model, pruner, _, _, _ = build()
+    model.features.grad_checkpointing = True  # as timm's set_grad_checkpointing() sets it
+    with pytest.raises(ValueError, match="set_grad_checkpointing\\(False\\)"):
+        S2HTrainer(model, pruner, torch.optim.SGD(model.parameters(), lr=0.1), STEPS)
+
+
+def test_auxiliary_classifiers_are_refused_and_the_zoo_builds_without_them():
+    """torchvision's googlenet runs aux1/aux2 in training only, on features the pruner
+    narrows: refused at build with the fix; the zoo's googlenet trains at narrow widths."""
+    import torchvision
+
+    from s2hpruner.app.models import create_model
+    from s2hpruner.core.errors import UnsupportedModelError
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 64, 64)
+    with pytest.raises(UnsupportedModelError, match="aux_logits=False"):
+        aux = torchvision.models.googlenet(num_classes=4, aux_logits=True, init_weights=True)
+        S2HPruner(aux, x[:1], target_flops=0.5)
+    model = create_model("googlenet", num_classes=4, in_chans=3, image_size=64)
+    pruner = S2HPruner(model, x[:1], target_flops=0.5)
+    with torch.no_grad():  # every group at its smallest width
+        for u in pruner.mask_parameters():
+            u.fill_(-30.0)
+            u[0] = 30.0
+    model.train()
+    with pruner.mode("hard"):
+        assert model(x).shape == (2, 4)

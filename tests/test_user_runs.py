@@ -118,6 +118,17 @@ def test_prune_a_users_trained_model_on_image_folders(user_setup, capsys):
     capsys.readouterr()
     assert main(["eval", str(out / "model_pruned.pt2"), "--data-root", str(other)]) == 2
     assert "trained on classes" in capsys.readouterr().err
+    # exported to a folder of its own: the preprocessing and the class names go along
+    exported = root / "deploy"
+    assert main(["export", str(out / "checkpoints" / "best.pt"), "--out", str(exported)]) == 0
+    assert json.loads((exported / "classes.json").read_text()) == report["classes"]
+    capsys.readouterr()
+    assert main(["eval", str(exported / "model_pruned.pt2")]) == 0
+    assert json.loads(capsys.readouterr().out)["top1"] == pytest.approx(
+        report["top1_hard"], abs=0.01
+    )
+    assert main(["eval", str(exported / "model_pruned.pt2"), "--data-root", str(other)]) == 2
+    assert "trained on classes" in capsys.readouterr().err
     # the pickled model in a fresh process: Net's module is not imported yet
     for name in [n for n in sys.modules if n.startswith("s2hpruner_user_my_net")]:
         del sys.modules[name]

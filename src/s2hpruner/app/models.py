@@ -302,7 +302,11 @@ def _set_in_chans(model: nn.Module, in_chans: int) -> nn.Module:
 
 
 def _torchvision_model(name: str, num_classes: int, in_chans: int, **kwargs) -> nn.Module:
-    """A torchvision classifier with random weights and ``in_chans`` input channels."""
+    """A torchvision classifier with random weights and ``in_chans`` input channels
+    (googlenet and inception_v3 without their auxiliary classifiers, which the pruner cannot
+    follow: see ``core.structure.build_graph``)."""
+    if name in ("googlenet", "inception_v3"):
+        kwargs.setdefault("aux_logits", False)
     model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
     return _set_in_chans(model, in_chans)
 

@@ -14,6 +14,7 @@ Run directory layout (only rank 0 writes):
 from __future__ import annotations
 
 import json
+import shutil
 import time
 import warnings
 from collections.abc import Mapping
@@ -200,13 +201,17 @@ def build_pruner(
     A latency budget aligns kept widths to ``LATENCY_ROUND_TO`` by default; when aligned
     widths cannot meet the budgets, the widths stay unaligned (with a warning). A resumed
     run (``resumed``: its checkpoint's pruner state) keeps the alignment it was built with:
-    timings taken again could decide that choice the other way."""
+    timings taken again could decide that choice the other way. For the same reason it
+    times nothing: the tables, the calibration and the skipped widths come from the
+    checkpoint (which the caller loads)."""
     budgets = cfg.budgets()
+    # (a checkpoint from before the skipped widths were saved is timed again, as it was then)
+    restoring = resumed is not None and "slow_widths" in resumed.get("_extra_state", {})
     if resumed is not None and cfg.round_to is None:  # (the pruner keeps it in extra state)
         saved = resumed.get("_extra_state", {}).get("round_to")
-        return _build_pruner(cfg, model, spec, device, saved)
+        return _build_pruner(cfg, model, spec, device, saved, restoring)
     if cfg.round_to is not None or "latency" not in budgets:
-        return _build_pruner(cfg, model, spec, device, cfg.round_to)
+        return _build_pruner(cfg, model, spec, device, cfg.round_to, restoring)
     try:
         return _build_pruner(cfg, model, spec, device, LATENCY_ROUND_TO)
     except BudgetError as exc:
@@ -220,7 +225,8 @@ def build_pruner(
 
 
 def _build_pruner(
-    cfg: RunConfig, model: nn.Module, spec, device: torch.device, round_to: int | None
+    cfg: RunConfig, model: nn.Module, spec, device: torch.device, round_to: int | None,
+    restoring: bool = False,
 ) -> S2HPruner:
     example = torch.zeros(1, spec.in_chans, spec.image_size, spec.image_size, device=device)
     budgets = cfg.budgets()
@@ -229,17 +235,18 @@ def _build_pruner(
         from ..core.resources.latency import LatencyModel
 
         def latency_model(model, example_inputs, groups):
-            """Rank 0 measures and caches the tables, the other ranks read them, and all
-            share rank 0's whole-model timing: one cost function for every rank."""
-            if not D.is_main():
-                D.barrier()
+            """Rank 0 measures the tables and the whole model and every other rank takes
+            them from it: one cost function, so every rank calibrates, skips widths and
+            searches alike. A restored run measures nothing (its checkpoint has them)."""
             table = LatencyModel(
                 model, example_inputs, groups, batch_size=cfg.latency_batch, device=device,
                 cache=cfg.latency_cache, progress=cfg.progress and D.is_main(),
-                predictor=cfg.latency_predictor,
+                predictor=cfg.latency_predictor, measure=D.is_main() and not restoring,
             )  # fmt: skip
-            if D.is_main():
-                D.barrier()
+            if D.is_distributed() and not restoring:
+                table.load_state_dict(D.broadcast_object(
+                    {k: v.cpu() if torch.is_tensor(v) else v
+                     for k, v in table.state_dict().items()}))  # fmt: skip
             return table
 
     pruner = S2HPruner(
@@ -257,10 +264,6 @@ def _build_pruner(
         separate_hard_bn_stats=cfg.separate_hard_bn_stats and METHODS[cfg.method].hard,
         importance=cfg.importance,
     )
-    if pruner.latency is not None:  # every rank uses rank 0's timings (and calibration)
-        table = pruner.latency
-        values = D.broadcast_floats([getattr(table, n) for n in table._SCALARS])
-        table.set_extra_state(dict(zip(table._SCALARS, values, strict=True)))
     pruner.hard_layout = _LAYOUTS.get(cfg.hard_layout)
     if cfg.search_start == "uniform":  # (a resumed run's logits then come from its checkpoint)
         pruner.start_at(uniform_widths(pruner))
@@ -328,6 +331,14 @@ def _cross_entropy(label_smoothing: float):
     return loss_fn
 
 
+# what a run writes besides config.yaml and metrics.jsonl: a run started over (--overwrite)
+# removes them first, so that nothing of the replaced run is taken for the new one's
+REPLACED_RESULTS = (
+    "checkpoints/best.pt", "checkpoints/last.pt", "report.json", "model_pruned.pt",
+    "model_pruned.pt2", "model_pruned.onnx", "accuracy.png", "flops.png", "widths.png",
+)  # fmt: skip
+
+
 # ---------------------------------------------------------------------------------- loop
 def prune(cfg: RunConfig) -> dict:
     """Train, prune and export; returns the report (also written to ``report.json``)."""
@@ -381,8 +392,9 @@ def prune(cfg: RunConfig) -> dict:
         state.history.append(_start_record(model, pruner, val_loader, device, cfg))
     if main:
         if checkpoint is None:  # replacing a run (--overwrite): none of its results stay
-            for stale in ("checkpoints/best.pt", "checkpoints/last.pt", "report.json"):
+            for stale in REPLACED_RESULTS:
                 (out / stale).unlink(missing_ok=True)
+            shutil.rmtree(out / "tensorboard", ignore_errors=True)
         # exactly the epochs of the checkpoint: a run killed between writing an epoch's line
         # and its checkpoint repeats that epoch when resumed
         lines = "".join(json.dumps(record) + "\n" for record in state.history)
@@ -454,10 +466,10 @@ def prune(cfg: RunConfig) -> dict:
         if main:
             append_jsonl(out / "metrics.jsonl", record)
             writer.log(record)
-        save_interval()
-        if best:
+        if best:  # before last.pt: a run stopped in between repeats this epoch, and best.pt
             save_checkpoint(out / "checkpoints" / "best.pt", model, pruner, trainer, schedule,
                             state, cfg)  # fmt: skip
+        save_interval()
     bar.close()
     report = finish(cfg, out, splits, model, pruner, trainer, example, device, state)
     writer.close()
@@ -615,8 +627,8 @@ def finish(cfg, out, splits, model, pruner, trainer, example, device, state) -> 
     }
     if pruner.latency is not None:
         report.update(_latency_report(model, exported, pruner, example, cfg, device))
+    save_program(pruned_cpu.cpu(), cpu_example, out / "model_pruned.pt2")  # (can fail: first)
     atomic_torch_save(pruned_cpu.cpu(), out / "model_pruned.pt")
-    save_program(pruned_cpu.cpu(), cpu_example, out / "model_pruned.pt2")
     atomic_write_bytes(out / "report.json", json.dumps(report, indent=2).encode())
     plot_run(out)
     print(summary_table(report))

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -16,7 +19,13 @@ from ..core.trainer import evaluate
 from .checkpoint import load_checkpoint, load_model_and_pruner
 from .config import RunConfig
 from .data import build_datasets
-from .files import atomic_torch_save, onnx_max_abs_diff, save_onnx, save_program
+from .files import (
+    atomic_torch_save,
+    atomic_write_bytes,
+    onnx_max_abs_diff,
+    save_onnx,
+    save_program,
+)
 from .models import load_factory
 from .report import plot_run, summary_table
 from .run import build_model_and_pruner, build_splits
@@ -37,13 +46,22 @@ def _run_config_near(path: Path) -> RunConfig | None:
     return RunConfig.from_dict(yaml.safe_load((folder / "config.yaml").read_text()))
 
 
+def _classes_near(path: Path) -> list[str] | None:
+    """The class names, in label order, a model or checkpoint was trained on (its run's
+    report.json, or an export's classes.json), if recorded."""
+    folder = _run_dir_near(path)
+    if folder is None:
+        return None
+    if (folder / "classes.json").exists():
+        return json.loads((folder / "classes.json").read_text())
+    if (folder / "report.json").exists():
+        return json.loads((folder / "report.json").read_text()).get("classes")
+    return None
+
+
 def _check_classes(path: Path, splits) -> None:
     """Labels are folder names' ranks: another folder with other classes would mislabel."""
-    folder = _run_dir_near(path)
-    report = folder / "report.json" if folder else None
-    if splits.classes is None or report is None or not report.exists():
-        return
-    trained = json.loads(report.read_text()).get("classes")
+    trained = _classes_near(path) if splits.classes is not None else None
     if trained is not None and trained != splits.classes:
         raise S2HError(
             f"{path} was trained on classes {trained}, but the data has {splits.classes}: "
@@ -135,34 +153,63 @@ def evaluate_path(args: argparse.Namespace) -> dict:
     return result
 
 
+# onnxruntime against PyTorch on the example: float32 kernels differ by ~1e-5 on logits; more
+# than this means the ONNX program computes something else
+ONNX_TOLERANCE = 1e-3
+
+
 def export_checkpoint(checkpoint: str | Path, out: str | Path, onnx: bool = False,
                       overwrite: bool = False) -> dict:  # fmt: skip
-    """Export the hard network of ``checkpoint`` into ``out`` (.pt2, .pt, optionally .onnx),
-    never over an earlier export (a run's own models) unless ``overwrite``."""
+    """Export the hard network of ``checkpoint`` into ``out`` (.pt2, .pt, optionally .onnx
+    checked against PyTorch by onnxruntime), never over an earlier export (a run's own
+    models) unless ``overwrite``. Every file is written and checked in a staging folder
+    first and moved in only then: a failure leaves the earlier export as it was. Outside a
+    run directory, the run's config.yaml (its preprocessing) and class names go along, so
+    ``eval`` of the exported model reads images as the run did."""
     out = Path(out)
     earlier = sorted(str(p) for p in out.glob("model_pruned.*"))
     if earlier and not overwrite:
         raise RunDirectoryError(f"{out} already holds exported models ({', '.join(earlier)}); "
                                 "pass --overwrite to replace them, or choose another --out")
+    if onnx:
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError as exc:
+            raise S2HError("--onnx needs onnx, onnxruntime and onnxscript; fix: "
+                           "pip install 's2hpruner[onnx]'") from exc  # fmt: skip
     cfg, model, pruner, example, exported = restore_from_checkpoint(checkpoint)
-    out.mkdir(parents=True, exist_ok=True)
-    if not onnx:  # replaced: no model of another checkpoint stays beside these
-        (out / "model_pruned.onnx").unlink(missing_ok=True)
     exported = exported.eval()
-    save_program(exported, example, out / "model_pruned.pt2")  # first: the step that can fail
-    atomic_torch_save(exported, out / "model_pruned.pt")
     result = {
         "model": cfg.model,
         "flops_ratio": count_flops(exported, example) / count_flops(model, example),
         "params_ratio": count_params(exported) / count_params(model),
         "files": [str(out / "model_pruned.pt"), str(out / "model_pruned.pt2")],
     }
-    if onnx:
-        save_onnx(exported, example, out / "model_pruned.onnx")
-        result["onnx_max_abs_diff"] = onnx_max_abs_diff(
-            exported, example, out / "model_pruned.onnx"
-        )
-        result["files"].append(str(out / "model_pruned.onnx"))
+    out.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out, prefix=".export.", suffix=".tmp"))
+    try:
+        save_program(exported, example, staging / "model_pruned.pt2")
+        atomic_torch_save(exported, staging / "model_pruned.pt")
+        if onnx:
+            save_onnx(exported, example, staging / "model_pruned.onnx")
+            diff = onnx_max_abs_diff(exported, example, staging / "model_pruned.onnx")
+            if not diff <= ONNX_TOLERANCE:
+                raise S2HError(f"the ONNX program's outputs differ from PyTorch's by {diff:.3g} "
+                               f"(more than {ONNX_TOLERANCE:g}): nothing was exported; export "
+                               "without --onnx, or report the model")  # fmt: skip
+            result["onnx_max_abs_diff"] = diff
+            result["files"].append(str(out / "model_pruned.onnx"))
+        if not (out / "metrics.jsonl").exists():  # (a run's own folder has its config)
+            atomic_write_bytes(staging / "config.yaml", yaml.safe_dump(cfg.to_dict()).encode())
+            classes = _classes_near(Path(checkpoint))
+            if classes is not None:
+                atomic_write_bytes(staging / "classes.json", json.dumps(classes).encode())
+        for file in sorted(staging.iterdir()):  # all written and checked: now in place
+            os.replace(file, out / file.name)
+        if not onnx:  # replaced: no model of another checkpoint stays beside these
+            (out / "model_pruned.onnx").unlink(missing_ok=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return result
 
 

@@ -272,6 +272,9 @@ def _names(value: Any) -> tuple[str, ...]:
     return (value,) if isinstance(value, str) else tuple(value or ())
 
 
+AUX_HEADS = ("aux1", "aux2", "AuxLogits")  # torchvision's auxiliary classifier modules
+
+
 def load_pretrained(model_name: str, model: nn.Module) -> dict[str, Any]:
     """Load ImageNet weights into ``model`` (built by ``create_model(model_name, ...)``).
 
@@ -303,6 +306,10 @@ def load_pretrained(model_name: str, model: nn.Module) -> dict[str, Any]:
                 f"and copy it to {path} (or set TORCH_HOME)"
             )
         state, _ = read_state_dict(path)
+        # the auxiliary classifiers of googlenet / inception_v3, which the zoo builds without
+        children = dict(model.named_children())
+        state = {k: v for k, v in state.items()
+                 if k.split(".")[0] in children or k.split(".")[0] not in AUX_HEADS}  # fmt: skip
         convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
         linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
         stems, heads = tuple(convs[:1]), tuple(linears[-1:])

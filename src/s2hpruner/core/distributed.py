@@ -51,7 +51,9 @@ def setup(device: str = "auto") -> torch.device:
         backend = "nccl" if device.startswith("cuda") else "gloo"
         dist.init_process_group(backend=backend)
     if device.startswith("cuda"):
-        local = int(os.environ.get("LOCAL_RANK", 0))
+        # torchrun: one device per local rank; a single process: the one asked for (cuda:N)
+        chosen = torch.device(device)
+        local = int(os.environ.get("LOCAL_RANK", chosen.index or 0))
         torch.cuda.set_device(local)
         return torch.device("cuda", local)
     return torch.device(device)
@@ -126,6 +128,15 @@ def broadcast_floats(values: Sequence[float]) -> list[float]:
         tensor = tensor.cuda()
     dist.broadcast(tensor, src=0)
     return tensor.cpu().tolist()
+
+
+def broadcast_object(obj):
+    """Rank 0's (picklable) object on every rank, e.g. a state dict only rank 0 measured."""
+    if not is_distributed():
+        return obj
+    box = [obj if is_main() else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def barrier() -> None:

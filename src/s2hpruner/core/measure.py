@@ -11,6 +11,8 @@ import time
 import torch
 from torch import nn
 
+from .modes import evaluating
+
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, glibc's malloc.h
 _allocator_held = False
 
@@ -45,7 +47,7 @@ def _seconds(model: nn.Module, x: torch.Tensor) -> float:
     start = time.perf_counter()
     model(x)
     if x.is_cuda:
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(x.device)  # the timed device, not the current one
     return time.perf_counter() - start
 
 
@@ -57,12 +59,10 @@ def median_latency(
     first (``hold_freed_cpu_memory``), so that a timing does not depend on the process's past."""
     if not example.is_cuda:
         hold_freed_cpu_memory()
-    was_training = model.training
-    model.eval()
-    for _ in range(warmup):
-        _seconds(model, example)
-    times = [_seconds(model, example) for _ in range(repeats)]
-    model.train(was_training)
+    with evaluating(model):
+        for _ in range(warmup):
+            _seconds(model, example)
+        times = [_seconds(model, example) for _ in range(repeats)]
     return statistics.median(times)
 
 
@@ -96,22 +96,18 @@ def latency_ratio(
     CPU the allocator is held first (``hold_freed_cpu_memory``)."""
     if not x.is_cuda:
         hold_freed_cpu_memory()
-    modes = full.training, pruned.training
-    full.eval()
-    pruned.eval()
-    for _ in range(5):  # warm-up
-        _seconds(full, x)
-        _seconds(pruned, x)
     full_times, pruned_times = [], []
-    for i in range(max(1, repeats) * max(1, rounds)):
-        if i % 2:  # alternate which goes first, so neither always runs in the other's wake
-            pruned_times.append(_seconds(pruned, x))
-            full_times.append(_seconds(full, x))
-        else:
-            full_times.append(_seconds(full, x))
-            pruned_times.append(_seconds(pruned, x))
-    full.train(modes[0])
-    pruned.train(modes[1])
+    with evaluating(full, pruned):
+        for _ in range(5):  # warm-up
+            _seconds(full, x)
+            _seconds(pruned, x)
+        for i in range(max(1, repeats) * max(1, rounds)):
+            if i % 2:  # alternate which goes first, so neither always runs in the other's wake
+                pruned_times.append(_seconds(pruned, x))
+                full_times.append(_seconds(full, x))
+            else:
+                full_times.append(_seconds(full, x))
+                pruned_times.append(_seconds(pruned, x))
     pairs = [p / f for f, p in zip(full_times, pruned_times, strict=True)]
     per_round = max(1, repeats)
     rounds_ratios = [statistics.median(pairs[i:i + per_round])

@@ -24,6 +24,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from . import distributed as D
 from . import masks as M
 from .attention import producer_weight
 from .errors import BudgetError, UnsupportedModelError
@@ -211,12 +212,17 @@ class S2HPruner(nn.Module):
         self.slow_widths: dict[str, list[int]] = {}
         self.latency_calibration: list[dict[str, float]] = []  # every measured refit
         self.latency_floor: float | None = None  # measured ratio of the smallest network
-        if self.latency is not None:
+        # a latency model built with measure=False holds no timings yet: what they decide
+        # (calibration, floor, skipped widths) comes with load_state_dict, as the run decided it
+        timed = self.latency is not None and getattr(self.latency, "measured", True)
+        if timed:
             if hasattr(self.latency, "calibrate"):
                 self._calibrate_latency()
             if skip_slow_widths:
                 self.slow_widths = self._skip_slow_widths()
         for name, target in self.budgets.items():
+            if name == "latency" and not timed:
+                continue
             minimum = self.min_ratio(name)
             if target < minimum:
                 raise BudgetError(
@@ -241,6 +247,7 @@ class S2HPruner(nn.Module):
             "round_to": self.round_to,
             "latency_floor": self.latency_floor,
             "latency_calibration": self.latency_calibration,
+            "slow_widths": self.slow_widths,
         }
 
     def set_extra_state(self, state: dict) -> None:
@@ -255,6 +262,12 @@ class S2HPruner(nn.Module):
         self.freeze_ranks = bool(state["freeze_ranks"])
         self.latency_floor = state.get("latency_floor")
         self.latency_calibration = list(state.get("latency_calibration", []))
+        if "slow_widths" in state:  # the widths the run's own timings skipped, not new ones'
+            self.slow_widths = {name: list(w) for name, w in state["slow_widths"].items()}
+            self.search.restrict_hard_widths([
+                [w for w in widths if w not in self.slow_widths.get(g.name, ())]
+                for g, widths in zip(self.groups, self.search.all_hard_widths, strict=True)
+            ])  # fmt: skip
 
     # ------------------------------------------------------------ importance
     @torch.no_grad()
@@ -515,7 +528,8 @@ class S2HPruner(nn.Module):
             for _ in range(iterations):
                 project_to_budget(self, tolerance=0.005)
                 check = self.calibrate_latency("build")
-                if abs(check["predicted_ratio_before"] - check["measured_ratio"]) <= tolerance:
+                miss = abs(check["predicted_ratio_before"] - check["measured_ratio"])
+                if D.broadcast_floats([float(miss <= tolerance)])[0]:  # rank 0 decides
                     break
         finally:
             self._restore_logits(saved)

@@ -51,6 +51,7 @@ class WidthSearch(nn.Module):
                           dtype=torch.float32) for g in groups]
         )  # fmt: skip
         hard = [_hard_widths(g, round_to) for g in groups]
+        self.all_hard_widths = hard  # per group, before restrict_hard_widths
         # channels a kept width moves by, per group (what a step of the search costs or saves)
         self.hard_steps = [_hard_step(g, round_to) for g in groups]
         n_hard = max(len(h) for h in hard)

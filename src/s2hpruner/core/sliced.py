@@ -42,6 +42,7 @@ from .kinds import grouped as grouped_kind
 from .kinds import mha as mha_kind
 from .kinds import norms as norm_kind
 from .kinds.scale import SwapParameter
+from .modes import evaluating
 from .structure import ChannelGroup
 
 SLICEABLE = (*_CONVS, nn.Linear, *_NORMS)
@@ -393,17 +394,13 @@ def failing_groups(
         search(subset[:half])
         search(subset[half:])
 
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         everything = list(range(len(groups)))
         error = run(everything)
         if error is not None:
             search(everything)
             if not found:  # only some combination fails: blame them all
                 found = dict.fromkeys(everything, error)
-    finally:
-        model.train(was_training)
     return found
 
 
@@ -534,14 +531,10 @@ def export_failures(
             if e is not None:
                 search(part, e)
 
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         everything = list(range(len(groups)))
         error = run(everything)
         deadline = time.monotonic() + max_seconds
         if error is not None:
             search(everything, error)
-    finally:
-        model.train(was_training)
     return found

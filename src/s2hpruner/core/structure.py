@@ -23,6 +23,7 @@ from torch_pruning.dependency import shape_infer as _tp_shape_infer
 from .errors import UnsupportedModelError
 from .kinds import grouped as grouped_kind
 from .kinds import norms as norm_kind
+from .modes import evaluating
 
 OPTYPE = tp.ops.OPTYPE
 # Node types a channel may pass through and stay exactly zero when it enters as zero.
@@ -204,10 +205,15 @@ def inputs_on_device_of(model: nn.Module, example_inputs):
 def build_graph(model: nn.Module, example_inputs) -> tp.DependencyGraph:
     """Trace ``model`` with torch-pruning (needs autograd, so grad mode is forced on)."""
     example_inputs = inputs_on_device_of(model, example_inputs)
-    was_training = model.training
-    model.eval()
+    if getattr(model, "aux_logits", False):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has auxiliary classifiers (aux_logits=True): they run only "
+            "in training, on features the pruner narrows without seeing them (it traces in "
+            "eval mode), and would fail there; build it with aux_logits=False (torchvision "
+            "googlenet / inception_v3; s2hpruner's own model zoo does)"
+        )
     try:
-        with torch.enable_grad(), tolerant_passes():
+        with evaluating(model), torch.enable_grad(), tolerant_passes():
             graph = tp.DependencyGraph().build_dependency(
                 model, example_inputs=example_inputs, verbose=False
             )
@@ -219,8 +225,6 @@ def build_graph(model: nn.Module, example_inputs) -> tp.DependencyGraph:
             "Channel shuffles and other reshapes that move channels across groups are not "
             "supported; list the layers around them in ignored_layers or use another model"
         ) from exc
-    finally:
-        model.train(was_training)
     return graph
 
 

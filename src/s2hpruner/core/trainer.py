@@ -32,6 +32,7 @@ from torch import nn
 from . import distributed as D
 from .balance import GradientBalancer
 from .errors import BudgetError, NonFiniteLossError
+from .modes import evaluating, follow_modes
 from .pruner import S2HPruner, project_to_budget
 
 PHASES = ("warmup", "joint", "freeze")
@@ -249,6 +250,19 @@ class S2HTrainer:
                 "its own mask_optimizer; build it on model.parameters() only (in a "
                 "LightningModule that holds the pruner, leave out pruner.parameters())"
             )
+        checkpointed = [n for n, m in model.named_modules() if getattr(m, "grad_checkpointing",
+                        False) or getattr(m, "gradient_checkpointing", False) is True]  # fmt: skip
+        if checkpointed:
+            raise ValueError(
+                f"gradient checkpointing is on in {checkpointed[0] or 'the model'}: it runs "
+                "blocks again in the backward pass, after the soft or hard network's masks are "
+                "gone, so the gradients would be the unmasked network's; turn it off "
+                "(timm: model.set_grad_checkpointing(False))"
+            )
+        if not method.hard and pruner.hard_stats is not None:
+            # DMP never runs the hard network, so statistics of its own would stay as they
+            # were at the pruner's build and be exported: it takes the soft network's instead
+            pruner.hard_stats = None
         if isinstance(freeze_teacher, nn.Module):
             shared = {id(p) for p in model.parameters()} & {
                 id(p) for p in freeze_teacher.parameters()}  # fmt: skip
@@ -398,7 +412,7 @@ class S2HTrainer:
             p.requires_grad_(old[name].requires_grad)
         if layout is not None:
             pruned.to(memory_format=layout)
-        _set_training(pruned, self.model.training)
+        follow_modes(pruned, self.model)
         for group in self.optimizer.param_groups:
             group["params"] = [new[name_of[id(p)]] if id(p) in name_of else p
                                for p in group["params"]]  # fmt: skip
@@ -451,7 +465,7 @@ class S2HTrainer:
         cannot make things worse). Returns the projection steps taken."""
         budgets, target = self.pruner.budgets, self.pruner.budgets["latency"]
         masks = self.pruner.mask_parameters()
-        aim, steps, best = target, 0, (float("inf"), None)
+        aim, steps, best = target, 0, (float("inf"), None, target)
         checked: list[tuple[float, float]] = []  # (aim, measured ratio) of each check
         for check in range(checks):
             measured = self.pruner.calibrate_latency("freeze")["measured_ratio"]
@@ -462,7 +476,7 @@ class S2HTrainer:
             if binding != "latency" and miss <= tolerance:
                 return steps  # under budget because another one binds: met
             if abs(miss) < best[0]:
-                best = (abs(miss), [u.detach().clone() for u in masks])
+                best = (abs(miss), [u.detach().clone() for u in masks], measured)
             if abs(miss) <= tolerance or check == checks - 1:
                 break
             aim = next_latency_aim(checked, target)
@@ -471,6 +485,15 @@ class S2HTrainer:
         with torch.no_grad():
             for u, kept in zip(masks, best[1], strict=True):
                 u.copy_(kept)
+        if best[2] - target > tolerance:
+            warnings.warn(
+                f"the latency budget is missed: the closest of {len(checked)} timings of the "
+                f"frozen network measured {best[2]:.3f} of the full model's latency against "
+                f"target_latency={target:g}. Timings this noisy or a latency model this far off "
+                "need a larger latency batch or more repeats (--latency-batch, "
+                "--latency-repeats), or a lower target",
+                stacklevel=2,
+            )
         return steps
 
     # ------------------------------------------------------------------- step
@@ -556,7 +579,7 @@ class S2HTrainer:
                                   or self.prune_at_freeze and self.pruned is None):
             self.freeze_widths(x)
         if self.pruned is not None:  # model.train() / model.eval() of the caller hold for it
-            _set_training(self.pruned, self.model.training)
+            follow_modes(self.pruned, self.model)
         if phase == "joint" and self.step_count in self.feedback_steps:
             self.pruner.calibrate_latency("search")  # refit the latency model where u is
         if phase != "warmup" and self.freeze_ranks_after_warmup and not self.pruner.freeze_ranks:
@@ -729,11 +752,9 @@ def evaluate(
     over ranks when distributed."""
     from tqdm.auto import tqdm
 
-    was_training = model.training
-    _set_training(model, False)
     correct = torch.zeros((), device=device)
     total = torch.zeros((), device=device)
-    try:
+    with evaluating(model):
         for x, y in tqdm(loader, desc=desc, leave=False, disable=not progress):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             mode_ctx = contextlib.nullcontext() if pruner is None else pruner.mode(mode)
@@ -741,8 +762,6 @@ def evaluate(
                 logits = output(model(x))
             correct += (logits.argmax(-1) == y).sum()
             total += y.numel()
-    finally:
-        _set_training(model, was_training)
     correct, total = D.all_reduce_sum(correct), D.all_reduce_sum(total)
     return float(100.0 * correct / total.clamp_min(1))
 

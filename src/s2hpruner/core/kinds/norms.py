@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..modes import evaluating
+
 NORMS = (nn.LayerNorm, nn.GroupNorm)
 
 
@@ -109,15 +111,12 @@ def record_dims(model: nn.Module, example_inputs, names: list[str]) -> dict[str,
             if name not in seen and inputs and torch.is_tensor(inputs[0]):
                 seen[name] = inputs[0].detach()
         handles.append(modules[name].register_forward_pre_hook(hook))
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with evaluating(model), torch.no_grad():
             inputs = example_inputs if isinstance(example_inputs, list | tuple) else (
                 example_inputs,)  # fmt: skip
             model(*inputs)
     finally:
-        model.train(was_training)
         for h in handles:
             h.remove()
     return {n: (channel_dim(modules[n], seen[n]) if n in seen else None) for n in names}

@@ -59,6 +59,7 @@ from .. import distributed as D
 from ..errors import UnsupportedModelError
 from ..index import width_counts
 from ..measure import hold_freed_cpu_memory, latency_ratio, median_latency, memory_format_of
+from ..modes import evaluating
 from ..structure import ChannelGroup
 
 _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -157,13 +158,10 @@ def _record_calls(model: nn.Module, example_inputs: torch.Tensor):
                     calls[outputs[id(args[0])][0]][2] = mod
 
             handles.append(module.register_forward_pre_hook(bn_pre))
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with evaluating(model), torch.no_grad():
             model(example_inputs)
     finally:
-        model.train(was_training)
         for h in handles:
             h.remove()
     return calls
@@ -202,7 +200,10 @@ def _signature(name: str, module: nn.Module, bn: nn.Module | None, shape: tuple,
     full_out = module.out_features if linear else module.out_channels
     depthwise = not linear and module.groups > 1
     if depthwise and module.groups != full_out or depthwise and full_in != full_out:
-        raise UnsupportedModelError(f"layer {name!r}: grouped conv is not supported")
+        raise UnsupportedModelError(
+            f"layer {name!r}: a grouped conv (groups={module.groups}) has no latency table "
+            "yet (depthwise ones do); use a FLOPs or parameter budget for this model"
+        )
     ins = [0.0] * len(groups) if depthwise else counts[0]
     fixed = [0.0 if depthwise else full_in - sum(ins), full_out - sum(counts[1])]
     grids = [[full_out] if depthwise else _axis(fixed[0], ins, groups, grid_points),
@@ -279,8 +280,12 @@ class LatencyModel(nn.Module):
                  device: torch.device | str | None = None, grid_points: int = 8,
                  repeats: int = 7, cache: str | Path | None = None,
                  memory_format: torch.memory_format | None = None, progress: bool = False,
-                 rounds: int = 3, predictor: str = "auto"):
+                 rounds: int = 3, predictor: str = "auto", measure: bool = True):
+        """``measure=False`` times nothing: the tables and timings stay empty until
+        ``load_state_dict`` brings them (a resumed, exported or evaluated run, or a rank of
+        torchrun taking rank 0's), so the cost function is the one the run searched with."""
         super().__init__()
+        self.measured = measure  # False until a state with the timings is loaded
         self.device = _as_device(device, model)
         self.memory_format = memory_format or memory_format_of(model)
         self.batch_size, self.repeats = batch_size, repeats
@@ -303,7 +308,9 @@ class LatencyModel(nn.Module):
             self.call_names.append(name)
         self.signatures = list(sigs)
         self.cache_path, self.cache_key = self._cache_location(cache)
-        tables = self._tables(sigs, rounds, progress)
+        tables = self._tables_keeping_rng(sigs, rounds, progress) if measure else {
+            key: [[0.0] * len(spec["sig"]["grids"][1])] * len(spec["sig"]["grids"][0])
+            for key, spec in sigs.items()}  # fmt: skip
         self.is_monotone: list[bool] = []  # per table: raw medians already monotone?
         for k, key in enumerate(self.signatures):
             raw = torch.tensor(tables[key], dtype=torch.float64)
@@ -326,8 +333,9 @@ class LatencyModel(nn.Module):
         self.register_buffer("channels", torch.tensor([float(g.channels) for g in groups],
                                                       dtype=torch.float64))
         self.register_buffer("steps", None, persistent=False)  # see price_steps
-        self.measured_full = measure_latency(model, example_inputs, batch_size, self.device,
-                                             repeats * rounds, self.memory_format)
+        self.measured_full = measure_latency(
+            model, example_inputs, batch_size, self.device, repeats * rounds, self.memory_format
+        ) if measure else 1.0  # fmt: skip
         tables_full = float(self.table_sum(self.channels))
         self.activations_full = float(self.activations(self.channels)) or 1.0
         self.fixed_part = max(self.measured_full - tables_full, 0.0)
@@ -364,6 +372,8 @@ class LatencyModel(nn.Module):
                 "predictor": self.predictor}  # fmt: skip
 
     def set_extra_state(self, state: dict) -> None:
+        if "measured_full" in state:
+            self.measured = True
         for name in self._SCALARS:
             if name in state:
                 setattr(self, name, float(state[name]))
@@ -385,6 +395,15 @@ class LatencyModel(nn.Module):
                "memory_format": str(self.memory_format),
                "cpu_memory_held": self.device.type == "cpu" and hold_freed_cpu_memory()}
         return path, json.dumps(key, sort_keys=True)
+
+    def _tables_keeping_rng(self, sigs: dict[str, dict], rounds: int,
+                            progress: bool) -> dict[str, list]:  # fmt: skip
+        """:meth:`_tables` without touching the global random streams: the cells' weights
+        and inputs are drawn only on a cold cache, which must not change the run's data order
+        or initialisation."""
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            return self._tables(sigs, rounds, progress)
 
     def _tables(self, sigs: dict[str, dict], rounds: int, progress: bool) -> dict[str, list]:
         """Tables of all signatures: cached ones read, the others measured and cached."""

@@ -31,6 +31,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from ..attention import attention_row
 from ..index import is_depthwise, width_counts
 from ..kinds import norms as norm_kind
+from ..modes import evaluating
 from ..structure import ChannelGroup
 
 
@@ -59,21 +60,19 @@ def count_flops(model: nn.Module, example_inputs) -> int:
     it would count as 0; that kernel gets the counter's own SDPA formula here, so attention
     costs the same on every device and with or without the fused kernel.
     """
-    was_training = model.training
-    model.eval()
     fast = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)  # its fused kernel is not counted
     try:
-        try:
-            with FlopCounterMode(display=False, custom_mapping=_SDPA_CPU) as counter:
-                model(*_as_tuple(example_inputs))
-        except AssertionError:  # the counter's module tracker under no_grad (timm CaiT)
-            with torch.enable_grad(), FlopCounterMode(
-                    display=False, custom_mapping=_SDPA_CPU) as counter:  # fmt: skip
-                model(*_as_tuple(example_inputs))
+        with evaluating(model):
+            try:
+                with FlopCounterMode(display=False, custom_mapping=_SDPA_CPU) as counter:
+                    model(*_as_tuple(example_inputs))
+            except AssertionError:  # the counter's module tracker under no_grad (timm CaiT)
+                with torch.enable_grad(), FlopCounterMode(
+                        display=False, custom_mapping=_SDPA_CPU) as counter:  # fmt: skip
+                    model(*_as_tuple(example_inputs))
     finally:
         torch.backends.mha.set_fastpath_enabled(fast)
-        model.train(was_training)
     return int(counter.get_total_flops())
 
 
@@ -222,13 +221,10 @@ def _record_output_shapes(model: nn.Module, example_inputs) -> dict[str, list[to
                 shapes.setdefault(name, []).append(output.shape)
 
             handles.append(module.register_forward_hook(hook))
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with evaluating(model), torch.no_grad():
             model(*_as_tuple(example_inputs))
     finally:
-        model.train(was_training)
         for h in handles:
             h.remove()
     return shapes
