@@ -496,8 +496,8 @@ FROM_TRAINED_RESNET56_055 = dataclasses.replace(
 # rate and width step its search chose in from-trained-resnet56-055; l1-ft still searches its
 # allocation (global or uniform). Fixed rather than searched: at the search seed (0) S2HPruner
 # kept the stream by itself, so a candidate there would be decided by noise. Random widths,
-# behind both in from-trained-resnet56-055, are left out. Round 31, seeds 0-2: both methods
-# gain ~0.3 over that profile and stay level (-0.11 ± 0.15 against uniform L1).
+# behind both in from-trained-resnet56-055, are left out. Rounds 31-32, seeds 0-4: both
+# methods gain 0.2-0.3 over that profile and stay level (-0.05 ± 0.09 against uniform L1).
 KEEP_STEM = (["conv1"],)
 FROM_TRAINED_RESNET56_055_STEM = dataclasses.replace(
     FROM_TRAINED_RESNET56_055, name="from-trained-resnet56-055-stem",
