@@ -216,6 +216,31 @@ def test_an_export_outside_the_run_carries_the_runs_config(setup, tmp_path):
     assert _run_config_near(exported / "model_pruned.pt2") == _run_config_near(out / "report.json")
 
 
+def test_the_onnx_check_runs_on_a_random_batch_and_no_other_exports_files_stay(
+    setup, tmp_path, monkeypatch
+):
+    """On the all-zero example every map past the stem is constant (wrong kernels would
+    pass), so the check feeds a seeded random batch; a class list of another export goes."""
+    from s2hpruner.app import tools
+
+    _, _, out = setup
+    fed = []
+
+    def diff(model, x, path):
+        fed.append(x)
+        return 0.0
+
+    monkeypatch.setattr(tools, "save_onnx", lambda m, x, path: Path(path).write_bytes(b"?"))
+    monkeypatch.setattr(tools, "onnx_max_abs_diff", diff)
+    exported = tmp_path / "exported"
+    exported.mkdir()
+    (exported / "classes.json").write_text('["an", "earlier", "export"]')
+    assert main(["export", str(out / "checkpoints" / "best.pt"), "--out", str(exported),
+                 "--onnx"]) == 0  # fmt: skip
+    assert len(fed) == 1 and fed[0].std() > 0.5
+    assert not (exported / "classes.json").exists()  # (this run's classes are fixed: none)
+
+
 def test_eval_of_a_corrupt_program_is_refused(setup, tmp_path, capsys):
     root, _, out = setup
     run_dir = copy_run(out, tmp_path / "run")

@@ -138,6 +138,35 @@ def test_resume_export_and_eval_rebuild_the_pruner_without_timing(bumpy_device, 
     assert restored.round_to == pruner.round_to
 
 
+def test_a_checkpoint_from_before_the_skipped_widths_were_saved_is_timed_again(
+    bumpy_device, monkeypatch, tmp_path
+):
+    """No ``slow_widths`` in the state (round 31 and before): rebuilt by timing, as then."""
+    monkeypatch.setattr(latency, "_time_cell", FakeTimer(bumped_at_16))
+    cfg = run_config(tmp_path / "tables.json")
+    net, _, _ = setup()
+    pruner = build_pruner(cfg, net, SPEC, torch.device("cpu"))
+    state = copy.deepcopy(pruner.state_dict())
+    del state["_extra_state"]["slow_widths"]
+    timed = []
+    monkeypatch.setattr(latency, "measure_latency", lambda *args, **kwargs: timed.append(1) or 1e-6)
+    net2, _, _ = setup()
+    restored = build_pruner(cfg, net2, SPEC, torch.device("cpu"), resumed=state)
+    restored.load_state_dict(state)
+    assert timed and restored.latency.measured
+    assert restored.slow_widths == pruner.slow_widths  # (the same device, faked)
+
+
+def test_a_latency_model_never_given_its_timings_is_refused_by_the_trainer(bumpy_device):
+    from s2hpruner import S2HTrainer
+
+    net, example, groups = setup()
+    pruner = S2HPruner(net, example, target_latency=0.8, latency_model=LatencyModel(
+        net, example, groups, measure=False, **TABLE))  # fmt: skip
+    with pytest.raises(ValueError, match="load the run's pruner state"):
+        S2HTrainer(net, pruner, torch.optim.SGD(net.parameters(), lr=0.1), 8)
+
+
 def test_timing_the_tables_leaves_the_random_streams_alone(bumpy_device):
     """Cells get random weights and inputs; only a cold cache draws them, which must not
     change a run's data order or initialisation."""

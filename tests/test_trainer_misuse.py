@@ -143,6 +143,17 @@ def test_dmp_exports_the_soft_networks_batchnorm_statistics():
     assert torch.allclose(exported.eval()(x), masked, atol=1e-5)
 
 
+def test_a_dmp_pruners_state_loads_into_a_pruner_built_as_at_first_and_back():
+    """DMP leaves the separate hard statistics unused but in the state dict: a state saved
+    with or without the trainer loads either way (export scripts build no trainer)."""
+    model, pruner, trainer, x, y = build(method="dmp")
+    model.train()
+    trainer.step(x, y)
+    _, fresh, _, _, _ = build(seed=1)  # a default pruner, no DMP trainer
+    fresh.load_state_dict(pruner.state_dict())
+    pruner.load_state_dict(fresh.state_dict())
+
+
 def test_gradient_checkpointing_is_refused_naming_the_fix():
     model, pruner, _, _, _ = build()
     model.features.grad_checkpointing = True  # as timm's set_grad_checkpointing() sets it
@@ -163,6 +174,9 @@ def test_auxiliary_classifiers_are_refused_and_the_zoo_builds_without_them():
     with pytest.raises(UnsupportedModelError, match="aux_logits=False"):
         aux = torchvision.models.googlenet(num_classes=4, aux_logits=True, init_weights=True)
         S2HPruner(aux, x[:1], target_flops=0.5)
+    wrapped = nn.Sequential(torchvision.models.googlenet(num_classes=4, init_weights=True))
+    with pytest.raises(UnsupportedModelError, match="0.aux1, 0.aux2"):
+        S2HPruner(wrapped, x[:1], target_flops=0.5)
     model = create_model("googlenet", num_classes=4, in_chans=3, image_size=64)
     pruner = S2HPruner(model, x[:1], target_flops=0.5)
     with torch.no_grad():  # every group at its smallest width

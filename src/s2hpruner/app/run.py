@@ -265,7 +265,7 @@ def _build_pruner(
         importance=cfg.importance,
     )
     pruner.hard_layout = _LAYOUTS.get(cfg.hard_layout)
-    if cfg.search_start == "uniform":  # (a resumed run's logits then come from its checkpoint)
+    if cfg.search_start == "uniform" and not restoring:  # (a resumed run's come from it)
         pruner.start_at(uniform_widths(pruner))
     return pruner
 
@@ -402,12 +402,16 @@ def prune(cfg: RunConfig) -> dict:
         atomic_write_bytes(out / "config.yaml", yaml.safe_dump(cfg.to_dict()).encode())
     writer = MetricWriter(out)
 
-    def save_interval(path: Path = last) -> None:
+    def save_interval(path: Path = last, best: bool = False) -> None:
         """End of an interval: average BatchNorm statistics over ranks, refuse to save a
-        non-finite state, save."""
+        non-finite state, save (``best``: as best.pt too, first, so that a run stopped in
+        between repeats this epoch and writes it again)."""
         nonlocal saved_step
         _average_bn_statistics(model, pruner, trainer)
         _check_finite(model, pruner, trainer, _non_finite(state, total_steps, last, saved_step))
+        if best:
+            save_checkpoint(out / "checkpoints" / "best.pt", model, pruner, trainer, schedule,
+                            state, cfg)  # fmt: skip
         save_checkpoint(path, model, pruner, trainer, schedule, state, cfg)
         saved_step = state.step
 
@@ -466,10 +470,7 @@ def prune(cfg: RunConfig) -> dict:
         if main:
             append_jsonl(out / "metrics.jsonl", record)
             writer.log(record)
-        if best:  # before last.pt: a run stopped in between repeats this epoch, and best.pt
-            save_checkpoint(out / "checkpoints" / "best.pt", model, pruner, trainer, schedule,
-                            state, cfg)  # fmt: skip
-        save_interval()
+        save_interval(best=best)
     bar.close()
     report = finish(cfg, out, splits, model, pruner, trainer, example, device, state)
     writer.close()

@@ -21,6 +21,7 @@ import torchvision
 from torch import nn
 
 from ..core.errors import CheckpointError
+from ..core.structure import AUX_HEADS
 from .models import MODELS
 
 __all__ = [
@@ -270,9 +271,6 @@ def _timm_weights(model: nn.Module, cfg: Mapping[str, Any]) -> tuple[dict[str, A
 
 def _names(value: Any) -> tuple[str, ...]:
     return (value,) if isinstance(value, str) else tuple(value or ())
-
-
-AUX_HEADS = ("aux1", "aux2", "AuxLogits")  # torchvision's auxiliary classifier modules
 
 
 def load_pretrained(model_name: str, model: nn.Module) -> dict[str, Any]:

@@ -199,6 +199,10 @@ class S2HPruner(nn.Module):
                                  f"one of {', '.join(self.latency.predictors())}")  # fmt: skip
         self.freeze_ranks = False
         self.hard_stats = HardNormStats(model) if separate_hard_bn_stats else None
+        # True: the hard network runs and exports with the model's (soft network's) statistics
+        # even so; set by a trainer whose method never runs the hard network (DMP), the
+        # buffers stay in the state dict so that states load either way
+        self.hard_stats_unused = False
         self._narrow_pointwise = narrow_pointwise(self.layers)  # see sliced.py
         self.unsliceable = unsliceable_modules(self.groups, self.layers)
         self._sliced = (
@@ -230,6 +234,10 @@ class S2HPruner(nn.Module):
                     f"model can reach with its candidate widths ({minimum:.4f}); choose a target "
                     f">= {minimum:.4f} or a smaller width_step (or round_to)"
                 )
+
+    @property
+    def _separate_hard_stats(self) -> bool:
+        return self.hard_stats is not None and not self.hard_stats_unused
 
     @property
     def target_flops(self) -> float | None:
@@ -333,7 +341,7 @@ class S2HPruner(nn.Module):
                 f"no sliced hard forward for this model (layers {self.unsliceable}); "
                 "use the masked one"
             )
-        swap = mode == "hard" and self.hard_stats is not None
+        swap = mode == "hard" and self._separate_hard_stats
         if swap:
             self.hard_stats.swap(self.layers)
         try:
@@ -646,7 +654,7 @@ class S2HPruner(nn.Module):
     def export(self) -> nn.Module:
         """A new, physically pruned copy of the model: exactly the current hard network."""
         model = copy.deepcopy(self.model)
-        if self.hard_stats is not None:  # the copy gets the hard network's statistics
+        if self._separate_hard_stats:  # the copy gets the hard network's statistics
             modules = dict(model.named_modules())
             for name, stats in self.hard_stats.items():
                 for buffer, tensor in stats.items():

@@ -202,14 +202,21 @@ def inputs_on_device_of(model: nn.Module, example_inputs):
     return example_inputs
 
 
+# torchvision's auxiliary classifiers (googlenet, inception_v3): run whenever present and
+# training, so the traced (eval-mode) graph never sees them
+AUX_HEADS = ("aux1", "aux2", "AuxLogits")
+
+
 def build_graph(model: nn.Module, example_inputs) -> tp.DependencyGraph:
     """Trace ``model`` with torch-pruning (needs autograd, so grad mode is forced on)."""
     example_inputs = inputs_on_device_of(model, example_inputs)
-    if getattr(model, "aux_logits", False):
+    aux = [f"{name}.{head}".lstrip(".") for name, module in model.named_modules()
+           for head in AUX_HEADS if isinstance(getattr(module, head, None), nn.Module)]  # fmt: skip
+    if aux:
         raise UnsupportedModelError(
-            f"{type(model).__name__} has auxiliary classifiers (aux_logits=True): they run only "
-            "in training, on features the pruner narrows without seeing them (it traces in "
-            "eval mode), and would fail there; build it with aux_logits=False (torchvision "
+            f"{type(model).__name__} has auxiliary classifiers ({', '.join(aux)}): they run "
+            "only in training, on features the pruner narrows without seeing them (it traces "
+            "in eval mode), and would fail there; build it with aux_logits=False (torchvision "
             "googlenet / inception_v3; s2hpruner's own model zoo does)"
         )
     try:

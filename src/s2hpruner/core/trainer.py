@@ -259,10 +259,14 @@ class S2HTrainer:
                 "gone, so the gradients would be the unmasked network's; turn it off "
                 "(timm: model.set_grad_checkpointing(False))"
             )
-        if not method.hard and pruner.hard_stats is not None:
-            # DMP never runs the hard network, so statistics of its own would stay as they
-            # were at the pruner's build and be exported: it takes the soft network's instead
-            pruner.hard_stats = None
+        # DMP never runs the hard network, so statistics of its own would stay as they were at
+        # the pruner's build and be exported: it takes the soft network's instead
+        pruner.hard_stats_unused = not method.hard
+        if getattr(pruner.latency, "measured", True) is False:
+            raise ValueError(
+                "the pruner's latency model holds no timings yet (built with measure=False): "
+                "load the run's pruner state (pruner.load_state_dict) before training"
+            )
         if isinstance(freeze_teacher, nn.Module):
             shared = {id(p) for p in model.parameters()} & {
                 id(p) for p in freeze_teacher.parameters()}  # fmt: skip
@@ -490,8 +494,8 @@ class S2HTrainer:
                 f"the latency budget is missed: the closest of {len(checked)} timings of the "
                 f"frozen network measured {best[2]:.3f} of the full model's latency against "
                 f"target_latency={target:g}. Timings this noisy or a latency model this far off "
-                "need a larger latency batch or more repeats (--latency-batch, "
-                "--latency-repeats), or a lower target",
+                "need a larger latency batch (LatencyModel's batch_size, --latency-batch in "
+                "the CLI) or a lower target",
                 stacklevel=2,
             )
         return steps

@@ -372,8 +372,10 @@ class LatencyModel(nn.Module):
                 "predictor": self.predictor}  # fmt: skip
 
     def set_extra_state(self, state: dict) -> None:
-        if "measured_full" in state:
+        if "measured_full" in state:  # (the tables' buffers are loaded before this)
             self.measured = True
+            self.is_monotone = [bool(torch.equal(*getattr(self, f"table_{k}")))
+                                for k in range(len(self.signatures))]  # fmt: skip
         for name in self._SCALARS:
             if name in state:
                 setattr(self, name, float(state[name]))
