@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from s2hpruner.app.cli import build_parser, config_from_args, main
-from s2hpruner.app.config import ConfigError, RunConfig
+from s2hpruner.app.config import PHASES, ConfigError, RunConfig
 
 FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
 HINTS = typing.get_type_hints(RunConfig)
@@ -143,7 +143,11 @@ def test_from_yaml_overrides_win_and_none_overrides_are_ignored(file_values, ove
         path = Path(folder) / "c.yaml"
         path.write_text(yaml.safe_dump(file_values))
         cfg = RunConfig.from_yaml(path, **overrides)
-    expected = {**file_values, **{k: v for k, v in overrides.items() if v is not None}}
+    given = {k: v for k, v in overrides.items() if v is not None}
+    # a phase given on the command line replaces the file's, in either form (share or epochs)
+    replaced = {other for share, epochs in PHASES.items()
+                for key, other in ((share, epochs), (epochs, share)) if key in given}  # fmt: skip
+    expected = {**{k: v for k, v in file_values.items() if k not in replaced}, **given}
     assert cfg == RunConfig.from_dict(expected)
 
 
@@ -371,3 +375,59 @@ def test_absolute_phases_are_checked_against_the_default_epochs_once_known():
     assert RunConfig(freeze_epochs=3.0, warmup_epochs=1.0).resolve_epochs(10) == 100.0
     with pytest.raises(ConfigError, match=r"warm-up \(0.5 of the run\).*\(0.5\).*the run"):
         RunConfig(warmup=0.5, freeze=0.5).validate()
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def from_command_line(*argv: str) -> RunConfig:
+    return config_from_args(build_parser().parse_args(["prune", *argv]))
+
+
+def test_a_phase_flag_replaces_the_config_files_phase_in_whichever_form():
+    """--warmup 0.1 on the command line wins over a file's warmup_epochs (epochs would win
+    over a share otherwise), and the shipped configs give their phases as shares, so a short
+    --epochs keeps them valid."""
+    paper = str(ROOT / "configs/paper/cifar100_resnet50_35.yaml")
+    assert from_command_line("--config", paper, "--warmup", "0.1").phase_fractions()[0] == 0.1
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "phases.yaml"
+        path.write_text("epochs: 8\nfreeze_epochs: 2\n")
+        assert from_command_line("--config", str(path), "--freeze", "0.5").phase_fractions() \
+            == (0.0, 0.5)  # fmt: skip
+        path.write_text("epochs: 8\nfreeze: 0.5\n")
+        assert from_command_line("--config", str(path), "--freeze-epochs", "1").phase_fractions() \
+            == (0.0, 0.125)  # fmt: skip
+    with pytest.raises(ConfigError, match="both set the phase"):
+        from_command_line("--freeze", "0.5", "--freeze-epochs", "1")
+    for shipped in sorted((ROOT / "configs").rglob("*.yaml")):
+        assert from_command_line("--config", str(shipped), "--epochs", "1").epochs == 1
+
+
+@pytest.mark.parametrize(("field", "value", "named"), [
+    ("lr", -0.1, "lr must be a finite number >= 0"),
+    ("weight_decay", -1.0, "weight_decay must be a finite number >= 0"),
+    ("mask_lr", float("nan"), "mask_lr must be a finite number >= 0"),
+    ("momentum", 1.0, "momentum must be in [0, 1)"),
+    ("label_smoothing", 1.5, "label_smoothing must be in [0, 1)"),
+    ("seed", -1, "seed must be in [0, 2**32)"),
+    ("split_seed", 2**32, "split_seed must be in [0, 2**32)"),
+    ("lr_warmup_steps", -5, "lr_warmup_steps must be >= 0"),
+])  # fmt: skip
+def test_numbers_torch_or_numpy_would_refuse_late_are_refused_at_validation(field, value, named):
+    with pytest.raises(ConfigError, match=re.escape(named)):
+        RunConfig(**{field: value}).validate()
+
+
+def test_a_key_given_twice_in_a_config_file_is_refused(tmp_path):
+    path = tmp_path / "twice.yaml"
+    path.write_text("lr: 0.1\nepochs: 2\nlr: 0.01\n")
+    with pytest.raises(ConfigError, match="lr given more than once"):
+        RunConfig.from_yaml(path)
+
+
+def test_digits_with_a_data_root_is_refused_not_ignored(tmp_path):
+    from s2hpruner.app.data import DataOptionError, build_datasets
+
+    with pytest.raises(DataOptionError, match="reads no files"):
+        build_datasets("digits", str(tmp_path), val_size=None)

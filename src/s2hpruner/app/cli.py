@@ -26,7 +26,9 @@ from .config import (
     LATENCY_PREDICTORS,
     MASK_LR_SCHEDULES,
     METHODS,
+    PHASES,
     SEARCH_STARTS,
+    ConfigError,
     RunConfig,
 )
 
@@ -79,8 +81,10 @@ HELP = {
     "initialisation",
     "freeze": "fraction of the run at the end with widths frozen, training the hard network "
     "distilled from the soft one",
-    "warmup_epochs": "warm-up in epochs (overrides --warmup)",
-    "freeze_epochs": "frozen-width phase in epochs (overrides --freeze)",
+    "warmup_epochs": "warm-up in epochs, instead of --warmup (either flag replaces the "
+                     "config file's warm-up, in whichever form the file gives it)",
+    "freeze_epochs": "frozen-width phase in epochs, instead of --freeze (either flag replaces "
+                     "the config file's)",
     "batch_size": "training batch size (per process under torchrun)",
     "eval_batch_size": "evaluation batch size",
     "val_size": "validation images held out from the training files (count, or fraction < 1; "
@@ -149,7 +153,9 @@ HELP = {
     "overwrite": "allow replacing a run in OUT (finished, or stopped before its end)",
     "checkpoint_every": "also save OUT/checkpoints/last.pt every N training steps (0: epochs only)",
     "deterministic": "use deterministic algorithms (bitwise-reproducible resume on CPU)",
-    "latency_repeats": "timed repeats per latency measurement (medians are reported)",
+    "latency_repeats": "timed repeats of the report's latency measurements of the exported "
+    "model (medians are reported); a latency budget's tables and checks time at their own, "
+    "fixed settings",
     "progress": "show progress bars",
 }
 
@@ -253,6 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     names = [f.name for f in dataclasses.fields(RunConfig)]
     overrides = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    for share, epochs in PHASES.items():
+        if share in overrides and epochs in overrides:
+            raise ConfigError(f"--{share} and --{epochs.replace('_', '-')} both set the phase; "
+                              "give one")  # fmt: skip
     if args.config:
         return RunConfig.from_yaml(args.config, **overrides).validate()
     return RunConfig.from_dict(overrides).validate()

@@ -142,6 +142,20 @@ class RunConfig:
             value = getattr(self, name)
             if value is not None and not (value >= 0 and math.isfinite(value)):
                 raise ConfigError(f"{name} must be a finite number >= 0, got {value}")
+        for name in ("lr", "weight_decay", "mask_lr", "alpha"):
+            value = getattr(self, name)
+            if not (value >= 0 and math.isfinite(value)):
+                raise ConfigError(f"{name} must be a finite number >= 0, got {value}")
+        for name in ("momentum", "label_smoothing"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ConfigError(f"{name} must be in [0, 1), got {value}")
+        if self.lr_warmup_steps < 0:
+            raise ConfigError(f"lr_warmup_steps must be >= 0, got {self.lr_warmup_steps}")
+        for name in ("seed", "split_seed"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < 2**32:
+                raise ConfigError(f"{name} must be in [0, 2**32), got {value}")
         if not (self.temperature > 0 and math.isfinite(self.temperature)):
             raise ConfigError(f"temperature must be a finite number > 0, got {self.temperature}")
         if self.eval_batch_size < 1:
@@ -277,7 +291,7 @@ class RunConfig:
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
         try:
-            values = yaml.safe_load(path.read_text())
+            values = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506
         except (yaml.YAMLError, UnicodeDecodeError) as exc:
             raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from exc
         if values is None:  # empty, or comments only: most likely a file not written yet
@@ -285,8 +299,29 @@ class RunConfig:
                               "or leave out --config to run on the defaults")  # fmt: skip
         if not isinstance(values, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys to values")
-        values.update({k: v for k, v in overrides.items() if v is not None})
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        for share, epochs in PHASES.items():
+            for given, other in ((share, epochs), (epochs, share)):
+                if given in overrides:  # the command line's way of giving the phase wins
+                    values.pop(other, None)
+        values.update(overrides)
         return cls.from_dict(values)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load that refuses a key given twice (YAML would keep the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        keys = [self.construct_object(key, deep=deep) for key, _ in node.value]
+        repeated = sorted({str(k) for k in keys if keys.count(k) > 1})
+        if repeated:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key(s) {', '.join(repeated)} given more than once", node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+# a phase of the run, given as a share of it or in epochs (epochs win when both are set)
+PHASES = {"warmup": "warmup_epochs", "freeze": "freeze_epochs"}
 
 
 def _looks_like_number(text: str) -> bool:

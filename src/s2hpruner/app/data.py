@@ -154,7 +154,8 @@ def resolve_val_size(val_size: float | None, n_train: int) -> int:
 
     ``None`` means 10% capped at 5,000 (enough for a stable accuracy estimate, and it fits every
     set from digits' 1,438 training images to ImageNet); a value in (0, 1) is a fraction, a whole
-    number >= 1 a count, 0 holds out nothing. ``1.0`` is refused as ambiguous (pass ``1``).
+    number >= 1 a count (also ``1.0``: the command line and YAML give every number as a float,
+    and holding out all images cannot be meant), 0 holds out nothing.
     """
     if val_size is None:
         return min(5000, round(0.1 * n_train))
@@ -165,12 +166,11 @@ def resolve_val_size(val_size: float | None, n_train: int) -> int:
         raise DataOptionError(f"val_size={val_size} must be >= 0 (a count, or a fraction < 1)")
     if value < 1:
         n_val = round(value * n_train)
-    elif isinstance(val_size, numbers.Integral) or (value.is_integer() and value > 1):
+    elif value.is_integer():
         n_val = int(value)
     else:
         raise DataOptionError(
-            f"val_size={val_size} is neither a fraction < 1 nor a whole count of images "
-            "(for one image pass the integer 1)"
+            f"val_size={val_size} is neither a fraction < 1 nor a whole count of images"
         )
     if n_train and n_val >= n_train:
         raise DataOptionError(
@@ -567,6 +567,12 @@ _DIGITS_TEST_SEED = 0  # fixed, so the test split is the same whatever --seed pi
 def _digits(root: str | None) -> _Arrays:
     """scikit-learn's bundled 8x8 digits (1,797 images); a fixed seeded 20% is the test split."""
     from sklearn.datasets import load_digits
+
+    if root is not None:  # nothing is read from it: say so rather than train on other images
+        raise DataOptionError(
+            f"data set 'digits' is scikit-learn's bundled copy and reads no files, but "
+            f"--data-root {root} was given; for your own images use --dataset imagefolder"
+        )
 
     bunch = load_digits()
     images = bunch.images.astype(np.uint8)[:, None]  # values 0..16
