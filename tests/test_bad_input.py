@@ -142,7 +142,7 @@ def test_an_overwrite_stopped_before_its_end_leaves_nothing_of_the_replaced_run(
     [
         (["--epochs", "nan"], "epochs must be a finite number > 0"),
         (["--epochs", "inf"], "epochs must be a finite number > 0"),
-        (["--freeze", "nan"], "freeze must be a finite number >= 0"),
+        (["--freeze-epochs", "nan"], "freeze_epochs must be a finite number >= 0"),
         (["--temperature", "0"], "temperature must be a finite number > 0"),
         (["--temperature", "-1"], "temperature must be a finite number > 0"),
         (["--eval-batch-size", "0"], "eval_batch_size must be >= 1"),

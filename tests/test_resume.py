@@ -59,10 +59,10 @@ def step(self, x, y):
         pause()
     return out
 
-def save_checkpoint(path, model, pruner, trainer, schedule, state, cfg):
+def save_checkpoint(path, model, pruner, trainer, schedule, state, cfg, *args):
     if path.name == "last.pt" and state.step == pause_save:
         pause()
-    return real_save(path, model, pruner, trainer, schedule, state, cfg)
+    return real_save(path, model, pruner, trainer, schedule, state, cfg, *args)
 
 S2HTrainer.step, run.save_checkpoint = step, save_checkpoint
 from s2hpruner.app.cli import main

@@ -129,6 +129,16 @@ def test_prune_a_users_trained_model_on_image_folders(user_setup, capsys):
     )
     assert main(["eval", str(exported / "model_pruned.pt2"), "--data-root", str(other)]) == 2
     assert "trained on classes" in capsys.readouterr().err
+    # the checkpoint records what the model was built for: no images needed to export it
+    (root / "digits").rename(root / "digits_moved")
+    try:
+        assert main(["export", str(out / "checkpoints" / "last.pt"), "--out",
+                     str(root / "deploy_moved")]) == 0  # fmt: skip
+        assert json.loads((root / "deploy_moved" / "classes.json").read_text()) == \
+            report["classes"]  # fmt: skip
+    finally:
+        (root / "digits_moved").rename(root / "digits")
+    capsys.readouterr()
     # the pickled model in a fresh process: Net's module is not imported yet
     for name in [n for n in sys.modules if n.startswith("s2hpruner_user_my_net")]:
         del sys.modules[name]

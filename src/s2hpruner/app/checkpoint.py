@@ -100,14 +100,18 @@ def save_checkpoint(
     schedule: torch.optim.lr_scheduler.LRScheduler,
     state: RunState,
     cfg: RunConfig,
+    data: dict | None = None,
 ) -> None:
-    """Write the run's state to ``path`` atomically (rank 0 only)."""
+    """Write the run's state to ``path`` atomically (rank 0 only). ``data``: what the model
+    was built for (the data spec, the class names), so that ``export`` and ``eval`` rebuild it
+    without reading the data set."""
     if not D.is_main():
         return
     atomic_torch_save(
         {
             "format": FORMAT,
             "config": cfg.to_dict(),
+            "data": data or {},
             "world_size": D.world_size(),
             "model": model.state_dict(),
             "pruner": pruner.state_dict(),

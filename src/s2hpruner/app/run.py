@@ -13,6 +13,7 @@ Run directory layout (only rank 0 writes):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
@@ -402,6 +403,8 @@ def prune(cfg: RunConfig) -> dict:
         atomic_write_bytes(out / "config.yaml", yaml.safe_dump(cfg.to_dict()).encode())
     writer = MetricWriter(out)
 
+    built_for = {"spec": dataclasses.asdict(splits.spec), "classes": splits.classes}
+
     def save_interval(path: Path = last, best: bool = False) -> None:
         """End of an interval: average BatchNorm statistics over ranks, refuse to save a
         non-finite state, save (``best``: as best.pt too, first, so that a run stopped in
@@ -411,8 +414,8 @@ def prune(cfg: RunConfig) -> dict:
         _check_finite(model, pruner, trainer, _non_finite(state, total_steps, last, saved_step))
         if best:
             save_checkpoint(out / "checkpoints" / "best.pt", model, pruner, trainer, schedule,
-                            state, cfg)  # fmt: skip
-        save_checkpoint(path, model, pruner, trainer, schedule, state, cfg)
+                            state, cfg, built_for)  # fmt: skip
+        save_checkpoint(path, model, pruner, trainer, schedule, state, cfg, built_for)
         saved_step = state.step
 
     model.train()

@@ -18,7 +18,7 @@ from ..core.resources import count_flops, count_params
 from ..core.trainer import evaluate
 from .checkpoint import load_checkpoint, load_model_and_pruner
 from .config import RunConfig
-from .data import build_datasets
+from .data import DataSpec, build_datasets
 from .files import (
     atomic_torch_save,
     atomic_write_bytes,
@@ -59,9 +59,12 @@ def _classes_near(path: Path) -> list[str] | None:
     return None
 
 
-def _check_classes(path: Path, splits) -> None:
-    """Labels are folder names' ranks: another folder with other classes would mislabel."""
-    trained = _classes_near(path) if splits.classes is not None else None
+def _check_classes(path: Path, splits, trained: list[str] | None = None) -> None:
+    """Labels are folder names' ranks: another folder with other classes would mislabel
+    (``trained``: the classes a checkpoint records; else its run's or export's)."""
+    if splits.classes is None:
+        return
+    trained = trained if trained is not None else _classes_near(path)
     if trained is not None and trained != splits.classes:
         raise S2HError(
             f"{path} was trained on classes {trained}, but the data has {splits.classes}: "
@@ -70,14 +73,18 @@ def _check_classes(path: Path, splits) -> None:
 
 
 def restore_from_checkpoint(path: str | Path, device: torch.device | str = "cpu"):
-    """(config, model, pruner, example, hard network) of a checkpoint, weights and widths
-    loaded. The hard network is the physically pruned one: the one the run trained after its
-    freeze (``prune_at_freeze``), else the pruner's export of the model."""
+    """(config, model, pruner, example, hard network, class names or None) of a checkpoint,
+    weights and widths loaded. The hard network is the physically pruned one: the one the run
+    trained after its freeze (``prune_at_freeze``), else the pruner's export of the model.
+    The model is built for the data spec the checkpoint records (older checkpoints: the data
+    set's, read again)."""
     ckpt = load_checkpoint(Path(path), map_location=device)
     cfg = RunConfig.from_dict(ckpt["config"])
+    built_for = ckpt.get("data") or {}
+    spec = DataSpec(**built_for["spec"]) if "spec" in built_for else _spec_of(cfg)
     started_from = cfg.init, cfg.pretrained
     cfg.init, cfg.pretrained = None, False  # the checkpoint holds the weights
-    model, pruner, example = build_model_and_pruner(cfg, _spec_of(cfg), device,
+    model, pruner, example = build_model_and_pruner(cfg, spec, device,
                                                     resumed=ckpt.get("pruner"))  # (alignment)
     cfg.init, cfg.pretrained = started_from  # the config as the run wrote it
     load_model_and_pruner(ckpt, model, pruner)
@@ -90,7 +97,7 @@ def restore_from_checkpoint(path: str | Path, device: torch.device | str = "cpu"
         except (RuntimeError, KeyError) as exc:
             raise CheckpointError(f"{path}: its pruned network does not match its widths "
                                   f"({exc}); the checkpoint is damaged") from exc  # fmt: skip
-    return cfg, model, pruner, example, hard
+    return cfg, model, pruner, example, hard, built_for.get("classes")
 
 
 def _spec_of(cfg: RunConfig):
@@ -109,8 +116,9 @@ def evaluate_path(args: argparse.Namespace) -> dict:
     device = D.setup(args.device)
     cfg = _run_config_near(path)
     is_checkpoint = path.suffix == ".pt" and path.parent.name == "checkpoints"
+    classes = None
     if is_checkpoint:
-        cfg, model, pruner, _, hard = restore_from_checkpoint(path, device)
+        cfg, model, pruner, _, hard, classes = restore_from_checkpoint(path, device)
     dataset = args.dataset or (cfg.dataset if cfg else None)
     if dataset is None:
         raise S2HError(f"cannot tell which data set {path} was trained on; pass --dataset")
@@ -120,7 +128,7 @@ def evaluate_path(args: argparse.Namespace) -> dict:
         splits = build_splits(cfg, augment=False)
     else:
         splits = build_datasets(dataset, root, val_size=None, seed=0, augment=False)
-    _check_classes(path, splits)
+    _check_classes(path, splits, classes)
     loader = torch.utils.data.DataLoader(getattr(splits, args.split), batch_size=args.batch_size)
     result = {"path": str(path), "dataset": dataset, "split": args.split}
     if is_checkpoint:
@@ -179,7 +187,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, onnx: bool = Fals
         except ImportError as exc:
             raise S2HError("--onnx needs onnx, onnxruntime and onnxscript; fix: "
                            "pip install 's2hpruner[onnx]'") from exc  # fmt: skip
-    cfg, model, pruner, example, exported = restore_from_checkpoint(checkpoint)
+    cfg, model, pruner, example, exported, classes = restore_from_checkpoint(checkpoint)
     exported = exported.eval()
     for stale in out.glob(".export.*.tmp"):  # an export killed before it could clean up
         shutil.rmtree(stale, ignore_errors=True)
@@ -212,7 +220,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, onnx: bool = Fals
             result["files"].append(str(out / "model_pruned.onnx"))
         if not (out / "metrics.jsonl").exists():  # (a run's own folder has its config)
             atomic_write_bytes(staging / "config.yaml", yaml.safe_dump(cfg.to_dict()).encode())
-            classes = _classes_near(Path(checkpoint))
+            classes = classes if classes is not None else _classes_near(Path(checkpoint))
             if classes is not None:
                 atomic_write_bytes(staging / "classes.json", json.dumps(classes).encode())
         written = sorted(staging.iterdir())
