@@ -158,6 +158,21 @@ def test_numbers_that_cannot_run_are_refused_before_anything_is_written(
     assert not out.exists()
 
 
+def test_a_training_split_smaller_than_the_batch_trains_in_one_batch(setup, tmp_path):
+    """A small folder at the default batch size (128) is no contradiction the user wrote:
+    the run trains in batches of the whole split, says so and records it."""
+    import yaml
+
+    root, config, _ = setup
+    out = tmp_path / "small"
+    with pytest.warns(UserWarning, match="fewer than --batch-size 500: training in batches"):
+        assert prune(root, config, out, "--batch-size", "500") == 0
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert 0 < saved["batch_size"] < 500
+    assert main(["prune", "--config", str(config), "--data-root", str(root), "--out", str(out),
+                 "--target-flops", "0.5", *TINY, "--batch-size", "500", "--resume"]) == 0
+
+
 def test_export_never_replaces_earlier_models_unless_asked(setup, tmp_path, capsys):
     _, _, out = setup
     run_dir = copy_run(out, tmp_path / "run")

@@ -376,11 +376,18 @@ def prune(cfg: RunConfig) -> dict:
         cfg.mean, cfg.std = list(spec.mean), list(spec.std)
     main = D.is_main()
 
+    per_process = len(splits.train) // D.world_size()
+    if 0 < per_process < cfg.batch_size:  # a small folder at the default batch: one batch
+        warnings.warn(f"the training split holds {per_process} images per process, fewer than "
+                      f"--batch-size {cfg.batch_size}: training in batches of {per_process}",
+                      stacklevel=2)  # fmt: skip
+        cfg.batch_size = per_process
     sampler = EpochSampler(len(splits.train), cfg.seed, cfg.batch_size)
     loader = train_loader(splits.train, sampler, cfg.workers)
     steps_per_epoch = len(sampler.order()) // cfg.batch_size
     if steps_per_epoch == 0:
-        raise RunDirectoryError("the training split is smaller than one batch; lower --batch-size")
+        raise RunDirectoryError("the training split holds no image for this process; add "
+                                "images, or run on fewer processes")  # fmt: skip
     total_steps = max(1, round(cfg.resolve_epochs(steps_per_epoch) * steps_per_epoch))
     trainer, schedule = build_trainer(cfg, model, pruner, total_steps, splits.spec)
     val_loader = eval_loader(splits.val, cfg.eval_batch_size, cfg.workers)
