@@ -397,11 +397,12 @@ def equal_compute_summary(results: dict) -> list[dict]:
         if (run["method"], run["budget"]) == ("s2h", "epochs") or run["budget"] == "compute":
             runs[(round(run["target_flops"], 6), run["method"], run["seed"])] = run
 
-    def searched(method: str) -> bool:
+    def searched(method: str, target: float | None = None) -> bool:
         """Whether the method's recipe was chosen among several on this profile's validation
-        split (else it was carried over from elsewhere, not tuned from this checkpoint)."""
+        split (at ``target``, if given; else it was carried over from elsewhere)."""
         return any(len(r.get("candidates") or ()) > 1 for r in results["runs"]
-                   if r["method"] == method)  # fmt: skip
+                   if r["method"] == method and (target is None or round(
+                       r["target_flops"], 6) == target))  # fmt: skip
 
     def mean(members: list[dict], key: str) -> float | None:
         values = [r[key] for r in members if r.get(key) is not None]
@@ -418,7 +419,8 @@ def equal_compute_summary(results: dict) -> list[dict]:
             theirs = [runs[(target, method, s)] for s in seeds]
             row = {"target": target, "method": method, "seeds": seeds,
                    "ratio": statistics.fmean(r["compute_ratio"] for r in theirs),
-                   "searched": searched(method)}  # fmt: skip
+                   "searched": searched(method),
+                   "searched_here": searched(method, target)}  # fmt: skip
             for split, key in (("test", "top1_hard"), ("val", "val_top1")):
                 row[f"s2h_{split}"] = mean([ours[s] for s in seeds], key)
                 row[f"other_{split}"] = mean(theirs, key)
@@ -449,15 +451,17 @@ def _summary_lines(all_results: list[dict]) -> list[str]:
     for results in all_results:
         if not results.get("checkpoint"):
             continue
+        ratios = results.get("compute_ratios", {}).values()
+        timed = "" if all(r.get("timing") == "side by side" for r in ratios) else " *"
         by_target: dict[float, list[dict]] = defaultdict(list)
         for row in equal_compute_summary(results):
             by_target[row["target"]].append(row)
         for rows in by_target.values():  # the method S2HPruner leads least on test
             row = min(rows, key=lambda r: math.inf if r["lead_test"] is None else r["lead_test"])
+            mark = "" if row["searched_here"] else " ‡" if row["searched"] else " †"
             lines.append(
-                f"| `{results['profile']}` | {row['target']:g} | `{row['method']}`"
-                f"{'' if row['searched'] else ' †'} | "
-                f"{', '.join(map(str, row['seeds']))} | {row['ratio']:.2f} | "
+                f"| `{results['profile']}` | {row['target']:g} | `{row['method']}`{mark} | "
+                f"{', '.join(map(str, row['seeds']))} | {row['ratio']:.2f}{timed} | "
                 f"{cell(row['s2h_test'], row['other_test'], row['lead_test_se'])} | "
                 f"{row['seeds_ahead_test']} of {len(row['seeds'])} | "
                 f"{cell(row['s2h_val'], row['other_val'])} |"
@@ -474,7 +478,10 @@ def _summary_lines(all_results: list[dict]) -> list[str]:
         "on test, where several seeds ran, ± the standard error of the seed-by-seed lead); "
         "exported top-1 (%). †: that method's recipe was not chosen on this profile's "
         "validation split but carried over from another profile, so the row flatters "
-        "S2HPruner. Ahead on: the seeds on which S2HPruner's test top-1 is above that "
+        "S2HPruner; ‡: chosen on this profile's validation split at another target and "
+        "carried to this one (the profile's section says where S2HPruner's own was chosen). "
+        "*: the compute ratio is wall times divided, not timed side by side, and noisier. "
+        "Ahead on: the seeds on which S2HPruner's test top-1 is above that "
         "method's (two runs of one recipe differ by up to ~0.3 here, so a mean lead that "
         "half the seeds contradict is noise). The profiles' sections below say what each "
         "changes.",
