@@ -182,7 +182,7 @@ def test_val_split_is_seeded_and_sized(tmp_path):
     assert (len(none.train), len(none.val)) == (50, 0)
     subset = build_datasets("fashion-mnist", root, seed=3, train_subset=10)
     assert keys(subset.train) == keys(a.train)[:10] and keys(subset.val) == keys(a.val)
-    for bad in (1.0, -0.1, 50, -1):
+    for bad in (1.5, -0.1, 50, -1):
         with pytest.raises(ValueError):
             build_datasets("fashion-mnist", root, val_size=bad)
 
@@ -283,7 +283,9 @@ def test_digits(tmp_path):
         pixels = np.rint((x[0].numpy() * spec.std[0] + spec.mean[0]) * 16).astype(np.uint8)
         return by_pixels.get(pixels.tobytes(), -1)
 
-    splits = build_datasets("digits", data_root=str(tmp_path / "ignored"))
+    with pytest.raises(ValueError, match="reads no files"):  # a root it would ignore
+        build_datasets("digits", data_root=str(tmp_path / "ignored"))
+    splits = build_datasets("digits")
     # augmentation shifts pixels, so decode only un-augmented items
     plain = build_datasets("digits", augment=False)
     assert keys(plain.train) == keys(splits.train)
