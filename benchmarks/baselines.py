@@ -104,6 +104,7 @@ def pick_device(name: str) -> torch.device:
 def load_data(cfg: RunConfig, device: torch.device) -> Data:
     """The same splits and batch order as ``s2hpruner.app.run.prune`` builds for ``cfg``."""
     splits = app_run.build_splits(cfg)
+    app_run.fit_batch_to_split(cfg, len(splits.train))
     sampler = EpochSampler(len(splits.train), cfg.seed, cfg.batch_size)
     loader = DataLoader(
         splits.train,

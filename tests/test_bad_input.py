@@ -173,6 +173,21 @@ def test_a_training_split_smaller_than_the_batch_trains_in_one_batch(setup, tmp_
                  "--target-flops", "0.5", *TINY, "--batch-size", "500", "--resume"]) == 0
 
 
+def test_resume_compares_the_phases_as_the_schedule_sees_them(setup, tmp_path, capsys):
+    """A run started with the frozen phase in epochs resumes with the same phase given as a
+    share (the shipped configs moved from one to the other); another phase is refused."""
+    root, config, out = setup
+    run_dir = copy_run(out, tmp_path / "run")
+    args = ["prune", "--config", str(config), "--data-root", str(root), "--out", str(run_dir),
+            "--target-flops", "0.5", *[a for a in TINY if a not in ("--freeze-epochs", "0.5")],
+            "--resume"]  # fmt: skip
+    assert "0.5" in TINY[TINY.index("--freeze-epochs") + 1]  # (the run's phase: 0.5 of 1 epoch)
+    assert main([*args, "--freeze", "0.5"]) == 0
+    capsys.readouterr()
+    assert main([*args, "--freeze", "0.6"]) == 2
+    assert "frozen-width phases of 0 and 0.5 of the run" in error_of(capsys)
+
+
 def test_export_never_replaces_earlier_models_unless_asked(setup, tmp_path, capsys):
     _, _, out = setup
     run_dir = copy_run(out, tmp_path / "run")

@@ -426,6 +426,12 @@ def test_a_key_given_twice_in_a_config_file_is_refused(tmp_path):
         RunConfig.from_yaml(path)
 
 
+def test_yaml_merge_keys_still_work(tmp_path):
+    path = tmp_path / "merge.yaml"
+    path.write_text("model_kwargs:\n  <<: {width: 4}\n  depth: 20\n")
+    assert RunConfig.from_yaml(path).model_kwargs == {"width": 4, "depth": 20}
+
+
 def test_digits_with_a_data_root_is_refused_not_ignored(tmp_path):
     from s2hpruner.app.data import DataOptionError, build_datasets
 

@@ -38,10 +38,6 @@ MUST_MATCH = (
     "ignored_layers",
     "separate_hard_bn_stats",
     "epochs",
-    "warmup",
-    "freeze",
-    "warmup_epochs",
-    "freeze_epochs",
     "prune_at_freeze",
     "importance",
     "batch_size",
@@ -167,6 +163,11 @@ def restore(
             value = config.get("seed", defaults.seed)
         return value
 
+    if ckpt.get("world_size", 1) != D.world_size():  # first: the batch may follow from it
+        raise CheckpointError(
+            f"checkpoint was made by {ckpt.get('world_size', 1)} process(es) but this run has "
+            f"{D.world_size()}; resume with the same torchrun --nproc_per_node"
+        )
     asked = cfg.to_dict()
     for key in MUST_MATCH:
         if setting(saved, key) != setting(asked, key):
@@ -174,10 +175,20 @@ def restore(
                 f"checkpoint was made with {key}={saved.get(key)!r} but this run has "
                 f"{key}={getattr(cfg, key)!r}; use the same settings or another --out"
             )
-    if ckpt.get("world_size", 1) != D.world_size():
+    def fractions(config: dict) -> tuple[float, float]:
+        """The phases as the schedule sees them (a share, or the same length in epochs)."""
+        return tuple(
+            setting(config, share) if setting(config, epochs) is None
+            else setting(config, epochs) / cfg.epochs
+            for share, epochs in (("warmup", "warmup_epochs"), ("freeze", "freeze_epochs"))
+        )
+
+    phases = fractions(saved)
+    if phases != fractions(asked):
         raise CheckpointError(
-            f"checkpoint was made by {ckpt.get('world_size', 1)} process(es) but this run has "
-            f"{D.world_size()}; resume with the same torchrun --nproc_per_node"
+            f"checkpoint was made with warm-up and frozen-width phases of {phases[0]:g} and "
+            f"{phases[1]:g} of the run, but this run has {cfg.phase_fractions()[0]:g} and "
+            f"{cfg.phase_fractions()[1]:g}; use the same settings or another --out"
         )
     load_model_and_pruner(ckpt, model, pruner)
     try:  # the trainer first: it may move the optimizer onto the pruned network

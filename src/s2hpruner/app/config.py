@@ -312,7 +312,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     """yaml.safe_load that refuses a key given twice (YAML would keep the last silently)."""
 
     def construct_mapping(self, node, deep=False):
-        keys = [self.construct_object(key, deep=deep) for key, _ in node.value]
+        keys = [self.construct_object(key, deep=deep) for key, _ in node.value
+                if key.tag != "tag:yaml.org,2002:merge"]  # (<<: a merged mapping)
         repeated = sorted({str(k) for k in keys if keys.count(k) > 1})
         if repeated:
             raise yaml.constructor.ConstructorError(

@@ -570,8 +570,9 @@ def _digits(root: str | None) -> _Arrays:
 
     if root is not None:  # nothing is read from it: say so rather than train on other images
         raise DataOptionError(
-            f"data set 'digits' is scikit-learn's bundled copy and reads no files, but "
-            f"--data-root {root} was given; for your own images use --dataset imagefolder"
+            f"data set 'digits' is scikit-learn's bundled copy and reads no files, but a data "
+            f"root ({root}) is set; leave it out, or for your own images use --dataset "
+            "imagefolder"
         )
 
     bunch = load_digits()

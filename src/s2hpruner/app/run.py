@@ -97,6 +97,17 @@ def prepare_run_dir(cfg: RunConfig) -> Path:
     return out
 
 
+def fit_batch_to_split(cfg: RunConfig, n_train: int) -> None:
+    """A training split smaller than one batch per process (a small folder at the default
+    batch of 128) trains in batches of the whole split, with a warning; ``cfg`` records it."""
+    per_process = n_train // D.world_size()
+    if 0 < per_process < cfg.batch_size:
+        warnings.warn(f"the training split holds {per_process} images per process, fewer than "
+                      f"--batch-size {cfg.batch_size}: training in batches of {per_process}",
+                      stacklevel=3)  # fmt: skip
+        cfg.batch_size = per_process
+
+
 def build_splits(cfg: RunConfig, augment: bool | None = None):
     """The run's train/val/test splits (val held out of the training files, seeded)."""
     extra = {}
@@ -376,12 +387,7 @@ def prune(cfg: RunConfig) -> dict:
         cfg.mean, cfg.std = list(spec.mean), list(spec.std)
     main = D.is_main()
 
-    per_process = len(splits.train) // D.world_size()
-    if 0 < per_process < cfg.batch_size:  # a small folder at the default batch: one batch
-        warnings.warn(f"the training split holds {per_process} images per process, fewer than "
-                      f"--batch-size {cfg.batch_size}: training in batches of {per_process}",
-                      stacklevel=2)  # fmt: skip
-        cfg.batch_size = per_process
+    fit_batch_to_split(cfg, len(splits.train))
     sampler = EpochSampler(len(splits.train), cfg.seed, cfg.batch_size)
     loader = train_loader(splits.train, sampler, cfg.workers)
     steps_per_epoch = len(sampler.order()) // cfg.batch_size

@@ -122,7 +122,8 @@ def evaluate_path(args: argparse.Namespace) -> dict:
     dataset = args.dataset or (cfg.dataset if cfg else None)
     if dataset is None:
         raise S2HError(f"cannot tell which data set {path} was trained on; pass --dataset")
-    root = args.data_root or (cfg.data_root if cfg else None)
+    # the run's data root only for the run's own data set
+    root = args.data_root or (cfg.data_root if cfg and cfg.dataset == dataset else None)
     if cfg is not None:
         cfg.dataset, cfg.data_root = dataset, root
         splits = build_splits(cfg, augment=False)
