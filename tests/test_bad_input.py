@@ -410,7 +410,7 @@ def test_corrupt_checkpoint_is_refused(setup, tmp_path, capsys, spoil, message):
     [
         (["--target-flops", "0.6"], "target_flops=0.5", "target_flops=0.6"),
         (["--train-subset", "150"], "train_subset=200", "train_subset=150"),
-        (["--freeze-epochs", "0.25"], "freeze_epochs=0.5", "freeze_epochs=0.25"),
+        (["--freeze-epochs", "0.25"], "phases of 0 and 0.5 of", "has 0 and 0.25;"),
         (["--seed", "1"], "seed=0", "seed=1"),
         (["--importance", "group"], "importance='producers'", "importance='group'"),
         (["--split-seed", "3"], "split_seed=None", "split_seed=3"),
