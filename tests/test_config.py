@@ -370,8 +370,9 @@ def test_default_epochs_give_a_small_data_set_enough_steps_and_given_epochs_stay
 
 def test_absolute_phases_are_checked_against_the_default_epochs_once_known():
     cfg = RunConfig(freeze_epochs=3.0, warmup_epochs=1.0).validate()  # epochs not known yet
+    assert cfg.resolve_epochs(421) == 8.0  # the default 4 yields: the phases take half
     with pytest.raises(ConfigError, match=r"warm-up \(1 epochs\).*\(3 epochs\).*epochs=4"):
-        cfg.resolve_epochs(421)
+        RunConfig(freeze_epochs=3.0, warmup_epochs=1.0, epochs=4.0).validate()  # given: refused
     assert RunConfig(freeze_epochs=3.0, warmup_epochs=1.0).resolve_epochs(10) == 100.0
     with pytest.raises(ConfigError, match=r"warm-up \(0.5 of the run\).*\(0.5\).*the run"):
         RunConfig(warmup=0.5, freeze=0.5).validate()
@@ -437,3 +438,11 @@ def test_digits_with_a_data_root_is_refused_not_ignored(tmp_path):
 
     with pytest.raises(DataOptionError, match="reads no files"):
         build_datasets("digits", str(tmp_path), val_size=None)
+
+
+def test_default_epochs_leave_room_for_phases_given_in_epochs():
+    """--freeze-epochs 4 alone: the default 4 epochs would leave no search, so they yield."""
+    cfg = RunConfig(freeze_epochs=4.0).validate()
+    assert cfg.resolve_epochs(steps_per_epoch=500) == 8.0
+    assert cfg.phase_fractions() == (0.0, 0.5)
+    assert RunConfig(freeze_epochs=1.0).resolve_epochs(steps_per_epoch=500) == 4.0  # as before

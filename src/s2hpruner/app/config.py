@@ -261,7 +261,10 @@ class RunConfig:
         """The run's epochs: as given, else the default for a data set of
         ``steps_per_epoch`` steps (set on the config, so that it is saved with the run)."""
         if self.epochs is None:
-            self.epochs = max(DEFAULT_EPOCHS, float(math.ceil(DEFAULT_MIN_STEPS / steps_per_epoch)))
+            # phases given in epochs take at most half the default run (the search the rest)
+            phases = (self.warmup_epochs or 0.0) + (self.freeze_epochs or 0.0)
+            self.epochs = max(DEFAULT_EPOCHS, float(math.ceil(DEFAULT_MIN_STEPS / steps_per_epoch)),
+                              2.0 * phases)  # fmt: skip
             self.validate()
         return self.epochs
 
