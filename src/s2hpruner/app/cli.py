@@ -76,7 +76,7 @@ HELP = {
     "when that can meet the budgets, else any candidate width; 1 allows every width)",
     "ignored_layers": "module names whose output channels are never pruned (repeatable)",
     "epochs": "total training epochs (all phases; fractions allowed; default: 4, or as many "
-    "as make 1,000 steps on a small data set)",
+    "as make 1,000 steps on a small data set, or twice the phases given in epochs)",
     "warmup": "fraction of the run training the weights with the width logits frozen at "
     "initialisation",
     "freeze": "fraction of the run at the end with widths frozen, training the hard network "
