@@ -4,7 +4,7 @@ atomically, read with clear errors."""
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -175,20 +175,15 @@ def restore(
                 f"checkpoint was made with {key}={saved.get(key)!r} but this run has "
                 f"{key}={getattr(cfg, key)!r}; use the same settings or another --out"
             )
-    def fractions(config: dict) -> tuple[float, float]:
-        """The phases as the schedule sees them (a share, or the same length in epochs)."""
-        return tuple(
-            setting(config, share) if setting(config, epochs) is None
-            else setting(config, epochs) / cfg.epochs
-            for share, epochs in (("warmup", "warmup_epochs"), ("freeze", "freeze_epochs"))
-        )
-
-    phases = fractions(saved)
-    if phases != fractions(asked):
+    # the phases as the schedule sees them: a share, or the same length in epochs, alike
+    phase_keys = ("warmup", "freeze", "warmup_epochs", "freeze_epochs")
+    then = replace(cfg, **{k: setting(saved, k) for k in phase_keys})
+    phases, now = then.phase_fractions(), cfg.phase_fractions()
+    if phases != now:
         raise CheckpointError(
             f"checkpoint was made with warm-up and frozen-width phases of {phases[0]:g} and "
-            f"{phases[1]:g} of the run, but this run has {cfg.phase_fractions()[0]:g} and "
-            f"{cfg.phase_fractions()[1]:g}; use the same settings or another --out"
+            f"{phases[1]:g} of the run, but this run has {now[0]:g} and {now[1]:g}; use the "
+            "same settings or another --out"
         )
     load_model_and_pruner(ckpt, model, pruner)
     try:  # the trainer first: it may move the optimizer onto the pruned network

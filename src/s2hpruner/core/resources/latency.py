@@ -308,9 +308,13 @@ class LatencyModel(nn.Module):
             self.call_names.append(name)
         self.signatures = list(sigs)
         self.cache_path, self.cache_key = self._cache_location(cache)
-        tables = self._tables_keeping_rng(sigs, rounds, progress) if measure else {
-            key: [[0.0] * len(spec["sig"]["grids"][1])] * len(spec["sig"]["grids"][0])
-            for key, spec in sigs.items()}  # fmt: skip
+        if measure:  # cells draw weights and inputs (on a cold cache only): the run's random
+            # streams must not depend on that
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                tables = self._tables(sigs, rounds, progress)
+        else:
+            tables = {key: [[0.0] * len(spec["sig"]["grids"][1])] * len(spec["sig"]["grids"][0])
+                      for key, spec in sigs.items()}  # fmt: skip
         self.is_monotone: list[bool] = []  # per table: raw medians already monotone?
         for k, key in enumerate(self.signatures):
             raw = torch.tensor(tables[key], dtype=torch.float64)
@@ -397,15 +401,6 @@ class LatencyModel(nn.Module):
                "memory_format": str(self.memory_format),
                "cpu_memory_held": self.device.type == "cpu" and hold_freed_cpu_memory()}
         return path, json.dumps(key, sort_keys=True)
-
-    def _tables_keeping_rng(self, sigs: dict[str, dict], rounds: int,
-                            progress: bool) -> dict[str, list]:  # fmt: skip
-        """:meth:`_tables` without touching the global random streams: the cells' weights
-        and inputs are drawn only on a cold cache, which must not change the run's data order
-        or initialisation."""
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            return self._tables(sigs, rounds, progress)
 
     def _tables(self, sigs: dict[str, dict], rounds: int, progress: bool) -> dict[str, list]:
         """Tables of all signatures: cached ones read, the others measured and cached."""
