@@ -446,3 +446,18 @@ def test_default_epochs_leave_room_for_phases_given_in_epochs():
     assert cfg.resolve_epochs(steps_per_epoch=500) == 8.0
     assert cfg.phase_fractions() == (0.0, 0.5)
     assert RunConfig(freeze_epochs=1.0).resolve_epochs(steps_per_epoch=500) == 4.0  # as before
+
+
+def test_the_default_freeze_yields_to_a_long_warmup_the_user_gave():
+    """--warmup 0.8 alone: the default frozen-width share (0.25) would leave no search, so it
+    takes half of what the warm-up leaves; a freeze the user gave is still checked."""
+    assert RunConfig().validate().phase_fractions() == (0.0, 0.25)
+    assert from_command_line("--warmup", "0.8").validate().phase_fractions() \
+        == pytest.approx((0.8, 0.1))  # fmt: skip
+    assert RunConfig(warmup=0.4).validate().phase_fractions() == (0.4, 0.25)  # as before
+    cfg = RunConfig(epochs=10.0, warmup_epochs=9.0).validate()
+    assert cfg.phase_fractions() == pytest.approx((0.9, 0.05))
+    with pytest.raises(ConfigError, match="joint search phase"):
+        from_command_line("--warmup", "0.8", "--freeze", "0.25").validate()
+    with pytest.raises(ConfigError, match="joint search phase"):
+        RunConfig(warmup=1.0).validate()

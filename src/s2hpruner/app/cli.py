@@ -80,7 +80,7 @@ HELP = {
     "warmup": "fraction of the run training the weights with the width logits frozen at "
     "initialisation",
     "freeze": "fraction of the run at the end with widths frozen, training the hard network "
-    "distilled from the soft one",
+    "distilled from the soft one (default: 0.25, or half what the warm-up leaves if less)",
     "warmup_epochs": "warm-up in epochs, instead of --warmup (either flag replaces the "
                      "config file's warm-up, in whichever form the file gives it)",
     "freeze_epochs": "frozen-width phase in epochs, instead of --freeze (either flag replaces "

@@ -35,6 +35,7 @@ DEFAULT_TARGET_FLOPS = 0.35
 # the run at 47% top-1)
 DEFAULT_EPOCHS = 4.0
 DEFAULT_MIN_STEPS = 1000
+DEFAULT_FREEZE = 0.25  # share of the run with frozen widths, unless the warm-up needs it
 
 
 class ConfigError(S2HError, ValueError):
@@ -72,7 +73,7 @@ class RunConfig:
     # warmup and freeze are fractions of the run, *_epochs (if set) absolute and win
     epochs: float | None = None  # None: DEFAULT_EPOCHS, or more for DEFAULT_MIN_STEPS steps
     warmup: float = 0.0
-    freeze: float = 0.25
+    freeze: float | None = None  # None: DEFAULT_FREEZE, or half what the warm-up leaves if less
     warmup_epochs: float | None = None
     freeze_epochs: float | None = None
     batch_size: int = 128
@@ -271,7 +272,12 @@ class RunConfig:
     def phase_fractions(self) -> tuple[float, float]:
         """(warm-up, frozen widths) as fractions of the run: absolute epochs win when set."""
         warmup = self.warmup if self.warmup_epochs is None else self.warmup_epochs / self.epochs
-        freeze = self.freeze if self.freeze_epochs is None else self.freeze_epochs / self.epochs
+        if self.freeze_epochs is not None:
+            freeze = self.freeze_epochs / self.epochs
+        elif self.freeze is not None:
+            freeze = self.freeze
+        else:  # the default never leaves a long warm-up without a search
+            freeze = min(DEFAULT_FREEZE, max(0.0, 1.0 - warmup) / 2)
         return float(warmup), float(freeze)
 
     def to_dict(self) -> dict:
