@@ -16,6 +16,10 @@ not from the training. All of them train for
   rest. With ``pretrain_fraction`` 0 (a run from trained weights, ``cfg.init``) it prunes the
   starting model at once and fine-tunes for the whole budget. ``l1_global`` chooses global
   allocation (one threshold over all layers) or uniform (every layer loses the same share).
+  With ``l1_steps`` > 1 it prunes iteratively (torch-pruning's linear iterative schedule, with
+  fine-tuning between): the FLOPs target falls in that many equal steps from the full model to
+  the target over the first ``l1_descent`` share of the fine-tuning, as S2HPruner's
+  ``--descent`` lowers its aim; each step ranks the channels on the weights trained so far.
 * ``group-sl``: sparse training with torch-pruning's ``GroupNormPruner`` regulariser for
   ``sparse_fraction`` of the budget, prune by group L2 norm, fine-tune for the rest.
 * ``random``: random widths at the target FLOPs (S2HPruner with random width logits, projected
@@ -73,6 +77,8 @@ class BaselineOptions:
 
     pretrain_fraction: float = 0.5  # l1-ft: share of the budget trained before pruning (may be 0)
     l1_global: bool = True  # l1, l1-ft: global allocation (True) or uniform per layer (False)
+    l1_steps: int = 1  # l1-ft: pruning steps (1: at once; more: iterative, see l1_descent)
+    l1_descent: float = 0.0  # l1-ft: share of the fine-tuning the iterative steps span
     sparse_fraction: float = 0.5  # group-sl: share of the budget spent in sparse training
     group_sl_reg: float = 5e-4  # GroupNormPruner reg (torch-pruning's benchmark default)
     # torch-pruning's benchmark turns weight decay off while its regulariser is on: the
@@ -81,6 +87,17 @@ class BaselineOptions:
     random_logit_std: float = 3.0  # spread of the random width logits (larger: more varied)
     flops_tolerance: float = 0.005  # |exported FLOPs ratio - target| the search aims for
     max_probes: int = 30  # search steps before settling for the closest ratio seen
+
+    def __post_init__(self) -> None:
+        if self.l1_steps < 1:
+            raise ValueError(f"l1_steps is {self.l1_steps}; give 1 (prune at once) or more")
+        if not 0.0 <= self.l1_descent < 1.0:
+            raise ValueError(f"l1_descent is {self.l1_descent}; give a share in [0, 1)")
+        if (self.l1_steps > 1) != (self.l1_descent > 0.0):
+            raise ValueError(
+                f"l1_steps {self.l1_steps} with l1_descent {self.l1_descent}: iterative pruning "
+                "needs both (steps > 1 over a descent > 0), pruning at once neither"
+            )
 
 
 @dataclass
@@ -177,17 +194,28 @@ def train(
     desc: str = "train",
     weight_decay: float | None = None,
     after_backward: Callable[[nn.Module], None] | None = None,
+    schedule_span: tuple[int, int] | None = None,
 ) -> float:
     """Plain cross-entropy training for ``steps`` steps; returns the training seconds.
 
     Batches continue the run's global order from ``first_step``, so a method split into
     stages sees the same batches as one trained in a single stage. ``after_backward`` runs
     between ``backward()`` and the optimizer step (where Group-SL adds its regulariser).
+    ``schedule_span`` (offset, length): this stage is a piece of one cosine of that length,
+    starting ``offset`` steps in (iterative pruning rebuilds the optimizer between pieces,
+    since torch-pruning replaces the parameters it prunes); None: a cosine of its own.
     """
     if weight_decay is not None:  # a stage with its own decay (Group-SL's sparse training)
         cfg = dataclasses.replace(cfg, weight_decay=weight_decay)
     # s2hpruner's weight optimizer and schedule, the cosine stretched over this stage
-    optimizer, schedule = build_weight_optimizer(model, cfg, steps)
+    offset, length = schedule_span or (0, steps)
+    optimizer, schedule = build_weight_optimizer(model, cfg, length)
+    if offset:  # jump the schedule to the piece's start
+        schedule.last_epoch = offset
+        for group, base, factor in zip(
+            optimizer.param_groups, schedule.base_lrs, schedule.lr_lambdas, strict=True
+        ):
+            group["lr"] = base * factor(offset)
     model.train()
     step, end, seconds = first_step, first_step + steps, 0.0
     bar = tqdm(total=steps, desc=desc, leave=False, disable=not cfg.progress, dynamic_ncols=True)
@@ -299,8 +327,10 @@ def prune_to_flops(
     tolerance: float = 0.005,
     max_probes: int = 30,
     ignored_layers: Sequence[str] = (),
+    reference_flops: float | None = None,
 ) -> dict:
-    """Prune ``model`` in place to ``target`` x its FLOPs by searching the global ratio.
+    """Prune ``model`` in place to ``target`` x its FLOPs (x ``reference_flops``, the unpruned
+    model's, when given: a step of iterative pruning) by searching the global ratio.
 
     A bracketing search on deep copies: FLOPs fall as the ratio grows (except near 1, where
     torch-pruning skips groups that would lose their last channel, so the bracket ends at 0.9).
@@ -312,16 +342,19 @@ def prune_to_flops(
     keep their groups whole, besides the classifier.
     """
     ignored = ignored_names(model, example, ignored_layers)
-    full = count_flops(model, example)
+    full = reference_flops or count_flops(model, example)
+    now = count_flops(model, example) / full
 
     def prune(net: nn.Module, ratio: float) -> float:
         make_pruner(factory, net, example, ratio, ignored).step()
         return count_flops(net, example) / full
 
+    if now <= target + tolerance:  # an iterative step with nothing left to cut
+        return {"pruning_ratio": 0.0, "search_probes": 0, "flops_ratio": now}
     # (ratio, FLOPs ratio) at the bracket ends; 0.01 = (1 - 0.9)^2 is a guess, never used as
     # a result
-    (lo, f_lo), (hi, f_hi) = (0.0, 1.0), (0.9, 0.01)
-    best_ratio, best_flops, probes = 0.0, 1.0, 0
+    (lo, f_lo), (hi, f_hi) = (0.0, now), (0.9, 0.01 * now)
+    best_ratio, best_flops, probes = 0.0, now, 0
     while probes < max_probes and hi - lo > 1e-4:
         probes += 1
         ratio = 0.5 * (lo + hi)
@@ -346,7 +379,7 @@ def prune_to_flops(
     flops = prune(model, best_ratio)  # for real, with the ratio found on the copies
     if abs(flops - best_flops) > 1e-9:
         raise RuntimeError(f"pruning is not deterministic: {flops} on the model, {best_flops}")
-    return {"pruning_ratio": best_ratio, "search_probes": probes}
+    return {"pruning_ratio": best_ratio, "search_probes": probes, "flops_ratio": flops}
 
 
 def random_architecture(
@@ -480,14 +513,38 @@ def run_baseline(
                 )
                 del sparse  # its dependency graph describes the unpruned model
         record["top1_dense"] = test("test dense")
-        found = prune_to_flops(
-            model, example, factory, target, options.flops_tolerance, options.max_probes,
-            ignored_layers=cfg.ignored_layers,
-        )  # fmt: skip
-        record.update(found)
-        model = _memory_format(model, cfg)
-        if total > first:
-            stage("finetune", total - first, "pruned")
+
+        def prune_to(aim: float) -> dict:
+            nonlocal model
+            found = prune_to_flops(
+                model, example, factory, aim, options.flops_tolerance, options.max_probes,
+                ignored_layers=cfg.ignored_layers, reference_flops=full_flops,
+            )  # fmt: skip
+            model = _memory_format(model, cfg)
+            return found
+
+        finetune, pieces = total - first, options.l1_steps if method == "l1-ft" else 1
+        if pieces == 1:
+            found = prune_to(target)
+            record.update(pruning_ratio=found["pruning_ratio"])
+            record.update(search_probes=found["search_probes"])
+            if finetune:
+                stage("finetune", finetune, "pruned")
+        else:  # iterative: step i of n prunes to 1 - (1 - target) i / n, i / n into the descent
+            descent, done, record["pruning_steps"] = round(finetune * options.l1_descent), 0, []
+            for i in range(1, pieces + 1):
+                end = round(descent * i / pieces)
+                if end > done:
+                    network = "unpruned" if i == 1 else "partly pruned"
+                    stage(f"finetune {i}/{pieces}", end - done, network,
+                          schedule_span=(done, finetune))  # fmt: skip
+                    done = end
+                aim = 1.0 - (1.0 - target) * i / pieces
+                record["pruning_steps"].append({"step": first + done, "aim": aim, **prune_to(aim)})
+            record["pruning_ratio"] = [p["pruning_ratio"] for p in record["pruning_steps"]]
+            record["search_probes"] = sum(p["search_probes"] for p in record["pruning_steps"])
+            if finetune > done:
+                stage("finetune", finetune - done, "pruned", schedule_span=(done, finetune))
 
     model.eval()
     record["top1_hard"] = test("test")

@@ -476,6 +476,25 @@ FROM_TRAINED_RESNET56_015 = dataclasses.replace(
             "s2h": _grid(**SHORT_RECIPE, descent=(0.8,), round_to=(8, 4))},
 )
 
+# from-trained-descent and from-trained-resnet56-015 with iterative L1 as well: S2HPruner's
+# candidates there include its slower descent (validation chose it on both), a gradual schedule
+# L1 did not have. Here l1-ft also searches torch-pruning's iterative schedule: 5 steps over
+# the first 12% of the fine-tuning (0.8 of S2HPruner's 15% search, the share its descent spans),
+# at both allocations and learning rates. Everything else is the base profile's, so the runs
+# of the other methods are taken from its file (`--reuse-from`) and only l1-ft runs again.
+ITERATIVE_L1 = _grid(lr=FINE_TUNE_LRS, l1_global=(True, False), l1_steps=(5,),
+                     l1_descent=(0.12,))  # fmt: skip
+FROM_TRAINED_ITERATIVE_015 = dataclasses.replace(
+    FROM_TRAINED_DESCENT, name="from-trained-iterative-015",
+    search={**FROM_TRAINED_DESCENT.search,
+            "l1-ft": (*FROM_TRAINED_DESCENT.search["l1-ft"], *ITERATIVE_L1)},
+)
+FROM_TRAINED_RESNET56_ITERATIVE_015 = dataclasses.replace(
+    FROM_TRAINED_RESNET56_015, name="from-trained-resnet56-iterative-015",
+    search={**FROM_TRAINED_RESNET56_015.search,
+            "l1-ft": (*FROM_TRAINED_RESNET56_015.search["l1-ft"], *ITERATIVE_L1)},
+)
+
 # The same resnet56 checkpoint at 0.55, the target where S2HPruner trails on resnet20
 # (from-trained-width-step-055: -0.16 ± 0.05): does the deeper network show the same gap?
 # Every method searches its grid on validation at 0.55 itself; S2HPruner's candidates are
@@ -535,6 +554,8 @@ PROFILES = {
     "from-trained-width-step-015": FROM_TRAINED_WIDTH_STEP_015,
     "from-trained-resnet56-short": FROM_TRAINED_RESNET56_SHORT,
     "from-trained-resnet56-015": FROM_TRAINED_RESNET56_015,
+    "from-trained-iterative-015": FROM_TRAINED_ITERATIVE_015,
+    "from-trained-resnet56-iterative-015": FROM_TRAINED_RESNET56_ITERATIVE_015,
     "from-trained-resnet56-055": FROM_TRAINED_RESNET56_055,
     "from-trained-resnet56-055-stem": FROM_TRAINED_RESNET56_055_STEM,
 }
@@ -765,8 +786,46 @@ def checkpoint_record(profile: Profile) -> dict:
     return record
 
 
-def open_results(path: Path, profile: Profile, command: str, resume: bool, overwrite: bool):
-    """The stored benchmark when resuming (checked to have the same settings), else a new one."""
+def reuse_runs(results: dict, source: Path) -> None:
+    """Copy into a new benchmark the runs, search candidates and compute ratios of another
+    profile's file ``source`` that this profile would run the same way: every setting must
+    match but ``search``; a method searched over other candidates (or borrowing such a
+    method's choice) runs again, keeping only its finished candidates that are still offered.
+    So a profile that only widens one method's search does not spend hours repeating runs."""
+    stored = json.loads(source.read_text())
+    mine, theirs = results["settings"], stored_settings(stored.get("settings", {}))
+    diff = [k for k in mine if k != "search" and theirs.get(k) != mine[k]]
+    if diff:
+        raise SystemExit(f"--reuse-from: {source} was made with other settings ({', '.join(diff)}"
+                         "); only the search may differ")  # fmt: skip
+
+    def same(method: str) -> bool:
+        chooser = mine["borrow"].get(method, method)
+        return all(mine["search"].get(m) == theirs["search"].get(m) for m in {method, chooser})
+
+    results["runs"] = [r for r in stored.get("runs", []) if same(r["method"])]
+    results["tuning"] = [t for t in stored.get("tuning", [])
+                         if t["hyper"] in mine["search"].get(t["method"], [])]  # fmt: skip
+    if same("s2h"):  # the ratio times S2HPruner's chosen recipe
+        results["compute_ratios"] = dict(stored.get("compute_ratios", {}))
+    methods = sorted({r["method"] for r in results["runs"]})
+    results["reused_from"] = {"file": str(source), "methods": methods}
+    print(f"--reuse-from {source}: {len(results['runs'])} runs of {', '.join(methods)} copied")
+
+
+def open_results(
+    path: Path,
+    profile: Profile,
+    command: str,
+    resume: bool,
+    overwrite: bool,
+    reuse: Path | None = None,
+):
+    """The stored benchmark when resuming (checked to have the same settings), else a new one
+    (with ``reuse``, seeded by :func:`reuse_runs`)."""
+    if reuse is not None and path.exists() and not overwrite:
+        raise SystemExit(f"--reuse-from seeds a new benchmark, but {path} exists; drop "
+                         "--reuse-from to resume it, or pass --overwrite")  # fmt: skip
     if path.exists() and not overwrite:
         if not resume:
             raise SystemExit(
@@ -797,6 +856,8 @@ def open_results(path: Path, profile: Profile, command: str, resume: bool, overw
         "runs": [],
         "tuning": [],
     }
+    if reuse is not None:
+        reuse_runs(results, reuse)
     if profile.init is not None:
         results["checkpoint"] = checkpoint_record(profile)
     write_json(path, results)
@@ -1082,10 +1143,11 @@ def run_benchmark(
     resume: bool,
     overwrite: bool,
     max_runs: int | None = None,
+    reuse: Path | None = None,
 ):
     """Every planned run not yet in ``path``, each stored as soon as it finishes; with
     ``max_runs``, at most that many of them (a slice: resume to continue)."""
-    results = open_results(path, profile, command, resume, overwrite)
+    results = open_results(path, profile, command, resume, overwrite, reuse)
     had_runs = bool(results["runs"] or results.get("tuning"))
     plan = plan_runs(profile)
     done = {run_key(r) for r in results["runs"]}
@@ -1144,6 +1206,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--budgets", type=_list(str), help=f"comma list of {', '.join(BUDGETS)}")
     p.add_argument("--search-methods", type=_list(str),
                    help="only these methods get the validation search (others: base recipe)")
+    p.add_argument("--reuse-from", metavar="JSON",
+                   help="start a new benchmark with the runs of another profile's file that "
+                   "this profile runs the same way (same settings but the search)")
     p.add_argument("--max-runs", type=int,
                    help="run at most N of the planned runs not yet stored (a slice)")
     p.add_argument("--epochs", type=float)
@@ -1241,7 +1306,10 @@ def main(argv: list[str] | None = None) -> int:
         profile = resolve_profile(args)
         command = shlex.join(["python", "-m", "benchmarks.compare", *argv])
         path = out / f"{file_stem(profile.name)}.json"
-        run_benchmark(profile, path, command, args.resume, args.overwrite, args.max_runs)
+        reuse = Path(args.reuse_from) if args.reuse_from else None
+        if reuse is not None and not reuse.is_file():
+            raise SystemExit(f"--reuse-from: {reuse} is not a file")
+        run_benchmark(profile, path, command, args.resume, args.overwrite, args.max_runs, reuse)
     try:
         written = write_reports(out, markdown)
     except FileNotFoundError as exc:

@@ -210,6 +210,13 @@ def profile_markdown(results: dict, image: str | None) -> list[str]:
         f"{o['flops_tolerance']:g} of the target"
         + (" (values the search below chooses override these)" if s.get("search") else "")
     )
+    if results.get("reused_from"):
+        reused = results["reused_from"]
+        lines.append(
+            f"- Runs of {', '.join(f'`{m}`' for m in reused['methods'])} (and the compute "
+            f"ratios, if S2HPruner's search is the same) are those of `{reused['file']}`: this "
+            "profile differs from it only in the search of the other methods (`--reuse-from`)"
+        )
     lines += _checkpoint_lines(results, ran)
     ratios = results.get("compute_ratios", {})
     if ratios:
@@ -321,6 +328,10 @@ def _hyper_text(hyper: dict) -> str:
             parts.append(f"freeze {value:.0%}")
         elif key == "sparse_fraction":
             parts.append(f"sparse {value:.0%}")
+        elif key == "l1_steps":
+            parts.append(f"iterative in {value} steps" if value > 1 else "pruned at once")
+        elif key == "l1_descent":
+            parts.append(f"over {value:.0%} of the fine-tuning")
         elif key == "descent":
             parts.append(f"descent over {value:.0%} of the search" if value else "no descent")
         elif key == "ignored_layers":
