@@ -811,9 +811,10 @@ def _walk_widths_to_budget(pruner: S2HPruner, tolerance: float, max_moves: int =
 
 def _working_groups(model: nn.Module, example_inputs, groups: list[ChannelGroup]):
     """The groups whose channels can really be removed: one that breaks the narrowed
-    forward (a channel count fixed in the model's code), or whose exported model is not the
-    hard network, is left out with a warning naming the layer that failed (issue 16: fail
-    at build time, not in the hard pass or export)."""
+    forward (a channel count fixed in the model's code), whose exported model is not the
+    hard network, or whose FLOPs or parameters the resource model does not predict, is left
+    out with a warning naming the layer that failed (issue 16: fail at build time, not in
+    the hard pass or export, and never miss the budget silently)."""
     modules = dict(model.named_modules())
     outside = [g for g in groups if _producer_out_of_range(g, modules)]
     for g in outside:
@@ -828,7 +829,8 @@ def _working_groups(model: nn.Module, example_inputs, groups: list[ChannelGroup]
     first = next(iter(bad.items()), None)
     first = None if first is None else (groups[first[0]].name, f"fails at {first[1]}")
     groups = [g for i, g in enumerate(groups) if i not in bad]
-    bad = export_failures(model, example_inputs, groups)
+    resources = ResourceModel(model, example_inputs, groups) if groups else None
+    bad = export_failures(model, example_inputs, groups, resources=resources)
     for i, error in bad.items():
         _left_out(groups[i], f"the model exported with its channels removed gives {error}")
     if bad and first is None:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import time
 from collections.abc import Iterator
 
@@ -334,9 +335,32 @@ def _swap(module: nn.Module, tensors: dict[str, torch.Tensor], groups: int | Non
     return handles + [module.register_forward_hook(post, always_call=True)]
 
 
-def _half(g: ChannelGroup) -> int:
-    """The candidate width closest to half of the group (the build probes' width)."""
-    return min(g.candidates, key=lambda c: (abs(2 * c - g.channels), c))
+def probe_channels(g: ChannelGroup) -> list[int]:
+    """The channels of ``g`` the build probes keep: a width the search could pick, near half
+    the group and sharing as few factors with its size as the candidates allow (not 1: a
+    single channel broadcasts), spread over the group rather than a prefix. Code that fixes a
+    channel count (a ``view`` into heads, a split) then fails here as it would at the widths
+    and channels a search picks, and a prefix that happens to be whole heads hides nothing."""
+    narrower = [c for c in g.candidates if c < g.channels]
+    choices = [c for c in narrower if c > 1] or narrower or g.candidates
+    width = min(choices, key=lambda c: (math.gcd(c, g.channels), abs(2 * c - g.channels), c))
+    return [(2 * i + 1) * g.channels // (2 * width) for i in range(width)]
+
+
+def probe_inputs(example_inputs) -> tuple:
+    """The example's float tensors replaced by seeded random ones of the same shape (the
+    global RNG untouched): an all-zero example through a fresh model (BatchNorm's bias 0, no
+    conv bias) gives all-zero activations, and every probe would then pass."""
+    inputs = tuple(example_inputs) if isinstance(example_inputs, list | tuple) else (
+        example_inputs,)  # fmt: skip
+    generator = torch.Generator().manual_seed(0)
+
+    def random(t):
+        if not (torch.is_tensor(t) and t.is_floating_point()):
+            return t
+        return torch.randn(t.shape, generator=generator, dtype=t.dtype).to(t.device)
+
+    return tuple(random(t) for t in inputs)
 
 
 def _failure(exc: BaseException, owners: dict[int, str], model: nn.Module) -> str:
@@ -356,8 +380,8 @@ def failing_groups(
 ) -> dict[int, str]:
     """Groups whose removal breaks the model's forward: {group position: "layer: error"}.
 
-    The sliced pass runs, in eval mode and without gradients, with every group at about half
-    its width (not 1: a single channel broadcasts); a layer whose forward fixes a channel
+    The sliced pass runs, in eval mode and without gradients, with every group at its
+    :func:`probe_channels`, on :func:`probe_inputs`; a layer whose forward fixes a channel
     count in code (a ``view`` into heads, a split) then fails where the exported model
     would. Failing groups are found by bisection (a handful of forwards). Nothing is probed
     when some layer is not sliceable."""
@@ -365,15 +389,15 @@ def failing_groups(
         return {}
     index = ChannelIndex(groups, modules)
     forward = SlicedHardForward(groups, modules, index)
-    inputs = tuple(example_inputs) if isinstance(example_inputs, list | tuple) else (
-        example_inputs,)  # fmt: skip
+    inputs = probe_inputs(example_inputs)
     owner = {id(m): n for n, m in modules.items()}
 
     def run(subset: list[int]) -> str | None:
         keep = torch.ones(index.constant + 1, dtype=torch.bool, device=index.group_of.device)
         for i in subset:
             start = index.offsets[i]
-            keep[start + _half(groups[i]) : start + groups[i].channels] = False
+            keep[start : start + groups[i].channels] = False
+            keep[[start + c for c in probe_channels(groups[i])]] = True
         try:
             with torch.no_grad(), forward.apply(keep, keep.float()):
                 model(*inputs)
@@ -450,7 +474,8 @@ def _tensors(y) -> list[torch.Tensor]:
 
 def export_failures(
     model: nn.Module, example_inputs, groups: list[ChannelGroup], tolerance: float = 1e-4,
-    max_exports: int = 24, max_seconds: float = 30.0,
+    max_exports: int = 24, max_seconds: float = 30.0, resources=None,
+    count_tolerance: float = 0.005,
 ) -> dict[int, str]:
     """Groups whose export is not the hard network: {group position: reason}.
 
@@ -458,18 +483,22 @@ def export_failures(
     pruned layers: a channel count kept outside torch-pruning's reach (BlurPool's
     ``groups=``, ScaledStdConv's gain, a buffer), statistics over all channels (RMS norms,
     weight standardisation over the inputs), a reshape into heads. So every group is taken
-    to about half its width, the model is exported and run, and its output compared with the
-    masked hard network's; when they differ (or export fails), failing groups are found by
-    bisection, at most ``max_exports`` exports or ``max_seconds`` of bisection (what is still
-    undecided then is left out: building stays bounded in time)."""
+    to its :func:`probe_channels`, the model is exported and run on :func:`probe_inputs`, and
+    its output compared with the masked hard network's; with ``resources`` (a
+    ``ResourceModel`` of these groups) the exported model's FLOPs and parameters, counted,
+    are compared with the model's prediction too (a matmul on the group's channels outside a
+    conv, linear or known attention is not modelled: the budget would be missed). When they
+    differ (or export fails), failing groups are found by bisection, at most ``max_exports``
+    exports or ``max_seconds`` of bisection (what is still undecided then is left out:
+    building stays bounded in time)."""
     if not groups:
         return {}
     from .index import ChannelIndex
+    from .resources.model import count_flops, count_params
 
     modules = dict(model.named_modules())
     index = ChannelIndex(groups, modules)
-    inputs = tuple(example_inputs) if isinstance(example_inputs, list | tuple) else (
-        example_inputs,)  # fmt: skip
+    inputs = probe_inputs(example_inputs)
     owner = {id(m): n for n, m in modules.items()}
 
     runs = [0]
@@ -480,9 +509,10 @@ def export_failures(
         keep = torch.ones(index.constant + 1, dtype=torch.bool, device=index.group_of.device)
         kept = []
         for i, g in enumerate(groups):
-            width = _half(g) if i in chosen else g.channels
-            keep[index.offsets[i] + width : index.offsets[i] + g.channels] = False
-            kept.append(list(range(width)))
+            channels = probe_channels(g) if i in chosen else list(range(g.channels))
+            keep[index.offsets[i] : index.offsets[i] + g.channels] = False
+            keep[[index.offsets[i] + c for c in channels]] = True
+            kept.append(channels)
         flat = keep.float()
         handles = []
         try:
@@ -511,6 +541,17 @@ def export_failures(
             error = float((a - b).abs().max()) / scale
             if not error < tolerance:
                 return f"an output that differs from the hard network's by {error:.1e}"
+        if resources is not None:
+            widths = torch.tensor([len(k) for k in kept], dtype=torch.float64)
+            for what, predict, counted in (
+                ("FLOPs", resources.flops, lambda: count_flops(pruned, example_inputs)),
+                ("parameters", resources.params, lambda: count_params(pruned)),
+            ):
+                expected, found = float(predict(widths)), float(counted())
+                if abs(expected - found) > count_tolerance * max(found, 1.0):
+                    return (f"{found:.4g} {what}, where s2hpruner's resource model predicts "
+                            f"{expected:.4g} (a computation on its channels outside a conv, "
+                            "linear layer or supported attention: the budget would be missed)")
         return None
 
     found: dict[int, str] = {}

@@ -543,6 +543,13 @@ def _to_channel_group(tp_group, graph, names, width_step, max_candidates):
             group.parameters.append(ChannelSlice(name, list(item.idxs), list(item.root_idxs)))
             group.param_dims[name] = node.pruning_dim % module.dim()
             continue
+        if node.type == OPTYPE.PRELU and isinstance(module, nn.PReLU) and module in names:
+            if module.num_parameters > 1:  # a slope per channel: sliced and counted like a
+                name = f"{names[module]}.weight"  # layer scale (kinds/scale.py)
+                group.parameters.append(ChannelSlice(name, list(item.idxs),
+                                                     list(item.root_idxs)))  # fmt: skip
+                group.param_dims[name] = 0
+            continue  # PReLU(0) = 0: a removed channel stays zero, no mask needed
         if not isinstance(module, nn.Module) or module not in names:
             continue  # pseudo-ops (add, cat, flatten): nothing to count or mask
         piece = ChannelSlice(names[module], list(item.idxs), list(item.root_idxs))
