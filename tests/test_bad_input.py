@@ -100,13 +100,16 @@ def test_unfinished_run_without_resume_or_overwrite_is_left_intact(setup, tmp_pa
 
 
 def test_overwrite_leaves_no_best_model_of_the_replaced_run(setup, tmp_path):
-    """With no frozen-width phase the new run never writes best.pt (it is chosen among
-    frozen architectures), so the replaced run's must not stay beside the new report."""
+    """With no frozen-width phase the new run's best.pt is its final network (the only one
+    on the budget), never the replaced run's."""
     root, config, out = setup
     run_dir = copy_run(out, tmp_path / "run")
-    assert (run_dir / "checkpoints" / "best.pt").exists()
+    old = (run_dir / "checkpoints" / "best.pt").read_bytes()
     assert prune(root, config, run_dir, "--overwrite", "--freeze-epochs", "0") == 0
-    assert not (run_dir / "checkpoints" / "best.pt").exists()
+    best, last = (torch.load(run_dir / "checkpoints" / name, weights_only=False)
+                  for name in ("best.pt", "last.pt"))  # fmt: skip
+    assert (run_dir / "checkpoints" / "best.pt").read_bytes() != old
+    assert best["state"]["step"] == last["state"]["step"], "the new run's last network"
     assert (run_dir / "report.json").exists()
 
 

@@ -186,3 +186,26 @@ def test_auxiliary_classifiers_are_refused_and_the_zoo_builds_without_them():
     model.train()
     with pruner.mode("hard"):
         assert model(x).shape == (2, 4)
+
+
+def test_shared_batchnorm_statistics_are_refused_where_the_hard_network_trains():
+    """separate_hard_bn_stats=False crashed at the first step (the hard forward overwrote the
+    running statistics the soft network's backward had saved); DMP, which never trains the
+    hard network, may share them."""
+    torch.manual_seed(0)
+    model, x = Net(), torch.randn(16, 1, 8, 8)
+    pruner = S2HPruner(model, x[:1], target_flops=0.5, separate_hard_bn_stats=False)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    for method in ("s2h", "s2h-no-gs", "s2h-coupled"):
+        with pytest.raises(ValueError, match="separate_hard_bn_stats=True"):
+            S2HTrainer(model, pruner, optimizer, STEPS, method=method)
+    trainer = S2HTrainer(model, pruner, optimizer, STEPS, method="dmp")
+    assert torch.isfinite(torch.tensor(trainer.step(x, torch.randint(0, 4, (16,)))["task"]))
+
+
+def test_the_cli_refuses_shared_statistics_for_the_methods_that_train_the_hard_network():
+    from s2hpruner.app.config import ConfigError, RunConfig
+
+    with pytest.raises(ConfigError, match="use it with --method dmp"):
+        RunConfig(separate_hard_bn_stats=False).validate()
+    RunConfig(separate_hard_bn_stats=False, method="dmp").validate()

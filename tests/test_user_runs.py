@@ -298,3 +298,59 @@ def test_latency_budget_run_reports_measured_and_predicted_latency(tmp_path):
     report = json.loads((fixed / "report.json").read_text())
     assert {c["predictor"] for c in report["latency_calibration"]} == {"flops"}
     assert report["latency_predictor"] == "flops" and report["flops_ratio"] < 0.99
+
+
+def test_a_run_without_a_frozen_phase_checkpoints_the_network_it_exports(tmp_path):
+    """--freeze 0: the widths meet the budget only at the end. last.pt used to hold the widths
+    from before that projection (exporting it gave 0.7 of the FLOPs) and best.pt was never
+    written; both now hold the run's exported network."""
+    out = tmp_path / "run"
+    assert main(["prune", "--dataset", "digits", "--epochs", "0.5", "--freeze", "0",
+                 "--train-subset", "640", "--out", str(out), "--no-progress",
+                 "--latency-repeats", "2"]) == 0  # fmt: skip
+    report = json.loads((out / "report.json").read_text())
+    for name in ("last.pt", "best.pt"):
+        exported = tmp_path / f"export_{name}"
+        assert main(["export", str(out / "checkpoints" / name), "--out", str(exported)]) == 0
+        model = torch.load(exported / "model_pruned.pt", weights_only=False)
+        full = create_model("resnet20", in_chans=1, num_classes=10)
+        x = torch.zeros(1, 1, 8, 8)
+        assert count_flops(model, x) / count_flops(full, x) == pytest.approx(
+            report["flops_ratio"], abs=1e-6), name
+
+
+def test_a_very_short_run_still_freezes_its_widths_before_it_ends():
+    """2 steps at the default freeze of 0.25 rounded to no frozen step; it keeps one."""
+    from s2hpruner import S2HTrainer
+
+    torch.manual_seed(0)
+    model = create_model("resnet20", in_chans=1, num_classes=10, width=4)
+    pruner = S2HPruner(model, torch.zeros(1, 1, 8, 8), target_flops=0.5)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    assert S2HTrainer(model, pruner, optimizer, 2, freeze=0.25).freeze_start == 1
+    assert S2HTrainer(model, pruner, optimizer, 8, freeze=0.25).freeze_start == 6  # as before
+    assert S2HTrainer(model, pruner, optimizer, 2, freeze=0.0).freeze_start == 2
+
+
+def test_relative_paths_are_recorded_absolute_so_the_run_rebuilds_from_anywhere(
+    user_setup, tmp_path, monkeypatch
+):
+    """`--model my_net.py:Net --init ckpt.pt --data-root digits` typed in the user's folder:
+    export and --resume from another folder used to look for my_net.py there."""
+    root = user_setup
+    monkeypatch.chdir(root)
+    out = tmp_path / "run"
+    args = ["prune", "--model", "my_net.py:Net", "--init", "ckpt.pt", "--dataset",
+            "imagefolder", "--data-root", "digits", "--epochs", "1", "--batch-size", "32",
+            "--out", str(out), "--no-progress", "--latency-repeats", "2"]  # fmt: skip
+    assert main(args) == 0
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["model"] == f"{root / 'my_net.py'}:Net"
+    assert (saved["init"], saved["data_root"]) == (str(root / "ckpt.pt"), str(root / "digits"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["export", str(out / "checkpoints" / "last.pt"), "--out",
+                 str(tmp_path / "exported")]) == 0  # fmt: skip
+    assert (tmp_path / "exported" / "model_pruned.pt2").exists()
+    # the same run resumed with the relative paths typed again, from the user's folder
+    monkeypatch.chdir(root)
+    assert main([*args, "--resume"]) == 0

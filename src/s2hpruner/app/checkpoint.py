@@ -15,7 +15,7 @@ from ..core import distributed as D
 from ..core.errors import CheckpointError
 from ..core.pruner import S2HPruner
 from ..core.trainer import S2HTrainer
-from .config import RunConfig
+from .config import PATH_SETTINGS, RunConfig, absolute_path
 from .files import atomic_torch_save
 from .optim import set_mask_lr
 
@@ -161,7 +161,7 @@ def restore(
         value = config.get(key, getattr(defaults, key))
         if key == "split_seed" and value is None:  # None: the run's seed splits the data
             value = config.get("seed", defaults.seed)
-        return value
+        return absolute_path(key, value) if key in PATH_SETTINGS else value
 
     if ckpt.get("world_size", 1) != D.world_size():  # first: the batch may follow from it
         raise CheckpointError(

@@ -1,4 +1,4 @@
-"""Command-line interface: ``s2hpruner prune | eval | export | report``.
+"""Command-line interface: ``s2hpruner prune | eval | export | report | models | datasets``.
 
 Every field of :class:`RunConfig` but ``model_kwargs`` (config file only) is a flag of ``prune``
 (``target_flops`` -> ``--target-flops``);
@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fnmatch
 import json
+import re
 import sys
 import typing
 from pathlib import Path
@@ -35,9 +37,11 @@ from .config import (
 HELP = {
     "model": "model name: a registry name (resnet20, resnet56, resnet50, wrn28_10, vgg19_bn, "
     "mobilenet_v3_small, ...), any torchvision classification model name, or your own "
-    "factory as package.module:function or path/to/file.py:function",
+    "factory as package.module:function or path/to/file.py:function (`s2hpruner models` "
+    "lists the registry)",
     "dataset": "data set: fashion-mnist (default), mnist, digits, cifar10, cifar100, "
-    "tiny-imagenet, imagenet, or imagefolder (class folders under --data-root)",
+    "tiny-imagenet, imagenet, or imagefolder (class folders under --data-root; "
+    "`s2hpruner datasets` lists them)",
     "data_root": "folder with the data set's files (default: the data set's standard location, "
     "e.g. /usr/share/datasets/fashion-mnist)",
     "target_flops": "FLOPs budget as a fraction of the full model's FLOPs, in (0, 1] "
@@ -136,7 +140,8 @@ HELP = {
     "resource_on": "resource ratio in the resource loss: hard (kept widths, straight-through "
                    "gradient; what the exported model will have) or soft (expected widths)",
     "freeze_ranks_after_warmup": "stop recomputing the channel importance order after warm-up",
-    "separate_hard_bn_stats": "keep separate BatchNorm running statistics for the hard network",
+    "separate_hard_bn_stats": "keep separate BatchNorm running statistics for the hard network "
+    "(S2HPruner and its ablations need them; --no-separate-hard-bn-stats suits --method dmp)",
     "autocast": "mixed precision: bf16 (CPU and CUDA) or fp16 (CUDA, with a grad scaler)",
     "seed": "random seed (data split, data order, initialisation)",
     "split_seed": "seed of the train/val split only (default: --seed); set it to the seed a "
@@ -253,7 +258,95 @@ def build_parser() -> argparse.ArgumentParser:
         description="Redraw the PNG plots of a run from metrics.jsonl and print its report.",
     )
     r.add_argument("run_dir", help="a run directory made by `s2hpruner prune`")
+
+    filter_help = ("only the names containing this text, or matching it as a glob pattern "
+                   "with * ? [ ] (e.g. 'vit*'); case-insensitive")  # fmt: skip
+    m = sub.add_parser(
+        "models",
+        help="list the registered model names (for --model)",
+        description="Print the model registry's names, sorted, one per line (as timm's "
+        "list_models). --model also takes any torchvision classification model and your own "
+        "factory (package.module:function or path/to/file.py:function).",
+    )
+    m.add_argument("filter", nargs="?", default=None, help=filter_help)
+    m.add_argument("--torchvision", action="store_true",
+                   help="also list torchvision's classification models, as torchvision/<name>")
+    m.add_argument("-l", "--long", action="store_true",
+                   help="add each name's one-line description")
+
+    d = sub.add_parser(
+        "datasets",
+        help="list the data set names (for --dataset)",
+        description="Print the data set registry's names, sorted, one per line.",
+    )
+    d.add_argument("filter", nargs="?", default=None, help=filter_help)
+    d.add_argument("-l", "--long", action="store_true",
+                   help="add each name's one-line description")
     return parser
+
+
+def _matches(name: str, pattern: str | None) -> bool:
+    """``pattern`` as a glob if it has glob characters, else as a substring (case-insensitive);
+    a ``torchvision/<name>`` also matches through its bare name."""
+    if not pattern:
+        return True
+    pattern = pattern.lower()
+    names = {name.lower(), name.lower().rsplit("/", 1)[-1]}
+    if any(c in pattern for c in "*?["):
+        return any(fnmatch.fnmatchcase(n, pattern) for n in names)
+    return any(pattern in n for n in names)
+
+
+def _summary(obj: object) -> str:
+    """The first clause of ``obj``'s docstring (up to its first ``.`` or ``;``), on one line,
+    without reST markup."""
+    doc = (getattr(obj, "__doc__", None) or "").strip().split("\n\n", 1)[0]
+    text = " ".join(doc.split())
+    text = re.sub(r":\w+:`~?([^`]*)`", r"\1", text).replace("``", "")
+    return re.split(r"(?<=\.)\s|;\s", text, maxsplit=1)[0]
+
+
+def _print_names(kind: str, names: list[str], pattern: str | None,
+                 describe: typing.Callable[[str], str] | None, hint: str = "") -> None:  # fmt: skip
+    """Print the ``names`` that match ``pattern``, one per line (with ``describe(name)``); none
+    matching is no error (exit code 0), but says so on stderr."""
+    shown = [n for n in names if _matches(n, pattern)]
+    if not shown:
+        print(f"s2hpruner: no {kind} name matches {pattern!r}; `s2hpruner {kind}s` lists them "
+              f"all{hint}", file=sys.stderr)  # fmt: skip
+        return
+    width = max(len(n) for n in shown)
+    for n in shown:
+        text = describe(n) if describe is not None else ""
+        print(f"{n:<{width}}  {text}".rstrip() if text else n)
+
+
+def list_models_command(args: argparse.Namespace) -> None:
+    """``s2hpruner models [FILTER] [--torchvision] [--long]``."""
+    from .models import MODELS, list_models
+
+    def describe(name: str) -> str:
+        return _summary(MODELS[name]) if name in MODELS else "torchvision"
+
+    hint = "" if args.torchvision else " (add --torchvision for torchvision's models)"
+    _print_names("model", list_models(include_torchvision=args.torchvision), args.filter,
+                 describe if args.long else None, hint)  # fmt: skip
+
+
+def list_datasets_command(args: argparse.Namespace) -> None:
+    """``s2hpruner datasets [FILTER] [--long]``."""
+    from .data import DATASETS, FOLDER, dataset_spec, list_datasets
+
+    def describe(name: str) -> str:
+        if name == FOLDER:
+            shape = "classes, channels and size from the images"
+        else:
+            spec = dataset_spec(name)
+            size = spec.image_size
+            shape = f"{spec.num_classes} classes, {spec.in_chans}x{size}x{size}"
+        return f"{shape}: {_summary(DATASETS[name])}"
+
+    _print_names("dataset", list_datasets(), args.filter, describe if args.long else None)
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
@@ -289,6 +382,10 @@ def main(argv: list[str] | None = None) -> int:
             from .tools import redraw_report
 
             print(redraw_report(Path(args.run_dir)))
+        elif args.command == "models":
+            list_models_command(args)
+        elif args.command == "datasets":
+            list_datasets_command(args)
     except S2HError as exc:
         print(f"s2hpruner: error: {exc}", file=sys.stderr)
         return 2

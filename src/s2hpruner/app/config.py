@@ -159,6 +159,12 @@ class RunConfig:
                 raise ConfigError(f"{name} must be in [0, 2**32), got {value}")
         if not (self.temperature > 0 and math.isfinite(self.temperature)):
             raise ConfigError(f"temperature must be a finite number > 0, got {self.temperature}")
+        if not self.separate_hard_bn_stats and _METHODS[self.method].hard:
+            raise ConfigError(
+                f"--no-separate-hard-bn-stats: method {self.method!r} trains the hard network, "
+                "whose BatchNorm statistics must be its own (sharing the soft network's breaks "
+                "the soft network's backward); drop the flag, or use it with --method dmp"
+            )
         if self.eval_batch_size < 1:
             raise ConfigError(f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
         if self.workers < 0:
@@ -269,6 +275,12 @@ class RunConfig:
             self.validate()
         return self.epochs
 
+    def resolve_paths(self) -> RunConfig:
+        """Make the settings that name files absolute (:func:`absolute_path`), in place."""
+        for key in PATH_SETTINGS:
+            setattr(self, key, absolute_path(key, getattr(self, key)))
+        return self
+
     def phase_fractions(self) -> tuple[float, float]:
         """(warm-up, frozen widths) as fractions of the run: absolute epochs win when set."""
         warmup = self.warmup if self.warmup_epochs is None else self.warmup_epochs / self.epochs
@@ -332,6 +344,24 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 # a phase of the run, given as a share of it or in epochs (epochs win when both are set)
 PHASES = {"warmup": "warmup_epochs", "freeze": "freeze_epochs"}
+# settings that name files: config.yaml records them absolute, so eval, export and --resume
+# rebuild the run from any folder
+PATH_SETTINGS = ("model", "init", "data_root")
+
+
+def absolute_path(key: str, value):
+    """A path setting made absolute (``model``: the file of ``file.py:factory``); other
+    values, and paths that do not exist from here, as they are."""
+    if not isinstance(value, str) or not value:
+        return value
+    if key == "model":
+        target, colon, attr = value.rpartition(":")
+        is_file = target.endswith(".py") or "/" in target or "\\" in target
+        if colon and is_file and Path(target).expanduser().is_file():
+            return f"{Path(target).expanduser().resolve()}:{attr}"
+        return value
+    path = Path(value).expanduser()
+    return str(path.resolve()) if path.exists() else value
 
 
 def _looks_like_number(text: str) -> bool:

@@ -4,7 +4,9 @@ Names follow timm's style (``resnet56``, ``wrn28_10``). The project's own small-
 live in :data:`MODELS`; any torchvision classification model is accepted as a fallback, by its
 torchvision name or explicitly as ``torchvision/<name>`` (needed where one of ours shadows it).
 Weights are never downloaded: every model starts from random initialisation. The vision
-transformers (:data:`VISION_TRANSFORMERS`) are timm's (the ``vit`` extra) and take ``img_size``.
+transformers (:data:`VISION_TRANSFORMERS`) are timm's (the ``vit`` extra) and take ``img_size``;
+torchvision's ViTs (``vit_b_16``, ...) are built at ``image_size`` too, which must be a multiple
+of their fixed patch size (see :func:`torchvision_vit_patch_size`).
 
 Your own model needs no registration: ``"package.module:factory"`` or
 ``"path/to/file.py:factory"`` names a callable that returns an ``nn.Module`` (see
@@ -47,6 +49,7 @@ __all__ = [
     "list_models",
     "load_factory",
     "register_model",
+    "torchvision_vit_patch_size",
     "wide_resnet",
 ]
 
@@ -98,7 +101,9 @@ def create_model(
     ``name`` is a registry name, a torchvision name, or a user factory (``module:factory`` or
     ``file.py:factory``, see :func:`load_factory`). ``image_size`` (the data's) is passed as
     ``img_size`` to registry factories that take one (the vision transformers), unless
-    ``kwargs`` already set it; other models ignore it.
+    ``kwargs`` already set it, and as ``image_size`` to torchvision's ViTs (``vit_b_16``, ...;
+    a size that is not a multiple of their patch size raises :class:`ModelSpecError`); other
+    models ignore it.
     """
     if ":" in name:
         return _user_model(name, num_classes, in_chans, image_size, kwargs)
@@ -109,7 +114,7 @@ def create_model(
         return factory(num_classes=num_classes, in_chans=in_chans, **kwargs)
     tv_name = name.removeprefix(TORCHVISION_PREFIX)
     if tv_name in _torchvision_names():
-        return _torchvision_model(tv_name, num_classes, in_chans, **kwargs)
+        return _torchvision_model(tv_name, num_classes, in_chans, image_size=image_size, **kwargs)
     error = UnknownNameError("model", name, list_models())
     # errors.py builds the message; extend it so users know the fallback exists.
     error.args = (
@@ -301,12 +306,62 @@ def _set_in_chans(model: nn.Module, in_chans: int) -> nn.Module:
     )
 
 
-def _torchvision_model(name: str, num_classes: int, in_chans: int, **kwargs) -> nn.Module:
+_TORCHVISION_VIT = re.compile(r"vit_[a-z]+_(\d+)")
+
+
+def torchvision_vit_patch_size(name: str) -> int | None:
+    """The fixed patch size of torchvision's ViT ``name`` (``vit_b_16`` -> 16), else None."""
+    name = name.removeprefix(TORCHVISION_PREFIX)
+    match = _TORCHVISION_VIT.fullmatch(name)
+    return int(match.group(1)) if match and name in _torchvision_names() else None
+
+
+def _vit_image_size(
+    name: str, patch: int, image_size: int | None, kwargs: dict[str, Any]
+) -> int | None:
+    """``image_size`` for torchvision's ViT ``name``, checked against its fixed ``patch`` size.
+
+    torchvision's ``VisionTransformer`` cuts the image into a fixed grid of ``patch``-pixel
+    patches and refuses other sizes; its builders (``vit_b_16``, ...) fix the patch size. A
+    size that is not a multiple of it would need the data resized (only ``imagefolder`` can:
+    ``--image-size``) or another model, which the error says (instead of torchvision's bare
+    assertion, or a 224-pixel model that fails on the data's first batch).
+    """
+    if "patch_size" in kwargs:
+        raise ModelSpecError(
+            f"model {name!r}: torchvision's {name} has a fixed patch size of {patch}, so "
+            f"model_kwargs cannot set patch_size; fix: drop it, or use a timm ViT, whose patch "
+            f"size is a model_kwargs entry (e.g. 'vit_tiny_patch16_224' with "
+            f"model_kwargs {{patch_size: 4}}), or your own factory"
+        )
+    if image_size is None or (image_size > 0 and image_size % patch == 0):
+        return image_size
+    small = next((p for p in range(4, image_size + 1) if image_size % p == 0), image_size)
+    raise ModelSpecError(
+        f"model {name!r}: torchvision's {name} cuts images into fixed {patch}x{patch} patches, "
+        f"so it cannot take {image_size}x{image_size} images ({image_size} is not a multiple "
+        f"of {patch}); fix: use a ViT with smaller patches, e.g. 'vit_fmnist' (4-px patches, "
+        f"made for 28x28 images) or 'vit_tiny_patch16_224' with model_kwargs "
+        f"{{patch_size: {small}}} (both need timm: pip install 's2hpruner[vit]'), or data whose "
+        f"size is a multiple of {patch} (only --dataset imagefolder can be resized: "
+        f"--image-size {max(patch, image_size + (-image_size) % patch)})"
+    )
+
+
+def _torchvision_model(
+    name: str, num_classes: int, in_chans: int, image_size: int | None = None, **kwargs
+) -> nn.Module:
     """A torchvision classifier with random weights and ``in_chans`` input channels
     (googlenet and inception_v3 without their auxiliary classifiers, which the pruner cannot
-    follow: see ``core.structure.build_graph``)."""
+    follow: see ``core.structure.build_graph``). ``image_size`` goes to the ViTs (see
+    :func:`_vit_image_size`); the other models get no size argument."""
     if name in ("googlenet", "inception_v3"):
         kwargs.setdefault("aux_logits", False)
+    patch = torchvision_vit_patch_size(name)
+    if patch is not None:
+        size = _vit_image_size(name, patch, image_size, kwargs)
+        if size is not None:  # (None: torchvision's 224)
+            kwargs["image_size"] = size
     model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
     return _set_in_chans(model, in_chans)
 

@@ -179,16 +179,18 @@ def pretrained_normalization(name: str, model: nn.Module, in_chans: int):
 
 
 def build_model(cfg: RunConfig, spec, device: torch.device) -> nn.Module:
-    """The model of a run, with its starting weights (``--init`` or ``--pretrained``)."""
+    """The model of a run, with its starting weights (``--init`` or ``--pretrained``).
+
+    The data's num_classes, in_chans and image_size go to :func:`create_model`; an entry of
+    ``model_kwargs`` with one of these names wins, as model_kwargs win over every argument
+    offered to a factory (e.g. ``img_size``). The model must still take the data's images and
+    give its number of classes: :func:`check_model_fits_data` says when it does not.
+    """
     from .weights import load_init_weights, load_pretrained
 
-    model = create_model(
-        cfg.model,
-        num_classes=spec.num_classes,
-        in_chans=spec.in_chans,
-        image_size=spec.image_size,
-        **cfg.model_kwargs,
-    )
+    data = {"num_classes": spec.num_classes, "in_chans": spec.in_chans,
+            "image_size": spec.image_size}  # fmt: skip
+    model = create_model(cfg.model, **{**data, **cfg.model_kwargs})
     check_model_fits_data(model, cfg.model, spec)
     if cfg.init is not None:
         load_init_weights(model, cfg.init)
@@ -356,7 +358,7 @@ def prune(cfg: RunConfig) -> dict:
     """Train, prune and export; returns the report (also written to ``report.json``)."""
     from tqdm.auto import tqdm
 
-    cfg.validate()
+    cfg.validate().resolve_paths()  # config.yaml then rebuilds the run from any folder
     device = D.setup(cfg.device)
     if cfg.autocast == "fp16" and device.type != "cuda":
         raise ConfigError(f"--autocast fp16 needs a CUDA device (this run is on {device}); "
@@ -488,6 +490,9 @@ def prune(cfg: RunConfig) -> dict:
             writer.log(record)
         save_interval(best=best)
     bar.close()
+    if not trainer.widths_frozen:  # no frozen phase (--freeze 0): the widths meet the budget
+        trainer.freeze_widths()  # now, and the checkpoints hold the network the run exports
+        save_interval(best=True)
     report = finish(cfg, out, splits, model, pruner, trainer, example, device, state)
     writer.close()
     return report

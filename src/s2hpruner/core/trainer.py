@@ -259,6 +259,16 @@ class S2HTrainer:
                 "gone, so the gradients would be the unmasked network's; turn it off "
                 "(timm: model.set_grad_checkpointing(False))"
             )
+        shared = [n for n, m in model.named_modules() if isinstance(
+            m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]  # fmt: skip
+        if method.hard and pruner.hard_stats is None and shared:
+            raise ValueError(
+                f"method {method.name!r} trains the hard network, but the pruner was built with "
+                "separate_hard_bn_stats=False: the hard network's BatchNorm forward would "
+                f"overwrite the running statistics of {shared[0] or 'the model'} that the soft "
+                "network's backward still needs (and the two see different activations); build "
+                "it with separate_hard_bn_stats=True, the default (False suits method 'dmp')"
+            )
         # DMP never runs the hard network, so statistics of its own would stay as they were at
         # the pruner's build and be exported: it takes the soft network's instead
         pruner.hard_stats_unused = not method.hard
@@ -317,7 +327,10 @@ class S2HTrainer:
         self.scaler = torch.amp.GradScaler("cuda") if autocast == "fp16" else None
         # phase boundaries in whole steps, fixed once (no float comparisons at the edges)
         self.warmup_end = round(self.warmup * self.total_steps)
-        self.freeze_start = self.total_steps - round(self.freeze * self.total_steps)
+        frozen = round(self.freeze * self.total_steps)
+        if self.freeze > 0 and frozen == 0 and self.total_steps - self.warmup_end > 1:
+            frozen = 1  # a short run still ends with its widths frozen, as asked
+        self.freeze_start = self.total_steps - frozen
         self.descent = float(descent)
         self.descent_end = self.warmup_end + round(
             self.descent * (self.freeze_start - self.warmup_end))
