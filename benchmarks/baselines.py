@@ -16,10 +16,11 @@ not from the training. All of them train for
   rest. With ``pretrain_fraction`` 0 (a run from trained weights, ``cfg.init``) it prunes the
   starting model at once and fine-tunes for the whole budget. ``l1_global`` chooses global
   allocation (one threshold over all layers) or uniform (every layer loses the same share).
-  With ``l1_steps`` > 1 it prunes iteratively (torch-pruning's linear iterative schedule, with
-  fine-tuning between): the FLOPs target falls in that many equal steps from the full model to
-  the target over the first ``l1_descent`` share of the fine-tuning, as S2HPruner's
-  ``--descent`` lowers its aim; each step ranks the channels on the weights trained so far.
+  With ``l1_steps`` > 1 it prunes iteratively, with fine-tuning between: the first
+  ``l1_descent`` share of the fine-tuning is cut into that many equal pieces, and the end of
+  piece i prunes to 1 - (1 - target) i / n of the full model's FLOPs (a linear schedule, as
+  torch-pruning's iterative pruning), so the last prune lands where S2HPruner's ``--descent``
+  aim reaches the budget; each prune ranks the channels on the weights trained so far.
 * ``group-sl``: sparse training with torch-pruning's ``GroupNormPruner`` regulariser for
   ``sparse_fraction`` of the budget, prune by group L2 norm, fine-tune for the rest.
 * ``random``: random widths at the target FLOPs (S2HPruner with random width logits, projected

@@ -803,10 +803,14 @@ def reuse_runs(results: dict, source: Path) -> None:
         chooser = mine["borrow"].get(method, method)
         return all(mine["search"].get(m) == theirs["search"].get(m) for m in {method, chooser})
 
-    results["runs"] = [r for r in stored.get("runs", []) if same(r["method"])]
+    # a compute budget is sized by the ratio, timed with S2HPruner's chosen recipe
+    timed_alike = same("s2h")
+    results["runs"] = [r for r in stored.get("runs", []) if same(r["method"])
+                       and (timed_alike or r["budget"] not in COMPUTE)]  # fmt: skip
     results["tuning"] = [t for t in stored.get("tuning", [])
-                         if t["hyper"] in mine["search"].get(t["method"], [])]  # fmt: skip
-    if same("s2h"):  # the ratio times S2HPruner's chosen recipe
+                         if t["hyper"] in mine["search"].get(t["method"], [])  # fmt: skip
+                         and (timed_alike or t["budget"] not in COMPUTE)]
+    if timed_alike:
         results["compute_ratios"] = dict(stored.get("compute_ratios", {}))
     methods = sorted({r["method"] for r in results["runs"]})
     results["reused_from"] = {"file": str(source), "methods": methods}
@@ -1063,6 +1067,8 @@ def run_one(
         first["init_sha256"] = file_sha256(cfg.init)
     if hyper:
         first["hyper"] = dict(hyper)
+    if "init" in record:  # as the profile names it (a run records it absolute)
+        record["init"] = profile.init
     rest = {k: v for k, v in record.items() if k not in first}
     return {**first, **rest, "run_dir": str(run_dir)}
 
@@ -1148,7 +1154,7 @@ def run_benchmark(
     """Every planned run not yet in ``path``, each stored as soon as it finishes; with
     ``max_runs``, at most that many of them (a slice: resume to continue)."""
     results = open_results(path, profile, command, resume, overwrite, reuse)
-    had_runs = bool(results["runs"] or results.get("tuning"))
+    had_runs = reuse is None and bool(results["runs"] or results.get("tuning"))
     plan = plan_runs(profile)
     done = {run_key(r) for r in results["runs"]}
     todo = [spec for spec in plan if spec.key not in done]

@@ -132,7 +132,8 @@ def _stored(profile: compare.Profile) -> dict:
     run = {"target_flops": 0.15, "seed": 0, "budget": "epochs"}
     return {
         "settings": settings,
-        "runs": [{**run, "method": m} for m in ("s2h", "l1-ft", "random", "dmp")],
+        "runs": [{**run, "method": m} for m in ("s2h", "l1-ft", "random", "dmp")]
+        + [{**run, "method": "random", "budget": "compute"}],
         "tuning": [{**run, "method": m, "candidate": "x", "hyper": settings["search"][m][i]}
                    for m in ("s2h", "l1-ft") for i in (0, 1)],  # fmt: skip
         "compute_ratios": {"t0.15-s0": {"ratio": 0.87}},
@@ -147,7 +148,7 @@ def test_reuse_copies_the_runs_of_methods_searched_alike(tmp_path, monkeypatch):
     widened = dataclasses.replace(compare.FROM_TRAINED_ITERATIVE_015, init=None)
     path = tmp_path / "new.json"
     results = compare.open_results(path, widened, "cmd", False, False, reuse=source)
-    assert sorted(r["method"] for r in results["runs"]) == ["dmp", "random", "s2h"]
+    assert sorted(r["method"] for r in results["runs"]) == ["dmp", "random", "random", "s2h"]
     # l1-ft's finished candidates are still offered: kept, its choice made again
     assert [t["method"] for t in results["tuning"]] == ["s2h", "s2h", "l1-ft", "l1-ft"]
     assert results["compute_ratios"] == {"t0.15-s0": {"ratio": 0.87}}
@@ -159,7 +160,9 @@ def test_reuse_copies_the_runs_of_methods_searched_alike(tmp_path, monkeypatch):
     s2h_widened = dataclasses.replace(base, search={**base.search, "s2h": ({"lr": 0.5},)})
     results = compare.open_results(tmp_path / "s2h.json", s2h_widened, "cmd", False, False,
                                    reuse=source)  # fmt: skip
-    assert sorted(r["method"] for r in results["runs"]) == ["l1-ft", "random"]
+    # ... and so do the compute budgets of the others, sized by the old ratio
+    assert sorted((r["method"], r["budget"]) for r in results["runs"]) == [
+        ("l1-ft", "epochs"), ("random", "epochs")]
     assert [t["method"] for t in results["tuning"]] == ["l1-ft", "l1-ft"]
     assert results["compute_ratios"] == {}
 

@@ -174,3 +174,23 @@ def test_the_probe_width_is_a_candidate_near_half_with_few_common_factors(channe
     assert kept == sorted(kept) and max(kept) < channels
     if width > 1:
         assert kept != list(range(width)), "spread over the group, not a prefix"
+
+
+def test_a_model_that_refuses_random_inputs_is_probed_on_its_example():
+    """A float input the model checks (a mask of 0s and 1s, coordinates) stays the example."""
+
+    class Checked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.n1 = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16)
+            self.head = nn.Linear(16, 4)
+
+        def forward(self, x):
+            if (x < 0).any():
+                raise ValueError("images are in [0, 1]")
+            return self.head(F.relu(self.n1(self.c1(x))).mean((2, 3)))
+
+    torch.manual_seed(0)
+    pruner, reasons = _left_out(lambda: S2HPruner(Checked().eval(), torch.rand(1, 3, 8, 8),
+                                                  target_flops=0.6))  # fmt: skip
+    assert reasons == {} and [g.name for g in pruner.groups] == ["c1"]

@@ -354,3 +354,14 @@ def test_relative_paths_are_recorded_absolute_so_the_run_rebuilds_from_anywhere(
     # the same run resumed with the relative paths typed again, from the user's folder
     monkeypatch.chdir(root)
     assert main([*args, "--resume"]) == 0
+
+
+def test_a_run_resumed_without_its_freeze_keeps_the_one_it_was_made_with(tmp_path):
+    """Checkpoints made before the default freeze could yield to a long warm-up stored
+    freeze 0.25; resumed with --warmup 0.6 alone, the new default (0.2) must not refuse them."""
+    out = tmp_path / "run"
+    args = ["prune", "--dataset", "digits", "--epochs", "0.5", "--train-subset", "640",
+            "--warmup", "0.6", "--out", str(out), "--no-progress", "--latency-repeats", "2"]
+    assert main([*args, "--freeze", "0.25"]) == 0  # what an old run stored
+    assert main([*args, "--resume"]) == 0
+    assert yaml.safe_load((out / "config.yaml").read_text())["freeze"] == 0.25

@@ -141,7 +141,8 @@ HELP = {
                    "gradient; what the exported model will have) or soft (expected widths)",
     "freeze_ranks_after_warmup": "stop recomputing the channel importance order after warm-up",
     "separate_hard_bn_stats": "keep separate BatchNorm running statistics for the hard network "
-    "(S2HPruner and its ablations need them; --no-separate-hard-bn-stats suits --method dmp)",
+    "(S2HPruner and its ablations need them, so --no-separate-hard-bn-stats is refused there; "
+    "DMP never trains the hard network and exports the soft statistics either way)",
     "autocast": "mixed precision: bf16 (CPU and CUDA) or fp16 (CUDA, with a grad scaler)",
     "seed": "random seed (data split, data order, initialisation)",
     "split_seed": "seed of the train/val split only (default: --seed); set it to the seed a "

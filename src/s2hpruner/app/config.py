@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -358,10 +359,10 @@ def absolute_path(key: str, value):
         target, colon, attr = value.rpartition(":")
         is_file = target.endswith(".py") or "/" in target or "\\" in target
         if colon and is_file and Path(target).expanduser().is_file():
-            return f"{Path(target).expanduser().resolve()}:{attr}"
+            return f"{os.path.abspath(os.path.expanduser(target))}:{attr}"
         return value
-    path = Path(value).expanduser()
-    return str(path.resolve()) if path.exists() else value
+    path = os.path.expanduser(value)  # abspath, not resolve: a symlink stays the link
+    return os.path.abspath(path) if os.path.exists(path) else value
 
 
 def _looks_like_number(text: str) -> bool:

@@ -369,6 +369,9 @@ def prune(cfg: RunConfig) -> dict:
     seed_everything(cfg.seed)
     last = out / "checkpoints" / "last.pt"
     checkpoint = load_checkpoint(last, device) if cfg.resume else None
+    if checkpoint is not None and cfg.freeze is None and cfg.freeze_epochs is None:
+        # no frozen phase asked: the run's own (before round 33 the default was always 0.25)
+        cfg.freeze = (checkpoint.get("config") or {}).get("freeze")
     if checkpoint is not None and cfg.dataset == "imagefolder":  # the run's own preprocessing
         saved = checkpoint.get("config") or {}
         for key in FOLDER_PREPROCESSING:

@@ -839,10 +839,11 @@ def _working_groups(model: nn.Module, example_inputs, groups: list[ChannelGroup]
     kept = [g for i, g in enumerate(groups) if i not in bad]
     if not kept and first is not None:
         raise UnsupportedModelError(
-            f"{type(model).__name__} has no channel group that can be pruned exactly: every "
-            f"one breaks the model's own code when narrowed (e.g. group {first[0]!r} "
-            f"{first[1]}): replace the layer named there with a standard one (nn.Conv2d, "
-            "nn.BatchNorm2d, nn.LayerNorm) or prune another model"
+            f"{type(model).__name__} has no channel group that can be pruned exactly: "
+            "narrowed, every one breaks the model's own code, changes its output or costs "
+            f"FLOPs s2hpruner cannot model (e.g. group {first[0]!r} {first[1]}): replace the "
+            "layer named there with a standard one (nn.Conv2d, nn.BatchNorm2d, nn.LayerNorm, "
+            "nn.MultiheadAttention) or prune another model"
         )
     return kept
 
