@@ -157,3 +157,14 @@ def test_datasets_lists_the_registry_and_filters(capsys):
     assert main(["datasets", "-l", "digits"]) == 0
     (line,) = lines(capsys)
     assert line.startswith("digits  ") and "10 classes, 1x8x8" in line
+
+
+def test_a_timm_vit_off_its_patch_grid_is_refused_not_cropped():
+    """timm drops the rows and columns past the last whole patch: a 16-px patch on 28x28
+    images saw 16 of 28 rows. The error names a patch size that fits."""
+    pytest.importorskip("timm")
+    with pytest.raises(ModelSpecError, match=r"drop the last 12 rows.*patch_size: 4"):
+        create_model("vit_tiny_patch16_224", num_classes=10, in_chans=1, image_size=28)
+    model = create_model("vit_tiny_patch16_224", num_classes=10, in_chans=1, image_size=28,
+                         patch_size=4)  # fmt: skip
+    assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)

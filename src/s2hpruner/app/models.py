@@ -663,8 +663,10 @@ def _timm():
 
 def _timm_model(name: str, num_classes: int, in_chans: int, img_size: int, **kwargs) -> nn.Module:
     """timm's ``name`` with random weights (never pretrained) at ``img_size``; ``kwargs``
-    override its architecture (e.g. ``patch_size=4`` or ``window_size=4`` for 32x32 images)."""
-    return _timm().create_model(
+    override its architecture (e.g. ``patch_size=4`` or ``window_size=4`` for 32x32 images).
+    An image size off the patch grid is refused: timm would drop the leftover rows and
+    columns silently (a 16-px patch on 28x28 Fashion-MNIST sees 16 of its 28 rows)."""
+    model = _timm().create_model(
         name,
         pretrained=False,
         num_classes=num_classes,
@@ -672,6 +674,18 @@ def _timm_model(name: str, num_classes: int, in_chans: int, img_size: int, **kwa
         img_size=img_size,
         **kwargs,
     )
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    patch = patch[0] if isinstance(patch, tuple | list) else patch
+    if isinstance(patch, int) and patch > 1 and img_size % patch:
+        # the largest patch below this one that divides the image into at least 7x7 patches
+        fits = [p for p in range(2, patch) if img_size % p == 0 and img_size // p >= 7] or [1]
+        raise ModelSpecError(
+            f"model {name!r} at image size {img_size} cuts {patch}-px patches and would drop "
+            f"the last {img_size % patch} rows and columns of every image; fix: model_kwargs "
+            f"{{patch_size: {fits[-1]}}} (a divisor of {img_size}), as the shipped ViT configs "
+            "do, or images whose size is a multiple of the patch"
+        )
+    return model
 
 
 @register_model
