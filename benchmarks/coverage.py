@@ -162,6 +162,8 @@ def _create(source: str, name: str, size: int | None):
         kwargs = {}
         if size is not None and (name.startswith("vit_") or name.startswith("maxvit")):
             kwargs["image_size"] = size
+        if name in ("googlenet", "inception_v3"):  # as the zoo builds them (no aux heads)
+            kwargs["aux_logits"] = False
         return torchvision.models.get_model(name, weights=None, **kwargs)
     import timm
 

@@ -38,8 +38,9 @@ DESCRIPTIONS = {
 }
 # what the methods do when they all start from one trained checkpoint (profile from-trained)
 FROM_TRAINED = {
-    "l1-ft": "prune the trained model at once by L1 magnitude (global or uniform allocation, "
-    "chosen on validation), fine-tune for the whole budget",
+    "l1-ft": "prune the trained model by L1 magnitude (global or uniform allocation, chosen "
+    "on validation; at once, or iteratively over the start of the fine-tuning where the search "
+    "offers it), fine-tune for the whole budget",
     "group-sl": "sparse-train the trained model with GroupNormPruner's regulariser for a share "
     "of the budget (chosen on validation), prune by group L2 norm, fine-tune for the rest",
     "random": "random widths at the target FLOPs, inheriting the kept channels' trained "
