@@ -194,3 +194,26 @@ def test_a_model_that_refuses_random_inputs_is_probed_on_its_example():
     pruner, reasons = _left_out(lambda: S2HPruner(Checked().eval(), torch.rand(1, 3, 8, 8),
                                                   target_flops=0.6))  # fmt: skip
     assert reasons == {} and [g.name for g in pruner.groups] == ["c1"]
+
+
+def test_tied_weights_are_refused_only_where_their_parameter_count_matters():
+    """A weight shared by two convolutions counts once: the resource model, which counts it
+    per layer, is off on parameters (not FLOPs), so only a parameter budget leaves the groups
+    out."""
+
+    def tied():
+        net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                            nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                            nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))  # fmt: skip
+        net[6].weight = net[3].weight
+        return net.eval()
+
+    torch.manual_seed(0)
+    pruner, reasons = _left_out(lambda: S2HPruner(tied(), torch.zeros(1, 1, 8, 8),
+                                                  target_flops=0.5))  # fmt: skip
+    assert reasons == {} and len(pruner.groups) == 3
+    refused = pytest.raises(UnsupportedModelError, match="parameters, where s2hpruner's")
+    with refused, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        S2HPruner(tied(), torch.zeros(1, 1, 8, 8), target_params=0.5)

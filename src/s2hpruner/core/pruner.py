@@ -167,7 +167,8 @@ class S2HPruner(nn.Module):
         groups, graph = find_groups(model, example_inputs, width_step, ignored_layers,
                                     max_candidates, embedding=prune_embedding)  # fmt: skip
         groups = [g for g in groups if len(g.candidates) > 1]
-        self.groups: list[ChannelGroup] = _working_groups(model, example_inputs, groups)
+        self.groups: list[ChannelGroup] = _working_groups(model, example_inputs, groups,
+                                                          "params" in self.budgets)  # fmt: skip
         if not self.groups:
             raise UnsupportedModelError(
                 f"{type(model).__name__} has no prunable channel group (every conv/linear is "
@@ -809,10 +810,12 @@ def _walk_widths_to_budget(pruner: S2HPruner, tolerance: float, max_moves: int =
     return moves
 
 
-def _working_groups(model: nn.Module, example_inputs, groups: list[ChannelGroup]):
+def _working_groups(model: nn.Module, example_inputs, groups: list[ChannelGroup],
+                    params_budget: bool = False):  # fmt: skip
     """The groups whose channels can really be removed: one that breaks the narrowed
     forward (a channel count fixed in the model's code), whose exported model is not the
-    hard network, or whose FLOPs or parameters the resource model does not predict, is left
+    hard network, or whose FLOPs (parameters, for a parameter budget) the resource model does
+    not predict, is left
     out with a warning naming the layer that failed (issue 16: fail at build time, not in
     the hard pass or export, and never miss the budget silently)."""
     modules = dict(model.named_modules())
@@ -830,7 +833,8 @@ def _working_groups(model: nn.Module, example_inputs, groups: list[ChannelGroup]
     first = None if first is None else (groups[first[0]].name, f"fails at {first[1]}")
     groups = [g for i, g in enumerate(groups) if i not in bad]
     resources = ResourceModel(model, example_inputs, groups) if groups else None
-    bad = export_failures(model, example_inputs, groups, resources=resources)
+    bad = export_failures(model, example_inputs, groups, resources=resources,
+                          count_params=params_budget)  # fmt: skip
     for i, error in bad.items():
         _left_out(groups[i], f"the model exported with its channels removed gives {error}")
     if bad and first is None:

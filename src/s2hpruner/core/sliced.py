@@ -482,7 +482,7 @@ def _tensors(y) -> list[torch.Tensor]:
 def export_failures(
     model: nn.Module, example_inputs, groups: list[ChannelGroup], tolerance: float = 1e-4,
     max_exports: int = 24, max_seconds: float = 30.0, resources=None,
-    count_tolerance: float = 0.01,
+    count_tolerance: float = 0.01, count_params: bool = False,
 ) -> dict[int, str]:
     """Groups whose export is not the hard network: {group position: reason}.
 
@@ -492,7 +492,8 @@ def export_failures(
     weight standardisation over the inputs), a reshape into heads. So every group is taken
     to its :func:`probe_channels`, the model is exported and run on :func:`probe_inputs`, and
     its output compared with the masked hard network's; with ``resources`` (a
-    ``ResourceModel`` of these groups) the exported model's FLOPs and parameters, counted,
+    ``ResourceModel`` of these groups) the exported model's FLOPs (and, with
+    ``count_params``, for a parameter budget, its parameters: tied weights count once), counted,
     are compared with the model's prediction too, within ``count_tolerance`` of the count
     (SPEC: 1%; a matmul on the group's channels outside a conv, linear or known attention is
     not modelled: the budget would be missed). When they
@@ -502,7 +503,8 @@ def export_failures(
     if not groups:
         return {}
     from .index import ChannelIndex
-    from .resources.model import count_flops, count_params
+    from .resources.model import count_flops
+    from .resources.model import count_params as counted_params
 
     modules = dict(model.named_modules())
     index = ChannelIndex(groups, modules)
@@ -551,10 +553,10 @@ def export_failures(
                 return f"an output that differs from the hard network's by {error:.1e}"
         if resources is not None:
             widths = torch.tensor([len(k) for k in kept], dtype=torch.float64)
-            for what, predict, counted in (
-                ("FLOPs", resources.flops, lambda: count_flops(pruned, example_inputs)),
-                ("parameters", resources.params, lambda: count_params(pruned)),
-            ):
+            checks = [("FLOPs", resources.flops, lambda: count_flops(pruned, example_inputs))]
+            if count_params:
+                checks.append(("parameters", resources.params, lambda: counted_params(pruned)))
+            for what, predict, counted in checks:
                 expected, found = float(predict(widths)), float(counted())
                 if abs(expected - found) > count_tolerance * max(found, 1.0):
                     return (f"{found:.4g} {what}, where s2hpruner's resource model predicts "
