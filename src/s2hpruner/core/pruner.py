@@ -815,9 +815,8 @@ def _working_groups(model: nn.Module, example_inputs, groups: list[ChannelGroup]
     """The groups whose channels can really be removed: one that breaks the narrowed
     forward (a channel count fixed in the model's code), whose exported model is not the
     hard network, or whose FLOPs (parameters, for a parameter budget) the resource model does
-    not predict, is left
-    out with a warning naming the layer that failed (issue 16: fail at build time, not in
-    the hard pass or export, and never miss the budget silently)."""
+    not predict, is left out with a warning naming the layer that failed (issue 16: fail at
+    build time, not in the hard pass or export, and never miss the budget silently)."""
     modules = dict(model.named_modules())
     outside = [g for g in groups if _producer_out_of_range(g, modules)]
     for g in outside:

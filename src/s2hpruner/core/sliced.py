@@ -561,7 +561,8 @@ def export_failures(
                 if abs(expected - found) > count_tolerance * max(found, 1.0):
                     return (f"{found:.4g} {what}, where s2hpruner's resource model predicts "
                             f"{expected:.4g} (a computation on its channels outside a conv, "
-                            "linear layer or supported attention: the budget would be missed)")
+                            "linear layer or supported attention, or a weight shared between "
+                            "layers: the budget would be missed)")
         return None
 
     found: dict[int, str] = {}
