@@ -209,3 +209,19 @@ def test_the_cli_refuses_shared_statistics_for_the_methods_that_train_the_hard_n
     with pytest.raises(ConfigError, match="use it with --method dmp"):
         RunConfig(separate_hard_bn_stats=False).validate()
     RunConfig(separate_hard_bn_stats=False, method="dmp").validate()
+
+
+def test_a_long_warmup_alone_leaves_a_search_as_the_cli_does():
+    """``S2HTrainer(warmup=0.8)`` with no freeze given is not refused for the default freeze
+    it did not ask for: it gets half of what the warm-up leaves, the rule the CLI uses."""
+    from s2hpruner.app.config import RunConfig
+
+    model, pruner, _, x, y = build()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    trainer = S2HTrainer(model, pruner, optimizer, 20, warmup=0.8)
+    assert trainer.freeze == pytest.approx(0.1)
+    assert [trainer.phase(s) for s in (15, 16, 17, 18)] == ["warmup", "joint", "joint", "freeze"]
+    assert RunConfig(warmup=0.8, epochs=1).phase_fractions() == (0.8, trainer.freeze)
+    assert S2HTrainer(model, pruner, optimizer, 20).freeze == 0.25
+    with pytest.raises(ValueError, match="leave a joint search"):
+        S2HTrainer(model, pruner, optimizer, 20, warmup=0.8, freeze=0.25)  # asked for both

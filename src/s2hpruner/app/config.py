@@ -15,7 +15,7 @@ import yaml
 from ..core.balance import SCOPES as BALANCE_SCOPES
 from ..core.balance import GradientBalancer
 from ..core.errors import S2HError
-from ..core.trainer import FREEZE_TEACHERS
+from ..core.trainer import FREEZE_TEACHERS, default_freeze
 from ..core.trainer import METHODS as _METHODS
 
 METHODS = tuple(_METHODS)
@@ -36,9 +36,6 @@ DEFAULT_TARGET_FLOPS = 0.35
 # the run at 47% top-1)
 DEFAULT_EPOCHS = 4.0
 DEFAULT_MIN_STEPS = 1000
-DEFAULT_FREEZE = 0.25  # share of the run with frozen widths, unless the warm-up needs it
-
-
 class ConfigError(S2HError, ValueError):
     """A config file or flag with an unknown key or an invalid value."""
 
@@ -74,7 +71,7 @@ class RunConfig:
     # warmup and freeze are fractions of the run, *_epochs (if set) absolute and win
     epochs: float | None = None  # None: DEFAULT_EPOCHS, or more for DEFAULT_MIN_STEPS steps
     warmup: float = 0.0
-    freeze: float | None = None  # None: DEFAULT_FREEZE, or half what the warm-up leaves if less
+    freeze: float | None = None  # None: core.trainer.default_freeze (0.25 unless warm-up is long)
     warmup_epochs: float | None = None
     freeze_epochs: float | None = None
     batch_size: int = 128
@@ -290,7 +287,7 @@ class RunConfig:
         elif self.freeze is not None:
             freeze = self.freeze
         else:  # the default never leaves a long warm-up without a search
-            freeze = min(DEFAULT_FREEZE, max(0.0, 1.0 - warmup) / 2)
+            freeze = default_freeze(warmup)
         return float(warmup), float(freeze)
 
     def to_dict(self) -> dict:

@@ -36,6 +36,13 @@ from .modes import evaluating, follow_modes
 from .pruner import S2HPruner, project_to_budget
 
 PHASES = ("warmup", "joint", "freeze")
+DEFAULT_FREEZE = 0.25  # share of the run with frozen widths, unless the warm-up needs it
+
+
+def default_freeze(warmup: float) -> float:
+    """The frozen-width share when none is given: :data:`DEFAULT_FREEZE`, or half of what the
+    warm-up leaves if that is less, so that a long warm-up never leaves no search."""
+    return min(DEFAULT_FREEZE, max(0.0, 1.0 - warmup) / 2)
 
 
 @dataclass(frozen=True)
@@ -159,7 +166,8 @@ class S2HTrainer:
         warmup: fraction of the steps with u frozen at its start (weights only).
         freeze: fraction of the steps at the end with u frozen and the hard network trained,
             distilled from the soft one (DMP trains its soft network). When the widths freeze,
-            they are projected onto the budget if the search did not meet it.
+            they are projected onto the budget if the search did not meet it. ``None``
+            (default): :func:`default_freeze` of ``warmup`` (0.25 unless the warm-up is long).
         freeze_teacher: what the hard network is distilled from once the widths freeze:
             ``"soft"`` (SPEC: the soft network's logits, one extra forward per step),
             ``"none"`` (the task loss alone: the last phase then costs one pruned network's
@@ -213,7 +221,7 @@ class S2HTrainer:
         alpha: float = 1.0,
         balancer: GradientBalancer | None = None,
         warmup: float = 0.0,
-        freeze: float = 0.25,
+        freeze: float | None = None,
         freeze_teacher: str | nn.Module = "soft",
         resource_on: str = "hard",
         freeze_ranks_after_warmup: bool = False,
@@ -229,6 +237,8 @@ class S2HTrainer:
             method = METHODS[method]
         if total_steps < 1:
             raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+        if freeze is None:
+            freeze = default_freeze(warmup)
         if not (warmup >= 0.0 and freeze >= 0.0 and warmup + freeze < 1.0):
             raise ValueError(
                 f"warmup ({warmup}) and freeze ({freeze}) are fractions of the run that must "
