@@ -606,6 +606,40 @@ def test_pretrained_weights_of_another_stem_are_refused_not_half_loaded(hub):
     assert load_pretrained("torchvision/resnet50", model)["adapted"] == ["conv1.weight"]
 
 
+def test_pretrained_torchvision_vit_at_another_image_size_gets_its_embedding_resampled(hub):
+    """torchvision's ViT weights are made at 224 px (a 14x14 patch grid); a ViT built for the
+    data's 32 px has a 2x2 grid. The position embedding is resampled as torchvision's own
+    ``interpolate_embeddings`` does; everything else loads as it is. (A small ViT of the same
+    layout stands in for vit_b_16's 330 MB of weights.)"""
+    from torchvision.models.vision_transformer import VisionTransformer, interpolate_embeddings
+
+    def vit(image_size: int, num_classes: int) -> VisionTransformer:
+        return VisionTransformer(image_size=image_size, patch_size=16, num_layers=1, num_heads=2,
+                                 hidden_dim=8, mlp_dim=16, num_classes=num_classes)  # fmt: skip
+
+    torch.manual_seed(3)
+    reference = vit(224, 1000)
+    path = torchvision_cache_path("vit_b_16")
+    path.parent.mkdir(parents=True)
+    torch.save(reference.state_dict(), path)
+    model = vit(32, 10)
+    summary = load_pretrained("vit_b_16", model)
+    assert summary["adapted"] == ["encoder.pos_embedding"]
+    assert summary["fresh"] == ["heads.head.weight", "heads.head.bias"]
+    got, ref = model.state_dict(), reference.state_dict()
+    resampled = interpolate_embeddings(32, 16, reference.state_dict())["encoder.pos_embedding"]
+    assert got["encoder.pos_embedding"].shape == (1, 5, 8)
+    assert torch.equal(got["encoder.pos_embedding"], resampled)
+    assert torch.equal(got["encoder.pos_embedding"][:, 0], ref["encoder.pos_embedding"][:, 0])
+    for key, value in ref.items():
+        if not key.startswith(("heads.", "encoder.pos_embedding")):
+            assert torch.equal(got[key], value), key
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    # another width is not a resampling: it is named as a mis-shaped key
+    with pytest.raises(CheckpointError, match="encoder.pos_embedding: checkpoint"):
+        load_pretrained("vit_b_16", VisionTransformer(32, 16, 1, 2, 4, 16, num_classes=10))
+
+
 def fake_hf_cache(cache: Path, repo: str, state: dict) -> Path:
     from safetensors.torch import save_file
 

@@ -8,6 +8,7 @@ the Hugging Face cache (timm), and a missing file is reported with the exact pat
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import sys
@@ -269,6 +270,22 @@ def _timm_weights(model: nn.Module, cfg: Mapping[str, Any]) -> tuple[dict[str, A
     return state, Path(found)
 
 
+def _fit_position_embedding(state: dict[str, Any], model: nn.Module) -> tuple[dict, list[str]]:
+    """torchvision's ViT weights at the model's image size: their position embedding (made for
+    224 px) resampled to the model's patch grid with torchvision's own ``interpolate_embeddings``
+    (bicubic), as timm's filter does for its ViTs. Returns the state and the keys resampled."""
+    from torchvision.models.vision_transformer import VisionTransformer, interpolate_embeddings
+
+    key = "encoder.pos_embedding"
+    if not isinstance(model, VisionTransformer) or key not in state:
+        return state, []
+    have, want = state[key].shape, model.encoder.pos_embedding.shape
+    grid = math.isqrt(have[1] - 1) if len(have) == 3 and have[1] > 1 else 0
+    if have == want or len(want) != 3 or have[::2] != want[::2] or grid**2 != have[1] - 1:
+        return state, []  # the same, or not a resampling: the mismatch report names it
+    return dict(interpolate_embeddings(model.image_size, model.patch_size, state)), [key]
+
+
 def _names(value: Any) -> tuple[str, ...]:
     return (value,) if isinstance(value, str) else tuple(value or ())
 
@@ -280,13 +297,15 @@ def load_pretrained(model_name: str, model: nn.Module) -> dict[str, Any]:
     timm models (the vision transformers) read the Hugging Face cache. When the data's
     num_classes or in_chans differ from the weights' (1000, 3), everything else is loaded and
     the classifier stays freshly initialised; a 1-channel stem gets the RGB kernels summed
-    (what a grey image copied to RGB would see), other channel counts a fresh stem. Returns
-    ``{"path", "tensors", "fresh" (keys left initialised), "adapted"}``.
+    (what a grey image copied to RGB would see), other channel counts a fresh stem. A ViT
+    built at another image size gets the position embedding resampled to its patch grid.
+    Returns ``{"path", "tensors", "fresh" (keys left initialised), "adapted"}``.
     """
     cfg = getattr(model, "pretrained_cfg", None)
     if isinstance(cfg, Mapping) and cfg.get("hf_hub_id"):
-        state, path = _timm_weights(model, cfg)
+        state, path = _timm_weights(model, cfg)  # timm's filter resamples its embeddings
         stems, heads = _names(cfg.get("first_conv")), _names(cfg.get("classifier"))
+        resampled = []
     else:
         name = model_name.removeprefix("torchvision/")
         if name not in torchvision.models.list_models(module=torchvision.models):
@@ -308,6 +327,7 @@ def load_pretrained(model_name: str, model: nn.Module) -> dict[str, Any]:
         children = dict(model.named_children())
         state = {k: v for k, v in state.items()
                  if k.split(".")[0] in children or k.split(".")[0] not in AUX_HEADS}  # fmt: skip
+        state, resampled = _fit_position_embedding(state, model)
         convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
         linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
         stems, heads = tuple(convs[:1]), tuple(linears[-1:])
@@ -323,7 +343,7 @@ def load_pretrained(model_name: str, model: nn.Module) -> dict[str, Any]:
                    if i != 1)  # fmt: skip
 
     model_state = model.state_dict()
-    loaded, fresh, adapted, misfit = {}, [], [], []
+    loaded, fresh, adapted, misfit = {}, [], list(resampled), []
     for key, target in model_state.items():
         value = state.get(key)
         if value is not None and value.shape == target.shape:
