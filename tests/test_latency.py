@@ -701,3 +701,75 @@ def test_a_cuda_timing_waits_for_the_timed_device(monkeypatch):
     x = SimpleNamespace(is_cuda=True, device=torch.device("cuda", 1))
     measure._seconds(lambda inputs: None, x)
     assert waited == [torch.device("cuda", 1)]
+
+
+class GroupedNet(nn.Module):
+    """ResNeXt's pattern: a grouped 3x3 conv (4 groups) between 1x1 convs."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 32, 1)
+        self.bn0 = nn.BatchNorm2d(32)
+        self.grouped = nn.Conv2d(32, 64, 3, padding=1, groups=4)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.head = nn.Linear(64, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.grouped(torch.relu(self.bn0(self.stem(x))))))
+        return self.head(x.mean((2, 3)))
+
+
+def test_a_grouped_conv_is_timed_as_a_grouped_conv_at_widths_it_can_be_pruned_to(
+    fake, monkeypatch
+):
+    """It was refused; its cells are now g-group convs with both widths multiples of g, and
+    the model prices it from those tables like any other layer."""
+    built = []
+    real_cell = latency._cell
+    monkeypatch.setattr(latency, "_cell", lambda *a: built.append(real_cell(*a)) or built[-1])
+    torch.manual_seed(0)
+    model = GroupedNet()
+    lm = build(model)
+    sig = next(json.loads(k) for k in lm.signatures if json.loads(k).get("groups"))
+    assert sig["groups"] == 4 and not sig["depthwise"]
+    assert all(v % 4 == 0 and v > 0 for grid in sig["grids"] for v in grid)
+    assert sig["grids"][0][-1] == 32 and sig["grids"][1][-1] == 64 and len(sig["grids"][1]) > 1
+    layers = [c[0] if isinstance(c, nn.Sequential) else c for c in built]
+    convs = [c for c in layers if isinstance(c, nn.Conv2d) and c.kernel_size == (3, 3)]
+    assert convs and all(c.groups == 4 for c in convs)
+    assert {(c.in_channels, c.out_channels) for c in convs} == {
+        (i, o) for i in sig["grids"][0] for o in sig["grids"][1]}  # fmt: skip
+    assert float(lm.ratio(lm.channels)) == pytest.approx(1.0, rel=1e-12)
+    assert float(lm.ratio(lm.channels / 2)) < 1.0
+
+
+def test_a_latency_budget_prunes_a_grouped_conv_network_exactly(fake, monkeypatch):
+    """The whole latency path (tables, measured feedback at the freeze, projection) on a
+    grouped conv network: the exported network meets the budget in the device's terms
+    (faked as above), is exactly the hard network, and its conv keeps its 4 groups."""
+    from s2hpruner import S2HPruner, S2HTrainer
+
+    monkeypatch.setattr(LatencyModel, "measure_ratio", fake_truth)
+    torch.manual_seed(0)
+    net, example = GroupedNet(), torch.randn(2, 3, 8, 8)
+    table = LatencyModel(net, example, setup(net)[2], batch_size=4, grid_points=3, repeats=3,
+                         rounds=1)  # fmt: skip
+    pruner = S2HPruner(net, example, target_latency=0.8, latency_model=table)
+    trainer = S2HTrainer(net, pruner, torch.optim.SGD(net.parameters(), lr=0.01), 10)
+    trainer.freeze_widths()
+    x = torch.randn(4, 3, 8, 8)
+    with pruner.mode("hard"), torch.no_grad():
+        hard = net.eval()(x)
+    exported = trainer.export().eval()
+    assert torch.allclose(exported(x), hard, atol=1e-5)
+    assert exported.grouped.groups == 4 and exported.grouped.out_channels < 64
+    assert fake_truth(None, net, exported) == pytest.approx(0.8, abs=0.02)
+
+
+def test_real_timings_of_a_grouped_conv(tmp_path, monkeypatch):
+    monkeypatch.setenv("S2HPRUNER_CACHE", str(tmp_path))
+    model, example, groups = setup(GroupedNet())
+    lm = LatencyModel(model, example, groups, batch_size=4, grid_points=3, repeats=3, rounds=1)
+    assert lm.measured_full > 0
+    assert float(lm.cost(lm.channels)) == pytest.approx(lm.full, rel=1e-9)
+    assert math.isfinite(float(lm.cost(lm.channels / 2)))

@@ -2,8 +2,9 @@
 
 What is timed: every conv/linear call whose input or output width depends on a group, rebuilt
 as a fresh layer of the same type, kernel, stride, padding, dilation, bias (depthwise: in ==
-out) followed by the BatchNorm that directly consumes its output, if any, in eval mode under
-no_grad, at the run's batch size, the call's real input shape and the given memory format.
+out; a grouped conv keeps its groups, both widths multiples of them) followed by the BatchNorm
+that directly consumes its output, if any, in eval mode under no_grad, at the run's batch
+size, the call's real input shape and the given memory format.
 Each cell of a grid of (input width, output width) is the median over ``rounds`` rounds (the
 whole grid in turn, so one noisy moment hits one round of many cells, not one cell) of a
 median over ``repeats`` timings after warm-up. Calls with the same signature share one table.
@@ -56,8 +57,8 @@ import torch
 from torch import nn
 
 from .. import distributed as D
-from ..errors import UnsupportedModelError
-from ..index import width_counts
+from ..index import is_depthwise, width_counts
+from ..kinds.grouped import is_grouped
 from ..measure import hold_freed_cpu_memory, latency_ratio, median_latency, memory_format_of
 from ..modes import evaluating
 from ..structure import ChannelGroup
@@ -194,16 +195,12 @@ def _axis(fixed: float, counts, groups: Sequence[ChannelGroup], points: int) -> 
 def _signature(name: str, module: nn.Module, bn: nn.Module | None, shape: tuple, counts,
                groups: Sequence[ChannelGroup], grid_points: int):
     """What a call's timing depends on (its table's key, grids included), and its width rule
-    ``([in_fixed, out_fixed], in_counts, out_counts)``; depthwise convs have one axis."""
+    ``([in_fixed, out_fixed], in_counts, out_counts)``; depthwise convs have one axis, a
+    grouped conv's grids hold multiples of its groups (the widths it can be pruned to)."""
     linear = isinstance(module, nn.Linear)
     full_in = module.in_features if linear else module.in_channels
     full_out = module.out_features if linear else module.out_channels
-    depthwise = not linear and module.groups > 1
-    if depthwise and module.groups != full_out or depthwise and full_in != full_out:
-        raise UnsupportedModelError(
-            f"layer {name!r}: a grouped conv (groups={module.groups}) has no latency table "
-            "yet (depthwise ones do); use a FLOPs or parameter budget for this model"
-        )
+    depthwise = is_depthwise(module)
     ins = [0.0] * len(groups) if depthwise else counts[0]
     fixed = [0.0 if depthwise else full_in - sum(ins), full_out - sum(counts[1])]
     grids = [[full_out] if depthwise else _axis(fixed[0], ins, groups, grid_points),
@@ -211,6 +208,10 @@ def _signature(name: str, module: nn.Module, bn: nn.Module | None, shape: tuple,
     sig = {"layer": type(module).__name__, "input": list(shape), "in": full_in, "out": full_out,
            "bias": module.bias is not None, "bn": bn is not None, "depthwise": depthwise,
            "grids": grids, "dtype": str(module.weight.dtype)}
+    if is_grouped(module):  # (the key of every other layer stays as it was: caches hold)
+        g = module.groups
+        sig.update(groups=g, grids=[sorted({max(g, round(v / g) * g) for v in grid})
+                                    for grid in grids])  # fmt: skip
     if not linear:
         sig.update(kernel=module.kernel_size, stride=module.stride, padding=module.padding,
                    dilation=module.dilation, padding_mode=module.padding_mode)
@@ -224,7 +225,8 @@ def _cell(module: nn.Module, bn: nn.Module | None, cin: int, cout: int) -> nn.Mo
         conv = next(c for c in _LAYERS if isinstance(module, c))
         layer = conv(
             cin, cout, module.kernel_size, module.stride, module.padding, module.dilation,
-            groups=cout if module.groups > 1 else 1, bias=module.bias is not None,
+            groups=module.groups if is_grouped(module) else cout if is_depthwise(module) else 1,
+            bias=module.bias is not None,
             padding_mode=module.padding_mode)
     if bn is None:
         return layer
