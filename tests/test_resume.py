@@ -173,8 +173,10 @@ def _assert_equal_tree(a, b, where: str = "") -> None:
         assert a == b, (where, a, b)
 
 
-# the last phase on the masked hard network (SPEC's), or on the pruned network itself, alone
-LAST_PHASES = {"masked": [], "pruned": ["--prune-at-freeze", "--freeze-teacher", "none"]}
+# the last phase on the masked hard network (SPEC's), or on the pruned network itself, alone;
+# and with loader worker processes (each sample's augmentation seeded by its own key)
+LAST_PHASES = {"masked": [], "pruned": ["--prune-at-freeze", "--freeze-teacher", "none"],
+               "masked, 2 workers": ["--workers", "2"]}
 
 
 @pytest.mark.slow

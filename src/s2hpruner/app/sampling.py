@@ -46,14 +46,53 @@ class ShardSampler(Sampler[int]):
         return len(self.indices)
 
 
+class KeyedSampler(Sampler[tuple[int, int, int]]):
+    """The sampler's indices as ``(seed, epoch, index)`` keys for :class:`SeededSamples`."""
+
+    def __init__(self, sampler: EpochSampler):
+        self.sampler = sampler
+
+    def __iter__(self):
+        s = self.sampler
+        return ((s.seed, s.epoch, i) for i in iter(s))
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+class SeededSamples(Dataset):
+    """Each sample's random augmentation drawn from a generator seeded by its own key
+    ``(seed, epoch, index)``: worker processes otherwise draw from per-worker streams, so a
+    sample's crop would depend on which worker loaded it, how many there are and how many
+    samples that worker loaded before (a run resumed mid-epoch would see other crops)."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int, int]):
+        seed, epoch, index = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(((seed * 1_000_003 + epoch) * 100_000_007 + index) % 2**63)
+            return self.dataset[index]
+
+
 def train_loader(dataset: Dataset, sampler: EpochSampler, workers: int) -> DataLoader:
-    """Batches in the sampler's order. The loader has its own generator (re-seeded every
-    epoch by the run): every new iterator draws the workers' base seed from it, which would
-    otherwise advance the global RNG between a mid-epoch checkpoint and the resumed run's
-    first batch (augmentation draws from the global RNG)."""
+    """Batches in the sampler's order. In the main process (``workers`` 0) augmentation draws
+    from the global RNG, which checkpoints save; the loader has its own generator (re-seeded
+    every epoch by the run) because every new iterator draws the workers' base seed from it,
+    which would otherwise advance the global RNG between a mid-epoch checkpoint and the
+    resumed run's first batch. With worker processes every sample is seeded by its key
+    (:class:`SeededSamples`): the batches do not depend on the number of workers, and a run
+    resumed mid-epoch sees the same ones."""
+    batch_size = sampler.batch_size
+    if workers > 0:
+        dataset, sampler = SeededSamples(dataset), KeyedSampler(sampler)
     return DataLoader(
         dataset,
-        batch_size=sampler.batch_size,
+        batch_size=batch_size,
         sampler=sampler,
         shuffle=False,
         num_workers=workers,
