@@ -61,7 +61,7 @@ from s2hpruner.app.checkpoint import seed_everything
 from s2hpruner.app.config import RunConfig
 from s2hpruner.app.data import DataSplits
 from s2hpruner.app.optim import build_weight_optimizer
-from s2hpruner.app.sampling import EpochSampler
+from s2hpruner.app.sampling import EpochSampler, train_loader
 from s2hpruner.core.sliced import narrow_pointwise
 from s2hpruner.core.structure import build_graph, classifier_layers
 from s2hpruner.core.trainer import evaluate, project_to_budget
@@ -124,14 +124,11 @@ def load_data(cfg: RunConfig, device: torch.device) -> Data:
     splits = app_run.build_splits(cfg)
     app_run.fit_batch_to_split(cfg, len(splits.train))
     sampler = EpochSampler(len(splits.train), cfg.seed, cfg.batch_size)
-    loader = DataLoader(
-        splits.train,
-        batch_size=cfg.batch_size,
-        sampler=sampler,
-        drop_last=True,
-        num_workers=cfg.workers,
-        persistent_workers=cfg.workers > 0,
-    )
+    if cfg.workers > 0:  # each sample seeded by its key, as the run's loader does
+        loader = train_loader(splits.train, sampler, cfg.workers)
+    else:  # the stored benchmark runs: the loader draws its workers' seed from torch's RNG
+        loader = DataLoader(splits.train, batch_size=cfg.batch_size, sampler=sampler,
+                            drop_last=True)  # fmt: skip
     steps_per_epoch = len(sampler.order()) // cfg.batch_size
     if steps_per_epoch == 0:
         raise ValueError("the training split is smaller than one batch; lower the batch size")

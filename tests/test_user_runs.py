@@ -5,6 +5,7 @@ data and one epoch; parameter budgets and combined budgets."""
 import json
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -365,3 +366,20 @@ def test_a_run_resumed_without_its_freeze_keeps_the_one_it_was_made_with(tmp_pat
     assert main([*args, "--freeze", "0.25"]) == 0  # what an old run stored
     assert main([*args, "--resume"]) == 0
     assert yaml.safe_load((out / "config.yaml").read_text())["freeze"] == 0.25
+
+
+def test_resuming_with_or_without_loader_workers_across_the_checkpoint_warns(tmp_path):
+    """Worker processes seed each sample's augmentation by itself, the main process draws it
+    from the global RNG: a resume that switches between the two cannot be exact, and says so
+    (any worker counts >= 1 resume each other silently)."""
+    out = tmp_path / "run"
+    args = ["prune", "--dataset", "digits", "--epochs", "0.5", "--train-subset", "640",
+            "--out", str(out), "--no-progress"]  # fmt: skip
+    assert main([*args, "--workers", "1"]) == 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main([*args, "--workers", "2", "--resume"]) == 0
+    assert not [w for w in caught if "workers=" in str(w.message)]
+    with pytest.warns(UserWarning, match="checkpoint was made with workers=1 and this run has "
+                                         "workers=0"):  # fmt: skip
+        assert main([*args, "--resume"]) == 0

@@ -4,6 +4,7 @@ atomically, read with clear errors."""
 from __future__ import annotations
 
 import random
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -184,6 +185,16 @@ def restore(
             f"checkpoint was made with warm-up and frozen-width phases of {phases[0]:g} and "
             f"{phases[1]:g} of the run, but this run has {now[0]:g} and {now[1]:g}; use the "
             "same settings or another --out"
+        )
+    workers = setting(saved, "workers") or 0
+    if (workers > 0) != (cfg.workers > 0):  # the augmentation's random stream changes kind
+        warnings.warn(
+            f"checkpoint was made with workers={workers} and this run has "
+            f"workers={cfg.workers}: with worker processes each sample's augmentation is "
+            "seeded by itself, without them it draws from the global RNG, so the rest of the "
+            "run will not be what the uninterrupted one would have been (any workers >= 1 "
+            "resume each other exactly)",
+            stacklevel=2,
         )
     load_model_and_pruner(ckpt, model, pruner)
     try:  # the trainer first: it may move the optimizer onto the pruned network

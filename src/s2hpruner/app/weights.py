@@ -272,8 +272,9 @@ def _timm_weights(model: nn.Module, cfg: Mapping[str, Any]) -> tuple[dict[str, A
 
 def _fit_position_embedding(state: dict[str, Any], model: nn.Module) -> tuple[dict, list[str]]:
     """torchvision's ViT weights at the model's image size: their position embedding (made for
-    224 px) resampled to the model's patch grid with torchvision's own ``interpolate_embeddings``
-    (bicubic), as timm's filter does for its ViTs. Returns the state and the keys resampled."""
+    224 px, 518 for vit_h_14) resampled to the model's patch grid with torchvision's own
+    ``interpolate_embeddings`` (bicubic), as timm's filter does for its ViTs. Returns the
+    state and the keys resampled."""
     from torchvision.models.vision_transformer import VisionTransformer, interpolate_embeddings
 
     key = "encoder.pos_embedding"

@@ -41,7 +41,8 @@ DEFAULT_FREEZE = 0.25  # share of the run with frozen widths, unless the warm-up
 
 def default_freeze(warmup: float) -> float:
     """The frozen-width share when none is given: :data:`DEFAULT_FREEZE`, or half of what the
-    warm-up leaves if that is less, so that a long warm-up never leaves no search."""
+    warm-up leaves if that is less, so that a long warm-up still leaves a search (as a share
+    of the run: a run of a few steps may round it away)."""
     return min(DEFAULT_FREEZE, max(0.0, 1.0 - warmup) / 2)
 
 

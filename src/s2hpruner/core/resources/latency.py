@@ -203,15 +203,17 @@ def _signature(name: str, module: nn.Module, bn: nn.Module | None, shape: tuple,
     depthwise = is_depthwise(module)
     ins = [0.0] * len(groups) if depthwise else counts[0]
     fixed = [0.0 if depthwise else full_in - sum(ins), full_out - sum(counts[1])]
-    grids = [[full_out] if depthwise else _axis(fixed[0], ins, groups, grid_points),
-             _axis(fixed[1], counts[1], groups, grid_points)]
+    # a grouped conv runs conv group by conv group: its staircase is in the width per group
+    g = module.groups if is_grouped(module) else 1
+    grids = [[full_out] if depthwise else _axis(fixed[0] / g, [c / g for c in ins], groups,
+                                                  grid_points),
+             _axis(fixed[1] / g, [c / g for c in counts[1]], groups, grid_points)]
+    grids = [[v * g for v in grid] for grid in grids]
     sig = {"layer": type(module).__name__, "input": list(shape), "in": full_in, "out": full_out,
            "bias": module.bias is not None, "bn": bn is not None, "depthwise": depthwise,
            "grids": grids, "dtype": str(module.weight.dtype)}
-    if is_grouped(module):  # (the key of every other layer stays as it was: caches hold)
-        g = module.groups
-        sig.update(groups=g, grids=[sorted({max(g, round(v / g) * g) for v in grid})
-                                    for grid in grids])  # fmt: skip
+    if g > 1:  # (the key of every other layer stays as it was: caches hold)
+        sig["groups"] = g
     if not linear:
         sig.update(kernel=module.kernel_size, stride=module.stride, padding=module.padding,
                    dilation=module.dilation, padding_mode=module.padding_mode)
