@@ -88,19 +88,3 @@ def test_grouped_sliced_pass_equals_masked_pass_in_training():
 def test_grouped_net_trains_with_s2h_trainer():
     train_steps(GroupedNet(), torch.randn(8, 3, 16, 16), torch.randint(0, 5, (8,)))
 
-
-def test_round_to_applies_to_the_width_of_each_conv_group():
-    """A grouped conv runs conv group by conv group, so ``round_to`` m makes the width per
-    conv group (the group's units) a multiple of m, or the full width per conv group: here
-    resnext's layer4 grouped conv (32 conv groups of 32) keeps 8, 16, 24 or 32 a conv group,
-    and layer1's (32 of 4) cannot be cut below its 4."""
-    model = torchvision_model("resnext50_32x4d")
-    pruner, exported, _ = check_exact(model, torch.randn(1, 3, 32, 32), seed=4, round_to=8)
-    units = {g.name: g for g in pruner.groups if g.kind == "grouped"}
-    assert units["layer4.0.conv2"].channels == 32 and units["layer1.0.conv2"].channels == 4
-    kept = pruner.kept_widths()
-    assert all(kept[name] % 8 == 0 or kept[name] == g.channels for name, g in units.items())
-    assert kept["layer1.0.conv2"] == 4
-    assert any(kept[name] < g.channels for name, g in units.items())
-    conv = exported.layer4[0].conv2
-    assert conv.groups == 32 and (conv.out_channels // 32) % 8 == 0

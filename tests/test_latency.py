@@ -773,3 +773,69 @@ def test_real_timings_of_a_grouped_conv(tmp_path, monkeypatch):
     assert lm.measured_full > 0
     assert float(lm.cost(lm.channels)) == pytest.approx(lm.full, rel=1e-9)
     assert math.isfinite(float(lm.cost(lm.channels / 2)))
+
+
+def test_slow_widths_per_conv_group_are_skipped(fake, monkeypatch):
+    """Grouped kernels run conv group by conv group: on this CPU a group of 15 channels ran
+    at half the speed of 16. The tables sample the width per conv group on a staircase (the
+    aligned widths and the next after each), so widths a conv group cannot run fast are
+    priced above the full width and never kept (faked here: a conv group whose width is not
+    a multiple of 8 costs 20x)."""
+    from s2hpruner import S2HPruner
+
+    def timer(cell, x, repeats):
+        layer = cell[0] if isinstance(cell, nn.Sequential) else cell
+        cin = x.shape[-1] if isinstance(layer, nn.Linear) else x.shape[1]
+        cost = smooth_time(cin, layer.weight.shape[0])
+        if getattr(layer, "groups", 1) == 4 and (layer.out_channels // 4) % 8:
+            cost *= 20
+        return cost
+
+    monkeypatch.setattr(latency, "_time_cell", timer)
+    monkeypatch.setattr(latency, "measure_latency", lambda *args, **kwargs: 7e-4)  # ~ tables
+    monkeypatch.setattr(LatencyModel, "measure_ratio", fake_truth)
+    torch.manual_seed(0)
+    net, example = GroupedNet(), torch.randn(2, 3, 8, 8)
+    table = LatencyModel(net, example, setup(net)[2], batch_size=4, grid_points=8, repeats=3,
+                         rounds=1)  # fmt: skip
+    sig = next(json.loads(k) for k in table.signatures if json.loads(k).get("groups"))
+    assert {8 * 4, 9 * 4, 16 * 4} <= set(sig["grids"][1])  # per conv group: 8, 9 and 16
+    pruner = S2HPruner(net, example, target_latency=0.8, latency_model=table)
+    out = next(g for g in pruner.groups if g.name == "grouped")
+    assert out.kind == "grouped" and out.channels == 16  # 16 block positions of 4 channels
+    assert set(pruner.slow_widths[out.name]) == set(range(1, 16)) - {8}
+    assert pruner.kept_widths()[out.name] in (8, 16)
+
+
+def test_a_pruned_network_is_timed_in_the_full_models_layout(fake, monkeypatch):
+    """torch-pruning exports NCHW weights, and a greyscale stem (or a 1x1 kernel) is laid out
+    alike in NCHW and channels_last. The layout used to be read from the first 4-D weight
+    alone, so the export of a channels_last model with a grey stem read as channels_last and
+    was timed in NCHW against the full model in channels_last (RegNet: 1.5x the full model's
+    latency at 15 of 16 channels a conv group). Both are timed in the full model's now."""
+    from s2hpruner import S2HPruner
+    from s2hpruner.core.measure import memory_format_of
+
+    cl = torch.channels_last
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                        nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4))
+    net = net.to(memory_format=cl)
+    example = torch.randn(1, 1, 8, 8)
+    assert memory_format_of(net) == cl
+    pruned = S2HPruner(net, example, target_flops=0.5).export()
+    assert memory_format_of(pruned) == torch.contiguous_format  # not read off the grey stem
+    seen = []
+
+    def ratio(full, other, x, repeats, rounds):
+        seen.append([p.is_contiguous(memory_format=cl) for m in (full, other)
+                     for p in m.parameters() if p.dim() == 4])  # fmt: skip
+        return 1.0, [1.0], 1.0, 1.0
+
+    monkeypatch.setattr(latency, "latency_ratio", ratio)
+    groups, _ = find_groups(net, example, None, (), 32)
+    table = LatencyModel(net, example, groups, batch_size=4, grid_points=3, repeats=3, rounds=1)
+    assert table.memory_format == cl
+    table.measure_ratio(net, pruned)
+    assert seen and all(seen[-1])

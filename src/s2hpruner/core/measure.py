@@ -67,12 +67,22 @@ def median_latency(
 
 
 def memory_format_of(model: nn.Module) -> torch.memory_format:
-    """Inputs in the memory format of the model's first 4-D weight (no layout conversions)."""
+    """Inputs in the memory format of the model's 4-D weights (no layout conversions): the
+    first whose layout tells. A 1x1 kernel or a stem on one input channel is contiguous in
+    both layouts, so a model whose first conv is one (a greyscale stem) would otherwise read
+    as channels_last whatever the rest of it is."""
     for p in model.parameters():
         if p.dim() == 4:
             channels_last = p.is_contiguous(memory_format=torch.channels_last)
-            return torch.channels_last if channels_last else torch.contiguous_format
+            if channels_last != p.is_contiguous():
+                return torch.channels_last if channels_last else torch.contiguous_format
     return torch.contiguous_format
+
+
+def in_memory_format(model: nn.Module, memory_format: torch.memory_format) -> bool:
+    """Is every 4-D weight of ``model`` laid out in ``memory_format``?"""
+    return all(p.is_contiguous(memory_format=memory_format)
+               for p in model.parameters() if p.dim() == 4)  # fmt: skip
 
 
 def same_memory_format(model: nn.Module, reference: nn.Module) -> nn.Module:

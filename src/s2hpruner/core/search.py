@@ -27,7 +27,7 @@ class WidthSearch(nn.Module):
     fine candidates, would make the hard network up to m - 1 channels a group wider than the
     soft one). The search keeps its fine candidates; only the kept widths snap to what vector
     units and tensor cores run at full speed (as torch-pruning's ``round_to``). Head groups
-    keep theirs; a grouped conv's group (units of block positions) gets m per conv group.
+    keep theirs.
     """
 
     def __init__(
@@ -132,11 +132,8 @@ class WidthSearch(nn.Module):
 
 
 def _aligned(group: ChannelGroup, round_to: int | None) -> bool:
-    """Does ``round_to`` apply to this group? Heads keep their widths; a grouped conv's
-    group counts block positions, so m applies to the width of each conv group (kernels
-    run a grouped conv group by group: 15 channels a group ran at half the speed of 16 on
-    this CPU)."""
-    return round_to is not None and group.kind in ("channels", "grouped")
+    """Does ``round_to`` apply to this group? (Heads and grouped-conv units keep theirs.)"""
+    return round_to is not None and group.kind == "channels"
 
 
 def _hard_step(group: ChannelGroup, round_to: int | None) -> int:

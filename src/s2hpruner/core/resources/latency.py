@@ -59,7 +59,13 @@ from torch import nn
 from .. import distributed as D
 from ..index import is_depthwise, width_counts
 from ..kinds.grouped import is_grouped
-from ..measure import hold_freed_cpu_memory, latency_ratio, median_latency, memory_format_of
+from ..measure import (
+    hold_freed_cpu_memory,
+    in_memory_format,
+    latency_ratio,
+    median_latency,
+    memory_format_of,
+)
 from ..modes import evaluating
 from ..structure import ChannelGroup
 
@@ -99,7 +105,7 @@ def _placed(model: nn.Module, example_inputs: torch.Tensor, batch_size: int,
     batch of ``batch_size`` copies of the first example in that place and layout."""
     device = _as_device(device, model)
     fmt = memory_format or memory_format_of(model)
-    if device != _device_of(model) or fmt != memory_format_of(model):
+    if device != _device_of(model) or not in_memory_format(model, fmt):
         model = copy.deepcopy(model).to(device=device, memory_format=fmt)
     x = example_inputs[:1].expand(batch_size, *example_inputs.shape[1:]).to(device)
     return model, _formatted(x, fmt)
