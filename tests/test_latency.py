@@ -776,8 +776,8 @@ def test_real_timings_of_a_grouped_conv(tmp_path, monkeypatch):
 
 
 def test_slow_widths_per_conv_group_are_skipped(fake, monkeypatch):
-    """Grouped kernels run conv group by conv group: on this CPU a group of 15 channels ran
-    at half the speed of 16. The tables sample the width per conv group on a staircase (the
+    """Grouped kernels run conv group by conv group: in NCHW on this CPU a group of 15
+    channels took 2.8x one of 16 (``benchmarks/results/grouped_widths.json``). The tables sample the width per conv group on a staircase (the
     aligned widths and the next after each), so widths a conv group cannot run fast are
     priced above the full width and never kept (faked here: a conv group whose width is not
     a multiple of 8 costs 20x)."""
@@ -839,3 +839,27 @@ def test_a_pruned_network_is_timed_in_the_full_models_layout(fake, monkeypatch):
     assert table.memory_format == cl
     table.measure_ratio(net, pruned)
     assert seen and all(seen[-1])
+
+
+def test_the_layout_is_read_off_the_strides_even_where_is_contiguous_cannot_tell():
+    """A grey stem, a depthwise and a 1x1 weight are "contiguous" in both layouts by
+    ``is_contiguous`` (it ignores size-1 dimensions), yet their strides differ and oneDNN
+    picks its kernel by them: MobileNetV3 on greyscale images has no other kind of weight."""
+    from s2hpruner.core.measure import in_memory_format, layout_of, memory_format_of
+
+    cl = torch.channels_last
+    net = nn.Sequential(nn.Conv2d(1, 8, 3), nn.Conv2d(8, 8, 3, groups=8), nn.Conv2d(8, 4, 1))
+    assert all(p.is_contiguous() and p.is_contiguous(memory_format=cl)
+               for p in net.parameters() if p.dim() == 4)  # fmt: skip
+    assert memory_format_of(net) == torch.contiguous_format
+    net = net.to(memory_format=cl)
+    assert memory_format_of(net) == cl and in_memory_format(net, cl)
+    assert not in_memory_format(net, torch.contiguous_format)
+    export = nn.Sequential(*(nn.Conv2d(c.in_channels, c.out_channels, c.kernel_size,
+                                       groups=c.groups) for c in net))  # fmt: skip
+    assert memory_format_of(export) == torch.contiguous_format and not in_memory_format(export, cl)
+    assert layout_of(nn.Conv2d(4, 1, 1).weight) == torch.contiguous_format
+    assert layout_of(torch.zeros(3, 1, 1, 1)) is None  # the same strides in both
+    conv3d = nn.Conv3d(2, 4, 3)
+    assert in_memory_format(conv3d, torch.contiguous_format)
+    assert not in_memory_format(conv3d, torch.channels_last_3d)

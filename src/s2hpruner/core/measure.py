@@ -66,23 +66,42 @@ def median_latency(
     return statistics.median(times)
 
 
+# the layouts a conv weight of each rank can be in (the first: PyTorch's default)
+_LAYOUTS = {4: (torch.contiguous_format, torch.channels_last),
+            5: (torch.contiguous_format, torch.channels_last_3d)}  # fmt: skip
+
+
+def _strides(shape: torch.Size, memory_format: torch.memory_format) -> tuple[int, ...]:
+    return torch.empty(shape, device="meta", memory_format=memory_format).stride()
+
+
+def layout_of(weight: torch.Tensor) -> torch.memory_format | None:
+    """The layout a conv weight's strides spell exactly, or None when they spell neither or
+    both (an (O, 1, 1, 1) weight). ``is_contiguous`` cannot tell: it ignores the strides of
+    size-1 dimensions, so a depthwise, a 1x1 or a one-input-channel weight reads as contiguous
+    in both layouts, while oneDNN picks its kernel by the strides themselves."""
+    layouts = _LAYOUTS.get(weight.dim())
+    if layouts is None:
+        return None
+    spelled = [f for f in layouts if weight.stride() == _strides(weight.shape, f)]
+    return spelled[0] if len(spelled) == 1 else None
+
+
 def memory_format_of(model: nn.Module) -> torch.memory_format:
-    """Inputs in the memory format of the model's 4-D weights (no layout conversions): the
-    first whose layout tells. A 1x1 kernel or a stem on one input channel is contiguous in
-    both layouts, so a model whose first conv is one (a greyscale stem) would otherwise read
-    as channels_last whatever the rest of it is."""
+    """Inputs in the memory format of the model's 4-D weights (no layout conversions): that of
+    the first whose strides tell (:func:`layout_of`), else NCHW."""
     for p in model.parameters():
-        if p.dim() == 4:
-            channels_last = p.is_contiguous(memory_format=torch.channels_last)
-            if channels_last != p.is_contiguous():
-                return torch.channels_last if channels_last else torch.contiguous_format
+        if p.dim() == 4 and (layout := layout_of(p)) is not None:
+            return layout
     return torch.contiguous_format
 
 
 def in_memory_format(model: nn.Module, memory_format: torch.memory_format) -> bool:
-    """Is every 4-D weight of ``model`` laid out in ``memory_format``?"""
-    return all(p.is_contiguous(memory_format=memory_format)
-               for p in model.parameters() if p.dim() == 4)  # fmt: skip
+    """Has every conv weight of ``model`` the strides of ``memory_format`` (4-D weights for
+    channels_last, 5-D for channels_last_3d, both for NCHW)?"""
+    ranks = [r for r, layouts in _LAYOUTS.items() if memory_format in layouts]
+    return all(p.stride() == _strides(p.shape, memory_format)
+               for p in model.parameters() if p.dim() in ranks)  # fmt: skip
 
 
 def same_memory_format(model: nn.Module, reference: nn.Module) -> nn.Module:

@@ -37,7 +37,8 @@ and ``fit`` keeps whichever feature predicts the measured networks better (leave
 On a 2-core CPU (``benchmarks.latency_predictors``, 30 random networks per model), the tables
 as built predict resnet20 within 3.2% (median) and MobileNetV3 within 2.7%; refitted on 3
 networks, tables and FLOPs tie on resnet20 (3.3%) and the tables win on MobileNetV3
-(depthwise: 2.3% against 5.6%).
+(depthwise: 2.3% against 5.6%). (Measured before round 34, when the exported networks of
+these greyscale models were timed in NCHW against a channels_last model: ``measure.layout_of``.)
 """
 
 from __future__ import annotations
