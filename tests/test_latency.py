@@ -777,10 +777,10 @@ def test_real_timings_of_a_grouped_conv(tmp_path, monkeypatch):
 
 def test_slow_widths_per_conv_group_are_skipped(fake, monkeypatch):
     """Grouped kernels run conv group by conv group: in NCHW on this CPU a group of 15
-    channels took 2.8x one of 16 (``benchmarks/results/grouped_widths.json``). The tables sample the width per conv group on a staircase (the
-    aligned widths and the next after each), so widths a conv group cannot run fast are
-    priced above the full width and never kept (faked here: a conv group whose width is not
-    a multiple of 8 costs 20x)."""
+    channels took 2.8x one of 16 (``benchmarks/results/grouped_widths.json``). The tables
+    sample the width per conv group on a staircase (the aligned widths and the next after
+    each), so widths a conv group cannot run fast are priced above the full width and never
+    kept (faked here: a conv group whose width is not a multiple of 8 costs 20x)."""
     from s2hpruner import S2HPruner
 
     def timer(cell, x, repeats):
