@@ -36,6 +36,8 @@ DEFAULT_TARGET_FLOPS = 0.35
 # the run at 47% top-1)
 DEFAULT_EPOCHS = 4.0
 DEFAULT_MIN_STEPS = 1000
+
+
 class ConfigError(S2HError, ValueError):
     """A config file or flag with an unknown key or an invalid value."""
 
