@@ -9,6 +9,7 @@ import torch
 from s2hpruner import S2HPruner, S2HTrainer
 from s2hpruner.app.models import create_model
 from s2hpruner.core.layout import tune_module_layout
+from s2hpruner.core.measure import in_memory_format
 from s2hpruner.core.trainer import kl
 
 STEPS, FREEZE = 8, 0.5
@@ -137,6 +138,10 @@ def test_tuned_layout_trains_the_same_network():
         assert torch.equal(v, before[k]), k
     conv = next(m for m in module.modules() if isinstance(m, torch.nn.Conv2d))
     assert conv.weight.is_contiguous(), "left in the layout it had"
+    module.to(memory_format=torch.channels_last)  # channels_last, its stem on one channel
+    assert conv.weight.shape[1] == 1 and conv.weight.is_contiguous()  # reads as both
+    tune_module_layout(module, batches[0][0])
+    assert in_memory_format(module, torch.channels_last), "left in the layout it had"
     with pytest.raises(ValueError, match="pruned_layout"):
         _setup("sgd", pruned_layout="fast")
 

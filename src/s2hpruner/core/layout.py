@@ -16,6 +16,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from .measure import memory_format_of
 from .pruner import S2HPruner
 
 
@@ -84,10 +85,7 @@ def tune_module_layout(
         torch.autograd.grad(out.float().sum(), params, allow_unused=True)
 
     layouts = (torch.contiguous_format, torch.channels_last)
-    weight = next((p for p in module.parameters() if p.dim() == 4), None)
-    before = (torch.channels_last if weight is not None and not weight.is_contiguous()
-              and weight.is_contiguous(memory_format=torch.channels_last)
-              else torch.contiguous_format)  # fmt: skip
+    before = memory_format_of(module)  # read off the strides: a grey stem reads as both
     try:
         times = _time_variants(layouts, use, training_pass, list(module.buffers()),
                                inputs.device, repeats)  # fmt: skip
