@@ -40,6 +40,7 @@ import dataclasses
 import io
 import math
 import os
+import statistics
 import tempfile
 import time
 import warnings
@@ -88,6 +89,11 @@ class BaselineOptions:
     random_logit_std: float = 3.0  # spread of the random width logits (larger: more varied)
     flops_tolerance: float = 0.005  # |exported FLOPs ratio - target| the search aims for
     max_probes: int = 30  # search steps before settling for the closest ratio seen
+    # cfg.epochs counts full-model epochs of wall time, and the method trains as many of its
+    # own steps as they pay for, each priced by timing its network against the full model
+    # (a compute budget that charges the baselines' pruned steps as S2HPruner's are charged)
+    own_step_pricing: bool = False
+    pricing_turns: int = 5  # pairs of timed blocks (each order) for that price
 
     def __post_init__(self) -> None:
         if self.l1_steps < 1:
@@ -409,6 +415,76 @@ def random_architecture(
     return pruner.export(), steps
 
 
+# ----------------------------------------------------------------------------- pricing
+
+
+def pruned_proxy(
+    method: str,
+    model: nn.Module,
+    example: torch.Tensor,
+    target: float,
+    cfg: RunConfig,
+    options: BaselineOptions,
+    full_flops: float,
+) -> nn.Module:
+    """The network ``method`` fine-tunes, pruned at once from ``model``'s weights (a copy):
+    exactly it for random widths and L1 at once from trained weights; for iterative L1 and
+    Group-SL, which prune later, the same importance at once (same FLOPs, close widths)."""
+    net = copy.deepcopy(model)
+    if method == "random":
+        net, _ = random_architecture(net, example, target, cfg.seed, options.random_logit_std,
+                                     cfg.ignored_layers)  # fmt: skip
+        return _memory_format(net, cfg)
+    factory: PrunerFactory = partial(l1_pruner, global_pruning=options.l1_global)
+    if method == "group-sl":
+        factory = partial(group_sl_pruner, reg=options.group_sl_reg)
+    prune_to_flops(net, example, factory, target, options.flops_tolerance, options.max_probes,
+                   ignored_layers=cfg.ignored_layers, reference_flops=full_flops)  # fmt: skip
+    return _memory_format(net, cfg)
+
+
+def own_step_cost(network: nn.Module, data: Data, cfg: RunConfig, turns: int = 5,
+                  block: int = 10) -> dict:  # fmt: skip
+    """Seconds of a plain training step of ``network`` over those of the full model, timed
+    side by side as ``step_timing`` times S2HPruner (blocks of the same batches, in the
+    order full-pruned, pruned-full, ...; the median over pairs of blocks): what one of its
+    steps costs in the full-model steps a compute budget counts. Copies are trained."""
+    full, pruned = build_model(cfg, data), copy.deepcopy(network)
+    block = min(block, data.steps_per_epoch)
+    slots = max(1, data.steps_per_epoch // block)
+    train(full, data, cfg, 0, block, "price: warm-up")  # untimed: first allocations
+    train(pruned, data, cfg, 0, block, "price: warm-up")
+    ratios, position = [], 0
+    for _ in range(turns):
+        seconds = {"full": 0.0, "pruned": 0.0}
+        for order in (("full", "pruned"), ("pruned", "full")):
+            position += 1
+            start = (position % slots) * block  # both sides on the same batches
+            for side in order:
+                net = full if side == "full" else pruned
+                seconds[side] += train(net, data, cfg, start, block, f"price: {side}")
+        ratios.append(seconds["pruned"] / seconds["full"])
+    return {"ratio": statistics.median(ratios), "pair_ratios": ratios, "turns": turns,
+            "block_steps": block}  # fmt: skip
+
+
+def mean_step_cost(method: str, options: BaselineOptions, pruned_cost: float) -> float:
+    """A baseline's mean step in full-model steps: a stage on the unpruned model costs 1,
+    one on the pruned network ``pruned_cost``; iterative L1's piece i trains a network with
+    (i - 1) / n of the FLOPs to remove gone, priced in between linearly."""
+    if method == "l1":
+        return 1.0
+    if method == "random":
+        return pruned_cost
+    first = options.pretrain_fraction if method == "l1-ft" else options.sparse_fraction
+    tail = pruned_cost
+    if method == "l1-ft" and options.l1_steps > 1:
+        n, share = options.l1_steps, options.l1_descent
+        pieces = 1.0 - (1.0 - pruned_cost) * (n - 1) / (2 * n)  # mean over the n pieces
+        tail = share * pieces + (1.0 - share) * pruned_cost
+    return first + (1.0 - first) * tail
+
+
 # ----------------------------------------------------------------------------- one run
 
 
@@ -456,6 +532,15 @@ def run_baseline(
     stages: list[dict] = []
     record: dict = {"top1_dense": None, "pruning_ratio": None, "search_probes": None}
     step = 0
+    if options.own_step_pricing:  # cfg.epochs: full-model epochs; as many own steps as fit
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            proxy = pruned_proxy(method, model, example, target, cfg, options, full_flops)
+            price = own_step_cost(proxy, data, cfg, options.pricing_turns)
+        mean = mean_step_cost(method, options, price["ratio"])
+        record["own_step_pricing"] = {**price, "mean_step_cost": mean,
+                                      "full_model_epochs": cfg.epochs,
+                                      "full_model_steps": total}  # fmt: skip
+        total = max(1, round(total / mean))
 
     def stage(name: str, steps: int, network: str, **kwargs) -> None:
         nonlocal step
@@ -563,7 +648,7 @@ def run_baseline(
         "init": cfg.init,
         "target_flops": target,
         "seed": cfg.seed,
-        "epochs": cfg.epochs,
+        "epochs": total / data.steps_per_epoch if options.own_step_pricing else cfg.epochs,
         "top1_soft": None,
         "gap": None,
         **record,

@@ -11,6 +11,10 @@ ends with an exported, physically pruned model whose FLOPs are counted by
 * ``compute``: an S2HPruner epoch runs two networks, so the single-network methods of
   ``compute_methods`` run again with epochs x (S2HPruner seconds per epoch / plain seconds per
   epoch of the full model), both measured by this benchmark for the same target and seed.
+  With ``compute_pricing: own-steps`` that budget counts full-model epochs of wall time, and
+  each method trains as many steps of its own (pruned) network as it pays for, priced by
+  timing that network against the full model (S2HPruner's last phase on its pruned network
+  is priced the same way); ``full-model`` (rounds 6-34) charged every step as a full one.
 
 The ``from-trained`` profile starts every method from one trained checkpoint (``init``, made
 once by ``benchmarks.pretrain``) and adds:
@@ -137,6 +141,11 @@ class Profile:
     # plain one in this many alternating turns per phase (benchmarks.step_timing), instead of
     # dividing the s2h run's wall time by a plain one timed apart (host drift enters that)
     compute_timing_turns: int = 0
+    # how a compute budget prices a single-network method's steps: "full-model" (each step as
+    # one of the full model, whatever the network it trains: rounds 6-34) or "own-steps"
+    # (each step at its own network's cost, timed against the full model's: equal wall time,
+    # as S2HPruner's last phase on its pruned network is priced; BaselineOptions)
+    compute_pricing: str = "full-model"
     # selection only: method -> the only targets it runs at; target -> the only seeds it runs
     only_at: dict[str, tuple[float, ...]] = field(default_factory=dict)
     seed_limits: dict[float, tuple[int, ...]] = field(default_factory=dict)
@@ -144,6 +153,11 @@ class Profile:
     data_root: str | None = None
     latency_repeats: int = 30
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.compute_pricing not in ("full-model", "own-steps"):
+            raise ValueError(f"profile {self.name}: compute_pricing {self.compute_pricing!r}; "
+                             "choose full-model or own-steps")  # fmt: skip
 
 
 RESULT_FIELDS = (
@@ -172,12 +186,13 @@ RESULT_FIELDS = (
     "long_factor",
     "dense_timing_steps",
     "compute_timing_turns",
+    "compute_pricing",
 )
 # fields added after benchmarks were stored: a stored file without them used these values
 LATER_FIELDS = ("freeze", "init", "model_kwargs", "search", "borrow", "tune_seed",
                 "tune_budgets", "long_factor", "dense_timing_steps", "tune_targets",
                 "split_seed", "compute_timing_turns", "round_to", "prune_at_freeze",
-                "search_start", "importance")  # fmt: skip
+                "search_start", "importance", "compute_pricing")  # fmt: skip
 
 CHECKPOINT = "benchmarks/cache/resnet20_fmnist_5ep.pt"
 PRETRAIN_COMMAND = f"python -m benchmarks.pretrain --model resnet20 --epochs 5 --out {CHECKPOINT}"
@@ -525,6 +540,20 @@ FROM_TRAINED_RESNET56_055_STEM = dataclasses.replace(
             "l1-ft": _grid(lr=(0.03,), l1_global=(True, False), ignored_layers=KEEP_STEM)},
 )
 
+# Rounds 6-34 priced every step of a single-network method as a step of the full model (the
+# compute budget's epochs counted full-model epochs), while S2HPruner's last phase on its
+# pruned network was priced at that network's measured cost (about 0.5 of a full step at
+# 0.15, 0.7 at 0.35 on this CPU): the baselines got less wall time than S2HPruner wherever
+# the pruned network is cheaper to train. These profiles price both sides alike
+# (compute_pricing "own-steps": equal wall time); everything else is the base profile's, whose
+# S2HPruner runs, searches and compute ratios they take over (--reuse-from): only the
+# baselines' compute runs run again.
+OWN_STEPS_BASES = (FROM_TRAINED_ITERATIVE_015, FROM_TRAINED_GROUP_ALIGNED_SHORT,
+                   FROM_TRAINED_WIDTH_STEP_055, FROM_TRAINED_RESNET56_ITERATIVE_015,
+                   FROM_TRAINED_RESNET56_SHORT, FROM_TRAINED_RESNET56_055)  # fmt: skip
+OWN_STEPS = {f"{base.name}-own-steps": dataclasses.replace(
+    base, name=f"{base.name}-own-steps", compute_pricing="own-steps") for base in OWN_STEPS_BASES}
+
 PROFILES = {
     # ~1 h on a 2-core CPU: s2h ~4.5 min/epoch, a plain epoch ~1.5-2 min
     "quick": Profile("quick", epochs=3.0),
@@ -558,6 +587,7 @@ PROFILES = {
     "from-trained-resnet56-iterative-015": FROM_TRAINED_RESNET56_ITERATIVE_015,
     "from-trained-resnet56-055": FROM_TRAINED_RESNET56_055,
     "from-trained-resnet56-055-stem": FROM_TRAINED_RESNET56_055_STEM,
+    **OWN_STEPS,
 }
 
 
@@ -794,22 +824,31 @@ def reuse_runs(results: dict, source: Path) -> None:
     So a profile that only widens one method's search does not spend hours repeating runs."""
     stored = json.loads(source.read_text())
     mine, theirs = results["settings"], stored_settings(stored.get("settings", {}))
-    diff = [k for k in mine if k != "search" and theirs.get(k) != mine[k]]
+    free = ("search", "compute_pricing")
+    diff = [k for k in mine if k not in free and theirs.get(k) != mine[k]]
     if diff:
         raise SystemExit(f"--reuse-from: {source} was made with other settings ({', '.join(diff)}"
-                         "); only the search may differ")  # fmt: skip
+                         "); only the search and the compute pricing may differ")  # fmt: skip
 
     def same(method: str) -> bool:
         chooser = mine["borrow"].get(method, method)
         return all(mine["search"].get(m) == theirs["search"].get(m) for m in {method, chooser})
 
-    # a compute budget is sized by the ratio, timed with S2HPruner's chosen recipe
+    # a compute budget is sized by the ratio, timed with S2HPruner's chosen recipe, and by
+    # the pricing of the baselines' steps (S2HPruner's own compute runs do not depend on it)
     timed_alike = same("s2h")
+    priced_alike = theirs.get("compute_pricing") == mine["compute_pricing"]
+
+    def kept(method: str, budget: str) -> bool:
+        if budget not in COMPUTE:
+            return True
+        return timed_alike and (priced_alike or method not in BASELINES)
+
     results["runs"] = [r for r in stored.get("runs", []) if same(r["method"])
-                       and (timed_alike or r["budget"] not in COMPUTE)]  # fmt: skip
+                       and kept(r["method"], r["budget"])]  # fmt: skip
     results["tuning"] = [t for t in stored.get("tuning", [])
                          if t["hyper"] in mine["search"].get(t["method"], [])  # fmt: skip
-                         and (timed_alike or t["budget"] not in COMPUTE)]
+                         and kept(t["method"], t["budget"])]
     if timed_alike:
         results["compute_ratios"] = dict(stored.get("compute_ratios", {}))
     methods = sorted({r["method"] for r in results["runs"]})
@@ -1049,12 +1088,16 @@ def run_one(
     if spec.method in METHODS:
         record = prune_record(cfg, resume)
     else:
-        record = run_baseline(spec.method, cfg, run_options(profile, hyper), run_dir)
+        options = run_options(profile, hyper)
+        if spec.budget in COMPUTE and profile.compute_pricing == "own-steps":
+            options = dataclasses.replace(options, own_step_pricing=True)
+        record = run_baseline(spec.method, cfg, options, run_dir)
+    priced = "own_step_pricing" in record  # epochs: its own; the budget's, in full-model ones
     first = {
         "method": spec.method,
         "target_flops": spec.target,
         "seed": spec.seed,
-        "epochs": epochs,
+        "epochs": round(record["epochs"], 4) if priced else epochs,
         "budget": spec.budget,
         "top1_hard": record.pop("top1_hard"),
         "top1_soft": record.pop("top1_soft", None),

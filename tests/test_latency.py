@@ -863,3 +863,23 @@ def test_the_layout_is_read_off_the_strides_even_where_is_contiguous_cannot_tell
     conv3d = nn.Conv3d(2, 4, 3)
     assert in_memory_format(conv3d, torch.contiguous_format)
     assert not in_memory_format(conv3d, torch.channels_last_3d)
+
+
+def test_a_resumed_latency_model_times_in_the_layout_its_tables_were_timed_in(fake):
+    """The layout travels in the state: a run resumed after its model moved to another
+    memory format times its refits as the tables and measured points were timed, not in a
+    layout whose timings the cost function never saw."""
+    first = build()
+    assert first.memory_format == torch.contiguous_format
+    state = first.state_dict()
+    model, _, _ = setup()
+    second = build(model.to(memory_format=torch.channels_last))
+    assert second.memory_format == torch.channels_last
+    second.load_state_dict(state)
+    assert second.memory_format == torch.contiguous_format
+    older = {k: v for k, v in state.items() if not k.endswith("_extra_state")}
+    older["_extra_state"] = {k: v for k, v in state["_extra_state"].items()
+                             if k != "memory_format"}  # fmt: skip
+    third = build(setup()[0].to(memory_format=torch.channels_last))
+    third.load_state_dict(older)  # a checkpoint from before: the model's layout, as then
+    assert third.memory_format == torch.channels_last

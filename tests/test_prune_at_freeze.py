@@ -278,3 +278,26 @@ def test_frozen_weights_stay_frozen_and_bf16_steps_run_after_the_switch():
     assert frozen.shape[0] < model.layer3[0].conv1.weight.shape[0], "the frozen layer was pruned"
     trained = [n for n, p in network.named_parameters() if p.requires_grad]
     assert len(trained) == len(list(network.parameters())) - 1
+
+
+def test_the_pruned_network_trains_in_the_models_layout():
+    """With no layout given (neither ``pruned_layout`` nor ``pruner.hard_layout``), the
+    pruned network trains in the model's memory format, read off its strides: the exported
+    copy can come back in another (torch-pruning slices a channels_last weight into an NCHW
+    one), and a channels_last model's last phase then ran in NCHW."""
+    torch.manual_seed(0)
+    model = create_model("resnet20", num_classes=10, in_chans=1)
+    model.to(memory_format=torch.channels_last)
+    pruner = S2HPruner(model, torch.zeros(1, 1, 16, 16), target_flops=0.35)
+    assert pruner.hard_layout is None
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    trainer = S2HTrainer(model, pruner, opt, STEPS, freeze=FREEZE, freeze_teacher="none",
+                         mask_lr=0.5, prune_at_freeze=True)  # fmt: skip
+    for x, y in _batches():
+        trainer.step(x, y)
+    assert trainer.pruned is not None
+    assert trainer.pruned_layout == torch.channels_last
+    assert in_memory_format(trainer.pruned, torch.channels_last)
+    assert not in_memory_format(pruner.export(), torch.channels_last), (
+        "the export comes back in another layout: the test would not tell"
+    )

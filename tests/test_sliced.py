@@ -277,3 +277,42 @@ def test_a_forward_that_raises_leaves_the_models_own_tensors(sliced):
     with torch.no_grad():
         model.eval()
         assert model(x).shape == (2, 10)  # the full model runs again
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_the_sliced_weights_follow_the_models_layout(layout):
+    """Without ``pruner.hard_layout``, every sliced 4-D weight takes the model's layout. A
+    1x1 or depthwise weight's own strides cannot tell (``is_contiguous`` reads both), and
+    reading them made an NCHW resnet20's grey stem and mobilenet's depthwise and 1x1 convs
+    run channels_last inside an NCHW network: a layout conversion at each of them. (Strided
+    1x1 convs run NCHW on the CPU whatever the layout: ``_strided_pointwise_on_cpu``.)"""
+    from s2hpruner.core.measure import layout_of
+    from s2hpruner.core.sliced import _strided_pointwise_on_cpu
+
+    for name, shape in (("resnet20", (2, 1, 28, 28)), ("mobilenet_v3_small", (2, 3, 32, 32))):
+        torch.manual_seed(0)
+        model = create_model(name, in_chans=shape[1])
+        model.to(memory_format=LAYOUTS[layout])
+        pruner = S2HPruner(model, torch.zeros(shape), target_flops=0.5)
+        seen = {}
+
+        def record(module, inputs, key, seen=seen):
+            seen[key] = layout_of(module.weight)
+
+        convs = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)]
+        exempt = {n for n, m in convs if _strided_pointwise_on_cpu(m)}  # NCHW: a oneDNN bug
+        # weights is_contiguous reads as both layouts (the stem's, 1x1, depthwise)
+        both = [n for n, m in convs if n not in exempt and m.weight.is_contiguous()
+                and m.weight.is_contiguous(memory_format=torch.channels_last)]  # fmt: skip
+        assert both, name
+        with torch.no_grad(), pruner.mode("hard", sliced=True):
+            # after the sliced pass's own pre-hooks, which swap the sliced weights in
+            handles = [m.register_forward_pre_hook(lambda m, i, k=n: record(m, i, k))
+                       for n, m in convs]  # fmt: skip
+            model(torch.randn(shape))
+            for h in handles:
+                h.remove()
+        wrong = {k: v for k, v in seen.items()
+                 if v not in (None, LAYOUTS[layout]) and k not in exempt}  # fmt: skip
+        assert not wrong, (name, wrong)
+        assert any(seen[n] == LAYOUTS[layout] for n in both), name

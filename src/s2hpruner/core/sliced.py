@@ -43,6 +43,7 @@ from .kinds import grouped as grouped_kind
 from .kinds import mha as mha_kind
 from .kinds import norms as norm_kind
 from .kinds.scale import SwapParameter
+from .measure import memory_format_of
 from .modes import evaluating
 from .structure import ChannelGroup
 
@@ -100,14 +101,17 @@ class SlicedHardForward:
     ) -> Iterator[None]:
         """Run the model's layers sliced to ``keep_flat`` (bool per group channel, plus a
         trailing True), multiplying mask sites by ``mask_flat`` (m_hat, plus a trailing 1).
-        With ``layout``, 4-D inputs and conv weights are put in that memory format (else each
-        conv keeps its weight's). ``nchw_norms`` trains narrow channels_last BatchNorms in NCHW
-        (:func:`_nchw_norm_hooks`)."""
+        With ``layout``, 4-D inputs and conv weights are put in that memory format (else the
+        sliced weights take the model's, :func:`memory_format_of`). ``nchw_norms`` trains
+        narrow channels_last BatchNorms in NCHW (:func:`_nchw_norm_hooks`)."""
         index = self.index
         handles = []
         try:  # also through the set-up: a failure there leaves nothing swapped in
             if layout is not None:
                 handles += _layout_hooks(self.modules, set(self.names), layout)
+            # the sliced weights' layout: read off the model as a whole, since a 1x1, a
+            # depthwise or a one-input-channel weight's own strides can spell either layout
+            weights_layout = layout if layout is not None else memory_format_of(self.modules[""])
             kept: dict[int, torch.Tensor] = {}  # kept indices per distinct map, found once
 
             def kept_of(map_id: int | None) -> torch.Tensor | None:
@@ -121,7 +125,7 @@ class SlicedHardForward:
                 module = self.modules[name]
                 out_idx = kept_of(index.out.get(name))
                 in_idx = grouped_kind.weight_in_index(module, kept_of(index.inp.get(name)))
-                module_layout = layout
+                module_layout = weights_layout
                 if _strided_pointwise_on_cpu(module):
                     module_layout = torch.contiguous_format
                     handles.append(module.register_forward_pre_hook(_nchw_input))
@@ -264,9 +268,9 @@ def attach_mask(module: nn.Module, values: torch.Tensor, dim: int) -> list:
     return handles + _swap(module, {}, multiplier=(values, dim))
 
 
-def _sliced_tensors(module, out_idx, in_idx, layout=None) -> dict[str, torch.Tensor]:
+def _sliced_tensors(module, out_idx, in_idx, layout) -> dict[str, torch.Tensor]:
     """Parameters and buffers of ``module`` restricted to the kept channels (4-D weights in
-    ``layout``, default: the weight's own)."""
+    ``layout``)."""
     tensors: dict[str, torch.Tensor] = {}
     if isinstance(module, _AFFINE_NORMS):
         if out_idx is None:
@@ -282,9 +286,6 @@ def _sliced_tensors(module, out_idx, in_idx, layout=None) -> dict[str, torch.Ten
     if in_idx is not None:
         weight = weight.index_select(1, in_idx)
     if weight.dim() == 4:
-        if layout is None:
-            channels_last = module.weight.is_contiguous(memory_format=torch.channels_last)
-            layout = torch.channels_last if channels_last else torch.contiguous_format
         # clone, not contiguous(): a depthwise weight (k, 1, h, w) with NCHW strides counts
         # as channels_last already, and those strides send oneDNN down a path ~100x slower
         # on tiny feature maps (mobilenet_v3's 5x5 convs on 1x1 inputs)

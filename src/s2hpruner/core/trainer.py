@@ -32,6 +32,7 @@ from torch import nn
 from . import distributed as D
 from .balance import GradientBalancer
 from .errors import BudgetError, NonFiniteLossError
+from .measure import memory_format_of
 from .modes import evaluating, follow_modes
 from .pruner import S2HPruner, project_to_budget
 
@@ -434,12 +435,13 @@ class S2HTrainer:
 
                 layout = tune_module_layout(pruned, inputs, lambda x: self._pruned_logits(
                     pruned, x))  # fmt: skip
-        layout = layout or self.pruner.hard_layout
+        # else the hard pass's, else the model's (the export's own can differ: torch-pruning
+        # slices channels_last weights into NCHW ones)
+        layout = layout or self.pruner.hard_layout or memory_format_of(self.model)
         # the switch itself
         for name, p in new.items():
             p.requires_grad_(old[name].requires_grad)
-        if layout is not None:
-            pruned.to(memory_format=layout)
+        pruned.to(memory_format=layout)
         follow_modes(pruned, self.model)
         for group in self.optimizer.param_groups:
             group["params"] = [new[name_of[id(p)]] if id(p) in name_of else p

@@ -72,6 +72,8 @@ from ..structure import ChannelGroup
 
 _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 _BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+_FORMATS = {str(f): f for f in (torch.contiguous_format, torch.channels_last,
+                                 torch.channels_last_3d)}  # fmt: skip
 _ALIGN = 8  # channels a CPU/GPU kernel handles at once (AVX2 fp32 lanes, tensor-core tiles)
 
 
@@ -382,9 +384,11 @@ class LatencyModel(nn.Module):
         return ["tables", *self.proxies]
 
     def get_extra_state(self) -> dict:
-        """The whole-model timing with the tables: a resumed run keeps its cost function."""
+        """The whole-model timing with the tables, and the layout they were timed in: a
+        resumed run keeps its cost function, and times its refits as the run did."""
         return {**{name: getattr(self, name) for name in self._SCALARS}, "points": self.points,
-                "predictor": self.predictor}  # fmt: skip
+                "predictor": self.predictor,
+                "memory_format": str(self.memory_format)}  # fmt: skip
 
     def set_extra_state(self, state: dict) -> None:
         if "measured_full" in state:  # (the tables' buffers are loaded before this)
@@ -403,6 +407,9 @@ class LatencyModel(nn.Module):
                            {"measured": p[1], "shrink": {"tables": p[0]}}
                            for p in state["points"]]  # fmt: skip
         self.predictor = state.get("predictor", self.predictor)
+        # absent in older checkpoints; a model since moved to another layout is still timed
+        # in the one the tables and points were measured in
+        self.memory_format = _FORMATS.get(state.get("memory_format"), self.memory_format)
 
     def _cache_location(self, cache: str | Path | None) -> tuple[Path, str]:
         folder = os.environ.get("S2HPRUNER_CACHE") or Path.home() / ".cache/s2hpruner/latency"

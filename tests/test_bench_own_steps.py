@@ -1,0 +1,115 @@
+"""Own-step pricing of the compute budget (``compute_pricing: own-steps``): a baseline's
+compute budget counts full-model epochs of wall time, and each of its steps is priced at its
+own network's cost, timed against the full model's, as S2HPruner's last phase on its pruned
+network is priced by the side-by-side timing. Rounds 6-34 charged every baseline step as a
+full-model step, which gave the baselines less wall time than S2HPruner."""
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # benchmarks/ is a package beside src/, not installed
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import baselines, compare  # noqa: E402
+
+TINY = dict(dataset="digits", model_kwargs={"width": 4}, batch_size=32, val_size=100,
+            train_subset=320, progress=False, init=None)  # fmt: skip
+ONCE = baselines.BaselineOptions(pretrain_fraction=0.0, flops_tolerance=0.03)
+
+
+def _run(tmp_path: Path, method: str, options: baselines.BaselineOptions, name: str) -> dict:
+    profile = dataclasses.replace(compare.FROM_TRAINED_DESCENT, **TINY)
+    cfg = compare.run_config(profile, compare.RunSpec(method, 0.35, 0, "compute"), 2.0,
+                             tmp_path / name)  # fmt: skip
+    return baselines.run_baseline(method, cfg, options)
+
+
+@pytest.mark.parametrize("method", ["l1-ft", "random"])
+def test_pricing_changes_the_steps_and_nothing_else(tmp_path, monkeypatch, method):
+    """Priced at one full step per step, a run trains exactly as the unpriced run (the timing
+    trains copies, with torch's RNG forked); priced at half, it trains twice the steps."""
+    plain = _run(tmp_path, method, ONCE, "plain")
+    priced = dataclasses.replace(ONCE, own_step_pricing=True, pricing_turns=1)
+    monkeypatch.setattr(baselines, "mean_step_cost", lambda method, options, cost: 1.0)
+    same = _run(tmp_path, method, priced, "same")
+    assert same["top1_hard"] == plain["top1_hard"] and same["val_top1"] == plain["val_top1"]
+    assert same["stages"][-1]["steps"] == plain["stages"][-1]["steps"] == 20
+    pricing = same["own_step_pricing"]
+    assert pricing["full_model_epochs"] == 2.0 and pricing["full_model_steps"] == 20
+    assert len(pricing["pair_ratios"]) == 1 and pricing["ratio"] > 0
+    monkeypatch.setattr(baselines, "mean_step_cost", lambda method, options, cost: 0.5)
+    twice = _run(tmp_path, method, priced, "twice")
+    assert twice["stages"][-1]["steps"] == 40 and twice["epochs"] == 4.0
+    assert abs(twice["flops_ratio"] - plain["flops_ratio"]) < 1e-9, "the same network"
+
+
+def test_the_proxy_is_the_network_l1_prunes_at_once(tmp_path):
+    """From the starting weights, L1 at once prunes the network the proxy was timed on."""
+    plain = _run(tmp_path, "l1-ft", ONCE, "plain")
+    profile = dataclasses.replace(compare.FROM_TRAINED_DESCENT, **TINY)
+    cfg = compare.run_config(profile, compare.RunSpec("l1-ft", 0.35, 0, "compute"), 2.0,
+                             tmp_path / "proxy")  # fmt: skip
+    device = baselines.pick_device(cfg.device)
+    baselines.seed_everything(cfg.seed)
+    data = baselines.load_data(cfg, device)
+    model = baselines.build_model(cfg, data)
+    full = baselines.count_flops(model, data.example)
+    proxy = baselines.pruned_proxy("l1-ft", model, data.example, 0.35, cfg, ONCE, full)
+    widths = {n: m.out_channels for n, m in proxy.named_modules()
+              if isinstance(m, baselines.nn.Conv2d)}  # fmt: skip
+    assert widths == plain["conv_out_channels"]
+
+
+def test_mean_step_cost_prices_each_stage_by_its_network():
+    o = baselines.BaselineOptions
+    assert baselines.mean_step_cost("l1", o(), 0.4) == 1.0
+    assert baselines.mean_step_cost("random", o(), 0.4) == 0.4
+    assert baselines.mean_step_cost("l1-ft", o(pretrain_fraction=0.0), 0.4) == 0.4
+    assert baselines.mean_step_cost("l1-ft", o(pretrain_fraction=0.5), 0.4) == pytest.approx(0.7)
+    assert baselines.mean_step_cost("group-sl", o(sparse_fraction=0.25), 0.4) == pytest.approx(
+        0.25 + 0.75 * 0.4)
+    # iterative, 5 pieces over a half: pieces cost 1, 0.88, 0.76, 0.64, 0.52 (mean 0.76)
+    iterative = o(pretrain_fraction=0.0, l1_steps=5, l1_descent=0.5)
+    assert baselines.mean_step_cost("l1-ft", iterative, 0.4) == pytest.approx(
+        0.5 * 0.76 + 0.5 * 0.4)
+
+
+def test_own_steps_profiles_change_only_the_pricing():
+    for name, profile in compare.OWN_STEPS.items():
+        base = next(b for b in compare.OWN_STEPS_BASES if f"{b.name}-own-steps" == name)
+        assert profile.compute_pricing == "own-steps" and base.compute_pricing == "full-model"
+        assert dataclasses.replace(profile, name=base.name, compute_pricing="full-model") == base
+        assert compare.PROFILES[name] is profile
+
+
+def test_reuse_keeps_s2hpruner_and_the_ratios_and_reruns_the_baselines_compute_runs(
+        tmp_path, monkeypatch):  # fmt: skip
+    monkeypatch.setattr(compare, "checkpoint_record", lambda profile: {})
+    base = dataclasses.replace(compare.FROM_TRAINED_ITERATIVE_015, init=None)
+    settings = compare.settings(base)
+    run = {"target_flops": 0.15, "seed": 0}
+    stored = {
+        "settings": settings,
+        "runs": [{**run, "method": "s2h", "budget": "epochs"},
+                 {**run, "method": "l1-ft", "budget": "epochs"},
+                 {**run, "method": "l1-ft", "budget": "compute"}],
+        "tuning": [{**run, "budget": "epochs", "method": "l1-ft", "candidate": "x",
+                    "hyper": settings["search"]["l1-ft"][0]}],
+        "compute_ratios": {"t0.15-s0": {"ratio": 0.87}},
+    }  # fmt: skip
+    source = tmp_path / "base.json"
+    source.write_text(json.dumps(stored))
+    priced = dataclasses.replace(compare.OWN_STEPS[f"{base.name}-own-steps"], init=None)
+    results = compare.open_results(tmp_path / "new.json", priced, "cmd", False, False,
+                                   reuse=source)  # fmt: skip
+    assert sorted((r["method"], r["budget"]) for r in results["runs"]) == [
+        ("l1-ft", "epochs"), ("s2h", "epochs")]
+    assert results["compute_ratios"] == {"t0.15-s0": {"ratio": 0.87}}
+    assert len(results["tuning"]) == 1
+    with pytest.raises(ValueError, match="compute_pricing"):
+        dataclasses.replace(priced, compute_pricing="flops")
