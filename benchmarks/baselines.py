@@ -37,11 +37,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import io
 import math
 import os
 import statistics
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -61,6 +59,7 @@ from s2hpruner.app import run as app_run
 from s2hpruner.app.checkpoint import seed_everything
 from s2hpruner.app.config import RunConfig
 from s2hpruner.app.data import DataSplits
+from s2hpruner.app.files import atomic_torch_save
 from s2hpruner.app.optim import build_weight_optimizer
 from s2hpruner.app.sampling import EpochSampler, train_loader
 from s2hpruner.core.sliced import narrow_pointwise
@@ -81,6 +80,9 @@ class BaselineOptions:
     l1_global: bool = True  # l1, l1-ft: global allocation (True) or uniform per layer (False)
     l1_steps: int = 1  # l1-ft: pruning steps (1: at once; more: iterative, see l1_descent)
     l1_descent: float = 0.0  # l1-ft: share of the fine-tuning the iterative steps span
+    # l1, l1-ft: kept widths in multiples of this (torch-pruning's round_to), as S2HPruner's
+    # round_to keeps them; None: any width
+    l1_round_to: int | None = None
     sparse_fraction: float = 0.5  # group-sl: share of the budget spent in sparse training
     group_sl_reg: float = 5e-4  # GroupNormPruner reg (torch-pruning's benchmark default)
     # torch-pruning's benchmark turns weight decay off while its regulariser is on: the
@@ -259,9 +261,11 @@ def l1_pruner(
     ratio: float,
     ignored: list,
     global_pruning: bool = True,
+    round_to: int | None = None,
 ):
     """L1-magnitude channel pruning (group mean, torch-pruning's mean normaliser): one global
-    threshold over all layers, or (``global_pruning=False``) the same share in every layer."""
+    threshold over all layers, or (``global_pruning=False``) the same share in every layer;
+    ``round_to``: kept channels in multiples of it."""
     return tp.pruner.BasePruner(
         model,
         example,
@@ -269,6 +273,7 @@ def l1_pruner(
         global_pruning=global_pruning,
         pruning_ratio=ratio,
         ignored_layers=ignored,
+        round_to=round_to,
     )
 
 
@@ -435,7 +440,9 @@ def pruned_proxy(
         net, _ = random_architecture(net, example, target, cfg.seed, options.random_logit_std,
                                      cfg.ignored_layers)  # fmt: skip
         return _memory_format(net, cfg)
-    factory: PrunerFactory = partial(l1_pruner, global_pruning=options.l1_global)
+    factory: PrunerFactory = partial(
+        l1_pruner, global_pruning=options.l1_global, round_to=options.l1_round_to
+    )
     if method == "group-sl":
         factory = partial(group_sl_pruner, reg=options.group_sl_reg)
     prune_to_flops(net, example, factory, target, options.flops_tolerance, options.max_probes,
@@ -449,6 +456,7 @@ def own_step_cost(network: nn.Module, data: Data, cfg: RunConfig, turns: int = 5
     side by side as ``step_timing`` times S2HPruner (blocks of the same batches, in the
     order full-pruned, pruned-full, ...; the median over pairs of blocks): what one of its
     steps costs in the full-model steps a compute budget counts. Copies are trained."""
+    load_before = os.getloadavg()  # stored: a timing that shared the CPU shows there
     full, pruned = build_model(cfg, data), copy.deepcopy(network)
     block = min(block, data.steps_per_epoch)
     slots = max(1, data.steps_per_epoch // block)
@@ -465,7 +473,8 @@ def own_step_cost(network: nn.Module, data: Data, cfg: RunConfig, turns: int = 5
                 seconds[side] += train(net, data, cfg, start, block, f"price: {side}")
         ratios.append(seconds["pruned"] / seconds["full"])
     return {"ratio": statistics.median(ratios), "pair_ratios": ratios, "turns": turns,
-            "block_steps": block}  # fmt: skip
+            "block_steps": block,
+            "load_average": {"before": load_before, "after": os.getloadavg()}}  # fmt: skip
 
 
 def mean_step_cost(method: str, options: BaselineOptions, pruned_cost: float) -> float:
@@ -500,13 +509,7 @@ def _split(total: int, fraction: float) -> int:
 
 def _save_model(model: nn.Module, path: Path) -> None:
     """torch.save via a temporary file and a rename: never a truncated file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    buffer = io.BytesIO()
-    torch.save(copy.deepcopy(model).cpu(), buffer)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(buffer.getvalue())
-    os.replace(tmp, path)
+    atomic_torch_save(copy.deepcopy(model).cpu(), path)
 
 
 def run_baseline(
@@ -572,7 +575,9 @@ def run_baseline(
         record["projection_steps"] = projection_steps
         stage("train", total, "pruned")
     else:  # importance-based: train (dense or sparse), prune to the target, maybe fine-tune
-        factory: PrunerFactory = partial(l1_pruner, global_pruning=options.l1_global)
+        factory: PrunerFactory = partial(
+        l1_pruner, global_pruning=options.l1_global, round_to=options.l1_round_to
+    )
         if method == "l1":
             first = total
             stage("train", total, "dense")

@@ -41,13 +41,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import json
 import os
 import platform
 import shlex
+import shutil
+import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -59,6 +61,7 @@ from tqdm.auto import tqdm
 
 from s2hpruner.app.checkpoint import seed_everything
 from s2hpruner.app.config import METHODS, ConfigError, RunConfig
+from s2hpruner.app.files import atomic_write_bytes
 from s2hpruner.app.run import build_model, build_splits, prune
 from s2hpruner.app.sampling import eval_loader
 from s2hpruner.core.trainer import evaluate
@@ -554,6 +557,17 @@ OWN_STEPS_BASES = (FROM_TRAINED_ITERATIVE_015, FROM_TRAINED_GROUP_ALIGNED_SHORT,
 OWN_STEPS = {f"{base.name}-own-steps": dataclasses.replace(
     base, name=f"{base.name}-own-steps", compute_pricing="own-steps") for base in OWN_STEPS_BASES}
 
+# The same at 0.35 with L1's widths aligned as S2HPruner's are (torch-pruning's round_to 8,
+# both allocations and learning rates searched again): priced by its own steps, an unaligned
+# pruned resnet20 trains slower here than the full model (round 35: 1.2 full-model steps at
+# 0.35), an aligned one faster, so alignment is part of a baseline at its best.
+FROM_TRAINED_OWN_STEPS_ALIGNED_L1 = dataclasses.replace(
+    OWN_STEPS["from-trained-group-aligned-short-own-steps"],
+    name="from-trained-group-aligned-short-own-steps-aligned-l1",
+    search={**FROM_TRAINED_GROUP_ALIGNED_SHORT.search,
+            "l1-ft": _grid(lr=FINE_TUNE_LRS, l1_global=(True, False), l1_round_to=(8,))},
+)
+
 PROFILES = {
     # ~1 h on a 2-core CPU: s2h ~4.5 min/epoch, a plain epoch ~1.5-2 min
     "quick": Profile("quick", epochs=3.0),
@@ -588,6 +602,7 @@ PROFILES = {
     "from-trained-resnet56-055": FROM_TRAINED_RESNET56_055,
     "from-trained-resnet56-055-stem": FROM_TRAINED_RESNET56_055_STEM,
     **OWN_STEPS,
+    "from-trained-group-aligned-short-own-steps-aligned-l1": FROM_TRAINED_OWN_STEPS_ALIGNED_L1,
 }
 
 
@@ -741,6 +756,25 @@ def candidate_name(hyper: dict) -> str:
 # ----------------------------------------------------------------------------- storage
 
 
+@functools.lru_cache(maxsize=1)
+def code_version() -> dict:
+    """The code a run ran with: commit, whether src/ or benchmarks/ had changes not in it,
+    and torch's version (a resumed benchmark can hold runs of several)."""
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(root), *args], capture_output=True,
+                                  text=True, timeout=30, check=True)  # fmt: skip
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip()
+
+    changes = git("status", "--porcelain", "--", "src", "benchmarks")
+    return {"commit": git("rev-parse", "HEAD"),
+            "dirty": None if changes is None else bool(changes), "torch": torch.__version__}
+
+
 def machine_info() -> dict:
     cpu = platform.processor() or "unknown"
     try:
@@ -765,18 +799,7 @@ def machine_info() -> dict:
 
 def write_json(path: Path, data: dict) -> None:
     """The whole file, via a temporary file and a rename: a crash never leaves half a JSON."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, (json.dumps(data, indent=2) + "\n").encode())
 
 
 def checkpoint_record(profile: Profile) -> dict:
@@ -889,6 +912,14 @@ def open_results(
             results["checkpoint"] = checkpoint_record(profile)
             write_json(path, results)
         return results
+    # a new benchmark: the run folders of one made before must not be resumed as its runs
+    # (an S2HPruner run resumes any checkpoint in its folder); kept aside, not deleted
+    runs = path.parent / "runs" / profile.name
+    if runs.exists():
+        aside = runs.with_name(f"{profile.name}.replaced")
+        shutil.rmtree(aside, ignore_errors=True)
+        runs.rename(aside)
+        print(f"{runs} holds the runs of an earlier benchmark: moved to {aside}")
     results = {
         "profile": profile.name,
         "command": command,
@@ -1105,6 +1136,7 @@ def run_one(
         "flops_ratio": record.pop("flops_ratio"),
         "params_ratio": record.pop("params_ratio"),
         "wall_seconds": time.perf_counter() - start,
+        "code": code_version(),
     }
     if cfg.init is not None:
         first["init_sha256"] = file_sha256(cfg.init)
@@ -1315,6 +1347,9 @@ def resolve_profile(args: argparse.Namespace) -> Profile:
     bad = sorted(set(profile.budgets) - set(BUDGETS))
     if bad:
         raise SystemExit(f"unknown budget(s) {bad}; choose from {', '.join(BUDGETS)}")
+    if getattr(args, "resume", False) and getattr(args, "overwrite", False):
+        raise SystemExit("--resume continues the stored benchmark and --overwrite starts it "
+                         "again; pass one of them")  # fmt: skip
     if getattr(args, "max_runs", None) is not None and args.max_runs < 1:
         raise SystemExit("--max-runs must be >= 1")
     if profile.init is not None and not Path(profile.init).is_file():

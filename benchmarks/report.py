@@ -12,7 +12,6 @@ import json
 import math
 import os
 import statistics
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 
@@ -20,6 +19,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from s2hpruner.app.files import atomic_write_bytes  # noqa: E402
 
 TWO_NETWORK = ("s2h", "s2h-no-gs", "s2h-coupled", "s2h-no-gap-on-mask")
 METHOD_ORDER = (*TWO_NETWORK[:1], "dmp", *TWO_NETWORK[1:], "l1", "l1-ft", "group-sl", "random")
@@ -76,12 +77,7 @@ def load_results(out: Path) -> list[dict]:
     return found
 
 
-def _write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+_write = atomic_write_bytes  # via a temporary file and a rename, with the usual file mode
 
 
 def _order(method: str) -> tuple[int, str]:
@@ -216,7 +212,17 @@ def profile_markdown(results: dict, image: str | None) -> list[str]:
         lines.append(
             f"- Runs of {', '.join(f'`{m}`' for m in reused['methods'])} (and the compute "
             f"ratios, if S2HPruner's search is the same) are those of `{reused['file']}`: this "
-            "profile differs from it only in the search of the other methods (`--reuse-from`)"
+            "profile differs from it only in the search of the other methods or in how a "
+            "compute budget prices their steps (`--reuse-from`)"
+        )
+    costs = [r["own_step_pricing"] for r in results["runs"] if r.get("own_step_pricing")]
+    if costs:
+        lines.append(
+            "- Compute budgets priced by each method's own steps (`compute_pricing: "
+            "own-steps`): a step of the network a baseline trains costs "
+            + ", ".join(f"{c['ratio']:.2f}" for c in costs)
+            + " full-model steps here (timed side by side; S2HPruner's pruned last phase is "
+            "priced the same way in its compute ratio). Rounds 6-34 priced it at 1"
         )
     lines += _checkpoint_lines(results, ran)
     ratios = results.get("compute_ratios", {})
@@ -274,10 +280,16 @@ def profile_markdown(results: dict, image: str | None) -> list[str]:
             continue
         base = REFERENCE[budget]
         epochs = "the epochs" if base == "epochs" else f"the {base} budget's epochs"
+        priced = s.get("compute_pricing") == "own-steps"
         lines.append(
-            f"Single-network methods train for {epochs} x the compute ratio; the two-network "
-            f"S2HPruner runs of the {base} budget are repeated here as the reference."
-        )
+            f"Single-network methods train for {epochs} x the compute ratio"
+            + (" in full-model epochs of wall time: each trains as many steps of its own "
+               "network as that pays for, a step priced by timing its network against the "
+               "full model's side by side (`epochs` below: the steps it trained, in epochs)"
+               if priced else "")
+            + f"; the two-network S2HPruner runs of the {base} budget are repeated here as "
+            "the reference."
+        )  # fmt: skip
         reference = [r for r in tables.get((target, base), []) if r["method"] in TWO_NETWORK]
         lines += [""] + _table(
             reference + rows,

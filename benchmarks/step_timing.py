@@ -25,6 +25,7 @@ same starting model with the baselines' recipe (``s2hpruner.app.optim``) and los
 from __future__ import annotations
 
 import functools
+import os
 import statistics
 import time
 
@@ -148,6 +149,7 @@ def time_side_by_side(cfg: RunConfig, turns: int = 9, block: int = 10) -> dict:
     total = max(1, round(cfg.resolve_epochs(data.steps_per_epoch) * data.steps_per_epoch))
     trainer, schedule = app_run.build_trainer(cfg, model, pruner, total, data.splits.spec)
     model.train()
+    load_before = os.getloadavg()  # stored: a timing that shared the CPU shows there
     sides = _Sides(cfg, data, plain, trainer, schedule)
     slots = max(1, data.steps_per_epoch // block)  # batch positions, in whole blocks
     blocks = iter(range(1, 1 << 30))
@@ -205,4 +207,5 @@ def time_side_by_side(cfg: RunConfig, turns: int = 9, block: int = 10) -> dict:
         "s2h_seconds_per_epoch": ratio * plain_step * data.steps_per_epoch,
         "steps_per_epoch": data.steps_per_epoch,
         "order": [(side, first) for side, first, _, _ in sides.log],
+        "load_average": {"before": load_before, "after": os.getloadavg()},
     }

@@ -113,3 +113,21 @@ def test_reuse_keeps_s2hpruner_and_the_ratios_and_reruns_the_baselines_compute_r
     assert len(results["tuning"]) == 1
     with pytest.raises(ValueError, match="compute_pricing"):
         dataclasses.replace(priced, compute_pricing="flops")
+
+
+def test_aligned_l1_keeps_widths_in_multiples_of_its_step(tmp_path):
+    """``l1_round_to``: torch-pruning's round_to, as S2HPruner's round_to keeps widths."""
+    options = dataclasses.replace(ONCE, l1_round_to=2, l1_global=False)
+    record = _run(tmp_path, "l1-ft", options, "aligned")
+    widths = record["conv_out_channels"]
+    assert all(w % 2 == 0 for w in widths.values()), widths
+    assert abs(record["flops_ratio"] - 0.35) < 0.1
+
+
+def test_the_aligned_l1_profile_changes_only_l1s_search():
+    profile = compare.FROM_TRAINED_OWN_STEPS_ALIGNED_L1
+    base = compare.OWN_STEPS["from-trained-group-aligned-short-own-steps"]
+    assert dataclasses.replace(profile, name=base.name, search=base.search) == base
+    assert {c["l1_round_to"] for c in profile.search["l1-ft"]} == {8}
+    assert {(c["lr"], c["l1_global"]) for c in profile.search["l1-ft"]} == {
+        (c["lr"], c["l1_global"]) for c in compare.FROM_TRAINED.search["l1-ft"]}

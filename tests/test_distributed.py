@@ -33,6 +33,7 @@ from s2hpruner.app.metrics import reduced_sums
 from s2hpruner.app.models import create_model
 from s2hpruner.app.run import build_trainer
 from s2hpruner.app.sampling import EpochSampler, eval_loader
+from s2hpruner.core.errors import NonFiniteLossError
 from s2hpruner.core.trainer import evaluate
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -164,6 +165,34 @@ def worker(rank: int, port: int, folder: str) -> None:
         sampler = EpochSampler(size=103, seed=5, batch_size=4)
         sampler.epoch = 1
         result["order"] = sampler.order()
+
+        # 6. a non-finite loss on rank 1 only: both ranks raise (rank 0 used to go on into
+        # the gradients' all_reduce and wait there for a rank that had left)
+        model_n, _, _, _, _, (trainer_n, _) = make_setup()
+        xn = x[shard].clone()
+        if rank == 1:
+            xn[0] = float("nan")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                trainer_n.step(xn, y[shard])
+            result["nonfinite"] = None
+        except NonFiniteLossError as exc:
+            result["nonfinite"] = str(exc)
+
+        # 7. a checkpoint holds every rank's random streams and loss sums, and each rank
+        # resumes its own (rank 0's alone made every rank draw rank 0's crops after a resume)
+        from s2hpruner.app.checkpoint import RunState, restore, save_checkpoint
+
+        torch.manual_seed(100 + rank)
+        saved = RunState(step=3, running={"task": float(rank)})
+        path = Path(folder) / "checkpoint.pt"
+        save_checkpoint(path, model, pruner, opt[0], opt[1], saved, cfg)
+        result["draw"] = torch.rand(3)  # what this rank draws next, uninterrupted
+        dist.barrier()  # rank 0 has written it
+        torch.manual_seed(0)
+        state = restore(torch.load(path, weights_only=False), model, pruner, opt[0], opt[1], cfg)
+        result["resumed_draw"], result["resumed_running"] = torch.rand(3), state.running
         torch.save(result, Path(folder) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -316,6 +345,45 @@ def test_metrics_are_reduced_over_ranks(ranks):
         assert r["accuracy"] == pytest.approx(20.0), "5 samples, 1 right; none counted twice"
 
 
+def test_a_non_finite_loss_on_one_rank_stops_every_rank(ranks):
+    assert ranks[0]["nonfinite"] == "non-finite loss on another process"
+    assert ranks[1]["nonfinite"].startswith("non-finite loss nan")
+
+
+def test_each_rank_resumes_its_own_random_streams_and_loss_sums(ranks):
+    for rank, r in enumerate(ranks):
+        assert torch.equal(r["resumed_draw"], r["draw"])
+        assert r["resumed_running"] == {"task": float(rank)}
+    assert not torch.equal(ranks[0]["draw"], ranks[1]["draw"])
+
+
+def test_a_cpu_value_is_reduced_on_the_cuda_device_under_nccl(monkeypatch):
+    """NCCL reduces CUDA tensors only: the epoch's loss sums (a CPU tensor) crashed every
+    GPU run under torchrun at its first epoch's end."""
+    from s2hpruner.core import distributed as D
+
+    moved, reduced = [], []
+    monkeypatch.setattr(D, "is_distributed", lambda: True)
+    monkeypatch.setattr(D.dist, "get_backend", lambda *args: "nccl")
+    monkeypatch.setattr(torch.Tensor, "cuda", lambda self, *a, **k: moved.append(1) or self * 1)
+    monkeypatch.setattr(D.dist, "all_reduce", lambda t, op=None: reduced.append(t) or t.mul_(2))
+    assert reduced_sums({"task": 1.5, "n": 3}) == {"task": 3.0, "n": 6.0}
+    assert len(moved) == len(reduced) == 1
+    assert D.all_true(True) and len(moved) == 2
+
+
+def test_a_resume_that_sees_fewer_gpus_restores_the_ones_it_sees(monkeypatch):
+    from s2hpruner.app import checkpoint
+
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, i: restored.append(i))
+    state = {**checkpoint.rng_state(), "cuda": [torch.zeros(4, dtype=torch.uint8)] * 3}
+    checkpoint.set_rng_state(state)  # saved with 3 GPUs visible, resumed with 1
+    assert restored == [0]
+
+
 def test_training_order_is_sharded_without_overlap(ranks):
     a, b = ranks[0]["order"], ranks[1]["order"]
     assert len(a) == len(b) == 48  # 103 -> 96 usable (2 ranks * batch 4), 48 each
@@ -360,6 +428,10 @@ def test_torchrun_prune_end_to_end(tmp_path):
     ckpt = torch.load(out / "checkpoints" / "last.pt", weights_only=False)
     assert ckpt["state"]["step"] == 10
     assert len(ckpt["state"]["history"]) == 2
+    # each rank drew its own augmentation from a stream of its own (the same weights, seeded
+    # alike, are built first), and the checkpoint keeps both streams
+    streams = [r["rng"]["torch"] for r in ckpt["per_rank"]]
+    assert len(streams) == 2 and not torch.equal(*streams)
     # the exported model is the checkpoint's hard network
     pruned = torch.load(out / "model_pruned.pt", weights_only=False).eval()
     assert pruned(torch.randn(2, 1, 28, 28)).shape == (2, 10)

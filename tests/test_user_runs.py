@@ -290,8 +290,14 @@ def test_latency_budget_run_reports_measured_and_predicted_latency(tmp_path):
     assert report["latency_predictor"] == report["latency_calibration"][-1]["predictor"]
     assert 0.0 < report["latency_ratio"] < 1.5  # measured: a real timing, no threshold
     assert report["flops_ratio"] < 0.99  # widths really moved
+    report_kept, report_flops = report["kept_widths"], report["flops_ratio"]
     tables = json.loads(cache.read_text())
     assert tables and all(isinstance(v, dict) for v in tables.values())
+    # --resume rebuilds the latency model from the checkpoint, untimed: the trainer built
+    # before the checkpoint was loaded refused it (a latency run could not be resumed)
+    assert main([*args, "--resume"]) == 0
+    resumed = json.loads((out / "report.json").read_text())
+    assert resumed["kept_widths"] == report_kept and resumed["flops_ratio"] == report_flops
     # --latency-predictor fixes the cost's shape: every refit keeps the FLOPs ratio's
     fixed = tmp_path / "fixed"
     assert main([*args[:-5], "--out", str(fixed), "--latency-predictor", "flops",

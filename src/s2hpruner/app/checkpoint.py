@@ -48,6 +48,12 @@ MUST_MATCH = (
     "split_seed",
     "optimizer",
     "mask_optimizer",
+    "temperature",
+    "latency_batch",
+    "image_size",
+    "in_chans",
+    "mean",
+    "std",
 )
 
 
@@ -85,8 +91,9 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"].cpu())
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    if "cuda" in state and torch.cuda.is_available():  # the devices both runs see
+        for index, saved in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(saved.cpu(), index)
 
 
 def save_checkpoint(
@@ -101,7 +108,9 @@ def save_checkpoint(
 ) -> None:
     """Write the run's state to ``path`` atomically (rank 0 only). ``data``: what the model
     was built for (the data spec, the class names), so that ``export`` and ``eval`` rebuild it
-    without reading the data set."""
+    without reading the data set. Every rank's random streams and loss sums differ, so each
+    is saved (a collective: every rank calls this)."""
+    per_rank = D.gather_objects({"rng": rng_state(), "running": dict(state.running)})
     if not D.is_main():
         return
     atomic_torch_save(
@@ -115,7 +124,8 @@ def save_checkpoint(
             "optimizer": trainer.optimizer.state_dict(),
             "schedule": schedule.state_dict(),
             "trainer": trainer.state_dict(),
-            "rng": rng_state(),
+            "rng": per_rank[0]["rng"],
+            "per_rank": per_rank,
             "state": state.__dict__,
         },
         path,
@@ -129,7 +139,8 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
     except Exception as exc:
         raise CheckpointError(
             f"checkpoint {path} is corrupt or unreadable ({type(exc).__name__}: {exc}); "
-            "delete it and restart the run, or resume from another checkpoint"
+            "start the run again with --overwrite, or (--resume reads checkpoints/last.pt) "
+            "copy checkpoints/best.pt, the best epoch's, over it to resume from there"
         ) from exc
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an s2hpruner checkpoint (format {FORMAT})")
@@ -144,15 +155,8 @@ def load_model_and_pruner(ckpt: dict, model: nn.Module, pruner: S2HPruner) -> No
         raise CheckpointError(f"checkpoint does not match the model: {exc}") from exc
 
 
-def restore(
-    ckpt: dict,
-    model: nn.Module,
-    pruner: S2HPruner,
-    trainer: S2HTrainer,
-    schedule: torch.optim.lr_scheduler.LRScheduler,
-    cfg: RunConfig,
-) -> RunState:
-    """Load a checkpoint into the live objects, checking it belongs to this run."""
+def check_resumable(ckpt: dict, cfg: RunConfig) -> None:
+    """Refuse a checkpoint made by another run: other processes, settings or phases."""
     saved = ckpt.get("config")
     if not isinstance(saved, dict):
         raise CheckpointError("checkpoint has no run config; it is corrupt or not from a run")
@@ -194,31 +198,53 @@ def restore(
             "seeded by itself, without them it draws from the global RNG, so the rest of the "
             "run will not be what the uninterrupted one would have been (any workers >= 1 "
             "resume each other exactly)",
-            stacklevel=2,
+            stacklevel=3,
         )
+
+
+def restore(
+    ckpt: dict,
+    model: nn.Module,
+    pruner: S2HPruner,
+    trainer: S2HTrainer,
+    schedule: torch.optim.lr_scheduler.LRScheduler,
+    cfg: RunConfig,
+) -> RunState:
+    """Load a checkpoint into the live objects, checking it belongs to this run."""
+    check_resumable(ckpt, cfg)
     load_model_and_pruner(ckpt, model, pruner)
     try:  # the trainer first: it may move the optimizer onto the pruned network
         trainer.load_state_dict(ckpt["trainer"])
         trainer.optimizer.load_state_dict(ckpt["optimizer"])
         schedule.load_state_dict(ckpt["schedule"])
-        set_rng_state(ckpt["rng"])
         state = RunState(**ckpt["state"])
+        own = ckpt["per_rank"][D.rank()] if "per_rank" in ckpt else None  # (older: rank 0's)
+        set_rng_state(ckpt["rng"] if own is None else own["rng"])
+        if own is not None:
+            state.running = own["running"]
     except (RuntimeError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(
             f"checkpoint's optimizer, schedule, RNG or loop state is damaged or does not match "
             f"this run ({type(exc).__name__}: {exc}); restart the run or use another --out"
         ) from exc
-    _use_learning_rates(trainer, schedule, cfg)
+    _use_optimizer_settings(trainer, schedule, cfg)
     return state
 
 
-def _use_learning_rates(trainer: S2HTrainer, schedule, cfg: RunConfig) -> None:
-    """Let --lr and --mask-lr of a resumed run win over the checkpoint's (the way out of a NaN).
+def _use_optimizer_settings(trainer: S2HTrainer, schedule, cfg: RunConfig) -> None:
+    """Let --lr and --mask-lr of a resumed run win over the checkpoint's (the way out of a
+    NaN), and its weight decay, momentum and Nesterov flag (loading the optimizer's state
+    brings back the saved ones, which config.yaml would no longer record).
 
     The schedule's factor is recomputed the way LambdaLR computes it, so an unchanged --lr
     gives bit-identical learning rates.
     """
     optimizer = trainer.optimizer
+    decay = optimizer.param_groups[0]  # build_weight_optimizer: weights, then norms and biases
+    decay["weight_decay"] = cfg.weight_decay
+    if "momentum" in decay:  # SGD
+        for group in optimizer.param_groups:
+            group["momentum"], group["nesterov"] = cfg.momentum, cfg.nesterov and cfg.momentum > 0
     schedule.base_lrs = [cfg.lr] * len(optimizer.param_groups)
     for group, factor in zip(optimizer.param_groups, schedule.lr_lambdas, strict=True):
         group["initial_lr"] = cfg.lr

@@ -42,7 +42,9 @@ from ..core.resources import count_flops, count_params
 from ..core.trainer import METHODS, S2HTrainer, evaluate
 from .checkpoint import (
     RunState,
+    check_resumable,
     load_checkpoint,
+    load_model_and_pruner,
     restore,
     save_checkpoint,
     seed_everything,
@@ -377,10 +379,14 @@ def prune(cfg: RunConfig) -> dict:
         for key in FOLDER_PREPROCESSING:
             if getattr(cfg, key) is None:
                 setattr(cfg, key, saved.get(key))
+    if checkpoint is not None:
+        check_resumable(checkpoint, cfg)
     splits = build_splits(cfg)
     model, pruner, example = build_model_and_pruner(
         cfg, splits.spec, device, resumed=checkpoint and checkpoint["pruner"]
     )
+    if checkpoint is not None:  # now: the trainer needs the latency model's saved timings
+        load_model_and_pruner(checkpoint, model, pruner)
     if cfg.dataset == "imagefolder":
         # what pretrained weights expect; a run resumed from before this rule keeps its own
         if cfg.pretrained and cfg.mean is None and cfg.std is None and checkpoint is None:
@@ -402,6 +408,8 @@ def prune(cfg: RunConfig) -> dict:
     total_steps = max(1, round(cfg.resolve_epochs(steps_per_epoch) * steps_per_epoch))
     trainer, schedule = build_trainer(cfg, model, pruner, total_steps, splits.spec)
     val_loader = eval_loader(splits.val, cfg.eval_batch_size, cfg.workers)
+    if D.world_size() > 1:  # the same initial weights on every rank (above); from here each
+        seed_everything(cfg.seed + 1_000_003 * (D.rank() + 1))  # draws its own augmentation
     state = RunState()
     saved_step = None  # step of the newest good checkpoint of this run, if any
     if checkpoint is not None:

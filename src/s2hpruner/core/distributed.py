@@ -80,11 +80,31 @@ def average_gradients(params: Sequence[torch.Tensor]) -> None:
         offset += g.numel()
 
 
+def _on_backend_device(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` where the process group can reduce it: NCCL takes CUDA tensors only, so a
+    CPU value (a loss sum, a flag) goes through the current CUDA device."""
+    if dist.get_backend() == "nccl" and tensor.device.type != "cuda":
+        return tensor.cuda()
+    return tensor
+
+
 def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
-    if is_distributed():
-        value = value.clone()
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)
-    return value
+    """The sum over ranks of ``value`` (a copy, on ``value``'s device)."""
+    if not is_distributed():
+        return value
+    total = _on_backend_device(value.clone())
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total.to(value.device)
+
+
+def all_true(flag: bool) -> bool:
+    """Whether ``flag`` holds on every rank: every rank gets the same answer, so all of them
+    take the same branch (one rank raising alone would leave the others in a collective)."""
+    if not is_distributed():
+        return flag
+    value = _on_backend_device(torch.tensor([1.0 if flag else 0.0]))
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item() > 0.0)
 
 
 def average_gradient_list(
@@ -123,9 +143,7 @@ def broadcast_floats(values: Sequence[float]) -> list[float]:
     """Rank 0's values on every rank (e.g. a measured latency all ranks must share)."""
     if not is_distributed():
         return list(values)
-    tensor = torch.tensor(list(values), dtype=torch.float64)
-    if dist.get_backend() == "nccl":
-        tensor = tensor.cuda()
+    tensor = _on_backend_device(torch.tensor(list(values), dtype=torch.float64))
     dist.broadcast(tensor, src=0)
     return tensor.cpu().tolist()
 
@@ -137,6 +155,15 @@ def broadcast_object(obj):
     box = [obj if is_main() else None]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def gather_objects(obj) -> list:
+    """Every rank's (picklable) ``obj``, in rank order, on every rank (a collective)."""
+    if not is_distributed():
+        return [obj]
+    gathered = [None] * world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
 
 
 def barrier() -> None:

@@ -620,8 +620,10 @@ class S2HTrainer:
         self.pruner.update_ranks()
         grads = self.gradients(x, y, phase)
         loss = sum(v for k, v in grads.losses.items() if k != "resource")
-        if not math.isfinite(loss):
-            raise NonFiniteLossError(f"non-finite loss {loss} ({grads.losses})")
+        finite = math.isfinite(loss)
+        if not D.all_true(finite):  # every rank raises, none waits in the gradients' reduce
+            raise NonFiniteLossError(f"non-finite loss {loss} ({grads.losses})" if not finite
+                                     else "non-finite loss on another process")  # fmt: skip
 
         _set_grads(weights, _sum(*grads.weights.values()))
         D.average_gradients(weights)

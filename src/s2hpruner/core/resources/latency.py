@@ -467,6 +467,9 @@ class LatencyModel(nn.Module):
                 json.dump(data, f)
                 f.flush()
                 os.fsync(f.fileno())
+            mask = os.umask(0)
+            os.umask(mask)
+            os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600; give the usual file mode
             os.replace(tmp, self.cache_path)
         except OSError as exc:
             warnings.warn(f"latency tables not cached at {self.cache_path}: {exc}", stacklevel=2)
