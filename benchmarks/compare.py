@@ -770,7 +770,7 @@ def code_version() -> dict:
             return None
         return done.stdout.strip()
 
-    changes = git("status", "--porcelain", "--", "src", "benchmarks")
+    changes = git("status", "--porcelain", "--untracked-files=no", "--", "src", "benchmarks")
     return {"commit": git("rev-parse", "HEAD"),
             "dirty": None if changes is None else bool(changes), "torch": torch.__version__}
 

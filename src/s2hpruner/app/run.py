@@ -379,14 +379,10 @@ def prune(cfg: RunConfig) -> dict:
         for key in FOLDER_PREPROCESSING:
             if getattr(cfg, key) is None:
                 setattr(cfg, key, saved.get(key))
-    if checkpoint is not None:
-        check_resumable(checkpoint, cfg)
     splits = build_splits(cfg)
     model, pruner, example = build_model_and_pruner(
         cfg, splits.spec, device, resumed=checkpoint and checkpoint["pruner"]
     )
-    if checkpoint is not None:  # now: the trainer needs the latency model's saved timings
-        load_model_and_pruner(checkpoint, model, pruner)
     if cfg.dataset == "imagefolder":
         # what pretrained weights expect; a run resumed from before this rule keeps its own
         if cfg.pretrained and cfg.mean is None and cfg.std is None and checkpoint is None:
@@ -399,6 +395,9 @@ def prune(cfg: RunConfig) -> dict:
     main = D.is_main()
 
     fit_batch_to_split(cfg, len(splits.train))
+    if checkpoint is not None:  # before the trainer, which needs the latency model's timings
+        check_resumable(checkpoint, cfg)
+        load_model_and_pruner(checkpoint, model, pruner)
     sampler = EpochSampler(len(splits.train), cfg.seed, cfg.batch_size)
     loader = train_loader(splits.train, sampler, cfg.workers)
     steps_per_epoch = len(sampler.order()) // cfg.batch_size
