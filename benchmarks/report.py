@@ -477,6 +477,8 @@ def _summary_lines(all_results: list[dict]) -> list[str]:
             continue
         ratios = results.get("compute_ratios", {}).values()
         timed = "" if all(r.get("timing") == "side by side" for r in ratios) else " *"
+        if results.get("settings", {}).get("compute_pricing") == "own-steps":
+            timed += " §"
         by_target: dict[float, list[dict]] = defaultdict(list)
         for row in equal_compute_summary(results):
             by_target[row["target"]].append(row)
@@ -505,6 +507,9 @@ def _summary_lines(all_results: list[dict]) -> list[str]:
         "S2HPruner; ‡: chosen on this profile's validation split at another target and "
         "carried to this one (the profile's section says where S2HPruner's own was chosen). "
         "*: the compute ratio is wall times divided, not timed side by side, and noisier. "
+        "§: the other method's steps are priced at its own network's measured cost (equal "
+        "wall time), not as full-model steps, as S2HPruner's pruned last phase always was "
+        "(rounds 6-34 charged a baseline's pruned step as a full one; MEASUREMENTS round 35). "
         "Ahead on: the seeds on which S2HPruner's test top-1 is above that "
         "method's (two runs of one recipe differ by up to ~0.3 here, so a mean lead that "
         "half the seeds contradict is noise). The profiles' sections below say what each "
