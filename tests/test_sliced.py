@@ -285,7 +285,8 @@ def test_the_sliced_weights_follow_the_models_layout(layout):
     1x1 or depthwise weight's own strides cannot tell (``is_contiguous`` reads both), and
     reading them made an NCHW resnet20's grey stem and mobilenet's depthwise and 1x1 convs
     run channels_last inside an NCHW network: a layout conversion at each of them. (Strided
-    1x1 convs run NCHW on the CPU whatever the layout: ``_strided_pointwise_on_cpu``.)"""
+    1x1 convs run NCHW on the CPU whatever the layout, ``_strided_pointwise_on_cpu``, and
+    depthwise convs channels_last, the faster kernel here.)"""
     from s2hpruner.core.measure import layout_of
     from s2hpruner.core.sliced import _strided_pointwise_on_cpu
 
@@ -301,6 +302,7 @@ def test_the_sliced_weights_follow_the_models_layout(layout):
 
         convs = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)]
         exempt = {n for n, m in convs if _strided_pointwise_on_cpu(m)}  # NCHW: a oneDNN bug
+        exempt |= {n for n, m in convs if m.groups > 1 and m.groups == m.in_channels}  # CL
         # weights is_contiguous reads as both layouts (the stem's, 1x1, depthwise)
         both = [n for n, m in convs if n not in exempt and m.weight.is_contiguous()
                 and m.weight.is_contiguous(memory_format=torch.channels_last)]  # fmt: skip

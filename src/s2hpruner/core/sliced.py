@@ -102,7 +102,8 @@ class SlicedHardForward:
         """Run the model's layers sliced to ``keep_flat`` (bool per group channel, plus a
         trailing True), multiplying mask sites by ``mask_flat`` (m_hat, plus a trailing 1).
         With ``layout``, 4-D inputs and conv weights are put in that memory format (else the
-        sliced weights take the model's, :func:`memory_format_of`). ``nchw_norms`` trains
+        sliced weights take the model's, :func:`memory_format_of`, depthwise ones
+        channels_last). ``nchw_norms`` trains
         narrow channels_last BatchNorms in NCHW (:func:`_nchw_norm_hooks`)."""
         index = self.index
         handles = []
@@ -126,6 +127,10 @@ class SlicedHardForward:
                 out_idx = kept_of(index.out.get(name))
                 in_idx = grouped_kind.weight_in_index(module, kept_of(index.inp.get(name)))
                 module_layout = weights_layout
+                if layout is None and is_depthwise(module):
+                    # channels_last strides even in an NCHW model: oneDNN's depthwise kernel
+                    # for them trains mobilenet_v3_small's sliced pass 1.7x faster here
+                    module_layout = torch.channels_last
                 if _strided_pointwise_on_cpu(module):
                     module_layout = torch.contiguous_format
                     handles.append(module.register_forward_pre_hook(_nchw_input))
