@@ -535,7 +535,8 @@ def run_baseline(
     stages: list[dict] = []
     record: dict = {"top1_dense": None, "pruning_ratio": None, "search_probes": None}
     step = 0
-    if options.own_step_pricing:  # cfg.epochs: full-model epochs; as many own steps as fit
+    if options.own_step_pricing and method != "l1":  # (l1 trains the full model only)
+        # cfg.epochs: full-model epochs of wall time; as many of its own steps as they pay for
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             proxy = pruned_proxy(method, model, example, target, cfg, options, full_flops)
             price = own_step_cost(proxy, data, cfg, options.pricing_turns)

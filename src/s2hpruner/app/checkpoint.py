@@ -209,10 +209,13 @@ def restore(
     trainer: S2HTrainer,
     schedule: torch.optim.lr_scheduler.LRScheduler,
     cfg: RunConfig,
+    checked: bool = False,
 ) -> RunState:
-    """Load a checkpoint into the live objects, checking it belongs to this run."""
-    check_resumable(ckpt, cfg)
-    load_model_and_pruner(ckpt, model, pruner)
+    """Load a checkpoint into the live objects, checking it belongs to this run
+    (``checked``: the caller has checked it and loaded the model and the pruner)."""
+    if not checked:
+        check_resumable(ckpt, cfg)
+        load_model_and_pruner(ckpt, model, pruner)
     try:  # the trainer first: it may move the optimizer onto the pruned network
         trainer.load_state_dict(ckpt["trainer"])
         trainer.optimizer.load_state_dict(ckpt["optimizer"])

@@ -412,7 +412,7 @@ def prune(cfg: RunConfig) -> dict:
     state = RunState()
     saved_step = None  # step of the newest good checkpoint of this run, if any
     if checkpoint is not None:
-        state = restore(checkpoint, model, pruner, trainer, schedule, cfg)
+        state = restore(checkpoint, model, pruner, trainer, schedule, cfg, checked=True)
         saved_step = state.step
     else:  # what the starting weights score: what pruning costs is measured against it
         state.history.append(_start_record(model, pruner, val_loader, device, cfg))
