@@ -547,10 +547,11 @@ FROM_TRAINED_RESNET56_055_STEM = dataclasses.replace(
 # compute budget's epochs counted full-model epochs), while S2HPruner's last phase on its
 # pruned network was priced at that network's measured cost (about 0.5 of a full step at
 # 0.15, 0.7 at 0.35 on this CPU): the baselines got less wall time than S2HPruner wherever
-# the pruned network is cheaper to train. These profiles price both sides alike
-# (compute_pricing "own-steps": equal wall time); everything else is the base profile's, whose
-# S2HPruner runs, searches and compute ratios they take over (--reuse-from): only the
-# baselines' compute runs run again.
+# their pruned network is cheaper to train (measured in round 35: torch-pruning's unaligned L1
+# networks train at 1.0-1.4 full-model steps here, so they had got more). These profiles
+# price both sides alike (compute_pricing "own-steps": equal wall time); everything else is
+# the base profile's, whose S2HPruner runs, searches and compute ratios they take over
+# (--reuse-from): only the baselines' compute runs run again.
 OWN_STEPS_BASES = (FROM_TRAINED_ITERATIVE_015, FROM_TRAINED_GROUP_ALIGNED_SHORT,
                    FROM_TRAINED_WIDTH_STEP_055, FROM_TRAINED_RESNET56_ITERATIVE_015,
                    FROM_TRAINED_RESNET56_SHORT, FROM_TRAINED_RESNET56_055)  # fmt: skip
