@@ -69,6 +69,9 @@ def median_latency(
 # the layouts a conv weight of each rank can be in (the first: PyTorch's default)
 _LAYOUTS = {4: (torch.contiguous_format, torch.channels_last),
             5: (torch.contiguous_format, torch.channels_last_3d)}  # fmt: skip
+# a memory format by its str(), as states save it
+MEMORY_FORMATS = {str(f): f for f in (torch.contiguous_format, torch.channels_last,
+                                      torch.channels_last_3d)}  # fmt: skip
 
 
 def _strides(shape: torch.Size, memory_format: torch.memory_format) -> tuple[int, ...]:

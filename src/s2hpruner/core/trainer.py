@@ -32,7 +32,7 @@ from torch import nn
 from . import distributed as D
 from .balance import GradientBalancer
 from .errors import BudgetError, NonFiniteLossError
-from .measure import memory_format_of
+from .measure import MEMORY_FORMATS, memory_format_of
 from .modes import evaluating, follow_modes
 from .pruner import S2HPruner, project_to_budget
 
@@ -730,7 +730,7 @@ class S2HTrainer:
         if state.get("pruned") is not None:  # trained the pruned network: rebuild it
             if self.pruned is None:
                 layout = state.get("pruned_layout")
-                self.pruned_layout = _LAYOUTS_BY_NAME.get(layout, self.pruned_layout)
+                self.pruned_layout = MEMORY_FORMATS.get(layout, self.pruned_layout)
                 if self.pruned_layout == "auto":  # the saved run's choice is not known
                     self.pruned_layout = None
                 self._train_pruned_network()
@@ -755,7 +755,6 @@ def next_latency_aim(checked: Sequence[tuple[float, float]], target: float) -> f
     return min(max(aim + step, 0.8 * target), min(1.2 * target, 1.0))
 
 
-_LAYOUTS_BY_NAME = {str(f): f for f in (torch.contiguous_format, torch.channels_last)}
 
 
 def _set_grads(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None] | None):

@@ -61,6 +61,7 @@ from .. import distributed as D
 from ..index import is_depthwise, width_counts
 from ..kinds.grouped import is_grouped
 from ..measure import (
+    MEMORY_FORMATS,
     hold_freed_cpu_memory,
     in_memory_format,
     latency_ratio,
@@ -72,8 +73,6 @@ from ..structure import ChannelGroup
 
 _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 _BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
-_FORMATS = {str(f): f for f in (torch.contiguous_format, torch.channels_last,
-                                 torch.channels_last_3d)}  # fmt: skip
 _ALIGN = 8  # channels a CPU/GPU kernel handles at once (AVX2 fp32 lanes, tensor-core tiles)
 
 
@@ -409,7 +408,7 @@ class LatencyModel(nn.Module):
         self.predictor = state.get("predictor", self.predictor)
         # absent in older checkpoints; a model since moved to another layout is still timed
         # in the one the tables and points were measured in
-        self.memory_format = _FORMATS.get(state.get("memory_format"), self.memory_format)
+        self.memory_format = MEMORY_FORMATS.get(state.get("memory_format"), self.memory_format)
 
     def _cache_location(self, cache: str | Path | None) -> tuple[Path, str]:
         folder = os.environ.get("S2HPRUNER_CACHE") or Path.home() / ".cache/s2hpruner/latency"
