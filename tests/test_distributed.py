@@ -180,6 +180,17 @@ def worker(rank: int, port: int, folder: str) -> None:
         except NonFiniteLossError as exc:
             result["nonfinite"] = str(exc)
 
+        # 8. a parameter with a gradient on rank 1 only (a branch rank 0's batch did not
+        # take) is averaged with zeros on rank 0, not skipped there: the ranks' reduces pair
+        # up, and both apply the same gradient; one no rank touched keeps None
+        from s2hpruner.core import distributed as D
+
+        shared, branch, unused = (nn.Parameter(torch.zeros(2)) for _ in range(3))
+        shared.grad = torch.full((2,), 1.0 + rank)
+        branch.grad = torch.full((2,), 4.0) if rank == 1 else None
+        D.average_gradients([shared, branch, unused])
+        result["uneven_grads"] = (shared.grad.clone(), branch.grad.clone(), unused.grad)
+
         # 7. a checkpoint holds every rank's random streams and loss sums, and each rank
         # resumes its own (rank 0's alone made every rank draw rank 0's crops after a resume)
         from s2hpruner.app.checkpoint import RunState, restore, save_checkpoint
@@ -355,6 +366,14 @@ def test_each_rank_resumes_its_own_random_streams_and_loss_sums(ranks):
         assert torch.equal(r["resumed_draw"], r["draw"])
         assert r["resumed_running"] == {"task": float(rank)}
     assert not torch.equal(ranks[0]["draw"], ranks[1]["draw"])
+
+
+def test_a_gradient_present_on_one_rank_only_is_averaged_with_zeros(ranks):
+    for r in ranks:
+        shared, branch, unused = r["uneven_grads"]
+        assert torch.equal(shared, torch.full((2,), 1.5))
+        assert torch.equal(branch, torch.full((2,), 2.0))
+        assert unused is None
 
 
 def test_a_cpu_value_is_reduced_on_the_cuda_device_under_nccl(monkeypatch):

@@ -65,18 +65,27 @@ def cleanup() -> None:
 
 
 def average_gradients(params: Sequence[torch.Tensor]) -> None:
-    """Average ``p.grad`` over all ranks (no-op in a single process)."""
+    """Average ``p.grad`` over all ranks (no-op in a single process).
+
+    A parameter with a gradient on some ranks only (a branch one rank's batch did not take)
+    counts as zeros on the others, as DistributedDataParallel does: every rank then reduces the
+    same tensors (skipping its own ``None`` would pair mismatched buffers or hang) and applies
+    the same step. A parameter with no gradient on any rank keeps ``None``."""
     if not is_distributed():
         return
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
+    present = torch.tensor([p.grad is not None for p in params], dtype=torch.float32)
+    present = all_reduce_sum(present)
+    used = [p for p, count in zip(params, present.tolist(), strict=True) if count > 0]
+    if not used:
         return
+    grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in used]
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
     flat /= world_size()
     offset = 0
-    for g in grads:
+    for p, g in zip(used, grads, strict=True):
         g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        p.grad = g
         offset += g.numel()
 
 
