@@ -191,6 +191,20 @@ def test_resume_compares_the_phases_as_the_schedule_sees_them(setup, tmp_path, c
     assert "frozen-width phases of 0 and 0.5 of the run" in error_of(capsys)
 
 
+def test_a_resume_that_leaves_epochs_and_phases_unset_takes_the_runs_own(setup, tmp_path):
+    """The README's commands leave --epochs to its default, which the run resolves from the
+    data and records; the same command plus --resume was refused (epochs=4.0 against None)."""
+    root, config, out = setup
+    run_dir = copy_run(out, tmp_path / "run")
+    unset = {"--epochs": 2, "--freeze-epochs": 2}
+    for dropped in (["--epochs"], ["--epochs", "--freeze-epochs"]):
+        args = list(TINY)
+        for flag in dropped:
+            del args[args.index(flag) : args.index(flag) + unset[flag]]
+        assert main(["prune", "--config", str(config), "--data-root", str(root), "--out",
+                     str(run_dir), "--target-flops", "0.5", *args, "--resume"]) == 0  # fmt: skip
+
+
 def test_export_never_replaces_earlier_models_unless_asked(setup, tmp_path, capsys):
     _, _, out = setup
     run_dir = copy_run(out, tmp_path / "run")
@@ -419,6 +433,9 @@ def test_corrupt_checkpoint_is_refused(setup, tmp_path, capsys, spoil, message):
         (["--split-seed", "3"], "split_seed=None", "split_seed=3"),
         (["--optimizer", "adamw"], "optimizer='sgd'", "optimizer='adamw'"),
         (["--mask-optimizer", "sgd"], "mask_optimizer='adam'", "mask_optimizer='sgd'"),
+        (["--lr-warmup-steps", "2"], "lr_warmup_steps=0", "lr_warmup_steps=2"),
+        (["--mask-lr-schedule", "cosine"], "mask_lr_schedule='constant'", "'cosine'"),
+        (["--no-augment"], "augment=True", "augment=False"),
     ],
 )
 def test_checkpoint_of_other_settings_is_refused(setup, tmp_path, capsys, args, saved, asked):

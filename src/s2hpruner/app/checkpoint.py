@@ -22,8 +22,9 @@ from .optim import set_mask_lr
 
 FORMAT = "s2hpruner-checkpoint-v2"
 
-# settings that decide the model, the data, the steps and the schedule of a run: a checkpoint
-# resumes only a run with the same ones (learning rates and loss weights may change)
+# settings that decide the model, the data and its preprocessing, the steps, the schedules and
+# the losses' kinds of a run: a checkpoint resumes only a run with the same ones (learning
+# rates, momentum, weight decay, loss weights and the balancer's gains may change)
 MUST_MATCH = (
     "model",
     "dataset",
@@ -54,6 +55,13 @@ MUST_MATCH = (
     "in_chans",
     "mean",
     "std",
+    "augment",
+    "lr_warmup_steps",
+    "mask_lr_schedule",
+    "descent",
+    "balance",
+    "resource_on",
+    "freeze_teacher",
 )
 
 

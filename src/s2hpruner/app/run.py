@@ -136,6 +136,24 @@ def build_splits(cfg: RunConfig, augment: bool | None = None):
 FOLDER_PREPROCESSING = ("image_size", "in_chans", "mean", "std")
 
 
+def use_the_runs_own_defaults(cfg: RunConfig, checkpoint: dict) -> None:
+    """Settings a resuming command leaves unset take the values the run resolved for them, in
+    place: its epochs (the default follows the data), its frozen phase (before round 33 the
+    default was always 0.25) and an image folder's measured preprocessing. A resume can then
+    repeat the first command plus ``--resume``; settings given still have to match."""
+    saved = checkpoint.get("config")
+    if not isinstance(saved, dict):
+        return  # check_resumable says what is wrong with it
+    if cfg.epochs is None:
+        cfg.epochs = saved.get("epochs")
+    if cfg.freeze is None and cfg.freeze_epochs is None:
+        cfg.freeze, cfg.freeze_epochs = saved.get("freeze"), saved.get("freeze_epochs")
+    if cfg.dataset == "imagefolder":
+        for key in FOLDER_PREPROCESSING:
+            if getattr(cfg, key) is None:
+                setattr(cfg, key, saved.get(key))
+
+
 def check_model_fits_data(model: nn.Module, name: str, spec) -> None:
     """One forward of a blank batch, in eval mode: a factory that ignores ``in_chans`` or
     ``num_classes`` fails here, named, instead of in the graph tracing or the loss."""
@@ -195,7 +213,7 @@ def build_model(cfg: RunConfig, spec, device: torch.device) -> nn.Module:
     model = create_model(cfg.model, **{**data, **cfg.model_kwargs})
     check_model_fits_data(model, cfg.model, spec)
     if cfg.init is not None:
-        load_init_weights(model, cfg.init)
+        load_init_weights(model, cfg.init, cfg.model)
     elif cfg.pretrained:
         load_pretrained(cfg.model, model)
     model = model.to(device)
@@ -371,14 +389,8 @@ def prune(cfg: RunConfig) -> dict:
     seed_everything(cfg.seed)
     last = out / "checkpoints" / "last.pt"
     checkpoint = load_checkpoint(last, device) if cfg.resume else None
-    if checkpoint is not None and cfg.freeze is None and cfg.freeze_epochs is None:
-        # no frozen phase asked: the run's own (before round 33 the default was always 0.25)
-        cfg.freeze = (checkpoint.get("config") or {}).get("freeze")
-    if checkpoint is not None and cfg.dataset == "imagefolder":  # the run's own preprocessing
-        saved = checkpoint.get("config") or {}
-        for key in FOLDER_PREPROCESSING:
-            if getattr(cfg, key) is None:
-                setattr(cfg, key, saved.get(key))
+    if checkpoint is not None:
+        use_the_runs_own_defaults(cfg, checkpoint)
     splits = build_splits(cfg)
     model, pruner, example = build_model_and_pruner(
         cfg, splits.spec, device, resumed=checkpoint and checkpoint["pruner"]
