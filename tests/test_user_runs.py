@@ -119,6 +119,19 @@ def test_prune_a_users_trained_model_on_image_folders(user_setup, capsys):
     capsys.readouterr()
     assert main(["eval", str(out / "model_pruned.pt2"), "--data-root", str(other)]) == 2
     assert "trained on classes" in capsys.readouterr().err
+    # a folder of class folders (no train/): --split all scores every image, not the
+    # held-out share; here the run's own test images, so its test top-1 comes back
+    flat = root / "digits_flat"
+    shutil.copytree(root / "digits" / "test", flat)
+    n_test = sum(1 for _ in flat.glob("*/*.png"))
+    capsys.readouterr()
+    assert main(["eval", str(out / "model_pruned.pt2"), "--data-root", str(flat)]) == 0
+    assert json.loads(capsys.readouterr().out)["images"] < n_test // 5
+    assert main(["eval", str(out / "model_pruned.pt2"), "--data-root", str(flat),
+                 "--split", "all"]) == 0  # fmt: skip
+    result = json.loads(capsys.readouterr().out)
+    assert result["images"] == n_test
+    assert result["top1"] == pytest.approx(report["top1_hard"], abs=0.01)
     # exported to a folder of its own: the preprocessing and the class names go along
     exported = root / "deploy"
     assert main(["export", str(out / "checkpoints" / "best.pt"), "--out", str(exported)]) == 0

@@ -233,7 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("path", help="checkpoint (.pt from checkpoints/), model_pruned.pt or .pt2")
     e.add_argument("--dataset", default=None, help="data set (default: the run's)")
     e.add_argument("--data-root", default=None, help="data folder (default: the run's)")
-    e.add_argument("--split", default="test", choices=("test", "val"), help="which split")
+    e.add_argument("--split", default="test", choices=("test", "val", "all"),
+                   help="which split; all: every image of the data root (train and test "
+                   "files; a folder of class folders whole, not its held-out test share)")
     e.add_argument("--device", default="auto", help="auto, cpu or cuda")
     e.add_argument("--batch-size", type=int, default=500, help="evaluation batch size")
 

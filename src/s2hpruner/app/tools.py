@@ -126,12 +126,18 @@ def evaluate_path(args: argparse.Namespace) -> dict:
     root = args.data_root or (cfg.data_root if cfg and cfg.dataset == dataset else None)
     if cfg is not None:
         cfg.dataset, cfg.data_root = dataset, root
+        if args.split == "all":  # the run's subset of the training files does not apply
+            cfg.train_subset = None
         splits = build_splits(cfg, augment=False)
     else:
         splits = build_datasets(dataset, root, val_size=None, seed=0, augment=False)
     _check_classes(path, splits, classes)
-    loader = torch.utils.data.DataLoader(getattr(splits, args.split), batch_size=args.batch_size)
-    result = {"path": str(path), "dataset": dataset, "split": args.split}
+    if args.split == "all":  # validation is held out of the training files: the three cover all
+        images = torch.utils.data.ConcatDataset([splits.train, splits.val, splits.test])
+    else:
+        images = getattr(splits, args.split)
+    loader = torch.utils.data.DataLoader(images, batch_size=args.batch_size)
+    result = {"path": str(path), "dataset": dataset, "split": args.split, "images": len(images)}
     if is_checkpoint:
         result["top1_soft"] = evaluate(model, loader, device, pruner, "soft", True, "soft")
         result["top1_hard"] = evaluate(hard, loader, device, progress=True, desc="hard")
