@@ -511,6 +511,21 @@ def test_mismatch_names_missing_unexpected_and_misshaped_keys(tmp_path):
     assert describe_state_dict_mismatch(state, state) is None
 
 
+def test_weights_of_torchvisions_model_for_ours_of_the_same_name_name_the_prefix(tmp_path):
+    """Our resnet50 (CIFAR stem) hides torchvision's: weights trained on torchvision's do not
+    fit it, and the error says which spelling builds the model they fit."""
+    state = torchvision.models.resnet50(num_classes=10).state_dict()
+    torch.save(state, tmp_path / "tv.pt")
+    with pytest.raises(CheckpointError, match="use --model torchvision/resnet50"):
+        load_init_weights(create_model("resnet50"), tmp_path / "tv.pt", "resnet50")
+    tv = create_model("torchvision/resnet50")
+    loaded = load_init_weights(tv, tmp_path / "tv.pt", "torchvision/resnet50")
+    assert loaded["tensors"] == len(state)
+    with pytest.raises(CheckpointError) as info:  # a registry name torchvision has not
+        load_init_weights(create_model("resnet20"), tmp_path / "tv.pt", "resnet20")
+    assert "torchvision/" not in str(info.value)
+
+
 def test_unreadable_weights_files(tmp_path):
     model = small_model()
     good = tmp_path / "good.pt"

@@ -49,6 +49,7 @@ __all__ = [
     "list_models",
     "load_factory",
     "register_model",
+    "shadows_torchvision",
     "torchvision_vit_patch_size",
     "wide_resnet",
 ]
@@ -79,6 +80,12 @@ def register_model(fn: FactoryT) -> FactoryT:
 def _torchvision_names() -> tuple[str, ...]:
     """Classification models only (not detection/segmentation), computed once."""
     return tuple(torchvision.models.list_models(module=torchvision.models))
+
+
+def shadows_torchvision(name: str) -> bool:
+    """Whether registry model ``name`` hides a torchvision model of the same name (ours, e.g.
+    the CIFAR ``resnet50``, has another layout; torchvision's is ``torchvision/<name>``)."""
+    return name in MODELS and name in _torchvision_names()
 
 
 def list_models(include_torchvision: bool = False) -> list[str]:

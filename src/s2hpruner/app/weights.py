@@ -23,7 +23,7 @@ from torch import nn
 
 from ..core.errors import CheckpointError
 from ..core.structure import AUX_HEADS
-from .models import MODELS
+from .models import MODELS, TORCHVISION_PREFIX, shadows_torchvision
 
 __all__ = [
     "STATE_DICT_KEYS",
@@ -207,11 +207,14 @@ def _strip(
     return best, prefix, others
 
 
-def load_init_weights(model: nn.Module, path: str | Path) -> dict[str, Any]:
+def load_init_weights(
+    model: nn.Module, path: str | Path, model_name: str | None = None
+) -> dict[str, Any]:
     """Load the user's weights file into ``model``; every key and shape must match.
 
     Returns ``{"path", "source" (where in the file), "tensors", "stripped_prefix"}``; raises
-    :class:`CheckpointError` naming the missing, unexpected and mis-shaped keys otherwise.
+    :class:`CheckpointError` naming the missing, unexpected and mis-shaped keys otherwise (and,
+    for a ``model_name`` of ours that hides torchvision's, the name of torchvision's).
     """
     state, source = read_state_dict(path)
     model_state = model.state_dict()
@@ -224,10 +227,14 @@ def load_init_weights(model: nn.Module, path: str | Path) -> dict[str, Any]:
         )
     problem = describe_state_dict_mismatch(state, model_state)
     if problem:
+        also = ""
+        if model_name is not None and shadows_torchvision(model_name):
+            also = (f"; our {model_name!r} differs from torchvision's: for weights of "
+                    f"torchvision's use --model {TORCHVISION_PREFIX}{model_name}")  # fmt: skip
         raise CheckpointError(
             f"weights file {path} ({source}) does not fit the model: {problem}; fix: build the "
             "model these weights were trained with (same model, num_classes, in_chans, "
-            "model_kwargs; for grey images read as RGB in training, --in-chans 3)"
+            f"model_kwargs; for grey images read as RGB in training, --in-chans 3{also})"
         )
     counters = {k: v for k, v in model_state.items() if k.endswith("num_batches_tracked")}
     model.load_state_dict({**counters, **state})
@@ -370,9 +377,8 @@ def load_pretrained(model_name: str, model: nn.Module) -> dict[str, Any]:
     if problem:
         hint = ""
         if model_name in MODELS:
-            hint = (
-                f" (ours differs from torchvision's; for that one use 'torchvision/{model_name}')"
-            )
+            hint = (f" (ours differs from torchvision's; for that one use "
+                    f"'{TORCHVISION_PREFIX}{model_name}')")  # fmt: skip
         raise CheckpointError(
             f"pretrained weights {path} do not fit model {model_name!r}{hint}: {problem}"
         )
