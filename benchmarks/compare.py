@@ -47,7 +47,6 @@ import json
 import os
 import platform
 import shlex
-import shutil
 import subprocess
 import sys
 import time
@@ -569,6 +568,24 @@ FROM_TRAINED_OWN_STEPS_ALIGNED_L1 = dataclasses.replace(
             "l1-ft": _grid(lr=FINE_TUNE_LRS, l1_global=(True, False), l1_round_to=(8,))},
 )
 
+
+
+def _aligned(grid: tuple[dict, ...]) -> tuple[dict, ...]:
+    """``grid`` with L1's widths in multiples of 8 (torch-pruning's round_to)."""
+    return tuple({**candidate, "l1_round_to": 8} for candidate in grid)
+
+
+# The aligned option at 0.15 and 0.55 too (round 36; a review: unaligned L1 at 0.55 trains at
+# 1.3-1.4 full-model steps, so under own-step pricing only 0.35 gave L1 its best form): each
+# base's own L1 grid (at 0.15 with the iterative pruning validation chose there), every width
+# a multiple of 8, searched again on validation at the target; S2HPruner's runs are reused.
+ALIGNED_L1 = {
+    f"{name}-aligned-l1": dataclasses.replace(
+        OWN_STEPS[name], name=f"{name}-aligned-l1",
+        search={**OWN_STEPS[name].search, "l1-ft": _aligned(OWN_STEPS[name].search["l1-ft"])})
+    for name in ("from-trained-iterative-015-own-steps", "from-trained-width-step-055-own-steps")
+}  # fmt: skip
+
 PROFILES = {
     # ~1 h on a 2-core CPU: s2h ~4.5 min/epoch, a plain epoch ~1.5-2 min
     "quick": Profile("quick", epochs=3.0),
@@ -604,6 +621,7 @@ PROFILES = {
     "from-trained-resnet56-055-stem": FROM_TRAINED_RESNET56_055_STEM,
     **OWN_STEPS,
     "from-trained-group-aligned-short-own-steps-aligned-l1": FROM_TRAINED_OWN_STEPS_ALIGNED_L1,
+    **ALIGNED_L1,
 }
 
 
@@ -771,7 +789,8 @@ def code_version() -> dict:
             return None
         return done.stdout.strip()
 
-    changes = git("status", "--porcelain", "--untracked-files=no", "--", "src", "benchmarks")
+    # the code only: results and notes under benchmarks/ change as a benchmark runs
+    changes = git("status", "--porcelain", "--untracked-files=no", "--", "src", "benchmarks/*.py")
     return {"commit": git("rev-parse", "HEAD"),
             "dirty": None if changes is None else bool(changes), "torch": torch.__version__}
 
@@ -916,9 +935,10 @@ def open_results(
     # a new benchmark: the run folders of one made before must not be resumed as its runs
     # (an S2HPruner run resumes any checkpoint in its folder); kept aside, not deleted
     runs = path.parent / "runs" / profile.name
-    if runs.exists():
-        aside = runs.with_name(f"{profile.name}.replaced")
-        shutil.rmtree(aside, ignore_errors=True)
+    if runs.exists():  # a name of its own each time: an earlier set-aside folder stays too
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        aside = next(a for i in range(1000) if not (a := runs.with_name(
+            f"{profile.name}.replaced-{stamp}" + (f"-{i}" if i else ""))).exists())  # fmt: skip
         runs.rename(aside)
         print(f"{runs} holds the runs of an earlier benchmark: moved to {aside}")
     results = {

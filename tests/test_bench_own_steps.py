@@ -131,3 +131,26 @@ def test_the_aligned_l1_profile_changes_only_l1s_search():
     assert {c["l1_round_to"] for c in profile.search["l1-ft"]} == {8}
     assert {(c["lr"], c["l1_global"]) for c in profile.search["l1-ft"]} == {
         (c["lr"], c["l1_global"]) for c in compare.FROM_TRAINED.search["l1-ft"]}
+
+
+@pytest.mark.parametrize("name", sorted(compare.ALIGNED_L1))
+def test_the_aligned_l1_profiles_align_every_l1_candidate_and_change_nothing_else(name):
+    profile = compare.PROFILES[name]
+    base = compare.OWN_STEPS[name.removesuffix("-aligned-l1")]
+    assert [{**c, "l1_round_to": 8} for c in base.search["l1-ft"]] == \
+        list(profile.search["l1-ft"])  # fmt: skip
+    assert dataclasses.replace(profile, name=base.name, search=base.search) == base
+
+
+def test_a_new_benchmark_sets_earlier_runs_aside_and_never_deletes_them(tmp_path):
+    """Two --overwrite in a row: the first one's set-aside folder (the only copy of the
+    earlier benchmark's checkpoints once its JSON was replaced) used to be deleted."""
+    profile = dataclasses.replace(compare.PROFILES["quick"], init=None)
+    runs = tmp_path / "runs" / profile.name
+    for n in ("first", "second"):
+        (runs / "s2h").mkdir(parents=True)
+        (runs / "s2h" / "mark").write_text(n)
+        compare.open_results(tmp_path / "quick.json", profile, "cmd", False, True)
+        assert not runs.exists()
+    aside = sorted(runs.parent.glob(f"{profile.name}.replaced-*"))
+    assert [(a / "s2h" / "mark").read_text() for a in aside] == ["first", "second"]
