@@ -205,6 +205,21 @@ def test_a_resume_that_leaves_epochs_and_phases_unset_takes_the_runs_own(setup, 
                      str(run_dir), "--target-flops", "0.5", *args, "--resume"]) == 0  # fmt: skip
 
 
+def test_a_checkpoint_that_did_not_record_the_folders_preprocessing_resumes():
+    """Checkpoints before round 35 saved None for an image folder's measured size, channels,
+    mean and std; the resume measures them again instead of refusing None != [...]."""
+    from s2hpruner.app.checkpoint import check_resumable
+    from s2hpruner.app.config import RunConfig
+    from s2hpruner.core.errors import CheckpointError
+
+    cfg = RunConfig(dataset="imagefolder", data_root="/data", epochs=1.0, image_size=16,
+                    in_chans=1, mean=[0.5], std=[0.2])  # fmt: skip
+    unrecorded = {"image_size": None, "in_chans": None, "mean": None, "std": None}
+    check_resumable({"config": {**cfg.to_dict(), **unrecorded}}, cfg)
+    with pytest.raises(CheckpointError, match=r"mean=\[0\.4\] but this run has mean=\[0\.5\]"):
+        check_resumable({"config": {**cfg.to_dict(), "mean": [0.4]}}, cfg)
+
+
 def test_export_never_replaces_earlier_models_unless_asked(setup, tmp_path, capsys):
     _, _, out = setup
     run_dir = copy_run(out, tmp_path / "run")
@@ -566,7 +581,9 @@ def test_non_finite_loss_names_the_step_and_keeps_the_last_good_checkpoint(
     # the advice of the message works: resumed with a lower --lr, which replaces the
     # checkpoint's (0.05 by default) from the step of the checkpoint on
     monkeypatch.setattr(S2HTrainer, "step", real)
-    assert prune(root, config, out, "--resume", "--lr", "0.01") == 0
+    said = r"other optimizer settings than the run's: lr 0\.05 -> 0\.01;"
+    with pytest.warns(UserWarning, match=said):
+        assert prune(root, config, out, "--resume", "--lr", "0.01") == 0
     ckpt = torch.load(out / "checkpoints" / "last.pt", weights_only=False)
     assert ckpt["state"]["step"] == 4
     assert [g["initial_lr"] for g in ckpt["optimizer"]["param_groups"]] == [0.01, 0.01]

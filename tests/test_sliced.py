@@ -318,3 +318,6 @@ def test_the_sliced_weights_follow_the_models_layout(layout):
                  if v not in (None, LAYOUTS[layout]) and k not in exempt}  # fmt: skip
         assert not wrong, (name, wrong)
         assert any(seen[n] == LAYOUTS[layout] for n in both), name
+        depthwise = [n for n, m in convs if m.groups > 1 and m.groups == m.in_channels]
+        for n in depthwise:  # a 3x3 depthwise weight's strides tell its layout
+            assert seen[n] == torch.channels_last, (name, n, seen[n])

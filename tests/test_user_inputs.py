@@ -692,6 +692,36 @@ def test_pretrained_timm_from_hf_cache(tmp_path, monkeypatch):
             assert torch.equal(got[key], value), key
 
 
+def test_any_timm_model_by_name(tmp_path, monkeypatch):
+    """``timm/<name>``: a timm CNN at the data's classes and channels (it takes no img_size and
+    runs at any size), a ViT at the data's image size, the patch rule, an unknown name, and
+    --pretrained reading the model's weights from the Hugging Face cache."""
+    timm = pytest.importorskip("timm")
+    from huggingface_hub import constants
+
+    from s2hpruner.app.models import ModelSpecError
+
+    cnn = create_model("timm/resnet10t", num_classes=10, in_chans=1, image_size=28)
+    assert cnn(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    vit = create_model("timm/vit_tiny_patch16_224", num_classes=10, in_chans=1, image_size=32,
+                       patch_size=4, depth=2)  # fmt: skip
+    assert vit(torch.randn(2, 1, 32, 32)).shape == (2, 10)
+    with pytest.raises(ModelSpecError, match="patch_size: 7"):
+        create_model("timm/vit_tiny_patch16_224", num_classes=10, in_chans=1, image_size=28)
+    with pytest.raises(ModelSpecError, match="timm has no model 'resnet_nope'"):
+        create_model("timm/resnet_nope")
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    torch.manual_seed(3)
+    reference = timm.create_model("resnet10t", pretrained=False)  # 1000 classes, RGB
+    fake_hf_cache(tmp_path / "hf", cnn.pretrained_cfg["hf_hub_id"], reference.state_dict())
+    summary = load_pretrained("timm/resnet10t", cnn)
+    assert summary["fresh"] == ["fc.weight", "fc.bias"]
+    assert summary["adapted"] == ["conv1.0.weight"]
+    stem = reference.state_dict()["conv1.0.weight"].sum(dim=1, keepdim=True)
+    assert torch.allclose(cnn.state_dict()["conv1.0.weight"], stem)
+
+
 def test_a_model_that_ignores_the_datas_channels_or_classes_is_named_before_tracing(tmp_path):
     """A factory with hard-coded channels or classes: the run stops with what to fix, not
     with a tracing error about channel shuffles or an index error in the loss."""

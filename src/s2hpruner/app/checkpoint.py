@@ -64,6 +64,12 @@ MUST_MATCH = (
     "freeze_teacher",
 )
 
+# an image folder's preprocessing, measured and recorded by a run (MUST_MATCH when recorded)
+MEASURED_PREPROCESSING = ("image_size", "in_chans", "mean", "std")
+
+# settings a resume may change, with a warning (the optimizer's, applied to its state)
+MAY_CHANGE = ("lr", "mask_lr", "weight_decay", "momentum", "nesterov")
+
 
 @dataclass
 class RunState:
@@ -183,6 +189,8 @@ def check_resumable(ckpt: dict, cfg: RunConfig) -> None:
         )
     asked = cfg.to_dict()
     for key in MUST_MATCH:
+        if key in MEASURED_PREPROCESSING and saved.get(key) is None:
+            continue  # a run from before round 35 did not record what it measured
         if setting(saved, key) != setting(asked, key):
             raise CheckpointError(
                 f"checkpoint was made with {key}={saved.get(key)!r} but this run has "
@@ -198,6 +206,12 @@ def check_resumable(ckpt: dict, cfg: RunConfig) -> None:
             f"{phases[1]:g} of the run, but this run has {now[0]:g} and {now[1]:g}; use the "
             "same settings or another --out"
         )
+    changed = [f"{key} {setting(saved, key)!r} -> {getattr(cfg, key)!r}" for key in MAY_CHANGE
+               if setting(saved, key) != getattr(cfg, key)]  # fmt: skip
+    if changed:  # allowed (a lower --lr is the way out of a NaN), but said: a resume that
+        # leaves --weight-decay out would otherwise train on at the default without a word
+        warnings.warn(f"resuming with other optimizer settings than the run's: "
+                      f"{', '.join(changed)}; they apply from here", stacklevel=2)  # fmt: skip
     workers = setting(saved, "workers") or 0
     if (workers > 0) != (cfg.workers > 0):  # the augmentation's random stream changes kind
         warnings.warn(

@@ -2,7 +2,8 @@
 
 Names follow timm's style (``resnet56``, ``wrn28_10``). The project's own small-image models
 live in :data:`MODELS`; any torchvision classification model is accepted as a fallback, by its
-torchvision name or explicitly as ``torchvision/<name>`` (needed where one of ours shadows it).
+torchvision name or explicitly as ``torchvision/<name>`` (needed where one of ours shadows it),
+and any timm model as ``timm/<name>``.
 Weights are never downloaded: every model starts from random initialisation. The vision
 transformers (:data:`VISION_TRANSFORMERS`) are timm's (the ``vit`` extra) and take ``img_size``;
 torchvision's ViTs (``vit_b_16``, ...) are built at ``image_size`` too, which must be a multiple
@@ -39,6 +40,8 @@ from ..core.errors import S2HError, UnknownNameError, UnsupportedModelError
 
 __all__ = [
     "MODELS",
+    "TIMM_PREFIX",
+    "TORCHVISION_PREFIX",
     "VISION_TRANSFORMERS",
     "CifarResNet",
     "ModelSpecError",
@@ -55,6 +58,7 @@ __all__ = [
 ]
 
 TORCHVISION_PREFIX = "torchvision/"
+TIMM_PREFIX = "timm/"  # any timm model by its timm name (the ``vit`` extra installs timm)
 
 MODELS: dict[str, Callable[..., nn.Module]] = {}
 
@@ -105,12 +109,12 @@ def create_model(
 ) -> nn.Module:
     """Build model ``name`` with random weights; ``kwargs`` go to its factory.
 
-    ``name`` is a registry name, a torchvision name, or a user factory (``module:factory`` or
-    ``file.py:factory``, see :func:`load_factory`). ``image_size`` (the data's) is passed as
-    ``img_size`` to registry factories that take one (the vision transformers), unless
-    ``kwargs`` already set it, and as ``image_size`` to torchvision's ViTs (``vit_b_16``, ...;
-    a size that is not a multiple of their patch size raises :class:`ModelSpecError`); other
-    models ignore it.
+    ``name`` is a registry name, a torchvision name, ``timm/<name>`` or a user factory
+    (``module:factory`` or ``file.py:factory``, see :func:`load_factory`). ``image_size`` (the
+    data's) is passed as ``img_size`` to registry factories and timm models that take one (the
+    vision transformers), unless ``kwargs`` already set it, and as ``image_size`` to
+    torchvision's ViTs (``vit_b_16``, ...; a size that is not a multiple of their patch size
+    raises :class:`ModelSpecError`); other models ignore it.
     """
     if ":" in name:
         return _user_model(name, num_classes, in_chans, image_size, kwargs)
@@ -119,6 +123,9 @@ def create_model(
         size = {} if image_size is None else {"img_size": image_size}
         kwargs = {**_accepted_kwargs(factory, size), **kwargs}
         return factory(num_classes=num_classes, in_chans=in_chans, **kwargs)
+    if name.startswith(TIMM_PREFIX):
+        return _timm_model(name.removeprefix(TIMM_PREFIX), num_classes, in_chans, image_size,
+                           **kwargs)  # fmt: skip
     tv_name = name.removeprefix(TORCHVISION_PREFIX)
     if tv_name in _torchvision_names():
         return _torchvision_model(tv_name, num_classes, in_chans, image_size=image_size, **kwargs)
@@ -127,6 +134,7 @@ def create_model(
     error.args = (
         f"{error.args[0]}; any torchvision classification model name is accepted too "
         f"(e.g. 'resnet18', or '{TORCHVISION_PREFIX}resnet50' for torchvision's own one), "
+        f"any timm model as '{TIMM_PREFIX}<name>' (e.g. '{TIMM_PREFIX}convnext_atto'), "
         "and so is your own factory as 'package.module:function' or 'path/to/file.py:function'",
     )
     raise error
@@ -668,22 +676,34 @@ def _timm():
     return timm
 
 
-def _timm_model(name: str, num_classes: int, in_chans: int, img_size: int, **kwargs) -> nn.Module:
+def _timm_model(
+    name: str, num_classes: int, in_chans: int, img_size: int | None, **kwargs
+) -> nn.Module:
     """timm's ``name`` with random weights (never pretrained) at ``img_size``; ``kwargs``
     override its architecture (e.g. ``patch_size=4`` or ``window_size=4`` for 32x32 images).
+    A model that takes no ``img_size`` (a CNN) is built without it: it runs at any size.
     An image size off the patch grid is refused: timm would drop the leftover rows and
     columns silently (a 16-px patch on 28x28 Fashion-MNIST sees 16 of its 28 rows)."""
-    model = _timm().create_model(
-        name,
-        pretrained=False,
-        num_classes=num_classes,
-        in_chans=in_chans,
-        img_size=img_size,
-        **kwargs,
-    )
+    timm = _timm()
+    if not timm.is_model(name):
+        raise ModelSpecError(
+            f"timm has no model {name!r}; fix: a name from timm.list_models() (e.g. "
+            f"{TIMM_PREFIX}resnet18, {TIMM_PREFIX}convnext_atto)"
+        )
+    args = {"pretrained": False, "num_classes": num_classes, "in_chans": in_chans, **kwargs}
+    if img_size is None or "img_size" in kwargs:
+        model = timm.create_model(name, **args)
+    else:
+        try:
+            model = timm.create_model(name, img_size=img_size, **args)
+        except TypeError as exc:
+            if "img_size" not in str(exc):
+                raise
+            model = timm.create_model(name, **args)
+    img_size = kwargs.get("img_size", img_size)
     patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
     patch = patch[0] if isinstance(patch, tuple | list) else patch
-    if isinstance(patch, int) and patch > 1 and img_size % patch:
+    if isinstance(patch, int) and patch > 1 and isinstance(img_size, int) and img_size % patch:
         # the largest patch below this one that divides the image into at least 7x7 patches
         fits = [p for p in range(2, patch) if img_size % p == 0 and img_size // p >= 7] or [1]
         raise ModelSpecError(

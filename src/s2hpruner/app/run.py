@@ -41,6 +41,7 @@ from ..core.pruner import S2HPruner, uniform_widths
 from ..core.resources import count_flops, count_params
 from ..core.trainer import METHODS, S2HTrainer, evaluate
 from .checkpoint import (
+    MEASURED_PREPROCESSING,
     RunState,
     check_resumable,
     load_checkpoint,
@@ -132,10 +133,6 @@ def build_splits(cfg: RunConfig, augment: bool | None = None):
         raise ConfigError(f"{exc}; choose another --val-size or --train-subset") from exc
 
 
-# an image folder's preprocessing, measured on it (or the weights') and recorded by a run
-FOLDER_PREPROCESSING = ("image_size", "in_chans", "mean", "std")
-
-
 def use_the_runs_own_defaults(cfg: RunConfig, checkpoint: dict) -> None:
     """Settings a resuming command leaves unset take the values the run resolved for them, in
     place: its epochs (the default follows the data), its frozen phase (before round 33 the
@@ -149,7 +146,7 @@ def use_the_runs_own_defaults(cfg: RunConfig, checkpoint: dict) -> None:
     if cfg.freeze is None and cfg.freeze_epochs is None:
         cfg.freeze, cfg.freeze_epochs = saved.get("freeze"), saved.get("freeze_epochs")
     if cfg.dataset == "imagefolder":
-        for key in FOLDER_PREPROCESSING:
+        for key in MEASURED_PREPROCESSING:
             if getattr(cfg, key) is None:
                 setattr(cfg, key, saved.get(key))
 

@@ -184,8 +184,9 @@ class S2HPruner(nn.Module):
         self.resources = ResourceModel(model, example_inputs, self.groups)
         if "latency" in self.budgets and latency_model is None:
             raise BudgetError(
-                "target_latency needs a latency_model (LatencyModel(model, example_inputs, "
-                "pruner_groups, ...)); build one with s2hpruner.core.resources.latency"
+                "target_latency needs a latency_model; fix: latency_model=lambda model, x, "
+                "groups: LatencyModel(model, x, groups, batch_size=64) (LatencyModel from "
+                "s2hpruner.core.resources.latency; the pruner calls it with its groups)"
             )
         if latency_model is not None and not isinstance(latency_model, nn.Module):
             latency_model = latency_model(model, example_inputs, self.groups)
