@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import math
 import os
 import statistics
@@ -59,7 +60,7 @@ from s2hpruner.app import run as app_run
 from s2hpruner.app.checkpoint import seed_everything
 from s2hpruner.app.config import RunConfig
 from s2hpruner.app.data import DataSplits
-from s2hpruner.app.files import atomic_torch_save
+from s2hpruner.app.files import atomic_torch_save, atomic_write_bytes
 from s2hpruner.app.optim import build_weight_optimizer
 from s2hpruner.app.sampling import EpochSampler, train_loader
 from s2hpruner.core.sliced import narrow_pointwise
@@ -477,6 +478,20 @@ def own_step_cost(network: nn.Module, data: Data, cfg: RunConfig, turns: int = 5
             "load_average": {"before": load_before, "after": os.getloadavg()}}  # fmt: skip
 
 
+def _stored_price(path: Path | None, priced_for: dict) -> dict | None:
+    """The price an earlier attempt at this run measured, when it was for the same method,
+    target, seed and options: a timing is never the same twice, and the steps follow it."""
+    if path is None or not path.is_file():
+        return None
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if {k: stored.get(k) for k in priced_for} != json.loads(json.dumps(priced_for)):
+        return None
+    return {**stored["price"], "reused_from": str(path)}
+
+
 def mean_step_cost(method: str, options: BaselineOptions, pruned_cost: float) -> float:
     """A baseline's mean step in full-model steps: a stage on the unpruned model costs 1,
     one on the pruned network ``pruned_cost``; iterative L1's piece i trains a network with
@@ -537,9 +552,18 @@ def run_baseline(
     step = 0
     if options.own_step_pricing and method != "l1":  # (l1 trains the full model only)
         # cfg.epochs: full-model epochs of wall time; as many of its own steps as they pay for
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            proxy = pruned_proxy(method, model, example, target, cfg, options, full_flops)
-            price = own_step_cost(proxy, data, cfg, options.pricing_turns)
+        price_file = None if run_dir is None else Path(run_dir) / "own_step_price.json"
+        priced_for = {"method": method, "target": target, "seed": cfg.seed,
+                      "options": dataclasses.asdict(options)}  # fmt: skip
+        price = _stored_price(price_file, priced_for)
+        if price is None:
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                proxy = pruned_proxy(method, model, example, target, cfg, options, full_flops)
+                price = own_step_cost(proxy, data, cfg, options.pricing_turns)
+            if price_file is not None:  # a rerun of this run (a crash) trains the same steps
+                price_file.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_bytes(price_file, json.dumps({**priced_for, "price": price},
+                                                          indent=1).encode())  # fmt: skip
         mean = mean_step_cost(method, options, price["ratio"])
         record["own_step_pricing"] = {**price, "mean_step_cost": mean,
                                       "full_model_epochs": cfg.epochs,

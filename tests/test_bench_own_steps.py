@@ -154,3 +154,23 @@ def test_a_new_benchmark_sets_earlier_runs_aside_and_never_deletes_them(tmp_path
         assert not runs.exists()
     aside = sorted(runs.parent.glob(f"{profile.name}.replaced-*"))
     assert [(a / "s2h" / "mark").read_text() for a in aside] == ["first", "second"]
+
+
+def test_a_rerun_reuses_the_price_its_first_attempt_measured(tmp_path, monkeypatch):
+    """A timing is never the same twice: a run redone after a crash would train another
+    number of steps. It reuses the price stored in its folder, if made for the same options."""
+    priced = dataclasses.replace(ONCE, own_step_pricing=True, pricing_turns=1)
+    profile = dataclasses.replace(compare.FROM_TRAINED_DESCENT, **TINY)
+    cfg = compare.run_config(profile, compare.RunSpec("l1-ft", 0.35, 0, "compute"), 2.0,
+                             tmp_path / "cfg")  # fmt: skip
+    first = baselines.run_baseline("l1-ft", cfg, priced, tmp_path / "run")
+    timed = []
+    monkeypatch.setattr(baselines, "own_step_cost",
+                        lambda *args, **kwargs: timed.append(1) or {"ratio": 0.5})  # fmt: skip
+    again = baselines.run_baseline("l1-ft", cfg, priced, tmp_path / "run")
+    assert not timed
+    assert again["own_step_pricing"]["ratio"] == first["own_step_pricing"]["ratio"]
+    assert (again["epochs"], again["top1_hard"]) == (first["epochs"], first["top1_hard"])
+    baselines.run_baseline("l1-ft", cfg, dataclasses.replace(priced, l1_global=False),
+                           tmp_path / "run")  # fmt: skip
+    assert timed == [1]  # another network: priced again
