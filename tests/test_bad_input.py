@@ -579,9 +579,9 @@ def test_non_finite_loss_names_the_step_and_keeps_the_last_good_checkpoint(
     assert not (out / "report.json").exists()
 
     # the advice of the message works: resumed with a lower --lr, which replaces the
-    # checkpoint's (0.05 by default) from the step of the checkpoint on
+    # checkpoint's (0.1 by default) from the step of the checkpoint on
     monkeypatch.setattr(S2HTrainer, "step", real)
-    said = r"other optimizer settings than the run's: lr 0\.05 -> 0\.01;"
+    said = r"other optimizer settings than the run's: lr 0\.1 -> 0\.01;"
     with pytest.warns(UserWarning, match=said):
         assert prune(root, config, out, "--resume", "--lr", "0.01") == 0
     ckpt = torch.load(out / "checkpoints" / "last.pt", weights_only=False)

@@ -706,7 +706,7 @@ def test_any_timm_model_by_name(tmp_path, monkeypatch):
     vit = create_model("timm/vit_tiny_patch16_224", num_classes=10, in_chans=1, image_size=32,
                        patch_size=4, depth=2)  # fmt: skip
     assert vit(torch.randn(2, 1, 32, 32)).shape == (2, 10)
-    with pytest.raises(ModelSpecError, match="patch_size: 7"):
+    with pytest.raises(ModelSpecError, match="patch_size: 4"):
         create_model("timm/vit_tiny_patch16_224", num_classes=10, in_chans=1, image_size=28)
     with pytest.raises(ModelSpecError, match="timm has no model 'resnet_nope'"):
         create_model("timm/resnet_nope")
