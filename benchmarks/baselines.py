@@ -40,6 +40,7 @@ import dataclasses
 import json
 import math
 import os
+import platform
 import statistics
 import time
 import warnings
@@ -554,7 +555,9 @@ def run_baseline(
         # cfg.epochs: full-model epochs of wall time; as many of its own steps as they pay for
         price_file = None if run_dir is None else Path(run_dir) / "own_step_price.json"
         priced_for = {"method": method, "target": target, "seed": cfg.seed,
-                      "options": dataclasses.asdict(options)}  # fmt: skip
+                      "options": dataclasses.asdict(options), "device": str(device),
+                      "threads": torch.get_num_threads(), "host": platform.node(),
+                      "cpu": platform.processor()}  # fmt: skip
         price = _stored_price(price_file, priced_for)
         if price is None:
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):

@@ -206,7 +206,8 @@ def check_resumable(ckpt: dict, cfg: RunConfig) -> None:
             f"{phases[1]:g} of the run, but this run has {now[0]:g} and {now[1]:g}; use the "
             "same settings or another --out"
         )
-    changed = [f"{key} {setting(saved, key)!r} -> {getattr(cfg, key)!r}" for key in MAY_CHANGE
+    applied = MAY_CHANGE if cfg.optimizer == "sgd" else ("lr", "mask_lr", "weight_decay")
+    changed = [f"{key} {setting(saved, key)!r} -> {getattr(cfg, key)!r}" for key in applied
                if setting(saved, key) != getattr(cfg, key)]  # fmt: skip
     if changed:  # allowed (a lower --lr is the way out of a NaN), but said: a resume that
         # leaves --weight-decay out would otherwise train on at the default without a word

@@ -86,10 +86,19 @@ def _torchvision_names() -> tuple[str, ...]:
     return tuple(torchvision.models.list_models(module=torchvision.models))
 
 
+@cache
 def shadows_torchvision(name: str) -> bool:
-    """Whether registry model ``name`` hides a torchvision model of the same name (ours, e.g.
-    the CIFAR ``resnet50``, has another layout; torchvision's is ``torchvision/<name>``)."""
-    return name in MODELS and name in _torchvision_names()
+    """Whether registry model ``name`` hides a torchvision model of the same name with another
+    layout (the CIFAR ``resnet50`` and ``vgg19_bn``; torchvision's is ``torchvision/<name>``).
+    Our MobileNetV3s are torchvision's by default: they do not. Builds both, once."""
+    if name not in MODELS or name not in _torchvision_names():
+        return False
+
+    def shapes(model: nn.Module) -> dict[str, torch.Size]:
+        return {k: v.shape for k, v in model.state_dict().items()}
+
+    return shapes(MODELS[name](num_classes=10, in_chans=3)) != shapes(
+        _torchvision_model(name, 10, 3))
 
 
 def list_models(include_torchvision: bool = False) -> list[str]:

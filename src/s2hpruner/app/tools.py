@@ -126,8 +126,8 @@ def evaluate_path(args: argparse.Namespace) -> dict:
     root = args.data_root or (cfg.data_root if cfg and cfg.dataset == dataset else None)
     if cfg is not None:
         cfg.dataset, cfg.data_root = dataset, root
-        if args.split == "all":  # the run's subset of the training files does not apply
-            cfg.train_subset = None
+        if args.split == "all":  # the run's subset and validation share do not apply
+            cfg.train_subset, cfg.val_size = None, 0
         splits = build_splits(cfg, augment=False)
     else:
         splits = build_datasets(dataset, root, val_size=None, seed=0, augment=False)

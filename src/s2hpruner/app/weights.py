@@ -23,7 +23,7 @@ from torch import nn
 
 from ..core.errors import CheckpointError
 from ..core.structure import AUX_HEADS
-from .models import MODELS, TORCHVISION_PREFIX, shadows_torchvision
+from .models import TIMM_PREFIX, TORCHVISION_PREFIX, shadows_torchvision
 
 __all__ = [
     "STATE_DICT_KEYS",
@@ -315,12 +315,14 @@ def load_pretrained(model_name: str, model: nn.Module) -> dict[str, Any]:
         stems, heads = _names(cfg.get("first_conv")), _names(cfg.get("classifier"))
         resampled = []
     else:
-        name = model_name.removeprefix("torchvision/")
+        name = model_name.removeprefix(TORCHVISION_PREFIX)
         if name not in torchvision.models.list_models(module=torchvision.models):
+            what = ("timm names no Hugging Face weights for it" if
+                    model_name.startswith(TIMM_PREFIX) else "--pretrained covers torchvision "
+                    "classifiers and timm models with Hugging Face weights")  # fmt: skip
             raise CheckpointError(
-                f"no pretrained weights known for model {model_name!r}: --pretrained covers "
-                "torchvision classifiers and timm's vision transformers; for your own weights "
-                "use --init FILE"
+                f"no pretrained weights known for model {model_name!r}: {what}; for your own "
+                "weights use --init FILE"
             )
         path = torchvision_cache_path(name)
         if not path.is_file():
@@ -376,7 +378,7 @@ def load_pretrained(model_name: str, model: nn.Module) -> dict[str, Any]:
         problem = f"{problem}; {stem}" if problem else stem
     if problem:
         hint = ""
-        if model_name in MODELS:
+        if shadows_torchvision(model_name):
             hint = (f" (ours differs from torchvision's; for that one use "
                     f"'{TORCHVISION_PREFIX}{model_name}')")  # fmt: skip
         raise CheckpointError(

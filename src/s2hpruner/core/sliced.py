@@ -102,7 +102,7 @@ class SlicedHardForward:
         """Run the model's layers sliced to ``keep_flat`` (bool per group channel, plus a
         trailing True), multiplying mask sites by ``mask_flat`` (m_hat, plus a trailing 1).
         With ``layout``, 4-D inputs and conv weights are put in that memory format (else the
-        sliced weights take the model's, :func:`memory_format_of`, depthwise ones
+        sliced weights take the model's, :func:`memory_format_of`, depthwise ones on the CPU
         channels_last). ``nchw_norms`` trains
         narrow channels_last BatchNorms in NCHW (:func:`_nchw_norm_hooks`)."""
         index = self.index
