@@ -203,6 +203,18 @@ def test_pick_uses_validation_only():
     assert compare.pick(entries, ["c", "b", "a"])["candidate"] == "c", "ties: the earlier"
 
 
+def test_pick_passes_over_candidates_that_miss_the_flops_budget():
+    """Round 36: aligned one-shot L1 at 0.15 stopped at 0.42 of the FLOPs and won validation."""
+    entries = [
+        {"candidate": "over", "val_top1": 90.4, "target_flops": 0.15, "flops_ratio": 0.423},
+        {"candidate": "near", "val_top1": 89.2, "target_flops": 0.15, "flops_ratio": 0.155},
+        {"candidate": "met", "val_top1": 89.8, "target_flops": 0.15, "flops_ratio": 0.148},
+    ]
+    assert compare.pick(entries, ["over", "near", "met"])["candidate"] == "met"
+    far = [dict(e, flops_ratio=r) for e, r in zip(entries, (0.42, 0.34, 0.5), strict=True)]
+    assert compare.pick(far, ["over", "near", "met"])["candidate"] == "near", "the closest"
+
+
 def test_json_schema_and_one_starting_checkpoint(smoke):
     _, out, ckpt, _ = smoke
     data = json.loads((out / "from_trained.json").read_text())
