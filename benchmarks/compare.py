@@ -569,7 +569,6 @@ FROM_TRAINED_OWN_STEPS_ALIGNED_L1 = dataclasses.replace(
 )
 
 
-
 def _aligned(grid: tuple[dict, ...]) -> tuple[dict, ...]:
     """``grid`` with L1's widths in multiples of 8 (torch-pruning's round_to)."""
     return tuple({**candidate, "l1_round_to": 8} for candidate in grid)
@@ -936,9 +935,11 @@ def open_results(
     # (an S2HPruner run resumes any checkpoint in its folder); kept aside, not deleted
     runs = path.parent / "runs" / profile.name
     if runs.exists():  # a name of its own each time: an earlier set-aside folder stays too
-        stamp = time.strftime("%Y%m%dT%H%M%S")
-        aside = next(a for i in range(1000) if not (a := runs.with_name(
-            f"{profile.name}.replaced-{stamp}" + (f"-{i}" if i else ""))).exists())  # fmt: skip
+        stamp, n = time.strftime("%Y%m%dT%H%M%S"), 0
+        aside = runs.with_name(f"{profile.name}.replaced-{stamp}")
+        while aside.exists():
+            n += 1
+            aside = runs.with_name(f"{profile.name}.replaced-{stamp}-{n}")
         runs.rename(aside)
         print(f"{runs} holds the runs of an earlier benchmark: moved to {aside}")
     results = {

@@ -71,21 +71,19 @@ def average_gradients(params: Sequence[torch.Tensor]) -> None:
     counts as zeros on the others, as DistributedDataParallel does: every rank then reduces the
     same tensors (skipping its own ``None`` would pair mismatched buffers or hang) and applies
     the same step. A parameter with no gradient on any rank keeps ``None``."""
-    if not is_distributed():
+    if not is_distributed() or not params:
         return
-    present = torch.tensor([p.grad is not None for p in params], dtype=torch.float32)
-    present = all_reduce_sum(present)
-    used = [p for p, count in zip(params, present.tolist(), strict=True) if count > 0]
-    if not used:
-        return
-    grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in used]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    flat /= world_size()
+    grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+    present = torch.tensor([float(p.grad is not None) for p in params], device=grads[0].device)
+    flat = torch.cat([*(g.reshape(-1) for g in grads), present.to(grads[0].dtype)])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)  # one reduce: the gradients and who had them
+    counts = flat[-len(params):].tolist()
+    flat = flat[: -len(params)] / world_size()
     offset = 0
-    for p, g in zip(used, grads, strict=True):
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        p.grad = g
+    for p, g, count in zip(params, grads, counts, strict=True):
+        if count > 0:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            p.grad = g
         offset += g.numel()
 
 
