@@ -578,11 +578,14 @@ def _aligned(grid: tuple[dict, ...]) -> tuple[dict, ...]:
 # 1.3-1.4 full-model steps, so under own-step pricing only 0.35 gave L1 its best form): each
 # base's own L1 grid (at 0.15 with the iterative pruning validation chose there), every width
 # a multiple of 8, searched again on validation at the target; S2HPruner's runs are reused.
+# Round 37: the same on resnet56 at 0.35 and 0.55, whose unaligned L1 networks train at
+# 1.24-1.35 full-model steps here (round 36), so at equal wall time get 0.87-1.03 epochs.
 ALIGNED_L1 = {
     f"{name}-aligned-l1": dataclasses.replace(
         OWN_STEPS[name], name=f"{name}-aligned-l1",
         search={**OWN_STEPS[name].search, "l1-ft": _aligned(OWN_STEPS[name].search["l1-ft"])})
-    for name in ("from-trained-iterative-015-own-steps", "from-trained-width-step-055-own-steps")
+    for name in ("from-trained-iterative-015-own-steps", "from-trained-width-step-055-own-steps",
+                 "from-trained-resnet56-short-own-steps", "from-trained-resnet56-055-own-steps")
 }  # fmt: skip
 
 PROFILES = {
