@@ -64,6 +64,8 @@ from s2hpruner.app.data import DataSplits
 from s2hpruner.app.files import atomic_torch_save, atomic_write_bytes
 from s2hpruner.app.optim import build_weight_optimizer
 from s2hpruner.app.sampling import EpochSampler, train_loader
+from s2hpruner.core.layout import tune_module_layout
+from s2hpruner.core.measure import memory_format_of
 from s2hpruner.core.sliced import narrow_pointwise
 from s2hpruner.core.structure import build_graph, classifier_layers
 from s2hpruner.core.trainer import evaluate, project_to_budget
@@ -167,13 +169,43 @@ def flops_target(cfg: RunConfig) -> float:
     return budgets["flops"]
 
 
-def _memory_format(model: nn.Module, cfg: RunConfig) -> nn.Module:
+def _run_layout(cfg: RunConfig) -> torch.memory_format:
+    return torch.channels_last if cfg.channels_last else torch.contiguous_format
+
+
+def _memory_format(model: nn.Module, cfg: RunConfig,
+                   layout: torch.memory_format | None = None) -> nn.Module:  # fmt: skip
     # torch-pruning builds new parameters when it prunes, so this is re-applied after pruning
-    if not cfg.channels_last:
-        return model
-    model = model.to(memory_format=torch.channels_last)
-    _narrow_shortcuts_in_nchw(model)
+    layout = layout or _run_layout(cfg)
+    model = model.to(memory_format=layout)
+    if layout == torch.channels_last:
+        _narrow_shortcuts_in_nchw(model)
     return model
+
+
+def tunes_pruned_layout(cfg: RunConfig) -> bool:
+    """Whether a pruned network trains in the faster of NCHW and channels_last, timed: the
+    rule of S2HPruner's own pruned last phase (``pruned_layout="auto"`` in s2hpruner.app.run
+    when ``hard_layout`` is "auto" and the run is not deterministic), so that a baseline
+    priced by its own steps pays for the same layout choice S2HPruner does."""
+    return cfg.hard_layout == "auto" and not cfg.deterministic
+
+
+def pruned_layout(model: nn.Module, cfg: RunConfig, example: torch.Tensor) -> torch.memory_format:
+    """The memory layout a pruned network trains in (see :func:`tunes_pruned_layout`): timed
+    with :func:`s2hpruner.core.layout.tune_module_layout` on a batch of the run's size, as
+    S2HPruner times its pruned network; else the run's own."""
+    if not (tunes_pruned_layout(cfg) and example.dim() == 4):
+        return _run_layout(cfg)
+    batch = example[:1].expand(cfg.batch_size, *example.shape[1:]).contiguous()
+    trial = copy.deepcopy(model)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:  # channels_last with the narrow detour
+        if memory_format_of(trial) == torch.channels_last:
+            _narrow_shortcuts_in_nchw(trial)
+        return trial(x)
+
+    return tune_module_layout(trial, batch, forward)
 
 
 def _nchw_input(module: nn.Module, inputs: tuple) -> tuple:
@@ -203,6 +235,7 @@ def train(
     weight_decay: float | None = None,
     after_backward: Callable[[nn.Module], None] | None = None,
     schedule_span: tuple[int, int] | None = None,
+    layout: torch.memory_format | None = None,
 ) -> float:
     """Plain cross-entropy training for ``steps`` steps; returns the training seconds.
 
@@ -212,7 +245,9 @@ def train(
     ``schedule_span`` (offset, length): this stage is a piece of one cosine of that length,
     starting ``offset`` steps in (iterative pruning rebuilds the optimizer between pieces,
     since torch-pruning replaces the parameters it prunes); None: a cosine of its own.
+    ``layout``: the batches' memory layout, the network's (None: the run's own).
     """
+    layout = layout or _run_layout(cfg)
     if weight_decay is not None:  # a stage with its own decay (Group-SL's sparse training)
         cfg = dataclasses.replace(cfg, weight_decay=weight_decay)
     # s2hpruner's weight optimizer and schedule, the cosine stretched over this stage
@@ -232,8 +267,8 @@ def train(
         start = time.perf_counter()
         for x, y in data.loader:
             x, y = x.to(data.device, non_blocking=True), y.to(data.device, non_blocking=True)
-            if cfg.channels_last and x.dim() == 4:
-                x = x.contiguous(memory_format=torch.channels_last)
+            if x.dim() == 4:
+                x = x.contiguous(memory_format=layout)
             loss = F.cross_entropy(model(x), y, label_smoothing=cfg.label_smoothing)
             if not math.isfinite(loss.item()):
                 raise FloatingPointError(f"{desc}: non-finite loss at step {step}; lower the lr")
@@ -433,37 +468,59 @@ def pruned_proxy(
     cfg: RunConfig,
     options: BaselineOptions,
     full_flops: float,
-) -> nn.Module:
-    """The network ``method`` fine-tunes, pruned at once from ``model``'s weights (a copy):
-    exactly it for random widths and L1 at once from trained weights; for iterative L1 and
-    Group-SL, which prune later, the same importance at once (same FLOPs, close widths)."""
+) -> tuple[nn.Module, torch.memory_format]:
+    """The network ``method`` fine-tunes, pruned from ``model``'s weights (a copy), and the
+    layout it trains in (:func:`pruned_layout`): exactly it for random widths and L1 at once
+    from trained weights; for iterative L1 the same schedule of prunes on the starting
+    weights, for Group-SL its importance at once (same FLOPs, close widths)."""
     net = copy.deepcopy(model)
     if method == "random":
         net, _ = random_architecture(net, example, target, cfg.seed, options.random_logit_std,
                                      cfg.ignored_layers)  # fmt: skip
-        return _memory_format(net, cfg)
-    factory: PrunerFactory = partial(
-        l1_pruner, global_pruning=options.l1_global, round_to=options.l1_round_to
-    )
-    if method == "group-sl":
-        factory = partial(group_sl_pruner, reg=options.group_sl_reg)
-    prune_to_flops(net, example, factory, target, options.flops_tolerance, options.max_probes,
-                   ignored_layers=cfg.ignored_layers, reference_flops=full_flops)  # fmt: skip
-    return _memory_format(net, cfg)
+    else:
+        factory: PrunerFactory = partial(
+            l1_pruner, global_pruning=options.l1_global, round_to=options.l1_round_to
+        )
+        if method == "group-sl":
+            factory = partial(group_sl_pruner, reg=options.group_sl_reg)
+        for aim in pruning_aims(method, options, target):
+            prune_to_flops(net, example, factory, aim, options.flops_tolerance,
+                           options.max_probes, ignored_layers=cfg.ignored_layers,
+                           reference_flops=full_flops)  # fmt: skip
+    layout = pruned_layout(net, cfg, example)
+    return _memory_format(net, cfg, layout), layout
+
+
+def pruning_aims(method: str, options: BaselineOptions, target: float) -> list[float]:
+    """The FLOPs ratios a method prunes to, in order: iterative L1's step i of n prunes to
+    1 - (1 - target) i / n (torch-pruning's linear schedule, ending at the target); the
+    others prune once. (With widths in steps of ``l1_round_to`` a single prune can stop far
+    above a low target; the steps get there.)"""
+    pieces = options.l1_steps if method == "l1-ft" else 1
+    if pieces == 1:
+        return [target]
+    return [1.0 - (1.0 - target) * i / pieces for i in range(1, pieces + 1)]
+
+
+# how the pricing proxy is built; a price stored by an earlier version is measured anew.
+# 2 (round 37): the pruned network trains in the layout S2HPruner's rule picks
+# (:func:`pruned_layout`), and iterative L1's proxy follows its schedule of prunes
+PROXY_VERSION = 2
 
 
 def own_step_cost(network: nn.Module, data: Data, cfg: RunConfig, turns: int = 5,
-                  block: int = 10) -> dict:  # fmt: skip
-    """Seconds of a plain training step of ``network`` over those of the full model, timed
-    side by side as ``step_timing`` times S2HPruner (blocks of the same batches, in the
-    order full-pruned, pruned-full, ...; the median over pairs of blocks): what one of its
-    steps costs in the full-model steps a compute budget counts. Copies are trained."""
+                  block: int = 10, layout: torch.memory_format | None = None) -> dict:  # fmt: skip
+    """Seconds of a plain training step of ``network`` (in ``layout``; None: the run's) over
+    those of the full model, timed side by side as ``step_timing`` times S2HPruner (blocks
+    of the same batches, in the order full-pruned, pruned-full, ...; the median over pairs
+    of blocks): what one of its steps costs in the full-model steps a compute budget
+    counts. Copies are trained."""
     load_before = os.getloadavg()  # stored: a timing that shared the CPU shows there
     full, pruned = build_model(cfg, data), copy.deepcopy(network)
     block = min(block, data.steps_per_epoch)
     slots = max(1, data.steps_per_epoch // block)
     train(full, data, cfg, 0, block, "price: warm-up")  # untimed: first allocations
-    train(pruned, data, cfg, 0, block, "price: warm-up")
+    train(pruned, data, cfg, 0, block, "price: warm-up", layout=layout)
     ratios, position = [], 0
     for _ in range(turns):
         seconds = {"full": 0.0, "pruned": 0.0}
@@ -471,8 +528,9 @@ def own_step_cost(network: nn.Module, data: Data, cfg: RunConfig, turns: int = 5
             position += 1
             start = (position % slots) * block  # both sides on the same batches
             for side in order:
-                net = full if side == "full" else pruned
-                seconds[side] += train(net, data, cfg, start, block, f"price: {side}")
+                net, net_layout = (full, None) if side == "full" else (pruned, layout)
+                seconds[side] += train(net, data, cfg, start, block, f"price: {side}",
+                                       layout=net_layout)  # fmt: skip
         ratios.append(seconds["pruned"] / seconds["full"])
     return {"ratio": statistics.median(ratios), "pair_ratios": ratios, "turns": turns,
             "block_steps": block,
@@ -554,15 +612,23 @@ def run_baseline(
     if options.own_step_pricing and method != "l1":  # (l1 trains the full model only)
         # cfg.epochs: full-model epochs of wall time; as many of its own steps as they pay for
         price_file = None if run_dir is None else Path(run_dir) / "own_step_price.json"
+        # what the price depends on: another proxy, layout rule or machine is priced anew
         priced_for = {"method": method, "target": target, "seed": cfg.seed,
                       "options": dataclasses.asdict(options), "device": str(device),
                       "threads": torch.get_num_threads(), "host": platform.node(),
-                      "cpu": platform.processor()}  # fmt: skip
+                      "cpu": platform.processor(), "proxy": PROXY_VERSION,
+                      "ignored_layers": list(cfg.ignored_layers),
+                      "channels_last": cfg.channels_last, "batch_size": cfg.batch_size,
+                      "tuned_layout": tunes_pruned_layout(cfg), "torch": torch.__version__,
+                      "torch_pruning": tp.__version__}  # fmt: skip
         price = _stored_price(price_file, priced_for)
         if price is None:
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                proxy = pruned_proxy(method, model, example, target, cfg, options, full_flops)
-                price = own_step_cost(proxy, data, cfg, options.pricing_turns)
+                proxy, layout = pruned_proxy(method, model, example, target, cfg, options,
+                                             full_flops)  # fmt: skip
+                price = own_step_cost(proxy, data, cfg, options.pricing_turns, layout=layout)
+                price.update(proxy_flops_ratio=count_flops(proxy, example) / full_flops,
+                             proxy_layout=str(layout))  # fmt: skip
             if price_file is not None:  # a rerun of this run (a crash) trains the same steps
                 price_file.parent.mkdir(parents=True, exist_ok=True)
                 atomic_write_bytes(price_file, json.dumps({**priced_for, "price": price},
@@ -573,9 +639,12 @@ def run_baseline(
                                       "full_model_steps": total}  # fmt: skip
         total = max(1, round(total / mean))
 
+    layout = _run_layout(cfg)  # the full model's; a pruned network's is timed (pruned_layout)
+
     def stage(name: str, steps: int, network: str, **kwargs) -> None:
         nonlocal step
-        seconds = train(model, data, cfg, step, steps, f"{method} {name}", **kwargs)
+        seconds = train(model, data, cfg, step, steps, f"{method} {name}", layout=layout,
+                        **kwargs)  # fmt: skip
         stages.append(
             {
                 "name": name,
@@ -583,6 +652,7 @@ def run_baseline(
                 "steps": steps,
                 "epochs": steps / data.steps_per_epoch,
                 "seconds": seconds,
+                "layout": str(layout),
             }
         )
         step += steps
@@ -599,7 +669,8 @@ def run_baseline(
         model, projection_steps = random_architecture(
             model, example, target, cfg.seed, options.random_logit_std, cfg.ignored_layers
         )
-        model = _memory_format(model, cfg)
+        layout = pruned_layout(model, cfg, example)
+        model = _memory_format(model, cfg, layout)
         record["projection_steps"] = projection_steps
         stage("train", total, "pruned")
     else:  # importance-based: train (dense or sparse), prune to the target, maybe fine-tune
@@ -631,12 +702,13 @@ def run_baseline(
         record["top1_dense"] = test("test dense")
 
         def prune_to(aim: float) -> dict:
-            nonlocal model
+            nonlocal model, layout
             found = prune_to_flops(
                 model, example, factory, aim, options.flops_tolerance, options.max_probes,
                 ignored_layers=cfg.ignored_layers, reference_flops=full_flops,
             )  # fmt: skip
-            model = _memory_format(model, cfg)
+            layout = pruned_layout(model, cfg, example)
+            model = _memory_format(model, cfg, layout)
             return found
 
         finetune, pieces = total - first, options.l1_steps if method == "l1-ft" else 1
@@ -648,14 +720,13 @@ def run_baseline(
                 stage("finetune", finetune, "pruned")
         else:  # iterative: step i of n prunes to 1 - (1 - target) i / n, i / n into the descent
             descent, done, record["pruning_steps"] = round(finetune * options.l1_descent), 0, []
-            for i in range(1, pieces + 1):
+            for i, aim in enumerate(pruning_aims(method, options, target), start=1):
                 end = round(descent * i / pieces)
                 if end > done:
                     network = "unpruned" if i == 1 else "partly pruned"
                     stage(f"finetune {i}/{pieces}", end - done, network,
                           schedule_span=(done, finetune))  # fmt: skip
                     done = end
-                aim = 1.0 - (1.0 - target) * i / pieces
                 record["pruning_steps"].append({"step": first + done, "aim": aim, **prune_to(aim)})
             record["pruning_ratio"] = [p["pruning_ratio"] for p in record["pruning_steps"]]
             record["search_probes"] = sum(p["search_probes"] for p in record["pruning_steps"])

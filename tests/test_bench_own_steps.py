@@ -22,11 +22,18 @@ TINY = dict(dataset="digits", model_kwargs={"width": 4}, batch_size=32, val_size
 ONCE = baselines.BaselineOptions(pretrain_fraction=0.0, flops_tolerance=0.03)
 
 
-def _run(tmp_path: Path, method: str, options: baselines.BaselineOptions, name: str) -> dict:
+def _config(tmp_path: Path, method: str, name: str, tuned: bool = False):
+    """A benchmark run's config; ``tuned``: as the profiles run, the pruned network's layout
+    timed (tunes_pruned_layout), else the run's own layout (reproducible bit for bit)."""
     profile = dataclasses.replace(compare.FROM_TRAINED_DESCENT, **TINY)
     cfg = compare.run_config(profile, compare.RunSpec(method, 0.35, 0, "compute"), 2.0,
                              tmp_path / name)  # fmt: skip
-    return baselines.run_baseline(method, cfg, options)
+    assert baselines.tunes_pruned_layout(cfg), "the profiles time the pruned layout"
+    return cfg if tuned else dataclasses.replace(cfg, hard_layout="model")
+
+
+def _run(tmp_path: Path, method: str, options: baselines.BaselineOptions, name: str) -> dict:
+    return baselines.run_baseline(method, _config(tmp_path, method, name), options)
 
 
 @pytest.mark.parametrize("method", ["l1-ft", "random"])
@@ -51,18 +58,83 @@ def test_pricing_changes_the_steps_and_nothing_else(tmp_path, monkeypatch, metho
 def test_the_proxy_is_the_network_l1_prunes_at_once(tmp_path):
     """From the starting weights, L1 at once prunes the network the proxy was timed on."""
     plain = _run(tmp_path, "l1-ft", ONCE, "plain")
-    profile = dataclasses.replace(compare.FROM_TRAINED_DESCENT, **TINY)
-    cfg = compare.run_config(profile, compare.RunSpec("l1-ft", 0.35, 0, "compute"), 2.0,
-                             tmp_path / "proxy")  # fmt: skip
+    cfg = _config(tmp_path, "l1-ft", "proxy")
+    model, data, full = _start(cfg)
+    proxy, layout = baselines.pruned_proxy("l1-ft", model, data.example, 0.35, cfg, ONCE, full)
+    assert layout == baselines.torch.channels_last  # the run's own: cfg.channels_last
+    widths = {n: m.out_channels for n, m in proxy.named_modules()
+              if isinstance(m, baselines.nn.Conv2d)}  # fmt: skip
+    assert widths == plain["conv_out_channels"]
+
+
+def _start(cfg):
     device = baselines.pick_device(cfg.device)
     baselines.seed_everything(cfg.seed)
     data = baselines.load_data(cfg, device)
     model = baselines.build_model(cfg, data)
-    full = baselines.count_flops(model, data.example)
-    proxy = baselines.pruned_proxy("l1-ft", model, data.example, 0.35, cfg, ONCE, full)
-    widths = {n: m.out_channels for n, m in proxy.named_modules()
-              if isinstance(m, baselines.nn.Conv2d)}  # fmt: skip
-    assert widths == plain["conv_out_channels"]
+    return model, data, baselines.count_flops(model, data.example)
+
+
+def test_iterative_l1s_proxy_follows_its_schedule_of_prunes(tmp_path, monkeypatch):
+    """Pruned once, aligned widths can stop far above a low target (round 36: 0.344 for
+    0.15), so the proxy of iterative L1 prunes as the run does: to each aim in turn."""
+    iterative = dataclasses.replace(ONCE, l1_steps=4, l1_descent=0.5)
+    assert baselines.pruning_aims("l1-ft", iterative, 0.2) == pytest.approx([0.8, 0.6, 0.4, 0.2])
+    assert baselines.pruning_aims("l1-ft", ONCE, 0.2) == [0.2]
+    assert baselines.pruning_aims("group-sl", iterative, 0.2) == [0.2]
+    cfg = _config(tmp_path, "l1-ft", "proxy")
+    model, data, full = _start(cfg)
+    aims = []
+    real = baselines.prune_to_flops
+    monkeypatch.setattr(baselines, "prune_to_flops",
+                        lambda net, ex, f, aim, *a, **k: aims.append(aim) or real(
+                            net, ex, f, aim, *a, **k))  # fmt: skip
+    proxy, _ = baselines.pruned_proxy("l1-ft", model, data.example, 0.35, cfg, iterative, full)
+    assert aims == pytest.approx(baselines.pruning_aims("l1-ft", iterative, 0.35))
+    assert abs(baselines.count_flops(proxy, data.example) / full - 0.35) <= 0.03
+
+
+@pytest.mark.parametrize("faster", ["contiguous_format", "channels_last"])
+def test_a_pruned_network_trains_and_is_priced_in_the_layout_timed_faster(
+        tmp_path, monkeypatch, faster):  # fmt: skip
+    """S2HPruner's pruned last phase trains in the faster of NCHW and channels_last, timed
+    (the benchmark's hard_layout "auto"): a baseline's pruned network gets the same choice,
+    in training and in its price, or it pays for a layout S2HPruner is spared (an unaligned
+    pruned resnet20 trains at 1.25 full-model steps in channels_last, 0.89 in NCHW)."""
+    layout = getattr(baselines.torch, faster)
+    timed = []
+    monkeypatch.setattr(baselines, "tune_module_layout",
+                        lambda module, x, forward=None: timed.append(x.shape) or layout)
+    priced = dataclasses.replace(ONCE, own_step_pricing=True, pricing_turns=1)
+    cfg = _config(tmp_path, "l1-ft", "tuned", tuned=True)
+    record = baselines.run_baseline("l1-ft", cfg, priced)
+    assert [s["layout"] for s in record["stages"]] == [str(layout)]
+    assert record["own_step_pricing"]["proxy_layout"] == str(layout)
+    assert len(timed) == 2 and timed[0][0] == cfg.batch_size  # the proxy, then the run
+    fixed = baselines.run_baseline("l1-ft", dataclasses.replace(cfg, hard_layout="model"),
+                                   priced)  # fmt: skip
+    assert len(timed) == 2, "no timing when the run's layout is fixed"
+    assert fixed["stages"][0]["layout"] == str(baselines.torch.channels_last)
+
+
+def test_the_layout_timing_runs_the_narrow_shortcuts_in_nchw(tmp_path, monkeypatch):
+    """A pruned ResNet's strided 1x1 shortcuts narrower than 16 inputs are trained in NCHW in
+    channels_last (oneDNN issue 6035); the timed channels_last pass must take that detour."""
+    cfg = _config(tmp_path, "l1-ft", "narrow", tuned=True)
+    model, data, full = _start(cfg)
+    seen = []
+
+    def tune(module, x, forward):
+        module.to(memory_format=baselines.torch.channels_last)
+        forward(x.contiguous(memory_format=baselines.torch.channels_last))
+        seen.extend(getattr(c, "_nchw_detour", False)
+                    for c in baselines.narrow_pointwise(dict(module.named_modules())))
+        return baselines.torch.channels_last
+
+    monkeypatch.setattr(baselines, "tune_module_layout", tune)
+    proxy, layout = baselines.pruned_proxy("l1-ft", model, data.example, 0.35, cfg, ONCE, full)
+    assert seen and all(seen), "the tiny resnet20's shortcuts are narrow"
+    assert layout == baselines.torch.channels_last
 
 
 def test_mean_step_cost_prices_each_stage_by_its_network():
@@ -160,9 +232,7 @@ def test_a_rerun_reuses_the_price_its_first_attempt_measured(tmp_path, monkeypat
     """A timing is never the same twice: a run redone after a crash would train another
     number of steps. It reuses the price stored in its folder, if made for the same options."""
     priced = dataclasses.replace(ONCE, own_step_pricing=True, pricing_turns=1)
-    profile = dataclasses.replace(compare.FROM_TRAINED_DESCENT, **TINY)
-    cfg = compare.run_config(profile, compare.RunSpec("l1-ft", 0.35, 0, "compute"), 2.0,
-                             tmp_path / "cfg")  # fmt: skip
+    cfg = _config(tmp_path, "l1-ft", "cfg")
     first = baselines.run_baseline("l1-ft", cfg, priced, tmp_path / "run")
     timed = []
     monkeypatch.setattr(baselines, "own_step_cost",
@@ -171,6 +241,17 @@ def test_a_rerun_reuses_the_price_its_first_attempt_measured(tmp_path, monkeypat
     assert not timed
     assert again["own_step_pricing"]["ratio"] == first["own_step_pricing"]["ratio"]
     assert (again["epochs"], again["top1_hard"]) == (first["epochs"], first["top1_hard"])
-    baselines.run_baseline("l1-ft", cfg, dataclasses.replace(priced, l1_global=False),
-                           tmp_path / "run")  # fmt: skip
+    uniform = dataclasses.replace(priced, l1_global=False)
+    baselines.run_baseline("l1-ft", cfg, uniform, tmp_path / "run")
     assert timed == [1]  # another network: priced again
+    baselines.run_baseline("l1-ft", cfg, uniform, tmp_path / "run")
+    assert timed == [1]  # (and that price stored)
+    price_file = tmp_path / "run" / "own_step_price.json"
+    stored = json.loads(price_file.read_text())
+    assert stored["proxy"] == baselines.PROXY_VERSION and stored["tuned_layout"] is False
+    price_file.write_text(json.dumps({**stored, "proxy": baselines.PROXY_VERSION - 1}))
+    baselines.run_baseline("l1-ft", cfg, uniform, tmp_path / "run")
+    assert timed == [1, 1]  # priced by an older proxy: priced again
+    baselines.run_baseline("l1-ft", dataclasses.replace(cfg, hard_layout="auto"), uniform,
+                           tmp_path / "run")  # fmt: skip
+    assert timed == [1, 1, 1]  # the layout now timed: priced again
