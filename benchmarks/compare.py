@@ -66,7 +66,7 @@ from s2hpruner.app.sampling import eval_loader
 from s2hpruner.core.trainer import evaluate
 
 from .baselines import BASELINES, BaselineOptions, pick_device, run_baseline, time_dense
-from .report import file_stem, write_reports
+from .report import BUDGET_SLACK, file_stem, write_reports
 from .step_timing import time_side_by_side
 
 ALL_METHODS = (*METHODS, *BASELINES)
@@ -891,7 +891,9 @@ def reuse_runs(results: dict, source: Path) -> None:
 
     results["runs"] = [r for r in stored.get("runs", []) if same(r["method"])
                        and kept(r["method"], r["budget"])]  # fmt: skip
-    results["tuning"] = [t for t in stored.get("tuning", [])
+    # a method searched over other candidates chooses again among them: no stored choice
+    results["tuning"] = [{**t, "chosen": bool(t.get("chosen")) and same(t["method"])}
+                         for t in stored.get("tuning", [])
                          if t["hyper"] in mine["search"].get(t["method"], [])  # fmt: skip
                          and kept(t["method"], t["budget"])]
     if timed_alike:
@@ -1127,12 +1129,6 @@ def chosen(results: dict, source: RunSpec) -> dict | None:
         (t for t in results.get("tuning", []) if t["chosen"] and run_key(t) == source.key), None
     )
 
-
-# How far above its FLOPs target a candidate's exported network may land and still meet the
-# budget. torch-pruning's round_to can stop far above it (round 36: one-shot L1 in multiples of
-# 8 at 0.15 exported 0.34 and 0.42 of the FLOPs, and 0.42 won validation), and a network with
-# more FLOPs than the budget is not a choice at that budget.
-BUDGET_SLACK = 0.01
 
 
 def _budget_excess(entry: dict) -> float:

@@ -53,6 +53,14 @@ REFERENCE = {"compute": "epochs", "long-compute": "long"}
 MARKERS = {"epochs": "o", "compute": "o", "long": "s", "long-compute": "s"}
 
 
+# How far above its FLOPs target a run's exported network may land and still meet the
+# budget: a search chooses only among candidates within it (compare.pick), and the summary
+# marks a row with a run beyond it. torch-pruning's round_to can stop far above the target
+# (round 36: one-shot L1 in multiples of 8 at 0.15 exported 0.34 and 0.42 of the FLOPs, and
+# 0.42 won validation), and a network with more FLOPs than the budget is not a choice at it.
+BUDGET_SLACK = 0.01
+
+
 def file_stem(profile: str) -> str:
     """The stem of a profile's JSON and PNG: ``from-trained`` -> ``from_trained``."""
     return profile.replace("-", "_")
@@ -457,6 +465,11 @@ def equal_compute_summary(results: dict) -> list[dict]:
             row["seeds_ahead_test"] = sum(lead > 0 for lead in leads)
             row["lead_test_se"] = (statistics.stdev(leads) / math.sqrt(len(leads))
                                    if len(leads) > 1 else None)  # fmt: skip
+            # a run above its budget (a choice carried from another target, or one run that
+            # landed off it): the row says so, with the largest FLOPs ratio
+            for side, members in (("s2h", [ours[s] for s in seeds]), ("other", theirs)):
+                worst = max(r.get("flops_ratio") or 0.0 for r in members)
+                row[f"off_budget_{side}"] = worst if worst > target + BUDGET_SLACK else None
             rows.append(row)
     return rows
 
@@ -485,6 +498,10 @@ def _summary_lines(all_results: list[dict]) -> list[str]:
         for rows in by_target.values():  # the method S2HPruner leads least on test
             row = min(rows, key=lambda r: math.inf if r["lead_test"] is None else r["lead_test"])
             mark = "" if row["searched_here"] else " ‡" if row["searched"] else " †"
+            off = [f"{who} up to {row[f'off_budget_{side}']:.3f}" for side, who in (
+                ("s2h", "S2HPruner"), ("other", "it")) if row[f"off_budget_{side}"]]  # fmt: skip
+            if off:
+                mark += f" ◊ (FLOPs: {', '.join(off)})"
             lines.append(
                 f"| `{results['profile']}` | {row['target']:g} | `{row['method']}`{mark} | "
                 f"{', '.join(map(str, row['seeds']))} | {row['ratio']:.2f}{timed} | "
@@ -507,6 +524,9 @@ def _summary_lines(all_results: list[dict]) -> list[str]:
         "S2HPruner; ‡: chosen on this profile's validation split at another target and "
         "carried to this one (the profile's section says where S2HPruner's own was chosen). "
         "*: the compute ratio is wall times divided, not timed side by side, and noisier. "
+        f"◊: a run of the row exported more than {BUDGET_SLACK:g} above the FLOPs target "
+        "(the largest ratio given): off the budget, so the row does not compare like with "
+        "like. "
         "§: the other method's steps are priced at its own network's measured cost (equal "
         "wall time), not as full-model steps, as S2HPruner's pruned last phase always was "
         "(rounds 6-34 charged a baseline's pruned step as a full one; MEASUREMENTS round 35). "

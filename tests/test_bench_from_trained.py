@@ -676,6 +676,12 @@ def test_summary_pairs_seeds_and_names_the_strongest_method_at_equal_compute():
     assert rows["random"]["lead_test_se"] is None  # one seed: no spread to report
     assert ("`l1-ft` | 0, 1 | 1.50 | 91.20 / 91.30 (**-0.10** ± 0.20) | 1 of 2 | "
             "91.40 / 91.00 (**+0.40**)") in row  # fmt: skip
+    assert "◊" not in row
+    results["runs"][5]["flops_ratio"] = 0.3611  # a run off its budget (> 0.35 + slack)
+    results["runs"][0]["flops_ratio"] = 0.3555  # within the slack
+    assert report.equal_compute_summary(results)[0]["off_budget_other"] == 0.3611
+    assert "`l1-ft` ◊ (FLOPs: it up to 0.361) | 0, 1" in report._summary_lines([results])[-2]
+    del results["runs"][5]["flops_ratio"]
     del results["runs"][3]["candidates"]  # carried over from elsewhere: flagged
     assert "`l1-ft` † | 0, 1" in report._summary_lines([results])[-2]
     assert report._summary_lines([{**results, "checkpoint": None}]) == []  # from scratch

@@ -187,6 +187,27 @@ def test_reuse_keeps_s2hpruner_and_the_ratios_and_reruns_the_baselines_compute_r
         dataclasses.replace(priced, compute_pricing="flops")
 
 
+def test_reuse_drops_the_choice_of_a_method_whose_search_changed(tmp_path, monkeypatch):
+    """Its finished candidates still offered are kept, but it chooses again among the new
+    ones: a stored choice would be taken up by the other seeds before the search re-ran."""
+    monkeypatch.setattr(compare, "checkpoint_record", lambda profile: {})
+    base = dataclasses.replace(compare.FROM_TRAINED_ITERATIVE_015, init=None)
+    settings = compare.settings(base)
+    entry = {"target_flops": 0.15, "seed": 0, "budget": "epochs", "candidate": "x",
+             "chosen": True}  # fmt: skip
+    stored = {"settings": settings, "runs": [], "tuning": [
+        {**entry, "method": m, "hyper": settings["search"][m][0]} for m in ("s2h", "l1-ft")]}
+    source = tmp_path / "base.json"
+    source.write_text(json.dumps(stored))
+    wider = dataclasses.replace(base, search={**base.search, "l1-ft": (
+        *base.search["l1-ft"], {"lr": 0.5})})  # fmt: skip
+    results = compare.open_results(tmp_path / "new.json", wider, "cmd", False, False,
+                                   reuse=source)  # fmt: skip
+    assert {t["method"]: t["chosen"] for t in results["tuning"]} == {"s2h": True,
+                                                                      "l1-ft": False}
+
+
+
 def test_aligned_l1_keeps_widths_in_multiples_of_its_step(tmp_path):
     """``l1_round_to``: torch-pruning's round_to, as S2HPruner's round_to keeps widths."""
     options = dataclasses.replace(ONCE, l1_round_to=2, l1_global=False)

@@ -10,6 +10,7 @@ import re
 import tempfile
 import types
 import typing
+import warnings
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from s2hpruner.app.cli import build_parser, config_from_args, main
-from s2hpruner.app.config import PHASES, ConfigError, RunConfig
+from s2hpruner.app.config import COMMAND_LINE_ONLY, PHASES, RUN_CONTROL, ConfigError, RunConfig
 
 FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
 HINTS = typing.get_type_hints(RunConfig)
@@ -105,8 +106,10 @@ def test_from_yaml_reads_what_run_writes_as_config_yaml(values):
     cfg = RunConfig.from_dict(values)
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "config.yaml"
-        path.write_text(yaml.safe_dump(cfg.to_dict()))  # as run.prune writes it
-        assert RunConfig.from_yaml(path) == cfg
+        path.write_text(yaml.safe_dump(cfg.to_yaml_dict()))  # as run.prune writes it
+        # without the run-control flags: the file starts a run as a fresh command line would
+        control = {key: getattr(RunConfig(), key) for key in RUN_CONTROL}
+        assert RunConfig.from_yaml(path) == dataclasses.replace(cfg, **control)
 
 
 @given(st.sampled_from(sorted(FIELDS)), anything)
@@ -142,11 +145,14 @@ def test_from_yaml_overrides_win_and_none_overrides_are_ignored(file_values, ove
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "c.yaml"
         path.write_text(yaml.safe_dump(file_values))
-        cfg = RunConfig.from_yaml(path, **overrides)
+        with warnings.catch_warnings():  # (resume or overwrite in the file: ignored, said)
+            warnings.simplefilter("ignore")
+            cfg = RunConfig.from_yaml(path, **overrides)
     given = {k: v for k, v in overrides.items() if v is not None}
     # a phase given on the command line replaces the file's, in either form (share or epochs)
     replaced = {other for share, epochs in PHASES.items()
                 for key, other in ((share, epochs), (epochs, share)) if key in given}  # fmt: skip
+    replaced |= set(COMMAND_LINE_ONLY)  # only the command line resumes or overwrites a run
     expected = {**{k: v for k, v in file_values.items() if k not in replaced}, **given}
     assert cfg == RunConfig.from_dict(expected)
 

@@ -125,7 +125,6 @@ def worker(rank: int, port: int, folder: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
-        from s2hpruner.app import run
 
         result = {}
         # 1. training steps on this rank's half of the batch
@@ -147,7 +146,7 @@ def worker(rank: int, port: int, folder: str) -> None:
             [t.clone() for t in pruner.hard_stats.buffers() if t.is_floating_point()],
         )  # fmt: skip
         result["bn_before"] = stats()
-        run._average_bn_statistics(model, pruner, opt[0])
+        opt[0].average_statistics()  # the trainer (the library function the app calls)
         result["bn_after"] = stats()
 
         # 3. the epoch's loss sums are summed over ranks

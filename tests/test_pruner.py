@@ -5,6 +5,7 @@ eval-mode outputs of ``pruner.mode("hard")`` equal the physically pruned model's
 the pruner's FLOPs and parameter predictions equal what independent counters measure.
 """
 
+import copy
 import warnings
 
 import pytest
@@ -368,3 +369,50 @@ def test_importance_is_the_mean_l1_norm_over_the_groups_producers():
             l1 = weight.abs().sum(dim=tuple(range(1, weight.dim())))
             total[torch.tensor(piece.root_idxs)] += l1[torch.tensor(piece.module_idxs)]
         assert torch.allclose(got, total / len(g.producers), rtol=1e-5), g.name
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_the_search_starts_near_full_width_at_any_temperature(temperature):
+    """SPEC section 2: E starts at about C - d. p = softmax(u / tau), so the starting logits
+    scale with tau (at tau 2 they started at about 70% of the width)."""
+    model = create_model("resnet20", num_classes=10)
+    x = torch.randn(1, 3, 32, 32)
+    base = S2HPruner(copy.deepcopy(model), x).search.expected_widths()
+    other = S2HPruner(copy.deepcopy(model), x, temperature=temperature).search.expected_widths()
+    assert torch.allclose(base, other, atol=1e-3)
+
+
+def test_bad_search_settings_are_refused_early():
+    model = create_model("resnet20", num_classes=10)
+    x = torch.randn(1, 3, 32, 32)
+    for kwargs, message in (({"temperature": 0.0}, "temperature"), ({"width_step": 0},
+                            "width_step"), ({"max_candidates": 1}, "max_candidates")):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            S2HPruner(model, x, **kwargs)
+
+
+def test_a_state_saved_with_another_temperature_or_importance_is_refused():
+    """The same logits are other widths at another temperature, and another importance ranks
+    the channels otherwise: a silent load would change the exported network."""
+    model = create_model("resnet20", num_classes=10)
+    x = torch.randn(1, 3, 32, 32)
+    state = S2HPruner(model, x).state_dict()
+    with pytest.raises(ValueError, match="temperature"):
+        S2HPruner(model, x, temperature=2.0).load_state_dict(state)
+    with pytest.raises(ValueError, match="importance"):
+        S2HPruner(model, x, importance="group").load_state_dict(state)
+    old = {k: v for k, v in state.items()}  # a state from before these were stored loads
+    extra = next(k for k in old if k.endswith("_extra_state"))
+    old[extra] = {k: v for k, v in old[extra].items() if k not in ("temperature", "importance")}
+    S2HPruner(model, x, temperature=2.0).load_state_dict(old)
+
+
+def test_modes_do_not_nest():
+    """Nested, the masks would stack and the hard statistics swap twice."""
+    model = create_model("resnet20", num_classes=10)
+    x = torch.randn(2, 3, 32, 32)
+    pruner = S2HPruner(model, x[:1])
+    with pytest.raises(RuntimeError, match="inside"), pruner.mode("hard"), pruner.mode("soft"):
+        pass
+    with pruner.mode("soft"):  # left cleanly after the error
+        model(x)

@@ -225,3 +225,72 @@ def test_a_long_warmup_alone_leaves_a_search_as_the_cli_does():
     assert S2HTrainer(model, pruner, optimizer, 20).freeze == 0.25
     with pytest.raises(ValueError, match="leave a joint search"):
         S2HTrainer(model, pruner, optimizer, 20, warmup=0.8, freeze=0.25)  # asked for both
+
+
+def test_a_pruner_left_on_another_device_is_refused_with_the_fix():
+    """model.cuda() after building the pruner, without pruner.to(): the first step would fail
+    deep inside with a mixed-device error. (The meta device stands in for a GPU here.)"""
+    torch.manual_seed(0)
+    model = Net()
+    pruner = S2HPruner(model, torch.randn(1, 1, 8, 8), target_flops=0.5).to("meta")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    with pytest.raises(ValueError, match=r"pruner.to\(device\)"):
+        S2HTrainer(model, pruner, optimizer, STEPS)
+
+
+def test_layers_replaced_after_the_pruner_was_built_are_refused():
+    """SyncBatchNorm conversion (or any swap) after building: the masks would act on the old
+    modules, and soft, hard and full networks would silently be one."""
+    torch.manual_seed(0)
+    model = Net()
+    pruner = S2HPruner(model, torch.randn(1, 1, 8, 8), target_flops=0.5)
+    model.features[1] = copy.deepcopy(model.features[1])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    with pytest.raises(ValueError, match="build the pruner after"):
+        S2HTrainer(model, pruner, optimizer, STEPS)
+
+
+def test_average_statistics_is_a_no_op_in_one_process():
+    """(Two processes: test_distributed's torchrun runs, where the app calls it.)"""
+    model, pruner, trainer, x, y = build()
+    trainer.step(x, y)
+    before = copy.deepcopy(model.state_dict())
+    trainer.average_statistics()
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_a_pruner_built_on_a_cuda_model_finds_its_groups_and_trains():
+    """The build probes (failing_groups, export_failures) index the model's weights: their
+    channel index must be on the model's device."""
+    torch.manual_seed(0)
+    model = Net().cuda()
+    x = torch.randn(16, 1, 8, 8, device="cuda")
+    y = torch.randint(0, 4, (16,), device="cuda")
+    pruner = S2HPruner(model, x[:1], target_flops=0.5)
+    assert pruner.groups
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    trainer = S2HTrainer(model, pruner, optimizer, STEPS, mask_lr=0.2, freeze=0.25)
+    for _ in range(STEPS):
+        trainer.step(x, y)
+    assert next(trainer.export().parameters()).is_cuda
+
+
+def test_the_build_probes_index_on_the_models_device(monkeypatch):
+    """What the CUDA test above checks, on a CPU: the probes move their channel index to
+    the device of the model's weights (it is built on the CPU)."""
+    from s2hpruner.core import sliced
+    from s2hpruner.core.index import ChannelIndex
+
+    moved = []
+    real_to = ChannelIndex.to
+    monkeypatch.setattr(ChannelIndex, "to", lambda self, *a, **k: moved.append(
+        torch.device(a[0])) or real_to(self, *a, **k))  # fmt: skip
+    torch.manual_seed(0)
+    model = Net()
+    pruner = S2HPruner(model, torch.randn(1, 1, 8, 8), target_flops=0.5)
+    moved.clear()
+    sliced.failing_groups(model, pruner.example_inputs, pruner.groups, pruner.layers)
+    sliced.export_failures(model, pruner.example_inputs, pruner.groups)
+    assert moved == [torch.device("cpu")] * 2

@@ -3,6 +3,7 @@ atomically, read with clear errors."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import warnings
 from dataclasses import dataclass, field, replace
@@ -62,6 +63,8 @@ MUST_MATCH = (
     "balance",
     "resource_on",
     "freeze_teacher",
+    "freeze_ranks_after_warmup",
+    "autocast",
 )
 
 # an image folder's preprocessing, measured and recorded by a run (MUST_MATCH when recorded)
@@ -167,6 +170,60 @@ def load_model_and_pruner(ckpt: dict, model: nn.Module, pruner: S2HPruner) -> No
         pruner.load_state_dict(ckpt["pruner"])
     except (RuntimeError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"checkpoint does not match the model: {exc}") from exc
+
+
+def data_record(splits) -> dict:
+    """What a run's model and split were made for, saved with its checkpoints: the data spec,
+    the class names (label i is classes[i]; None for the fixed data sets) and the split sizes,
+    so that export and eval rebuild the model without the data, and a resume checks that the
+    data are still the same (:func:`check_same_data`)."""
+    sizes = {name: len(getattr(splits, name)) for name in ("train", "val", "test")}
+    return {"spec": dataclasses.asdict(splits.spec), "classes": splits.classes, "sizes": sizes}
+
+
+def _names(items: list) -> str:
+    shown = ", ".join(repr(item) for item in items[:10])
+    return shown + (f" and {len(items) - 10} more" if len(items) > 10 else "")
+
+
+def _class_change(then: list | None, now: list | None) -> str:
+    if then is None or now is None:
+        return f"{then!r} against {now!r}"
+    parts = []
+    if gone := [c for c in then if c not in now]:
+        parts.append(f"gone: {_names(gone)}")
+    if new := [c for c in now if c not in then]:
+        parts.append(f"new: {_names(new)}")
+    return "; ".join(parts) or "the same names in another order"
+
+
+def _split_sizes(sizes: dict | None) -> str:
+    sizes = sizes or {}
+    return ", ".join(f"{sizes.get(k)} {k}" for k in ("train", "val", "test"))
+
+
+def check_same_data(ckpt: dict, data: dict, data_root: str | None) -> None:
+    """Refuse to resume on other data than the checkpoint's (``data``: :func:`data_record` of
+    the data read now): a class folder renamed or added changes what the labels mean, and an
+    image added or removed changes the seeded train/val split. Checkpoints that did not record
+    the classes or the sizes resume unchecked."""
+    saved = ckpt.get("data") or {}
+    where = f"the data in {data_root}" if data_root else "the data set's files"
+    fix = ("put the data back as the run had them, or start a new run on these data (another "
+           "--out, or --overwrite)")  # fmt: skip
+    then, now = saved.get("classes"), data.get("classes")
+    if "classes" in saved and then != now:
+        raise CheckpointError(
+            f"checkpoint was made on {len(then or [])} classes but {where} have "
+            f"{len(now or [])} ({_class_change(then, now)}): the labels would change meaning "
+            f"mid-run; {fix}"
+        )
+    if saved.get("sizes") is not None and saved["sizes"] != data.get("sizes"):
+        raise CheckpointError(
+            f"checkpoint was made on a split of {_split_sizes(saved['sizes'])} images but "
+            f"{where} now split into {_split_sizes(data.get('sizes'))}: images were added or "
+            f"removed, so the seeded train/val split would differ from the run's; {fix}"
+        )
 
 
 def check_resumable(ckpt: dict, cfg: RunConfig) -> None:

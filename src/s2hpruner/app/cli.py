@@ -155,8 +155,10 @@ HELP = {
                    "keep the fastest: faster on CPU, but picked by timing, so not reproducible "
                    "bit for bit)",
     "out": "run directory for config, metrics, checkpoints, exported model, report and plots",
-    "resume": "continue from OUT/checkpoints/last.pt",
-    "overwrite": "allow replacing a run in OUT (finished, or stopped before its end)",
+    "resume": "continue from OUT/checkpoints/last.pt (command line only: a config file's "
+              "resume is ignored)",
+    "overwrite": "allow replacing a run in OUT (finished, or stopped before its end; command "
+                 "line only: a config file's overwrite is ignored)",
     "checkpoint_every": "also save OUT/checkpoints/last.pt every N training steps (0: epochs only)",
     "deterministic": "use deterministic algorithms (bitwise-reproducible resume on CPU)",
     "latency_repeats": "timed repeats of the report's latency measurements of the exported "

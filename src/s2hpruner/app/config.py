@@ -7,6 +7,7 @@ import math
 import os
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +37,14 @@ DEFAULT_TARGET_FLOPS = 0.35
 # the run at 47% top-1)
 DEFAULT_EPOCHS = 4.0
 DEFAULT_MIN_STEPS = 1000
+# flags that say how to run, not what: config.yaml leaves them out, so that a run's config.yaml
+# given to --config neither replaces, resumes nor silences a run by itself
+RUN_CONTROL = ("resume", "overwrite", "progress")
+# of these, the ones a config file may not set (an older config.yaml records them): a run is
+# replaced or resumed only when its command line says so
+COMMAND_LINE_ONLY = ("resume", "overwrite")
+# settings only an image folder takes: the other data sets have a fixed size and normalisation
+FOLDER_OPTIONS = ("image_size", "in_chans", "mean", "std")
 
 
 class ConfigError(S2HError, ValueError):
@@ -147,6 +156,16 @@ class RunConfig:
             value = getattr(self, name)
             if not (value >= 0 and math.isfinite(value)):
                 raise ConfigError(f"{name} must be a finite number >= 0, got {value}")
+        self._validate_balancer()
+        if self.checkpoint_every < 0:
+            raise ConfigError(f"checkpoint_every must be >= 0 (training steps between "
+                              f"checkpoints; 0: at epoch ends only), got {self.checkpoint_every}")
+        given = [_flag(k) for k in FOLDER_OPTIONS if getattr(self, k) is not None]
+        if given and self.dataset != "imagefolder":
+            raise ConfigError(
+                f"{', '.join(given)} only apply to dataset 'imagefolder'; {self.dataset!r} has a "
+                "fixed image size, channel count and normalisation: drop them"
+            )
         for name in ("momentum", "label_smoothing"):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
@@ -254,6 +273,23 @@ class RunConfig:
             )
         return self
 
+    def _validate_balancer(self) -> None:
+        """The balancer's gains are norm ratios and gamma's bounds and step a multiplicative
+        schedule (core/balance.py): values that would reverse or break the rule are refused."""
+        for name in ("beta", "gamma_init", "gamma_min", "budget_tolerance"):
+            value = getattr(self, name)
+            if not (value >= 0 and math.isfinite(value)):
+                raise ConfigError(f"{name} must be a finite number >= 0, got {value}")
+        if not self.gamma_max >= self.gamma_min:
+            raise ConfigError(f"gamma_max ({self.gamma_max}) must be >= gamma_min "
+                              f"({self.gamma_min}): gamma is kept between the two")  # fmt: skip
+        if not (self.gamma_growth >= 1 and math.isfinite(self.gamma_growth)):
+            raise ConfigError(
+                f"gamma_growth must be a finite factor >= 1 (gamma is multiplied by it while "
+                f"the budget is missed and divided by it once met; 1 keeps gamma fixed), got "
+                f"{self.gamma_growth}"
+            )
+
     def budgets(self) -> dict[str, float]:
         """The budgets of the run by resource; FLOPs at 0.35 when none is given."""
         given = {
@@ -295,6 +331,11 @@ class RunConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def to_yaml_dict(self) -> dict:
+        """The settings config.yaml records: all but :data:`RUN_CONTROL`, so that the file
+        given to --config again starts a run as a fresh command line would."""
+        return {k: v for k, v in self.to_dict().items() if k not in RUN_CONTROL}
+
     @classmethod
     def from_dict(cls, values: dict) -> RunConfig:
         known = {f.name: f for f in dataclasses.fields(cls)}
@@ -320,6 +361,11 @@ class RunConfig:
                               "or leave out --config to run on the defaults")  # fmt: skip
         if not isinstance(values, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys to values")
+        for key in COMMAND_LINE_ONLY:  # (older runs wrote them into config.yaml)
+            if key in values and _coerce(key, values.pop(key), bool) and not overrides.get(key):
+                warnings.warn(f"config file {str(path)!r} sets {key}: true, which only the "
+                              f"command line may ask for; ignored: pass {_flag(key)} to "
+                              f"{key} the run", stacklevel=2)  # fmt: skip
         overrides = {k: v for k, v in overrides.items() if v is not None}
         for share, epochs in PHASES.items():
             for given, other in ((share, epochs), (epochs, share)):
@@ -362,6 +408,10 @@ def absolute_path(key: str, value):
         return value
     path = os.path.expanduser(value)  # abspath, not resolve: a symlink stays the link
     return os.path.abspath(path) if os.path.exists(path) else value
+
+
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
 
 
 def _looks_like_number(text: str) -> bool:

@@ -1,7 +1,7 @@
 """A whole pruning run: data, model, pruner, the loop over S2HTrainer, export, report.
 
 Run directory layout (only rank 0 writes):
-    config.yaml         the resolved RunConfig
+    config.yaml         the resolved RunConfig, without the run-control flags
     metrics.jsonl       the starting model's val top-1, then one line per epoch
     tensorboard/        the same as TensorBoard events
     checkpoints/        last.pt (every N steps and every epoch), best.pt; written atomically
@@ -13,8 +13,8 @@ Run directory layout (only rank 0 writes):
 
 from __future__ import annotations
 
-import dataclasses
 import json
+import os
 import shutil
 import time
 import warnings
@@ -44,6 +44,8 @@ from .checkpoint import (
     MEASURED_PREPROCESSING,
     RunState,
     check_resumable,
+    check_same_data,
+    data_record,
     load_checkpoint,
     load_model_and_pruner,
     restore,
@@ -210,7 +212,7 @@ def build_model(cfg: RunConfig, spec, device: torch.device) -> nn.Module:
     model = create_model(cfg.model, **{**data, **cfg.model_kwargs})
     check_model_fits_data(model, cfg.model, spec)
     if cfg.init is not None:
-        load_init_weights(model, cfg.init, cfg.model)
+        load_init_weights(model, cfg.init, cfg.model, dataset=cfg.dataset)
     elif cfg.pretrained:
         load_pretrained(cfg.model, model)
     model = model.to(device)
@@ -371,17 +373,34 @@ REPLACED_RESULTS = (
 
 
 # ---------------------------------------------------------------------------------- loop
+# cuBLAS is deterministic only with a fixed workspace, set before its first handle is made
+CUBLAS_WORKSPACE = ":4096:8"
+
+
+def setup_device(cfg: RunConfig) -> torch.device:
+    """The run's device (:func:`D.setup`), with ``--deterministic``'s settings made first.
+
+    On CUDA the run warns instead of failing at a kernel that has no deterministic version
+    (AdaptiveAvgPool2d's backward, in every CNN here): strict mode would stop every such run,
+    and the rest still runs deterministically. The CPU stays strict (bitwise resumes)."""
+    cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
+    if cfg.deterministic and cuda:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+    device = D.setup(cfg.device)
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
+    return device
+
+
 def prune(cfg: RunConfig) -> dict:
     """Train, prune and export; returns the report (also written to ``report.json``)."""
     from tqdm.auto import tqdm
 
     cfg.validate().resolve_paths()  # config.yaml then rebuilds the run from any folder
-    device = D.setup(cfg.device)
+    device = setup_device(cfg)
     if cfg.autocast == "fp16" and device.type != "cuda":
         raise ConfigError(f"--autocast fp16 needs a CUDA device (this run is on {device}); "
                           "use --autocast bf16 on the CPU")  # fmt: skip
-    if cfg.deterministic:
-        torch.use_deterministic_algorithms(True)
     out = prepare_run_dir(cfg)
     seed_everything(cfg.seed)
     last = out / "checkpoints" / "last.pt"
@@ -406,6 +425,7 @@ def prune(cfg: RunConfig) -> dict:
     fit_batch_to_split(cfg, len(splits.train))
     if checkpoint is not None:  # before the trainer, which needs the latency model's timings
         check_resumable(checkpoint, cfg)
+        check_same_data(checkpoint, data_record(splits), cfg.data_root)
         load_model_and_pruner(checkpoint, model, pruner)
     sampler = EpochSampler(len(splits.train), cfg.seed, cfg.batch_size)
     loader = train_loader(splits.train, sampler, cfg.workers)
@@ -434,17 +454,17 @@ def prune(cfg: RunConfig) -> dict:
         # and its checkpoint repeats that epoch when resumed
         lines = "".join(json.dumps(record) + "\n" for record in state.history)
         atomic_write_bytes(out / "metrics.jsonl", lines.encode())
-        atomic_write_bytes(out / "config.yaml", yaml.safe_dump(cfg.to_dict()).encode())
+        atomic_write_bytes(out / "config.yaml", yaml.safe_dump(cfg.to_yaml_dict()).encode())
     writer = MetricWriter(out)
 
-    built_for = {"spec": dataclasses.asdict(splits.spec), "classes": splits.classes}
+    built_for = data_record(splits)
 
     def save_interval(path: Path = last, best: bool = False) -> None:
         """End of an interval: average BatchNorm statistics over ranks, refuse to save a
         non-finite state, save (``best``: as best.pt too, first, so that a run stopped in
         between repeats this epoch and writes it again)."""
         nonlocal saved_step
-        _average_bn_statistics(model, pruner, trainer)
+        trainer.average_statistics()
         _check_finite(model, pruner, trainer, _non_finite(state, total_steps, last, saved_step))
         if best:
             save_checkpoint(out / "checkpoints" / "best.pt", model, pruner, trainer, schedule,
@@ -496,7 +516,7 @@ def prune(cfg: RunConfig) -> dict:
                 start = time.perf_counter()
                 save_interval()
         state.train_seconds += time.perf_counter() - start
-        _average_bn_statistics(model, pruner, trainer)  # before evaluating the epoch
+        trainer.average_statistics()  # before evaluating the epoch
         record = _epoch_record(state, steps_per_epoch, model, pruner, trainer, schedule,
                                val_loader, device, cfg)  # fmt: skip
         state.running = {}
@@ -522,20 +542,6 @@ def _start_record(model, pruner, val_loader, device, cfg: RunConfig) -> dict:
                     desc="val start")  # fmt: skip
     return {"epoch": 0.0, "step": 0, "val_top1_full": top1, "init": cfg.init,
             "pretrained": cfg.pretrained}  # fmt: skip
-
-
-def _average_bn_statistics(model, pruner: S2HPruner, trainer: S2HTrainer) -> None:
-    """Average BatchNorm running statistics, the model's and the hard (or pruned) network's,
-    over ranks.
-
-    They only feed evaluation, and their momentum update is affine, so averaging before a
-    mid-epoch checkpoint gives the same epoch-end statistics as averaging once at the end.
-    """
-    D.average_buffers(model)
-    if pruner.hard_stats is not None:
-        D.average_tensors(list(pruner.hard_stats.buffers()))
-    if trainer.pruned is not None:
-        D.average_buffers(trainer.pruned)
 
 
 def _check_finite(model, pruner: S2HPruner, trainer: S2HTrainer, message: str) -> None:

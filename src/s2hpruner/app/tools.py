@@ -226,7 +226,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, onnx: bool = Fals
             result["onnx_max_abs_diff"] = diff
             result["files"].append(str(out / "model_pruned.onnx"))
         if not (out / "metrics.jsonl").exists():  # (a run's own folder has its config)
-            atomic_write_bytes(staging / "config.yaml", yaml.safe_dump(cfg.to_dict()).encode())
+            atomic_write_bytes(staging / "config.yaml", yaml.safe_dump(cfg.to_yaml_dict()).encode())
             classes = classes if classes is not None else _classes_near(Path(checkpoint))
             if classes is not None:
                 atomic_write_bytes(staging / "classes.json", json.dumps(classes).encode())

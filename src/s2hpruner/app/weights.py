@@ -208,13 +208,15 @@ def _strip(
 
 
 def load_init_weights(
-    model: nn.Module, path: str | Path, model_name: str | None = None
+    model: nn.Module, path: str | Path, model_name: str | None = None,
+    dataset: str | None = None,
 ) -> dict[str, Any]:
     """Load the user's weights file into ``model``; every key and shape must match.
 
     Returns ``{"path", "source" (where in the file), "tensors", "stripped_prefix"}``; raises
     :class:`CheckpointError` naming the missing, unexpected and mis-shaped keys otherwise (and,
-    for a ``model_name`` of ours that hides torchvision's, the name of torchvision's).
+    for a ``model_name`` of ours that hides torchvision's, the name of torchvision's; the way
+    to read grey images as RGB fits the run's ``dataset``: only image folders take --in-chans).
     """
     state, source = read_state_dict(path)
     model_state = model.state_dict()
@@ -234,11 +236,27 @@ def load_init_weights(
         raise CheckpointError(
             f"weights file {path} ({source}) does not fit the model: {problem}; fix: build the "
             "model these weights were trained with (same model, num_classes, in_chans, "
-            f"model_kwargs; for grey images read as RGB in training, --in-chans 3{also})"
+            f"model_kwargs{_grey_as_rgb_hint(dataset)}{also})"
         )
     counters = {k: v for k, v in model_state.items() if k.endswith("num_batches_tracked")}
     model.load_state_dict({**counters, **state})
     return {"path": str(path), "source": source, "tensors": len(state), "stripped_prefix": stripped}
+
+
+def _grey_as_rgb_hint(dataset: str | None) -> str:
+    """How to feed weights trained on RGB copies of grey images: --in-chans exists for image
+    folders only (the other data sets' channels are fixed, and they refuse it)."""
+    from .data import DATASETS, FOLDER, dataset_spec
+
+    if dataset == FOLDER:
+        return "; for grey images read as RGB in training, --in-chans 3"
+    if dataset is None or dataset not in DATASETS:
+        return "; for grey images read as RGB in training, --dataset imagefolder --in-chans 3"
+    if dataset_spec(dataset).in_chans != 1:
+        return ""
+    return (f"; {dataset!r} has fixed greyscale channels: for weights trained on its images "
+            "read as RGB, save them as class folders and use --dataset imagefolder "
+            "--in-chans 3")  # fmt: skip
 
 
 # --------------------------------------------------------------------------- pretrained

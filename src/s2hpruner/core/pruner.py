@@ -161,6 +161,12 @@ class S2HPruner(nn.Module):
         }
         if round_to is not None and round_to < 1:
             raise ValueError(f"round_to must be >= 1 (or None), got {round_to}")
+        if width_step is not None and width_step < 1:
+            raise ValueError(f"width_step must be >= 1 (or None: each group's own), got "
+                             f"{width_step}")  # fmt: skip
+        if max_candidates < 2:
+            raise ValueError(f"max_candidates must be >= 2 (a search needs two widths), got "
+                             f"{max_candidates}")  # fmt: skip
         object.__setattr__(self, "model", model)  # wrapped, not a submodule
         example_inputs = inputs_on_device_of(model, example_inputs)
         self.example_inputs = example_inputs
@@ -175,6 +181,7 @@ class S2HPruner(nn.Module):
                 "ignored, fixed, or has a single candidate width); nothing to search"
             )
         self.round_to = round_to
+        self.importance_rule = importance
         self.layers = dict(model.named_modules())
         self.index = ChannelIndex(self.groups, self.layers)
         # importance "group": torch-pruning's dependency group of each channel group, by index
@@ -200,6 +207,7 @@ class S2HPruner(nn.Module):
                 raise ValueError(f"latency predictor {choice!r} is not offered; choose auto or "
                                  f"one of {', '.join(self.latency.predictors())}")  # fmt: skip
         self.freeze_ranks = False
+        self._active_mode: str | None = None  # the mode() being run (they do not nest)
         self.hard_stats = HardNormStats(model) if separate_hard_bn_stats else None
         # True: the hard network runs and exports with the model's (soft network's) statistics
         # even so; set by a trainer whose method never runs the hard network (DMP), the
@@ -255,6 +263,8 @@ class S2HPruner(nn.Module):
             "freeze_ranks": self.freeze_ranks,
             "groups": [(g.name, g.channels, list(g.candidates)) for g in self.groups],
             "round_to": self.round_to,
+            "temperature": self.search.temperature,
+            "importance": self.importance_rule,
             "latency_floor": self.latency_floor,
             "latency_calibration": self.latency_calibration,
             "slow_widths": self.slow_widths,
@@ -269,6 +279,13 @@ class S2HPruner(nn.Module):
                 f"pruner state was saved with round_to={state.get('round_to')}, this pruner has "
                 f"round_to={self.round_to}"
             )
+        # the same logits are other widths at another temperature, and another importance
+        # ranks the channels otherwise (states saved before these were stored: not checked)
+        for name, mine in (("temperature", self.search.temperature),
+                           ("importance", self.importance_rule)):  # fmt: skip
+            if name in state and state[name] != mine:
+                raise ValueError(f"pruner state was saved with {name}={state[name]!r}, this "
+                                 f"pruner has {name}={mine!r}; build it with the saved one")
         self.freeze_ranks = bool(state["freeze_ranks"])
         self.latency_floor = state.get("latency_floor")
         self.latency_calibration = list(state.get("latency_calibration", []))
@@ -333,8 +350,15 @@ class S2HPruner(nn.Module):
         """
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; use one of {MODES}")
+        if self._active_mode is not None:  # the masks would stack, the statistics swap twice
+            raise RuntimeError(f"pruner.mode({mode!r}) inside pruner.mode("
+                               f"{self._active_mode!r}); leave one before entering another")
         if mode == "full":
-            yield
+            self._active_mode = mode
+            try:
+                yield
+            finally:
+                self._active_mode = None
             return
         flat = self.flat_masks(mode)
         sliced = self.sliced_hard if sliced is None else sliced
@@ -346,6 +370,7 @@ class S2HPruner(nn.Module):
         swap = mode == "hard" and self._separate_hard_stats
         if swap:
             self.hard_stats.swap(self.layers)
+        self._active_mode = mode
         try:
             if mode == "hard" and sliced:
                 keep = flat.detach() > 0.5
@@ -362,6 +387,7 @@ class S2HPruner(nn.Module):
                     for h in handles:
                         h.remove()
         finally:
+            self._active_mode = None
             if swap:
                 self.hard_stats.swap(self.layers)
 

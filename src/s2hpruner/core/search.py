@@ -6,6 +6,8 @@ Pure maths over the groups (SPEC section 2), batched: an ``nn.Module``, so ``.to
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -38,11 +40,14 @@ class WidthSearch(nn.Module):
         round_to: int | None = None,
     ):
         super().__init__()
+        if not (temperature > 0 and math.isfinite(temperature)):
+            raise ValueError(f"temperature must be a positive number, got {temperature}")
         # the flat channel numbering, shared with the pruner (alone: the groups' own)
         self.index = index if index is not None else ChannelIndex(groups, {})
         self.temperature = temperature
+        # p = softmax(u / tau): the starting logits scale with tau, for E = C - d at any tau
         self.logits = nn.ParameterList(
-            [nn.Parameter(M.initial_logits(g.candidates, g.step)) for g in groups]
+            [nn.Parameter(temperature * M.initial_logits(g.candidates, g.step)) for g in groups]
         )
         n_cand = max(len(g.candidates) for g in groups)
         n_chan = max(g.channels for g in groups)

@@ -389,6 +389,12 @@ def _failure(exc: BaseException, owners: dict[int, str], model: nn.Module) -> st
     return f"{layer!r}: {type(exc).__name__}: {str(exc)[:200]}"
 
 
+def _device_of(model: nn.Module) -> torch.device:
+    """Where ``model``'s weights are (the CPU for a model without any)."""
+    weight = next(model.parameters(), None)
+    return torch.device("cpu") if weight is None else weight.device
+
+
 def failing_groups(
     model: nn.Module, example_inputs, groups: list[ChannelGroup], modules: dict[str, nn.Module]
 ) -> dict[int, str]:
@@ -401,7 +407,7 @@ def failing_groups(
     when some layer is not sliceable."""
     if not groups or unsliceable_modules(groups, modules):
         return {}
-    index = ChannelIndex(groups, modules)
+    index = ChannelIndex(groups, modules).to(_device_of(model))  # a model on CUDA: there
     forward = SlicedHardForward(groups, modules, index)
     inputs = probe_inputs(model, example_inputs)
     owner = {id(m): n for n, m in modules.items()}
@@ -514,7 +520,7 @@ def export_failures(
     from .resources.model import count_params as counted_params
 
     modules = dict(model.named_modules())
-    index = ChannelIndex(groups, modules)
+    index = ChannelIndex(groups, modules).to(_device_of(model))
     inputs = probe_inputs(model, example_inputs)
     owner = {id(m): n for n, m in modules.items()}
 

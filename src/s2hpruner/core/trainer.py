@@ -255,6 +255,20 @@ class S2HTrainer:
                 "model is not the module the pruner wraps: pass pruner.model (a copy, a "
                 "rebuilt model or a wrapper such as DDP's .module would train without the masks)"
             )
+        device, index_device = next(model.parameters()).device, pruner.index.group_of.device
+        if device != index_device:  # else a mixed-device error deep inside the first step
+            raise ValueError(
+                f"the model is on {device} and the pruner on {index_device}: move the pruner "
+                "with it (pruner.to(device) after model.to(device))"
+            )
+        layers = dict(model.named_modules())
+        replaced = [n for n, m in pruner.layers.items() if layers.get(n) is not m]
+        if replaced:  # the masks would act on the old modules: soft = hard = full network
+            raise ValueError(
+                f"the model's layers {replaced[:3]} are not the ones the pruner was built on "
+                "(replaced after building it, e.g. by nn.SyncBatchNorm."
+                "convert_sync_batchnorm); build the pruner after changing the model"
+            )
         logits = {id(u) for u in pruner.mask_parameters()}
         if any(id(p) in logits for group in optimizer.param_groups for p in group["params"]):
             raise ValueError(
@@ -671,6 +685,18 @@ class S2HTrainer:
             optimizer.step()
         else:  # unscales, and skips the step on inf/NaN gradients
             self.scaler.step(optimizer)
+
+    def average_statistics(self) -> None:
+        """Average the BatchNorm running statistics over the ``torchrun`` processes: the
+        model's (the soft network's), the hard network's and the pruned network's. Each
+        process updates them on its own batches, so call this on every process before
+        evaluating or exporting (a no-op in a single process). Their momentum update is
+        affine, so averaging at any point gives the statistics of averaging at the end."""
+        D.average_buffers(self.model)
+        if self.pruner.hard_stats is not None:
+            D.average_tensors(list(self.pruner.hard_stats.buffers()))
+        if self.pruned is not None:
+            D.average_buffers(self.pruned)
 
     # ------------------------------------------------------------- the end
     def export(self) -> nn.Module:
