@@ -174,3 +174,30 @@ def test_help_explains_every_option(capsys):
     for flag in ("--target-flops", "--method", "--resume", "--data-root", "--epochs",
                  "--batch-size", "--seed", "--device", "--out", "--config"):
         assert flag in text
+
+
+def test_none_on_the_command_line_clears_a_config_files_optional_setting(tmp_path):
+    """A config with ``init:`` or ``autocast:`` could not be run from random weights or in
+    fp32: the command line had no way to say "no value"."""
+    from s2hpruner.app.cli import build_parser, config_from_args
+    from s2hpruner.app.config import ConfigError
+
+    path = tmp_path / "c.yaml"
+    path.write_text("dataset: digits\ninit: trained.pt\nautocast: bf16\ntarget_flops: 0.5\n"
+                    "target_params: 0.4\n")  # fmt: skip
+    parser = build_parser()
+
+    def config(*flags):
+        return config_from_args(parser.parse_args(["prune", "--config", str(path), *flags]))
+
+    cfg = config("--init", "none", "--autocast", "None", "--target-flops", "none",
+                 "--mean", "none")  # fmt: skip
+    assert (cfg.init, cfg.autocast, cfg.target_flops, cfg.mean) == (None, None, None, None)
+    assert cfg.target_params == 0.4 and cfg.dataset == "digits"  # the rest as the file has it
+    kept = config("--target-params", "none")
+    assert (kept.init, kept.autocast, kept.target_flops) == ("trained.pt", "bf16", 0.5)
+    with pytest.raises(ConfigError, match="give it alone"):
+        config("--mean", "none", "0.5")
+    with pytest.raises(SystemExit):  # not optional: none is no value of it
+        parser.parse_args(["prune", "--method", "none"])
+    assert "none clears" in parser._subparsers._group_actions[0].choices["prune"].format_help()

@@ -402,3 +402,27 @@ def test_resuming_with_or_without_loader_workers_across_the_checkpoint_warns(tmp
     with pytest.warns(UserWarning, match="checkpoint was made with workers=1 and this run has "
                                          "workers=0"):  # fmt: skip
         assert main([*args, "--resume"]) == 0
+
+
+def test_a_network_torch_export_cannot_trace_still_ends_its_run_with_its_results(
+        tmp_path, monkeypatch):  # fmt: skip
+    """torch.export fails on some users' model code; after hours of training the run must
+    still write model_pruned.pt and report.json (a resume would only repeat the failure)."""
+    from s2hpruner.app import run as app_run
+
+    def untraceable(model, example, path):
+        Path(path).write_bytes(b"half")  # a partial file must not be left as the program
+        raise RuntimeError("Could not guard on data-dependent expression\nmore lines")
+
+    monkeypatch.setattr(app_run, "save_program", untraceable)
+    out = tmp_path / "run"
+    with pytest.warns(UserWarning, match="torch.export could not save"):
+        assert main(["prune", "--dataset", "digits", "--epochs", "0.5", "--train-subset",
+                     "640", "--out", str(out), "--no-progress", "--latency-repeats",
+                     "2"]) == 0  # fmt: skip
+    report = json.loads((out / "report.json").read_text())
+    assert report["program"] == {"file": None, "error": "RuntimeError: Could not guard on "
+                                 "data-dependent expression"}  # fmt: skip
+    assert (out / "model_pruned.pt").is_file() and not (out / "model_pruned.pt2").exists()
+    model = torch.load(out / "model_pruned.pt", weights_only=False)
+    assert count_flops(model, torch.zeros(1, 1, 8, 8)) == report["flops_pruned"]

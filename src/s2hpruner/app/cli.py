@@ -172,6 +172,25 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+class _Cleared:
+    """The value ``none`` of an optional setting on the command line: it clears what a config
+    file set (``--init none`` runs a from-trained config from random weights)."""
+
+    def __repr__(self) -> str:
+        return "none"
+
+
+CLEARED = _Cleared()
+
+
+def _or_none(kind: type):
+    def parse(text: str):
+        return CLEARED if text.strip().lower() == "none" else kind(text)
+
+    parse.__name__ = kind.__name__  # argparse names the type in its errors
+    return parse
+
+
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     hints = typing.get_type_hints(RunConfig)
     for f in dataclasses.fields(RunConfig):
@@ -180,6 +199,9 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         hint = hints[f.name]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         text = f"{HELP[f.name]} (default: {default})"
+        optional = type(None) in typing.get_args(hint)
+        if optional:
+            text += "; none clears a config file's value"
         if hint is bool:
             parser.add_argument(
                 _flag(f.name), action=argparse.BooleanOptionalAction, default=None, help=text
@@ -187,24 +209,28 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         elif f.name == "ignored_layers":
             parser.add_argument(_flag(f.name), action="append", default=None, help=text)
         elif f.name in ("mean", "std"):
-            parser.add_argument(_flag(f.name), type=float, nargs="+", default=None, help=text)
+            parser.add_argument(_flag(f.name), type=_or_none(float), nargs="+", default=None,
+                                help=text)  # fmt: skip
         else:
             kind = {int: int, float: float, str: str}.get(hint)
             if kind is None:  # Optional[...]
                 args = [a for a in typing.get_args(hint) if a is not type(None)]
                 kind = args[0] if args and args[0] in (int, float, str) else str
+            choices = {"method": METHODS, "hard_layout": HARD_LAYOUTS,
+                       "autocast": AUTOCAST, "balance": BALANCE_SCOPES,
+                       "mask_lr_schedule": MASK_LR_SCHEDULES,
+                       "freeze_teacher": FREEZE_TEACHER_CHOICES,
+                       "search_start": SEARCH_STARTS,
+                       "importance": IMPORTANCE_CHOICES,
+                       "latency_predictor": LATENCY_PREDICTORS}.get(f.name)  # fmt: skip
+            if optional and choices is not None:
+                choices = (*choices, CLEARED)
             parser.add_argument(
                 _flag(f.name),
-                type=kind,
+                type=_or_none(kind) if optional else kind,
                 default=None,
                 help=text,
-                choices={"method": METHODS, "hard_layout": HARD_LAYOUTS,
-                         "autocast": AUTOCAST, "balance": BALANCE_SCOPES,
-                         "mask_lr_schedule": MASK_LR_SCHEDULES,
-                         "freeze_teacher": FREEZE_TEACHER_CHOICES,
-                         "search_start": SEARCH_STARTS,
-                         "importance": IMPORTANCE_CHOICES,
-                         "latency_predictor": LATENCY_PREDICTORS}.get(f.name),  # fmt: skip
+                choices=choices,
             )
 
 
@@ -357,13 +383,21 @@ def list_datasets_command(args: argparse.Namespace) -> None:
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     names = [f.name for f in dataclasses.fields(RunConfig)]
     overrides = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    cleared = {n for n, v in overrides.items()
+               if v is CLEARED or (isinstance(v, list) and CLEARED in v)}  # fmt: skip
+    for name in cleared:
+        if isinstance(overrides[name], list) and len(overrides[name]) > 1:
+            raise ConfigError(f"{_flag(name)}: none clears the setting; give it alone")
+        del overrides[name]
     for share, epochs in PHASES.items():
         if share in overrides and epochs in overrides:
             raise ConfigError(f"--{share} and --{epochs.replace('_', '-')} both set the phase; "
                               "give one")  # fmt: skip
     if args.config:
-        return RunConfig.from_yaml(args.config, **overrides).validate()
-    return RunConfig.from_dict(overrides).validate()
+        cfg = RunConfig.from_yaml(args.config, **overrides)
+    else:
+        cfg = RunConfig.from_dict(overrides)
+    return dataclasses.replace(cfg, **dict.fromkeys(cleared)).validate()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -674,12 +674,30 @@ def finish(cfg, out, splits, model, pruner, trainer, example, device, state) -> 
     }
     if pruner.latency is not None:
         report.update(_latency_report(model, exported, pruner, example, cfg, device))
-    save_program(pruned_cpu.cpu(), cpu_example, out / "model_pruned.pt2")  # (can fail: first)
     atomic_torch_save(pruned_cpu.cpu(), out / "model_pruned.pt")
+    report["program"] = _save_program_or_warn(pruned_cpu.cpu(), cpu_example,
+                                              out / "model_pruned.pt2")  # fmt: skip
     atomic_write_bytes(out / "report.json", json.dumps(report, indent=2).encode())
     plot_run(out)
     print(summary_table(report))
     return report
+
+
+def _save_program_or_warn(model: nn.Module, example: torch.Tensor, path: Path) -> dict:
+    """The torch.export program of the pruned network, if torch.export can trace it: a model
+    whose code it cannot trace (a data-dependent branch, a fixed batch in a ``view``) still
+    ends its run with model_pruned.pt and report.json, not a traceback after hours of
+    training that a resume would repeat."""
+    try:
+        save_program(model, example, path)
+    except Exception as exc:  # noqa: BLE001 - torch.export raises many kinds; all reported
+        path.unlink(missing_ok=True)  # not an earlier run's program beside this run's model
+        message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        warnings.warn(f"torch.export could not save the pruned network ({message}); "
+                      "model_pruned.pt holds it (torch.load, weights_only=False)",
+                      stacklevel=2)  # fmt: skip
+        return {"file": None, "error": message}
+    return {"file": path.name, "error": None}
 
 
 def _latency_report(model, exported, pruner: S2HPruner, example, cfg, device) -> dict:
