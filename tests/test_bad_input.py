@@ -607,3 +607,20 @@ def test_nan_loss_reports_the_failing_step(setup, tmp_path, monkeypatch, capsys)
     err = error_of(capsys)
     assert "training step 3 of 4" in err and "non-finite loss" in err and "(step 2)" in err, err
     assert _good_checkpoint_step(out) == 2
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--model", "resnet5O"], "resnet5O"),
+    (["--model", "timm/resnet5O"], "timm has no model"),
+    (["--init", "no_such_weights.pt"], "no_such_weights.pt"),
+])  # fmt: skip
+def test_a_wrong_model_or_init_fails_before_the_run_folder_or_the_data(
+        tmp_path, capsys, flags, message):  # fmt: skip
+    """A typo used to be found after the data was read (minutes for a large folder) and left
+    an empty run folder behind; the data folder here does not even exist."""
+    out = tmp_path / "run"
+    code = main(["prune", "--dataset", "imagefolder", "--data-root", str(tmp_path / "none"),
+                 "--out", str(out), "--no-progress", *flags])  # fmt: skip
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()

@@ -127,6 +127,7 @@ def create_model(
     """
     if ":" in name:
         return _user_model(name, num_classes, in_chans, image_size, kwargs)
+    check_model_name(name)
     if name in MODELS:
         factory = MODELS[name]
         size = {} if image_size is None else {"img_size": image_size}
@@ -136,8 +137,24 @@ def create_model(
         return _timm_model(name.removeprefix(TIMM_PREFIX), num_classes, in_chans, image_size,
                            **kwargs)  # fmt: skip
     tv_name = name.removeprefix(TORCHVISION_PREFIX)
-    if tv_name in _torchvision_names():
-        return _torchvision_model(tv_name, num_classes, in_chans, image_size=image_size, **kwargs)
+    return _torchvision_model(tv_name, num_classes, in_chans, image_size=image_size, **kwargs)
+
+
+def check_model_name(name: str) -> None:
+    """Raise the error :func:`create_model` would for a name no source has, without building
+    anything: a run checks it before it makes its folder or reads its data. (A user factory,
+    ``module:factory``, is checked when it is loaded.)"""
+    if ":" in name or name in MODELS:
+        return
+    if name.startswith(TIMM_PREFIX):
+        if not _timm().is_model(name.removeprefix(TIMM_PREFIX)):
+            raise ModelSpecError(
+                f"timm has no model {name.removeprefix(TIMM_PREFIX)!r}; fix: a name from "
+                f"timm.list_models() (e.g. {TIMM_PREFIX}resnet18, {TIMM_PREFIX}convnext_atto)"
+            )
+        return
+    if name.removeprefix(TORCHVISION_PREFIX) in _torchvision_names():
+        return
     error = UnknownNameError("model", name, list_models())
     # errors.py builds the message; extend it so users know the fallback exists.
     error.args = (
@@ -693,12 +710,7 @@ def _timm_model(
     A model that takes no ``img_size`` (a CNN) is built without it: it runs at any size.
     An image size off the patch grid is refused: timm would drop the leftover rows and
     columns silently (a 16-px patch on 28x28 Fashion-MNIST sees 16 of its 28 rows)."""
-    timm = _timm()
-    if not timm.is_model(name):
-        raise ModelSpecError(
-            f"timm has no model {name!r}; fix: a name from timm.list_models() (e.g. "
-            f"{TIMM_PREFIX}resnet18, {TIMM_PREFIX}convnext_atto)"
-        )
+    timm = _timm()  # (the name: check_model_name)
     args = {"pretrained": False, "num_classes": num_classes, "in_chans": in_chans, **kwargs}
     if img_size is None or "img_size" in kwargs:
         model = timm.create_model(name, **args)

@@ -56,7 +56,7 @@ from .config import ConfigError, RunConfig
 from .data import build_datasets
 from .files import atomic_torch_save, atomic_write_bytes, save_program
 from .metrics import MetricWriter, append_jsonl, reduced_sums
-from .models import ModelSpecError, create_model
+from .models import ModelSpecError, check_model_name, create_model
 from .optim import build_mask_optimizer, build_weight_optimizer, set_mask_lr
 from .sampling import EpochSampler, eval_loader, train_loader
 
@@ -397,6 +397,10 @@ def prune(cfg: RunConfig) -> dict:
     from tqdm.auto import tqdm
 
     cfg.validate().resolve_paths()  # config.yaml then rebuilds the run from any folder
+    # before the run folder is made and the data read (a large folder takes minutes)
+    check_model_name(cfg.model)
+    if cfg.init is not None and not Path(cfg.init).is_file():
+        raise CheckpointError(f"--init: weights file {cfg.init} does not exist")
     device = setup_device(cfg)
     if cfg.autocast == "fp16" and device.type != "cuda":
         raise ConfigError(f"--autocast fp16 needs a CUDA device (this run is on {device}); "
