@@ -294,3 +294,14 @@ def test_the_build_probes_index_on_the_models_device(monkeypatch):
     sliced.failing_groups(model, pruner.example_inputs, pruner.groups, pruner.layers)
     sliced.export_failures(model, pruner.example_inputs, pruner.groups)
     assert moved == [torch.device("cpu")] * 2
+
+
+def test_a_fractional_step_count_or_a_negative_alpha_is_refused():
+    torch.manual_seed(0)
+    model = Net()
+    pruner = S2HPruner(model, torch.randn(1, 1, 8, 8), target_flops=0.5)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    with pytest.raises(ValueError, match="whole number"):
+        S2HTrainer(model, pruner, optimizer, 12.5)
+    with pytest.raises(ValueError, match="alpha"):
+        S2HTrainer(model, pruner, optimizer, STEPS, alpha=-1.0)

@@ -45,7 +45,7 @@ from .kinds import norms as norm_kind
 from .kinds.scale import SwapParameter
 from .measure import memory_format_of
 from .modes import evaluating
-from .structure import ChannelGroup
+from .structure import ChannelGroup, ExampleInputs
 
 SLICEABLE = (*_CONVS, nn.Linear, *_NORMS)
 _AFFINE_NORMS = (*_NORMS, *norm_kind.NORMS)  # per-channel affine: a mask folds into it
@@ -354,7 +354,7 @@ def probe_channels(g: ChannelGroup) -> list[int]:
     return [(2 * i + 1) * g.channels // (2 * width) for i in range(width)]
 
 
-def probe_inputs(model: nn.Module, example_inputs) -> tuple:
+def probe_inputs(model: nn.Module, example_inputs: ExampleInputs) -> tuple:
     """The example's float tensors replaced by seeded random ones of the same shape (the
     global RNG untouched): an all-zero example through a fresh model (BatchNorm's bias 0, no
     conv bias) gives all-zero activations, and every probe would then pass. The example
@@ -396,7 +396,8 @@ def _device_of(model: nn.Module) -> torch.device:
 
 
 def failing_groups(
-    model: nn.Module, example_inputs, groups: list[ChannelGroup], modules: dict[str, nn.Module]
+    model: nn.Module, example_inputs: ExampleInputs, groups: list[ChannelGroup],
+    modules: dict[str, nn.Module],
 ) -> dict[int, str]:
     """Groups whose removal breaks the model's forward: {group position: "layer: error"}.
 
@@ -448,7 +449,7 @@ def failing_groups(
     return found
 
 
-def prune_copy(model: nn.Module, example_inputs, groups: list[ChannelGroup],
+def prune_copy(model: nn.Module, example_inputs: ExampleInputs, groups: list[ChannelGroup],
                kept: list[list[int]], copy_model: bool = True) -> nn.Module:  # fmt: skip
     """A physically pruned deep copy of ``model`` keeping ``kept[i]`` of ``groups[i]``
     (torch-pruning for channel groups, attention.py for heads, kinds/scale.py for layer
@@ -493,8 +494,9 @@ def _tensors(y) -> list[torch.Tensor]:
 
 
 def export_failures(
-    model: nn.Module, example_inputs, groups: list[ChannelGroup], tolerance: float = 1e-4,
-    max_exports: int = 24, max_seconds: float = 30.0, resources=None,
+    model: nn.Module, example_inputs: ExampleInputs, groups: list[ChannelGroup],
+    tolerance: float = 1e-4, max_exports: int = 24, max_seconds: float = 30.0,
+    resources: nn.Module | None = None,
     count_tolerance: float = 0.01, count_params: bool = False,
 ) -> dict[int, str]:
     """Groups whose export is not the hard network: {group position: reason}.

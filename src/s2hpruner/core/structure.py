@@ -185,7 +185,12 @@ def tolerant_passes() -> Iterator[None]:
         _tp_shape_infer.init_shape_information, _tp_index_mapping.update_index_mapping = saved
 
 
-def inputs_on_device_of(model: nn.Module, example_inputs):
+# what a model is traced, counted and probed on: one tensor, or the inputs of its forward as
+# a tuple, list or dict of tensors
+ExampleInputs = torch.Tensor | tuple | list | dict
+
+
+def inputs_on_device_of(model: nn.Module, example_inputs: ExampleInputs) -> ExampleInputs:
     """``example_inputs`` (a tensor, or a list, tuple or dict of them) on the device of
     ``model``'s weights: a pruner built before the model moved still traces and exports it."""
     weight = next(model.parameters(), None)
@@ -207,7 +212,7 @@ def inputs_on_device_of(model: nn.Module, example_inputs):
 AUX_HEADS = ("aux1", "aux2", "AuxLogits")
 
 
-def build_graph(model: nn.Module, example_inputs) -> tp.DependencyGraph:
+def build_graph(model: nn.Module, example_inputs: ExampleInputs) -> tp.DependencyGraph:
     """Trace ``model`` with torch-pruning (needs autograd, so grad mode is forced on)."""
     example_inputs = inputs_on_device_of(model, example_inputs)
     aux = [f"{name}.{head}".lstrip(".") for name, module in model.named_modules()

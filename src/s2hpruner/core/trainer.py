@@ -237,8 +237,10 @@ class S2HTrainer:
             if method not in METHODS:
                 raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
             method = METHODS[method]
-        if total_steps < 1:
-            raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+        if total_steps < 1 or int(total_steps) != total_steps:
+            raise ValueError(f"total_steps must be a whole number >= 1, got {total_steps}")
+        if not (alpha >= 0 and math.isfinite(alpha)):
+            raise ValueError(f"alpha (the weight of G_h) must be a number >= 0, got {alpha}")
         if freeze is None:
             freeze = default_freeze(warmup)
         if not (warmup >= 0.0 and freeze >= 0.0 and warmup + freeze < 1.0):

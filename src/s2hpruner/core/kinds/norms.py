@@ -21,11 +21,16 @@ a grouped conv (see :mod:`.grouped`), so its groups keep equal sizes.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..modes import evaluating
+
+if TYPE_CHECKING:  # (structure imports this module)
+    from ..structure import ExampleInputs
 
 NORMS = (nn.LayerNorm, nn.GroupNorm)
 
@@ -101,7 +106,9 @@ def channel_dim(module: nn.Module, x: torch.Tensor) -> int | None:
     return None
 
 
-def record_dims(model: nn.Module, example_inputs, names: list[str]) -> dict[str, int | None]:
+def record_dims(
+    model: nn.Module, example_inputs: ExampleInputs, names: list[str]
+) -> dict[str, int | None]:
     """:func:`channel_dim` of the named norms, from one eval forward on ``example_inputs``."""
     modules = dict(model.named_modules())
     seen: dict[str, torch.Tensor] = {}

@@ -32,7 +32,7 @@ from ..attention import attention_row
 from ..index import is_depthwise, width_counts
 from ..kinds import norms as norm_kind
 from ..modes import evaluating
-from ..structure import ChannelGroup
+from ..structure import ChannelGroup, ExampleInputs
 
 
 def _sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
@@ -52,7 +52,7 @@ def _as_tuple(example_inputs) -> tuple:
 
 
 @torch.no_grad()
-def count_flops(model: nn.Module, example_inputs) -> int:
+def count_flops(model: nn.Module, example_inputs: ExampleInputs) -> int:
     """FLOPs of one forward on ``example_inputs``, counted by torch.utils.flop_counter.
 
     This is the independent counter the pruner's own formula is checked against. The counter
@@ -84,7 +84,9 @@ def count_params(model: nn.Module) -> int:
 class ResourceModel(nn.Module):
     """FLOPs and parameter counts of the pruned model as a function of group widths."""
 
-    def __init__(self, model: nn.Module, example_inputs, groups: Sequence[ChannelGroup]):
+    def __init__(
+        self, model: nn.Module, example_inputs: ExampleInputs, groups: Sequence[ChannelGroup]
+    ):
         super().__init__()
         self.group_names = [g.name for g in groups]
         modules = dict(model.named_modules())
