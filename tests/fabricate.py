@@ -28,3 +28,26 @@ def learnable_fashion_mnist(root: Path, n_train: int = 600, n_test: int = 200, s
         write_idx(root / f"{split}-images-idx3-ubyte.gz", images.astype(np.uint8))
         write_idx(root / f"{split}-labels-idx1-ubyte.gz", labels)
     return root
+
+
+def tiny_config(base: Path) -> Path:
+    """A config file of the 4-channel-wide resnet20 the run tests train."""
+    config = base / "tiny.yaml"
+    config.write_text("model_kwargs:\n  width: 4\n")
+    return config
+
+
+def one_thread_run(config: Path, root: Path, out: Path, *flags: str) -> int:
+    """``s2hpruner prune`` with ``config`` on the data at ``root`` into ``out``, in one torch
+    thread (two shared cores: more threads only slow a tiny model down)."""
+    import torch
+
+    from s2hpruner.app.cli import main
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return main(["prune", "--config", str(config), "--data-root", str(root), "--out",
+                     str(out), *flags])  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from fabricate import learnable_fashion_mnist
+from fabricate import learnable_fashion_mnist, one_thread_run, tiny_config
 from PIL import Image
 
 from s2hpruner.app import run
@@ -28,14 +28,6 @@ from s2hpruner.core.errors import CheckpointError
 
 TINY = ["--epochs", "1", "--freeze-epochs", "0.5", "--batch-size", "50", "--train-subset",
         "200", "--val-size", "100", "--latency-repeats", "1", "--no-progress"]  # fmt: skip
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # two shared cores: more threads only slow the tiny model down
-    yield
-    torch.set_num_threads(threads)
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -58,16 +50,9 @@ def overwritten_run(tmp_path_factory):
     """A finished run started with --overwrite (and --no-progress)."""
     base = tmp_path_factory.mktemp("control")
     root = learnable_fashion_mnist(base / "fmnist")
-    config = base / "tiny.yaml"
-    config.write_text("model_kwargs:\n  width: 4\n")
     out = base / "a"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        code = main(["prune", "--config", str(config), "--data-root", str(root), "--out",
-                     str(out), "--target-flops", "0.5", "--overwrite", *TINY])  # fmt: skip
-    finally:
-        torch.set_num_threads(threads)
+    code = one_thread_run(tiny_config(base), root, out, "--target-flops", "0.5", "--overwrite",
+                          *TINY)  # fmt: skip
     assert code == 0
     return out
 
@@ -143,17 +128,8 @@ FOLDER_ARGS = ["--dataset", "imagefolder", "--epochs", "1", "--freeze-epochs", "
 def folder_run(tmp_path_factory):
     base = tmp_path_factory.mktemp("folder")
     root = write_folder(base / "images")
-    config = base / "tiny.yaml"
-    config.write_text("model_kwargs:\n  width: 4\n")
-    out = base / "run"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        code = main(["prune", "--config", str(config), "--data-root", str(root), "--out",
-                     str(out), *FOLDER_ARGS])  # fmt: skip
-    finally:
-        torch.set_num_threads(threads)
-    assert code == 0
+    config, out = tiny_config(base), base / "run"
+    assert one_thread_run(config, root, out, *FOLDER_ARGS) == 0
     return root, config, out
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from fabricate import learnable_fashion_mnist
+from fabricate import learnable_fashion_mnist, one_thread_run, tiny_config
 from torch import nn
 
 from s2hpruner import S2HPruner
@@ -39,17 +39,8 @@ def setup(tmp_path_factory):
     """Fabricated data, a tiny-model config file, and one finished run."""
     base = tmp_path_factory.mktemp("bad")
     root = learnable_fashion_mnist(base / "fmnist")
-    config = base / "tiny.yaml"
-    config.write_text("model_kwargs:\n  width: 4\n")
-    out = base / "finished"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        code = main(["prune", "--config", str(config), "--data-root", str(root), "--out",
-                     str(out), "--target-flops", "0.5", *TINY])  # fmt: skip
-    finally:
-        torch.set_num_threads(threads)
-    assert code == 0
+    config, out = tiny_config(base), base / "finished"
+    assert one_thread_run(config, root, out, "--target-flops", "0.5", *TINY) == 0
     return root, config, out
 
 
