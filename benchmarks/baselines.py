@@ -65,8 +65,8 @@ from s2hpruner.app.files import atomic_torch_save, atomic_write_bytes
 from s2hpruner.app.optim import build_weight_optimizer
 from s2hpruner.app.sampling import EpochSampler, train_loader
 from s2hpruner.core.layout import tune_module_layout
-from s2hpruner.core.measure import memory_format_of
-from s2hpruner.core.sliced import narrow_pointwise
+from s2hpruner.core.measure import MEMORY_FORMATS
+from s2hpruner.core.sliced import narrow_pointwise_in_nchw
 from s2hpruner.core.structure import build_graph, classifier_layers
 from s2hpruner.core.trainer import evaluate, project_to_budget
 
@@ -152,10 +152,7 @@ def load_data(cfg: RunConfig, device: torch.device) -> Data:
 def build_model(cfg: RunConfig, data: Data) -> nn.Module:
     """The model with the initial weights S2HPruner's run of the same seed starts from (built
     by the run's own code: ``--init``/``--pretrained`` and ``channels_last`` included)."""
-    model = app_run.build_model(cfg, data.splits.spec, data.device)
-    if cfg.channels_last:
-        _narrow_shortcuts_in_nchw(model)
-    return model
+    return app_run.build_model(cfg, data.splits.spec, data.device)
 
 
 def flops_target(cfg: RunConfig) -> float:
@@ -176,11 +173,7 @@ def _run_layout(cfg: RunConfig) -> torch.memory_format:
 def _memory_format(model: nn.Module, cfg: RunConfig,
                    layout: torch.memory_format | None = None) -> nn.Module:  # fmt: skip
     # torch-pruning builds new parameters when it prunes, so this is re-applied after pruning
-    layout = layout or _run_layout(cfg)
-    model = model.to(memory_format=layout)
-    if layout == torch.channels_last:
-        _narrow_shortcuts_in_nchw(model)
-    return model
+    return model.to(memory_format=layout or _run_layout(cfg))
 
 
 def tunes_pruned_layout(cfg: RunConfig) -> bool:
@@ -194,35 +187,20 @@ def tunes_pruned_layout(cfg: RunConfig) -> bool:
 def pruned_layout(model: nn.Module, cfg: RunConfig, example: torch.Tensor) -> torch.memory_format:
     """The memory layout a pruned network trains in (see :func:`tunes_pruned_layout`): timed
     with :func:`s2hpruner.core.layout.tune_module_layout` on a batch of the run's size, as
-    S2HPruner times its pruned network; else the run's own."""
+    S2HPruner times its pruned network; else the layout S2HPruner's would have (the one
+    ``hard_layout`` names, else the run's own). Every forward takes the NCHW detour of narrow
+    strided 1x1 convs (:func:`s2hpruner.core.sliced.narrow_pointwise_in_nchw`), as
+    S2HPruner's pruned network does."""
     if not (tunes_pruned_layout(cfg) and example.dim() == 4):
-        return _run_layout(cfg)
+        return app_run.given_hard_layout(cfg) or _run_layout(cfg)
     batch = example[:1].expand(cfg.batch_size, *example.shape[1:]).contiguous()
     trial = copy.deepcopy(model)
 
-    def forward(x: torch.Tensor) -> torch.Tensor:  # channels_last with the narrow detour
-        if memory_format_of(trial) == torch.channels_last:
-            _narrow_shortcuts_in_nchw(trial)
-        return trial(x)
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        with narrow_pointwise_in_nchw(trial):
+            return trial(x)
 
     return tune_module_layout(trial, batch, forward)
-
-
-def _nchw_input(module: nn.Module, inputs: tuple) -> tuple:
-    return (inputs[0].contiguous(), *inputs[1:])
-
-
-def _narrow_shortcuts_in_nchw(model: nn.Module) -> None:
-    """Train strided 1x1 convs narrower than 16 input channels (pruned ResNet shortcuts) in
-    NCHW, input and weight: on channels_last CPU tensors oneDNN 3.12 computes their weight
-    gradient wrong and corrupts the heap (see ``s2hpruner.core.sliced``, oneDNN issue 6035)."""
-    for conv in narrow_pointwise(dict(model.named_modules())):
-        if conv.weight.device.type != "cpu":
-            continue
-        conv.weight.data = conv.weight.data.clone(memory_format=torch.contiguous_format)
-        if not getattr(conv, "_nchw_detour", False):
-            conv.register_forward_pre_hook(_nchw_input)
-            conv._nchw_detour = True
 
 
 def train(
@@ -269,7 +247,9 @@ def train(
             x, y = x.to(data.device, non_blocking=True), y.to(data.device, non_blocking=True)
             if x.dim() == 4:
                 x = x.contiguous(memory_format=layout)
-            loss = F.cross_entropy(model(x), y, label_smoothing=cfg.label_smoothing)
+            with narrow_pointwise_in_nchw(model):  # (the backward keeps the forward's copies)
+                logits = model(x)
+            loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
             if not math.isfinite(loss.item()):
                 raise FloatingPointError(f"{desc}: non-finite loss at step {step}; lower the lr")
             optimizer.zero_grad(set_to_none=True)
@@ -491,6 +471,13 @@ def pruned_proxy(
     return _memory_format(net, cfg, layout), layout
 
 
+def exact_proxy(method: str, options: BaselineOptions) -> bool:
+    """Whether :func:`pruned_proxy` is the very network the run trains: random widths, and L1
+    pruned once from the starting weights (the others prune weights trained meanwhile)."""
+    once = options.pretrain_fraction <= 0.0 and options.l1_steps == 1
+    return method == "random" or (method == "l1-ft" and once)
+
+
 def pruning_aims(method: str, options: BaselineOptions, target: float) -> list[float]:
     """The FLOPs ratios a method prunes to, in order: iterative L1's step i of n prunes to
     1 - (1 - target) i / n (torch-pruning's linear schedule, ending at the target); the
@@ -609,6 +596,7 @@ def run_baseline(
     stages: list[dict] = []
     record: dict = {"top1_dense": None, "pruning_ratio": None, "search_probes": None}
     step = 0
+    priced_layout = None  # the layout the price was timed in, when the proxy is the network
     if options.own_step_pricing and method != "l1":  # (l1 trains the full model only)
         # cfg.epochs: full-model epochs of wall time; as many of its own steps as they pay for
         price_file = None if run_dir is None else Path(run_dir) / "own_step_price.json"
@@ -633,6 +621,8 @@ def run_baseline(
                 price_file.parent.mkdir(parents=True, exist_ok=True)
                 atomic_write_bytes(price_file, json.dumps({**priced_for, "price": price},
                                                           indent=1).encode())  # fmt: skip
+        if exact_proxy(method, options) and "proxy_layout" in price:  # one timing decides
+            priced_layout = MEMORY_FORMATS[price["proxy_layout"]]
         mean = mean_step_cost(method, options, price["ratio"])
         record["own_step_pricing"] = {**price, "mean_step_cost": mean,
                                       "full_model_epochs": cfg.epochs,
@@ -669,7 +659,7 @@ def run_baseline(
         model, projection_steps = random_architecture(
             model, example, target, cfg.seed, options.random_logit_std, cfg.ignored_layers
         )
-        layout = pruned_layout(model, cfg, example)
+        layout = priced_layout or pruned_layout(model, cfg, example)
         model = _memory_format(model, cfg, layout)
         record["projection_steps"] = projection_steps
         stage("train", total, "pruned")
@@ -707,7 +697,7 @@ def run_baseline(
                 model, example, factory, aim, options.flops_tolerance, options.max_probes,
                 ignored_layers=cfg.ignored_layers, reference_flops=full_flops,
             )  # fmt: skip
-            layout = pruned_layout(model, cfg, example)
+            layout = priced_layout or pruned_layout(model, cfg, example)
             model = _memory_format(model, cfg, layout)
             return found
 

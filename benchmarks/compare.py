@@ -1130,7 +1130,6 @@ def chosen(results: dict, source: RunSpec) -> dict | None:
     )
 
 
-
 def _budget_excess(entry: dict) -> float:
     ratio, target = entry.get("flops_ratio"), entry.get("target_flops")
     if ratio is None or target is None:

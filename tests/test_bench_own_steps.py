@@ -100,7 +100,8 @@ def test_a_pruned_network_trains_and_is_priced_in_the_layout_timed_faster(
     """S2HPruner's pruned last phase trains in the faster of NCHW and channels_last, timed
     (the benchmark's hard_layout "auto"): a baseline's pruned network gets the same choice,
     in training and in its price, or it pays for a layout S2HPruner is spared (an unaligned
-    pruned resnet20 trains at 1.25 full-model steps in channels_last, 0.89 in NCHW)."""
+    pruned resnet20 trains at 1.25 full-model steps in channels_last, 0.89 in NCHW). L1 at
+    once from the starting weights trains its proxy itself: one timing decides both."""
     layout = getattr(baselines.torch, faster)
     timed = []
     monkeypatch.setattr(baselines, "tune_module_layout",
@@ -110,31 +111,45 @@ def test_a_pruned_network_trains_and_is_priced_in_the_layout_timed_faster(
     record = baselines.run_baseline("l1-ft", cfg, priced)
     assert [s["layout"] for s in record["stages"]] == [str(layout)]
     assert record["own_step_pricing"]["proxy_layout"] == str(layout)
-    assert len(timed) == 2 and timed[0][0] == cfg.batch_size  # the proxy, then the run
+    assert len(timed) == 1 and timed[0][0] == cfg.batch_size  # the proxy's timing, once
+    iterative = dataclasses.replace(priced, l1_steps=2, l1_descent=0.5)
+    record = baselines.run_baseline("l1-ft", cfg, iterative)
+    assert len(timed) == 1 + 3, "the proxy, then each of the run's two prunes"
+    assert {s["layout"] for s in record["stages"][1:]} == {str(layout)}
     fixed = baselines.run_baseline("l1-ft", dataclasses.replace(cfg, hard_layout="model"),
                                    priced)  # fmt: skip
-    assert len(timed) == 2, "no timing when the run's layout is fixed"
+    assert len(timed) == 4, "no timing when the run's layout is fixed"
     assert fixed["stages"][0]["layout"] == str(baselines.torch.channels_last)
+    given = baselines.run_baseline("l1-ft", dataclasses.replace(cfg, hard_layout="contiguous"),
+                                   priced)  # fmt: skip
+    assert given["stages"][0]["layout"] == str(baselines.torch.contiguous_format)
 
 
-def test_the_layout_timing_runs_the_narrow_shortcuts_in_nchw(tmp_path, monkeypatch):
-    """A pruned ResNet's strided 1x1 shortcuts narrower than 16 inputs are trained in NCHW in
-    channels_last (oneDNN issue 6035); the timed channels_last pass must take that detour."""
-    cfg = _config(tmp_path, "l1-ft", "narrow", tuned=True)
+def test_a_pruned_networks_narrow_shortcuts_take_the_nchw_detour(tmp_path, monkeypatch):
+    """Strided 1x1 convs narrower than 16 inputs run in NCHW in every forward of a pruned
+    network, in its layout timing and its training alike, as S2HPruner's pruned network
+    (oneDNN issue 6035: see s2hpruner.core.sliced). resnet20 at full width has none: its
+    shortcuts are narrow only once pruned."""
+    from s2hpruner.core import sliced
+
+    calls = []
+    real = sliced._nchw_input
+    monkeypatch.setattr(sliced, "_nchw_input", lambda m, i: calls.append(m) or real(m, i))
+    cfg = dataclasses.replace(_config(tmp_path, "l1-ft", "narrow", tuned=True), model_kwargs={})
     model, data, full = _start(cfg)
-    seen = []
+    assert not sliced.narrow_pointwise(dict(model.named_modules()))
 
     def tune(module, x, forward):
-        module.to(memory_format=baselines.torch.channels_last)
         forward(x.contiguous(memory_format=baselines.torch.channels_last))
-        seen.extend(getattr(c, "_nchw_detour", False)
-                    for c in baselines.narrow_pointwise(dict(module.named_modules())))
         return baselines.torch.channels_last
 
     monkeypatch.setattr(baselines, "tune_module_layout", tune)
-    proxy, layout = baselines.pruned_proxy("l1-ft", model, data.example, 0.35, cfg, ONCE, full)
-    assert seen and all(seen), "the tiny resnet20's shortcuts are narrow"
-    assert layout == baselines.torch.channels_last
+    proxy, _ = baselines.pruned_proxy("l1-ft", model, data.example, 0.15, cfg, ONCE, full)
+    narrow = sliced.narrow_pointwise(dict(proxy.named_modules()))
+    assert narrow and len(calls) == len(narrow), "the timed forward took the detour"
+    calls.clear()
+    baselines.train(proxy, data, cfg, 0, 2, layout=baselines.torch.channels_last)
+    assert len(calls) == 2 * len(narrow), "and so did each training step"
 
 
 def test_mean_step_cost_prices_each_stage_by_its_network():

@@ -125,7 +125,6 @@ def worker(rank: int, port: int, folder: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
-
         result = {}
         # 1. training steps on this rank's half of the batch
         model, pruner, x, y, cfg, opt = make_setup()

@@ -302,3 +302,23 @@ def test_the_pruned_network_trains_in_the_models_layout():
     assert not in_memory_format(pruner.export(), torch.channels_last), (
         "the export comes back in another layout: the test would not tell"
     )
+
+
+def test_the_pruned_networks_narrow_shortcuts_take_the_nchw_detour(monkeypatch):
+    """As in the sliced hard pass (oneDNN issue 6035, s2hpruner.core.sliced), a strided 1x1
+    conv narrower than 16 inputs runs in NCHW in every forward of the pruned network, and the
+    exported copy carries no hook of it."""
+    from s2hpruner.core import sliced
+
+    calls = []
+    real = sliced._nchw_input
+    monkeypatch.setattr(sliced, "_nchw_input", lambda m, i: calls.append(m) or real(m, i))
+    model, pruner, trainer, schedule = _setup("sgd", prune_at_freeze=True)
+    _train(trainer, schedule, _batches())
+    narrow = sliced.narrow_pointwise(dict(trainer.network.named_modules()))
+    assert narrow, "resnet20 at 0.35 keeps fewer than 16 channels of its first stage"
+    steps_after_switch = STEPS - STEPS // 2
+    assert {id(m) for m in calls} >= {id(m) for m in narrow}
+    assert sum(m is narrow[0] for m in calls) >= steps_after_switch
+    exported = trainer.export()
+    assert not any(m._forward_pre_hooks for m in exported.modules())

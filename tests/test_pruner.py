@@ -382,7 +382,14 @@ def test_the_search_starts_near_full_width_at_any_temperature(temperature):
     assert torch.allclose(base, other, atol=1e-3)
 
 
-def test_bad_search_settings_are_refused_early():
+def test_bad_search_settings_are_refused_early(monkeypatch):
+    """Before the model is traced (which takes long for a large model)."""
+    from s2hpruner.core import pruner as pruner_module
+
+    def traced(*args, **kwargs):
+        raise AssertionError("traced before the settings were checked")
+
+    monkeypatch.setattr(pruner_module, "find_groups", traced)
     model = create_model("resnet20", num_classes=10)
     x = torch.randn(1, 3, 32, 32)
     for kwargs, message in (({"temperature": 0.0}, "temperature"), ({"width_step": 0},

@@ -80,6 +80,12 @@ REPORT_KEYS = (
 _LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 
 
+def given_hard_layout(cfg: RunConfig) -> torch.memory_format | None:
+    """The memory layout ``cfg.hard_layout`` names for the hard (and pruned) network; None for
+    "model" (the model's own) and "auto" (timed)."""
+    return _LAYOUTS.get(cfg.hard_layout)
+
+
 # ------------------------------------------------------------------------------ building
 def prepare_run_dir(cfg: RunConfig) -> Path:
     """Refuse to clobber a finished run; make the folders. Nothing is deleted here."""
@@ -297,7 +303,7 @@ def _build_pruner(
         separate_hard_bn_stats=cfg.separate_hard_bn_stats and METHODS[cfg.method].hard,
         importance=cfg.importance,
     )
-    pruner.hard_layout = _LAYOUTS.get(cfg.hard_layout)
+    pruner.hard_layout = given_hard_layout(cfg)
     if cfg.search_start == "uniform" and not restoring:  # (a resumed run's come from it)
         pruner.start_at(uniform_widths(pruner))
     return pruner

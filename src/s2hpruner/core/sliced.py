@@ -208,6 +208,20 @@ def narrow_pointwise(modules: dict[str, nn.Module]) -> list[nn.Module]:
     return [m for m in modules.values() if _strided_pointwise(m) and m.in_channels < 16]
 
 
+@contextlib.contextmanager
+def narrow_pointwise_in_nchw(module: nn.Module) -> Iterator[None]:
+    """Forward a physically pruned network (S2HPruner's last phase, a baseline's fine-tuning)
+    inside this context: its narrow strided 1x1 convs take :func:`narrow_pointwise_hooks`'
+    NCHW detour, whatever the network's layout, as the sliced hard pass does. The backward may
+    run after the context is left (the forward's graph holds the NCHW copies)."""
+    handles = narrow_pointwise_hooks(narrow_pointwise(dict(module.named_modules())))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def narrow_pointwise_hooks(convs: list[nn.Module]) -> list:
     """The NCHW detour of :func:`_strided_pointwise_on_cpu` for the soft and masked passes:
     there every layer has its full width, so only layers narrower than 16 input channels

@@ -35,6 +35,7 @@ from .errors import BudgetError, NonFiniteLossError
 from .measure import MEMORY_FORMATS, memory_format_of
 from .modes import evaluating, follow_modes
 from .pruner import S2HPruner, project_to_budget
+from .sliced import narrow_pointwise_in_nchw
 
 PHASES = ("warmup", "joint", "freeze")
 DEFAULT_FREEZE = 0.25  # share of the run with frozen widths, unless the warm-up needs it
@@ -237,7 +238,8 @@ class S2HTrainer:
             if method not in METHODS:
                 raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
             method = METHODS[method]
-        if total_steps < 1 or int(total_steps) != total_steps:
+        if not (math.isfinite(total_steps) and total_steps >= 1
+                and int(total_steps) == total_steps):  # fmt: skip
             raise ValueError(f"total_steps must be a whole number >= 1, got {total_steps}")
         if not (alpha >= 0 and math.isfinite(alpha)):
             raise ValueError(f"alpha (the weight of G_h) must be a number >= 0, got {alpha}")
@@ -552,7 +554,7 @@ class S2HTrainer:
             return self.output(self.model(x)).float()
 
     def _pruned_logits(self, pruned: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        with self._autocast(x):
+        with self._autocast(x), narrow_pointwise_in_nchw(pruned):  # as the sliced pass
             return self.output(pruned(x)).float()
 
     def _autocast(self, x: torch.Tensor):
