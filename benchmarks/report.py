@@ -470,6 +470,10 @@ def equal_compute_summary(results: dict) -> list[dict]:
             for side, members in (("s2h", [ours[s] for s in seeds]), ("other", theirs)):
                 worst = max(r.get("flops_ratio") or 0.0 for r in members)
                 row[f"off_budget_{side}"] = worst if worst > target + BUDGET_SLACK else None
+            # priced by own steps before round 37: the pruned network timed in the run's
+            # layout (channels_last), not the faster one S2HPruner's rule picks
+            row["priced_untuned"] = any("own_step_pricing" in r and "proxy_layout" not in
+                                        r["own_step_pricing"] for r in theirs)  # fmt: skip
             rows.append(row)
     return rows
 
@@ -490,8 +494,7 @@ def _summary_lines(all_results: list[dict]) -> list[str]:
             continue
         ratios = results.get("compute_ratios", {}).values()
         timed = "" if all(r.get("timing") == "side by side" for r in ratios) else " *"
-        if results.get("settings", {}).get("compute_pricing") == "own-steps":
-            timed += " §"
+        own_steps = results.get("settings", {}).get("compute_pricing") == "own-steps"
         by_target: dict[float, list[dict]] = defaultdict(list)
         for row in equal_compute_summary(results):
             by_target[row["target"]].append(row)
@@ -502,9 +505,10 @@ def _summary_lines(all_results: list[dict]) -> list[str]:
                 ("s2h", "S2HPruner"), ("other", "it")) if row[f"off_budget_{side}"]]  # fmt: skip
             if off:
                 mark += f" ◊ (FLOPs: {', '.join(off)})"
+            priced = "" if not own_steps else " §¹" if row["priced_untuned"] else " §"
             lines.append(
                 f"| `{results['profile']}` | {row['target']:g} | `{row['method']}`{mark} | "
-                f"{', '.join(map(str, row['seeds']))} | {row['ratio']:.2f}{timed} | "
+                f"{', '.join(map(str, row['seeds']))} | {row['ratio']:.2f}{timed}{priced} | "
                 f"{cell(row['s2h_test'], row['other_test'], row['lead_test_se'])} | "
                 f"{row['seeds_ahead_test']} of {len(row['seeds'])} | "
                 f"{cell(row['s2h_val'], row['other_val'])} |"
@@ -529,7 +533,11 @@ def _summary_lines(all_results: list[dict]) -> list[str]:
         "like. "
         "§: the other method's steps are priced at its own network's measured cost (equal "
         "wall time), not as full-model steps, as S2HPruner's pruned last phase always was "
-        "(rounds 6-34 charged a baseline's pruned step as a full one; MEASUREMENTS round 35). "
+        "(rounds 6-34 charged a baseline's pruned step as a full one; MEASUREMENTS round 35), "
+        "its pruned network trained and timed in the faster of NCHW and channels_last, as "
+        "S2HPruner's is (round 37); §¹: priced so in rounds 35-36, but in channels_last only, "
+        "which made unaligned L1 networks cost 1.0-1.4 full-model steps instead of 0.5-1.1, "
+        "so the row flatters S2HPruner. "
         "Ahead on: the seeds on which S2HPruner's test top-1 is above that "
         "method's (two runs of one recipe differ by up to ~0.3 here, so a mean lead that "
         "half the seeds contradict is noise). The profiles' sections below say what each "

@@ -682,6 +682,15 @@ def test_summary_pairs_seeds_and_names_the_strongest_method_at_equal_compute():
     assert report.equal_compute_summary(results)[0]["off_budget_other"] == 0.3611
     assert "`l1-ft` ◊ (FLOPs: it up to 0.361) | 0, 1" in report._summary_lines([results])[-2]
     del results["runs"][5]["flops_ratio"]
+    priced = {**results, "settings": {"compute_pricing": "own-steps"}}
+    for r in priced["runs"][4:6]:  # priced by own steps before round 37: untuned layout
+        r["own_step_pricing"] = {"ratio": 1.2}
+    assert "| 1.50 §¹ |" in report._summary_lines([priced])[-2]
+    for r in priced["runs"][4:6]:
+        r["own_step_pricing"] = {"ratio": 0.8, "proxy_layout": "torch.contiguous_format"}
+    assert "| 1.50 § |" in report._summary_lines([priced])[-2]
+    for r in priced["runs"][4:6]:
+        del r["own_step_pricing"]
     del results["runs"][3]["candidates"]  # carried over from elsewhere: flagged
     assert "`l1-ft` † | 0, 1" in report._summary_lines([results])[-2]
     assert report._summary_lines([{**results, "checkpoint": None}]) == []  # from scratch
