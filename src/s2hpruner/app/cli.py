@@ -32,6 +32,7 @@ from .config import (
     SEARCH_STARTS,
     ConfigError,
     RunConfig,
+    flag_name,
 )
 
 HELP = {
@@ -168,10 +169,6 @@ HELP = {
 }
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
 class _Cleared:
     """The value ``none`` of an optional setting on the command line: it clears what a config
     file set (``--init none`` runs a from-trained config from random weights)."""
@@ -204,12 +201,12 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             text += "; none clears a config file's value"
         if hint is bool:
             parser.add_argument(
-                _flag(f.name), action=argparse.BooleanOptionalAction, default=None, help=text
+                flag_name(f.name), action=argparse.BooleanOptionalAction, default=None, help=text
             )
         elif f.name == "ignored_layers":
-            parser.add_argument(_flag(f.name), action="append", default=None, help=text)
+            parser.add_argument(flag_name(f.name), action="append", default=None, help=text)
         elif f.name in ("mean", "std"):
-            parser.add_argument(_flag(f.name), type=_or_none(float), nargs="+", default=None,
+            parser.add_argument(flag_name(f.name), type=_or_none(float), nargs="+", default=None,
                                 help=text)  # fmt: skip
         else:
             kind = {int: int, float: float, str: str}.get(hint)
@@ -226,7 +223,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             if optional and choices is not None:
                 choices = (*choices, CLEARED)
             parser.add_argument(
-                _flag(f.name),
+                flag_name(f.name),
                 type=_or_none(kind) if optional else kind,
                 default=None,
                 help=text,
@@ -387,7 +384,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
                if v is CLEARED or (isinstance(v, list) and CLEARED in v)}  # fmt: skip
     for name in cleared:
         if isinstance(overrides[name], list) and len(overrides[name]) > 1:
-            raise ConfigError(f"{_flag(name)}: none clears the setting; give it alone")
+            raise ConfigError(f"{flag_name(name)}: none clears the setting; give it alone")
         del overrides[name]
     for share, epochs in PHASES.items():
         if share in overrides and epochs in overrides:

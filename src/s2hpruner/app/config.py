@@ -160,7 +160,7 @@ class RunConfig:
         if self.checkpoint_every < 0:
             raise ConfigError(f"checkpoint_every must be >= 0 (training steps between "
                               f"checkpoints; 0: at epoch ends only), got {self.checkpoint_every}")
-        given = [_flag(k) for k in FOLDER_OPTIONS if getattr(self, k) is not None]
+        given = [flag_name(k) for k in FOLDER_OPTIONS if getattr(self, k) is not None]
         if given and self.dataset != "imagefolder":
             raise ConfigError(
                 f"{', '.join(given)} only apply to dataset 'imagefolder'; {self.dataset!r} has a "
@@ -364,7 +364,7 @@ class RunConfig:
         for key in COMMAND_LINE_ONLY:  # (older runs wrote them into config.yaml)
             if key in values and _coerce(key, values.pop(key), bool) and not overrides.get(key):
                 warnings.warn(f"config file {str(path)!r} sets {key}: true, which only the "
-                              f"command line may ask for; ignored: pass {_flag(key)} to "
+                              f"command line may ask for; ignored: pass {flag_name(key)} to "
                               f"{key} the run", stacklevel=2)  # fmt: skip
         overrides = {k: v for k, v in overrides.items() if v is not None}
         for share, epochs in PHASES.items():
@@ -410,7 +410,8 @@ def absolute_path(key: str, value):
     return os.path.abspath(path) if os.path.exists(path) else value
 
 
-def _flag(key: str) -> str:
+def flag_name(key: str) -> str:
+    """The command-line flag of a RunConfig field."""
     return "--" + key.replace("_", "-")
 
 
