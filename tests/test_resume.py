@@ -252,3 +252,20 @@ def test_rng_states_loaded_onto_a_gpu_are_restored():
               "cuda": [s.cuda() for s in state.get("cuda", [])]}  # fmt: skip
     set_rng_state(on_gpu)
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_a_checkpoint_write_killed_midway_leaves_no_temporary_behind_the_next_start(tmp_path):
+    """SIGKILL skips the atomic write's cleanup: a run preempted again and again piled up
+    checkpoint-sized temporaries. The next start (a resume) removes them, and nothing else."""
+    from s2hpruner.app.config import RunConfig
+    from s2hpruner.app.run import prepare_run_dir
+
+    folder = tmp_path / "run" / "checkpoints"
+    folder.mkdir(parents=True)
+    stale = [folder / ".last.pt.x1y2.tmp", folder / ".best.pt.abc.tmp"]
+    kept = [folder / "last.pt", folder / "notes.tmp", tmp_path / "run" / ".last.pt.q.tmp"]
+    for path in (*stale, *kept):
+        path.write_bytes(b"x")
+    prepare_run_dir(RunConfig(out=str(tmp_path / "run"), resume=True))
+    assert not any(p.exists() for p in stale)
+    assert all(p.exists() for p in kept)

@@ -13,7 +13,7 @@ import contextlib
 import io
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -50,6 +50,19 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) ->
             os.fsync(folder)
         finally:
             os.close(folder)
+
+
+def remove_stale_temporaries(folder: str | os.PathLike, names: Iterable[str]) -> list[Path]:
+    """Delete the temporary files :func:`_atomic_write` left in ``folder`` for ``names`` when
+    its process was killed mid-write (SIGKILL skips the cleanup): a run preempted again and
+    again would pile up checkpoint-sized files. Returns what was deleted."""
+    removed = []
+    for name in names:
+        for tmp in Path(folder).glob(f".{name}.*.tmp"):
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+                removed.append(tmp)
+    return removed
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

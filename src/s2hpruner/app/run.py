@@ -54,7 +54,7 @@ from .checkpoint import (
 )
 from .config import ConfigError, RunConfig
 from .data import build_datasets
-from .files import atomic_torch_save, atomic_write_bytes, save_program
+from .files import atomic_torch_save, atomic_write_bytes, remove_stale_temporaries, save_program
 from .metrics import MetricWriter, append_jsonl, reduced_sums
 from .models import ModelSpecError, check_model_name, create_model
 from .optim import build_mask_optimizer, build_weight_optimizer, set_mask_lr
@@ -88,7 +88,8 @@ def given_hard_layout(cfg: RunConfig) -> torch.memory_format | None:
 
 # ------------------------------------------------------------------------------ building
 def prepare_run_dir(cfg: RunConfig) -> Path:
-    """Refuse to clobber a finished run; make the folders. Nothing is deleted here."""
+    """Refuse to clobber a finished run; make the folders. Nothing is deleted here but the
+    temporary files of a checkpoint whose writing was killed."""
     out = Path(cfg.out)
     if (out / "report.json").exists() and not (cfg.overwrite or cfg.resume):
         raise RunDirectoryError(
@@ -104,6 +105,7 @@ def prepare_run_dir(cfg: RunConfig) -> Path:
         raise CheckpointError(f"--resume: no checkpoint at {out / 'checkpoints' / 'last.pt'}")
     if D.is_main():
         (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(out / "checkpoints", ("last.pt", "best.pt"))
     D.barrier()
     return out
 
