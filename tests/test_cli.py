@@ -1,6 +1,7 @@
 """End to end through the command line: prune, eval, export, report, and bad input."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -109,6 +110,18 @@ def test_eval_of_exported_model_and_checkpoint(finished_run, capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["top1_hard"] == pytest.approx(report["top1_hard"], abs=1e-6)
     assert result["top1_soft"] == pytest.approx(report["top1_soft"], abs=1e-6)
+
+
+def test_eval_of_a_checkpoint_copied_out_of_its_run(finished_run, tmp_path, capsys):
+    """A checkpoint is told by its content, not only by its folder: copied elsewhere it was
+    read as a model file ("does not hold an nn.Module")."""
+    root, out = finished_run
+    report = json.loads((out / "report.json").read_text())
+    copied = tmp_path / "kept.pt"
+    shutil.copy(out / "checkpoints" / "last.pt", copied)
+    assert main(["eval", str(copied), "--data-root", str(root)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["top1_hard"] == pytest.approx(report["top1_hard"], abs=1e-6)
 
 
 def test_export_from_checkpoint_with_onnx(finished_run, tmp_path, capsys):

@@ -16,6 +16,7 @@ from ..core import distributed as D
 from ..core.errors import CheckpointError, RunDirectoryError, S2HError
 from ..core.resources import count_flops, count_params
 from ..core.trainer import evaluate
+from .checkpoint import FORMAT as CHECKPOINT_FORMAT
 from .checkpoint import load_checkpoint, load_model_and_pruner
 from .config import RunConfig
 from .data import DataSpec, build_datasets
@@ -109,13 +110,27 @@ def _spec_of(cfg: RunConfig):
     return dataset_spec(cfg.dataset)
 
 
+def _is_checkpoint(path: Path) -> bool:
+    """A training checkpoint, by its place (a run's checkpoints/) or, copied elsewhere, by its
+    content (memory-mapped: only the header is read); else a model file."""
+    if path.suffix != ".pt":
+        return False
+    if path.parent.name == "checkpoints":
+        return True
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception:  # noqa: BLE001 - not a checkpoint we wrote; the model path reports it
+        return False
+    return isinstance(saved, dict) and saved.get("format") == CHECKPOINT_FORMAT
+
+
 def evaluate_path(args: argparse.Namespace) -> dict:
     path = Path(args.path)
     if not path.exists():
         raise S2HError(f"{path} does not exist")
     device = D.setup(args.device)
     cfg = _run_config_near(path)
-    is_checkpoint = path.suffix == ".pt" and path.parent.name == "checkpoints"
+    is_checkpoint = _is_checkpoint(path)
     classes = None
     if is_checkpoint:
         cfg, model, pruner, _, hard, classes = restore_from_checkpoint(path, device)
