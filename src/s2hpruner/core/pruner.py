@@ -30,7 +30,7 @@ from .attention import producer_weight
 from .errors import BudgetError, UnsupportedModelError
 from .index import ChannelIndex
 from .resources import ResourceModel
-from .search import WidthSearch
+from .search import WidthSearch, check_temperature
 from .sliced import (
     SlicedHardForward,
     attach_mask,
@@ -161,8 +161,7 @@ class S2HPruner(nn.Module):
         }
         if round_to is not None and round_to < 1:
             raise ValueError(f"round_to must be >= 1 (or None), got {round_to}")
-        if not (temperature > 0 and math.isfinite(temperature)):  # before tracing the model
-            raise ValueError(f"temperature must be a positive number, got {temperature}")
+        check_temperature(temperature)  # before tracing the model
         if width_step is not None and width_step < 1:
             raise ValueError(f"width_step must be >= 1 (or None: each group's own), got "
                              f"{width_step}")  # fmt: skip

@@ -16,6 +16,12 @@ from .index import ChannelIndex
 from .structure import ChannelGroup
 
 
+def check_temperature(temperature: float) -> None:
+    """tau of p = softmax(u / tau) must be a positive number."""
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature must be a positive number, got {temperature}")
+
+
 class WidthSearch(nn.Module):
     """The learnable width logits of every group, and the constant tables the masks need.
 
@@ -40,8 +46,7 @@ class WidthSearch(nn.Module):
         round_to: int | None = None,
     ):
         super().__init__()
-        if not (temperature > 0 and math.isfinite(temperature)):
-            raise ValueError(f"temperature must be a positive number, got {temperature}")
+        check_temperature(temperature)
         # the flat channel numbering, shared with the pruner (alone: the groups' own)
         self.index = index if index is not None else ChannelIndex(groups, {})
         self.temperature = temperature
