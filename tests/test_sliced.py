@@ -321,3 +321,43 @@ def test_the_sliced_weights_follow_the_models_layout(layout):
         depthwise = [n for n, m in convs if m.groups > 1 and m.groups == m.in_channels]
         for n in depthwise:  # a 3x3 depthwise weight's strides tell its layout
             assert seen[n] == torch.channels_last, (name, n, seen[n])
+
+
+@pytest.mark.parametrize(
+    ("shape", "layout", "keep_out", "keep_in"),
+    [
+        ((64, 48, 3, 3), torch.channels_last, True, True),  # a 3x3 conv, CPU training layout
+        ((64, 48, 3, 3), torch.contiguous_format, True, True),
+        ((64, 48, 1, 1), torch.channels_last, False, True),  # input channels only
+        ((64, 1, 3, 3), torch.channels_last, True, False),  # depthwise: output rows only
+        ((10, 64), torch.contiguous_format, False, True),  # a classifier's columns
+        ((32, 64), torch.contiguous_format, True, True),
+    ],
+)
+def test_take_channels_is_index_select_with_a_fast_backward(shape, layout, keep_out, keep_in):
+    """take_channels' forward and gradient equal autograd's own index_select ones bit for bit
+    (its backward copies where autograd's adds, into zeros, at distinct indices)."""
+    from s2hpruner.core.sliced import take_channels
+
+    torch.manual_seed(0)
+    weight = torch.randn(shape, requires_grad=True)
+    out_idx = torch.randperm(shape[0])[: shape[0] // 2 + 3].sort().values if keep_out else None
+    in_idx = torch.randperm(shape[1])[: shape[1] // 3 + 1].sort().values if keep_in else None
+    reference = weight
+    if out_idx is not None:
+        reference = reference.index_select(0, out_idx)
+    if in_idx is not None:
+        reference = reference.index_select(1, in_idx)
+    if reference.dim() == 4:
+        reference = reference.clone(memory_format=layout)
+    taken = take_channels(weight, out_idx, in_idx, layout)
+    assert torch.equal(taken, reference)
+    if taken.dim() == 4:
+        assert taken.is_contiguous(memory_format=layout)
+    upstream = torch.randn(taken.shape)
+    if taken.dim() == 4:
+        upstream = upstream.contiguous(memory_format=layout)
+    (mine,) = torch.autograd.grad(taken, weight, upstream)
+    (theirs,) = torch.autograd.grad(reference, weight, upstream)
+    assert torch.equal(mine, theirs)
+    assert mine.abs().sum() > 0 and (mine == 0).any()  # kept entries filled, pruned ones zero
