@@ -3,7 +3,7 @@
 The masked hard forward multiplies pruned channels by zero but still computes them. Here,
 while the hard context is open, every sliceable layer (Conv, Linear, BatchNorm) runs with its
 weights indexed by the kept channels of its input and output groups, so the pass costs about
-the kept FLOPs. Weights are sliced from the real parameters (:func:`take_channels`), so gradients
+the kept FLOPs. Weights are sliced with ``index_select`` from the real parameters, so gradients
 flow back into the full tensors (zero on pruned channels, as in the masked path), and the hard
 mask m_hat still multiplies the kept channels (value 1) to carry the width logits' gradient.
 BatchNorm running statistics are written back into the kept entries after the forward.
@@ -300,55 +300,20 @@ def _sliced_tensors(module, out_idx, in_idx, layout) -> dict[str, torch.Tensor]:
             if value is not None:
                 tensors[name] = value.index_select(0, out_idx)
         return tensors
-    tensors["weight"] = take_channels(module.weight, out_idx, in_idx, layout)
+    weight = module.weight
+    if out_idx is not None:
+        weight = weight.index_select(0, out_idx)
+    if in_idx is not None:
+        weight = weight.index_select(1, in_idx)
+    if weight.dim() == 4:
+        # clone, not contiguous(): a depthwise weight (k, 1, h, w) with NCHW strides counts
+        # as channels_last already, and those strides send oneDNN down a path ~100x slower
+        # on tiny feature maps (mobilenet_v3's 5x5 convs on 1x1 inputs)
+        weight = weight.clone(memory_format=layout)
+    tensors["weight"] = weight
     if module.bias is not None and out_idx is not None:
         tensors["bias"] = module.bias.index_select(0, out_idx)
     return tensors
-
-
-def take_channels(
-    weight: torch.Tensor,
-    out_idx: torch.Tensor | None,
-    in_idx: torch.Tensor | None,
-    layout: torch.memory_format = torch.contiguous_format,
-) -> torch.Tensor:
-    """``weight`` restricted to the kept output rows and input columns (4-D in ``layout``),
-    its gradient written back into the full tensor's kept entries (zero elsewhere)."""
-    if out_idx is None and in_idx is None and weight.dim() != 4:
-        return weight
-    return _TakeChannels.apply(weight, out_idx, in_idx, layout)
-
-
-class _TakeChannels(torch.autograd.Function):
-    """Two ``index_select`` s and a layout copy, with a backward of two ``index_copy_`` s into
-    zeros. Autograd's own backward, ``index_add_`` along dim 1 of a channels_last gradient,
-    takes PyTorch's generic scatter path on the CPU: 4-30 ms for a 64x64x3x3 weight, where
-    this takes 0.3 ms, and was about a third of a joint search step on resnet20
-    (MEASUREMENTS, round 38). The kept indices are distinct, so copying is adding to zero:
-    the same gradient, bit for bit (``tests/test_sliced.py``)."""
-
-    @staticmethod
-    def forward(ctx, weight, out_idx, in_idx, layout):  # noqa: D102
-        ctx.shape, ctx.indices = weight.shape, (out_idx, in_idx)
-        taken = weight if out_idx is None else weight.index_select(0, out_idx)
-        taken = taken if in_idx is None else taken.index_select(1, in_idx)
-        if taken.dim() == 4:
-            # clone, not contiguous(): a depthwise weight (k, 1, h, w) with NCHW strides counts
-            # as channels_last already, and those strides send oneDNN down a path ~100x slower
-            # on tiny feature maps (mobilenet_v3's 5x5 convs on 1x1 inputs)
-            return taken.clone(memory_format=layout)
-        return taken
-
-    @staticmethod
-    def backward(ctx, grad):  # noqa: D102
-        out_idx, in_idx = ctx.indices
-        grad = grad.contiguous()
-        if in_idx is not None:
-            rows = grad.new_zeros((grad.shape[0], *ctx.shape[1:]))
-            grad = rows.index_copy_(1, in_idx, grad)
-        if out_idx is not None:
-            grad = grad.new_zeros(ctx.shape).index_copy_(0, out_idx, grad)
-        return grad, None, None, None
 
 
 def _swap(module: nn.Module, tensors: dict[str, torch.Tensor], groups: int | None = None,
