@@ -383,6 +383,15 @@ def _search_lines(results: dict) -> list[str]:
     targets = s.get("tune_targets") or []
     where = f" at target {', '.join(f'{t:g}' for t in targets)}" if targets else ""
     budgets = s.get("tune_budgets", [])
+    if all(len(candidates) == 1 for candidates in s["search"].values()):
+        return [
+            "### Fixed recipes (no search)",
+            "",
+            "Each method runs one recipe, chosen on another profile's validation split (its "
+            "comment in `benchmarks/compare.py` says which): "
+            + "; ".join(f"`{m}`: {_hyper_text(c[0])}" for m, c in s["search"].items() if m in ran)
+            + ". Every seed and budget runs it.",
+        ]
     lines = [
         "### Hyper-parameter search (validation split)",
         "",
@@ -452,7 +461,8 @@ def equal_compute_summary(results: dict) -> list[dict]:
             row = {"target": target, "method": method, "seeds": seeds,
                    "ratio": statistics.fmean(r["compute_ratio"] for r in theirs),
                    "searched": searched(method),
-                   "searched_here": searched(method, target)}  # fmt: skip
+                   "searched_here": searched(method, target),
+                   "s2h_searched": searched("s2h")}  # fmt: skip
             for split, key in (("test", "top1_hard"), ("val", "val_top1")):
                 row[f"s2h_{split}"] = mean([ours[s] for s in seeds], key)
                 row[f"other_{split}"] = mean(theirs, key)
@@ -500,7 +510,8 @@ def _summary_lines(all_results: list[dict]) -> list[str]:
             by_target[row["target"]].append(row)
         for rows in by_target.values():  # the method S2HPruner leads least on test
             row = min(rows, key=lambda r: math.inf if r["lead_test"] is None else r["lead_test"])
-            mark = "" if row["searched_here"] else " ‡" if row["searched"] else " †"
+            mark = ("" if row["searched_here"] else " ‡" if row["searched"]
+                    else " °" if not row["s2h_searched"] else " †")  # fmt: skip
             off = [f"{who} up to {row[f'off_budget_{side}']:.3f}" for side, who in (
                 ("s2h", "S2HPruner"), ("other", "it")) if row[f"off_budget_{side}"]]  # fmt: skip
             if off:
@@ -526,7 +537,9 @@ def _summary_lines(all_results: list[dict]) -> list[str]:
         "exported top-1 (%). †: that method's recipe was not chosen on this profile's "
         "validation split but carried over from another profile, so the row flatters "
         "S2HPruner; ‡: chosen on this profile's validation split at another target and "
-        "carried to this one (the profile's section says where S2HPruner's own was chosen). "
+        "carried to this one (the profile's section says where S2HPruner's own was chosen); "
+        "°: neither method searched here, both at the recipe chosen for it elsewhere (the "
+        "profile's section says where), so the row favours neither. "
         "*: the compute ratio is wall times divided, not timed side by side, and noisier. "
         f"◊: a run of the row exported more than {BUDGET_SLACK:g} above the FLOPs target "
         "(the largest ratio given): off the budget, so the row does not compare like with "

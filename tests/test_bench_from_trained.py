@@ -692,8 +692,25 @@ def test_summary_pairs_seeds_and_names_the_strongest_method_at_equal_compute():
     for r in priced["runs"][4:6]:
         del r["own_step_pricing"]
     del results["runs"][3]["candidates"]  # carried over from elsewhere: flagged
+    results["runs"][0]["candidates"] = ["lr0.01", "lr0.03"]  # S2HPruner's searched here
     assert "`l1-ft` † | 0, 1" in report._summary_lines([results])[-2]
+    del results["runs"][0]["candidates"]  # neither searched here: both carried over
+    assert "`l1-ft` ° | 0, 1" in report._summary_lines([results])[-2]
     assert report._summary_lines([{**results, "checkpoint": None}]) == []  # from scratch
+
+
+def test_a_profile_of_fixed_recipes_says_it_searched_nothing():
+    """One candidate per method is a fixed recipe, not a validation search of one: the
+    profile's section names each recipe instead of a search table."""
+    results = {"settings": {"search": {"s2h": ({"lr": 0.03, "descent": 0.8},),
+                                       "l1-ft": ({"lr": 0.03, "l1_global": False},)}},
+               "runs": [{"method": "s2h"}, {"method": "l1-ft"}]}  # fmt: skip
+    lines = report._search_lines(results)
+    assert lines[0] == "### Fixed recipes (no search)"
+    assert "`s2h`: lr 0.03, descent over 80% of the search" in lines[2]
+    assert "`l1-ft`: lr 0.03, uniform L1" in lines[2]
+    results["settings"]["search"]["l1-ft"] += ({"lr": 0.01, "l1_global": False},)
+    assert report._search_lines(results)[0] == "### Hyper-parameter search (validation split)"
 
 
 @pytest.mark.parametrize(("stored", "with_group_sl"),
