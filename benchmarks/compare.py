@@ -592,23 +592,23 @@ ALIGNED_L1 = {
 # checkpoint file, step timings and prices these cannot share): the three own-steps cells of
 # resnet20 again, each method at the recipe validation chose for it on the Xeon against the
 # strongest other method there (no search here: one candidate each, so neither side is tuned
-# to this machine), seeds 0-2; at 0.35 also the issue's longer budget (three times the epochs,
-# and three times S2HPruner's measured cost for the compute budget) under own-step pricing,
-# which round 20's long runs predate.
+# to this machine), seeds 0-2; at 0.35 and 0.15 also the issue's longer budget (three times
+# the epochs, and three times S2HPruner's measured cost for the compute budget) under own-step
+# pricing, which round 20's long runs predate.
 S2H_SHORT = {"lr": 0.03, "freeze_teacher": "none", "freeze": 0.85}
 REPLICATE = {
     f"from-trained-replicate-{target * 100:03.0f}": dataclasses.replace(
         base, name=f"from-trained-replicate-{target * 100:03.0f}", targets=(target,),
         tune_targets=(target,), seeds=(0, 1, 2), methods=("s2h", "l1-ft"),
         compute_methods=("l1-ft",), search={"s2h": (s2h,), "l1-ft": (l1,)}, borrow={},
-        budgets=BUDGETS, long_targets=(0.35,), long_methods=("s2h", "l1-ft"))
-    for target, base, s2h, l1 in (
+        budgets=BUDGETS, long_targets=long, long_methods=("s2h", "l1-ft"))
+    for target, base, s2h, l1, long in (
         (0.15, OWN_STEPS["from-trained-iterative-015-own-steps"], {**S2H_SHORT, "descent": 0.8},
-         {"lr": 0.03, "l1_global": False, "l1_steps": 5, "l1_descent": 0.12}),
+         {"lr": 0.03, "l1_global": False, "l1_steps": 5, "l1_descent": 0.12}, (0.15,)),
         (0.35, FROM_TRAINED_OWN_STEPS_ALIGNED_L1, S2H_SHORT,
-         {"lr": 0.03, "l1_global": True, "l1_round_to": 8}),
+         {"lr": 0.03, "l1_global": True, "l1_round_to": 8}, (0.35,)),
         (0.55, OWN_STEPS["from-trained-width-step-055-own-steps"], {**S2H_SHORT, "round_to": 4},
-         {"lr": 0.03, "l1_global": True}))
+         {"lr": 0.03, "l1_global": True}, ()))
 }  # fmt: skip
 
 PROFILES = {
