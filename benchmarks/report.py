@@ -50,6 +50,7 @@ FROM_TRAINED = {
 BUDGET_ORDER = ("epochs", "compute", "long", "long-compute")
 # a compute-matched budget and the budget whose two-network runs are its reference
 REFERENCE = {"compute": "epochs", "long-compute": "long"}
+COMPUTE_BUDGETS = tuple(REFERENCE)  # each paired with S2HPruner's runs of the budget it prices
 MARKERS = {"epochs": "o", "compute": "o", "long": "s", "long-compute": "s"}
 
 
@@ -430,12 +431,14 @@ def _search_lines(results: dict) -> list[str]:
     return lines
 
 
-def equal_compute_summary(results: dict) -> list[dict]:
-    """Per target: S2HPruner against each method of the compute budget, on the seeds both ran
-    (paired, so a seed one of them lacks cannot tilt the mean). Test and validation top-1."""
+def equal_compute_summary(results: dict, budget: str = "compute") -> list[dict]:
+    """Per target: S2HPruner against each method of the compute budget (or of ``long-compute``
+    against S2HPruner's long runs), on the seeds both ran (paired, so a seed one of them lacks
+    cannot tilt the mean). Test and validation top-1."""
+    reference = REFERENCE[budget]
     runs: dict[tuple[float, str, int], dict] = {}
     for run in results["runs"]:
-        if (run["method"], run["budget"]) == ("s2h", "epochs") or run["budget"] == "compute":
+        if (run["method"], run["budget"]) == ("s2h", reference) or run["budget"] == budget:
             runs[(round(run["target_flops"], 6), run["method"], run["seed"])] = run
 
     def searched(method: str, target: float | None = None) -> bool:
@@ -458,7 +461,7 @@ def equal_compute_summary(results: dict) -> list[dict]:
             if not seeds:
                 continue
             theirs = [runs[(target, method, s)] for s in seeds]
-            row = {"target": target, "method": method, "seeds": seeds,
+            row = {"target": target, "budget": budget, "method": method, "seeds": seeds,
                    "ratio": statistics.fmean(r["compute_ratio"] for r in theirs),
                    "searched": searched(method),
                    "searched_here": searched(method, target),
@@ -488,6 +491,13 @@ def equal_compute_summary(results: dict) -> list[dict]:
     return rows
 
 
+def _times(results: dict, row: dict) -> str:
+    """`` (3x)`` on a row of the long budget: its epochs are the base budget's times this."""
+    if row["budget"] == "compute":
+        return ""
+    return f" ({results.get('settings', {}).get('long_factor', 3.0):g}x)"
+
+
 def _summary_lines(all_results: list[dict]) -> list[str]:
     """The table a reader of issue #15 wants first: each from-trained profile's S2HPruner
     against every other method at equal compute, mean over the seeds both ran."""
@@ -505,9 +515,10 @@ def _summary_lines(all_results: list[dict]) -> list[str]:
         ratios = results.get("compute_ratios", {}).values()
         timed = "" if all(r.get("timing") == "side by side" for r in ratios) else " *"
         own_steps = results.get("settings", {}).get("compute_pricing") == "own-steps"
-        by_target: dict[float, list[dict]] = defaultdict(list)
-        for row in equal_compute_summary(results):
-            by_target[row["target"]].append(row)
+        by_target: dict[tuple[float, str], list[dict]] = defaultdict(list)
+        for budget in COMPUTE_BUDGETS:
+            for row in equal_compute_summary(results, budget):
+                by_target[(row["target"], budget)].append(row)
         for rows in by_target.values():  # the method S2HPruner leads least on test
             row = min(rows, key=lambda r: math.inf if r["lead_test"] is None else r["lead_test"])
             mark = ("" if row["searched_here"] else " ‡" if row["searched"]
@@ -518,7 +529,8 @@ def _summary_lines(all_results: list[dict]) -> list[str]:
                 mark += f" ◊ (FLOPs: {', '.join(off)})"
             priced = "" if not own_steps else " §¹" if row["priced_untuned"] else " §"
             lines.append(
-                f"| `{results['profile']}` | {row['target']:g} | `{row['method']}`{mark} | "
+                f"| `{results['profile']}` | {row['target']:g}{_times(results, row)} | "
+                f"`{row['method']}`{mark} | "
                 f"{', '.join(map(str, row['seeds']))} | {row['ratio']:.2f}{timed}{priced} | "
                 f"{cell(row['s2h_test'], row['other_test'], row['lead_test_se'])} | "
                 f"{row['seeds_ahead_test']} of {len(row['seeds'])} | "
@@ -530,7 +542,8 @@ def _summary_lines(all_results: list[dict]) -> list[str]:
         "## At a glance: S2HPruner against the strongest other method at equal compute, "
         "from a trained model",
         "",
-        "Each row: S2HPruner's runs of the epochs budget against the method given the epochs x "
+        "Each row: S2HPruner's runs of the epochs budget (on a row marked 3x, of the long "
+        "budget: three times the epochs) against the method given those epochs x "
         "the compute ratio (timed per target and seed) that S2HPruner leads least on test, "
         "mean over the seeds both ran. Cells: S2HPruner / that method (S2HPruner's lead, and "
         "on test, where several seeds ran, ± the standard error of the seed-by-seed lead); "

@@ -697,6 +697,14 @@ def test_summary_pairs_seeds_and_names_the_strongest_method_at_equal_compute():
     del results["runs"][0]["candidates"]  # neither searched here: both carried over
     assert "`l1-ft` ° | 0, 1" in report._summary_lines([results])[-2]
     assert report._summary_lines([{**results, "checkpoint": None}]) == []  # from scratch
+    # the long budget: S2HPruner's long runs against the long compute runs, a row of its own
+    results["runs"] += [run("s2h", "long", 0, 92.0, 92.2),
+                        run("l1-ft", "long-compute", 0, 91.5, 91.9),
+                        run("l1-ft", "long", 0, 99.0, 99.0)]  # equal epochs: not compared
+    (long,) = report.equal_compute_summary(results, "long-compute")
+    assert long["method"] == "l1-ft" and long["lead_test"] == pytest.approx(0.5)
+    assert "| `p` | 0.35 (3x) | `l1-ft` ° | 0 |" in report._summary_lines([results])[-2]
+    assert "(3x)" not in report._summary_lines([results])[-3]  # the base budget's row first
 
 
 def test_a_profile_of_fixed_recipes_says_it_searched_nothing():
