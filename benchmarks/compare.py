@@ -592,9 +592,10 @@ ALIGNED_L1 = {
 # checkpoint file, step timings and prices these cannot share): the three own-steps cells of
 # resnet20 again, each method at the recipe validation chose for it on the Xeon against the
 # strongest other method there (no search here: one candidate each, so neither side is tuned
-# to this machine), seeds 0-2; at 0.35 and 0.15 also the issue's longer budget (three times
-# the epochs, and three times S2HPruner's measured cost for the compute budget) under own-step
-# pricing, which round 20's long runs predate.
+# to this machine), seeds 0-2 (round 39 added seed 3 on the base budgets: --seeds 3 --budgets
+# epochs,compute); at 0.35 and 0.15 also the issue's longer budget (three times the epochs,
+# and three times S2HPruner's measured cost for the compute budget) under own-step pricing,
+# which round 20's long runs predate.
 S2H_SHORT = {"lr": 0.03, "freeze_teacher": "none", "freeze": 0.85}
 REPLICATE = {
     f"from-trained-replicate-{target * 100:03.0f}": dataclasses.replace(
