@@ -596,7 +596,7 @@ ALIGNED_L1 = {
 # epochs,compute); at 0.35 and 0.15 also the issue's longer budget (three times the epochs,
 # and three times S2HPruner's measured cost for the compute budget) under own-step pricing,
 # which round 20's long runs predate.
-S2H_SHORT = {"lr": 0.03, "freeze_teacher": "none", "freeze": 0.85}
+S2H_SHORT = _grid(**SHORT_RECIPE)[0]  # its one candidate
 REPLICATE = {
     f"from-trained-replicate-{target * 100:03.0f}": dataclasses.replace(
         base, name=f"from-trained-replicate-{target * 100:03.0f}", targets=(target,),

@@ -373,6 +373,15 @@ def _search_lines(results: dict) -> list[str]:
     """The validation-split search: every candidate's val top-1, the chosen one in bold."""
     s = results["settings"]
     ran = {run["method"] for run in results["runs"]}
+    if all(len(candidates) == 1 for candidates in s["search"].values()):
+        return [
+            "### Fixed recipes (no search)",
+            "",
+            "Each method runs one recipe, chosen on another profile's validation split (its "
+            "comment in `benchmarks/compare.py` says which): "
+            + "; ".join(f"`{m}`: {_hyper_text(c[0])}" for m, c in s["search"].items() if m in ran)
+            + ". Every seed and budget runs it.",
+        ]
     by_source: dict[str, list[str]] = {}
     for m, b in sorted(s.get("borrow", {}).items()):
         if m in ran:
@@ -384,15 +393,6 @@ def _search_lines(results: dict) -> list[str]:
     targets = s.get("tune_targets") or []
     where = f" at target {', '.join(f'{t:g}' for t in targets)}" if targets else ""
     budgets = s.get("tune_budgets", [])
-    if all(len(candidates) == 1 for candidates in s["search"].values()):
-        return [
-            "### Fixed recipes (no search)",
-            "",
-            "Each method runs one recipe, chosen on another profile's validation split (its "
-            "comment in `benchmarks/compare.py` says which): "
-            + "; ".join(f"`{m}`: {_hyper_text(c[0])}" for m, c in s["search"].items() if m in ran)
-            + ". Every seed and budget runs it.",
-        ]
     lines = [
         "### Hyper-parameter search (validation split)",
         "",
