@@ -94,6 +94,9 @@ class BaselineOptions:
     sparse_weight_decay: float = 0.0
     random_logit_std: float = 3.0  # spread of the random width logits (larger: more varied)
     flops_tolerance: float = 0.005  # |exported FLOPs ratio - target| the search aims for
+    # when the target falls inside one channel's FLOPs jump, the most the kept ratio may exceed
+    # the target by (the SPEC's "budget met": 0.01); None: the closer side, above or below
+    flops_ceiling: float | None = None
     max_probes: int = 30  # search steps before settling for the closest ratio seen
     # cfg.epochs counts full-model epochs of wall time, and the method trains as many of its
     # own steps as they pay for, each priced by timing its network against the full model
@@ -354,6 +357,7 @@ def prune_to_flops(
     max_probes: int = 30,
     ignored_layers: Sequence[str] = (),
     reference_flops: float | None = None,
+    ceiling: float | None = None,
 ) -> dict:
     """Prune ``model`` in place to ``target`` x its FLOPs (x ``reference_flops``, the unpruned
     model's, when given: a step of iterative pruning) by searching the global ratio.
@@ -364,8 +368,10 @@ def prune_to_flops(
     layer loses inputs and outputs (the first probe is 1 - sqrt(target)); even probes bisect, so
     the bracket at least halves every two probes. It stops within ``tolerance``, or when the
     bracket is below 1e-4: then the target lies inside the FLOPs jump of a single channel
-    (group), and the closest ratio seen is kept, with a warning. ``ignored_layers`` (names)
-    keep their groups whole, besides the classifier.
+    (group), and the closest ratio seen is kept, with a warning; with ``ceiling``, the closest
+    of those at most ``ceiling`` above the target (so a coarse width step, e.g. torch-pruning's
+    round_to, cannot land off the budget). ``ignored_layers`` (names) keep their groups whole,
+    besides the classifier.
     """
     ignored = ignored_names(model, example, ignored_layers)
     full = reference_flops or count_flops(model, example)
@@ -381,6 +387,12 @@ def prune_to_flops(
     # a result
     (lo, f_lo), (hi, f_hi) = (0.0, now), (0.9, 0.01 * now)
     best_ratio, best_flops, probes = 0.0, now, 0
+
+    def better(flops: float, than: float) -> bool:  # within the ceiling beats above it
+        if ceiling is not None and (flops > target + ceiling) != (than > target + ceiling):
+            return flops <= target + ceiling
+        return abs(flops - target) < abs(than - target)
+
     while probes < max_probes and hi - lo > 1e-4:
         probes += 1
         ratio = 0.5 * (lo + hi)
@@ -388,7 +400,7 @@ def prune_to_flops(
             share = (math.sqrt(f_lo) - math.sqrt(target)) / (math.sqrt(f_lo) - math.sqrt(f_hi))
             ratio = min(max(lo + share * (hi - lo), lo + 1e-5), hi - 1e-5)
         flops = prune(copy.deepcopy(model), ratio)
-        if abs(flops - target) < abs(best_flops - target):
+        if better(flops, best_flops):
             best_ratio, best_flops = ratio, flops
         if abs(flops - target) <= tolerance:
             break
@@ -466,7 +478,7 @@ def pruned_proxy(
         for aim in pruning_aims(method, options, target):
             prune_to_flops(net, example, factory, aim, options.flops_tolerance,
                            options.max_probes, ignored_layers=cfg.ignored_layers,
-                           reference_flops=full_flops)  # fmt: skip
+                           reference_flops=full_flops, ceiling=options.flops_ceiling)  # fmt: skip
     layout = pruned_layout(net, cfg, example)
     return _memory_format(net, cfg, layout), layout
 
@@ -696,6 +708,7 @@ def run_baseline(
             found = prune_to_flops(
                 model, example, factory, aim, options.flops_tolerance, options.max_probes,
                 ignored_layers=cfg.ignored_layers, reference_flops=full_flops,
+                ceiling=options.flops_ceiling,
             )  # fmt: skip
             layout = priced_layout or pruned_layout(model, cfg, example)
             model = _memory_format(model, cfg, layout)

@@ -612,6 +612,20 @@ REPLICATE = {
          {"lr": 0.03, "l1_global": True}, ()))
 }  # fmt: skip
 
+# Round 40: from-trained-replicate-035's L1 exported 0.370 of the FLOPs, 0.02 over the budget
+# (global pruning with round_to 8 on this machine's checkpoint jumps from 0.328 to 0.370 at the
+# target; the SPEC's budget is met within 0.01). Here L1 keeps the closest ratio within 0.01
+# above the target (BaselineOptions.flops_ceiling), and since that costs the aligned form FLOPs,
+# validation (seed 0) also offers it unaligned (global L1 lands on the target there, but its
+# network trains slower per FLOP). S2HPruner's runs and compute ratios are reused
+# (--reuse-from from_trained_replicate_035.json): only the search of l1-ft differs.
+_R035 = REPLICATE["from-trained-replicate-035"]
+REPLICATE_035_CEILING = dataclasses.replace(
+    _R035, name="from-trained-replicate-035-ceiling",
+    search={**_R035.search, "l1-ft": ({**_R035.search["l1-ft"][0], "flops_ceiling": 0.01},
+                                      {"lr": 0.03, "l1_global": True})},
+)
+
 PROFILES = {
     # ~1 h on a 2-core CPU: s2h ~4.5 min/epoch, a plain epoch ~1.5-2 min
     "quick": Profile("quick", epochs=3.0),
@@ -649,6 +663,7 @@ PROFILES = {
     "from-trained-group-aligned-short-own-steps-aligned-l1": FROM_TRAINED_OWN_STEPS_ALIGNED_L1,
     **ALIGNED_L1,
     **REPLICATE,
+    "from-trained-replicate-035-ceiling": REPLICATE_035_CEILING,
 }
 
 
