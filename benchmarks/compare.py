@@ -626,6 +626,17 @@ REPLICATE_035_CEILING = dataclasses.replace(
                                       {"lr": 0.03, "l1_global": True})},
 )
 
+# The same with S2HPruner's width step searched as well: in multiples of 8 (the replicate's
+# recipe) resnet20's 16-channel first stage keeps 8 or 16 channels, and S2HPruner kept 8 on
+# every seed, where unaligned global L1 keeps 11 of them. Candidates on validation (seed 0):
+# round_to 8 and 4, as searched at 0.55 (from-trained-width-step-055). The baselines' runs on
+# the budgets S2HPruner's recipe does not size are reused (--reuse-from the ceiling profile's
+# file); its compute runs run again at the new compute ratios.
+REPLICATE_035_WIDTH_STEP = dataclasses.replace(
+    REPLICATE_035_CEILING, name="from-trained-replicate-035-width-step",
+    search={**REPLICATE_035_CEILING.search, "s2h": (S2H_SHORT, {**S2H_SHORT, "round_to": 4})},
+)
+
 PROFILES = {
     # ~1 h on a 2-core CPU: s2h ~4.5 min/epoch, a plain epoch ~1.5-2 min
     "quick": Profile("quick", epochs=3.0),
@@ -664,6 +675,7 @@ PROFILES = {
     **ALIGNED_L1,
     **REPLICATE,
     "from-trained-replicate-035-ceiling": REPLICATE_035_CEILING,
+    "from-trained-replicate-035-width-step": REPLICATE_035_WIDTH_STEP,
 }
 
 

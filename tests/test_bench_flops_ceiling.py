@@ -2,6 +2,7 @@
 where a coarse width step (torch-pruning's round_to) puts the target inside one jump, the
 closest ratio may lie above the budget; the ceiling keeps the result within it."""
 
+import dataclasses
 import sys
 from functools import partial
 from pathlib import Path
@@ -51,3 +52,26 @@ def test_the_ceiling_is_a_stored_setting_and_absent_means_none():
     assert baselines.BaselineOptions().flops_ceiling is None
     stored = compare.stored_settings({"options": {"lr": 0.03}})
     assert stored["options"]["flops_ceiling"] is None
+
+
+def test_the_ceiling_profile_only_changes_l1s_search():
+    """So ``--reuse-from`` takes S2HPruner's runs and compute ratios from the replicate."""
+    base = compare.PROFILES["from-trained-replicate-035"]
+    profile = compare.PROFILES["from-trained-replicate-035-ceiling"]
+    assert dataclasses.replace(profile, name=base.name, search=base.search) == base
+    assert profile.search["s2h"] == base.search["s2h"]
+    aligned, unaligned = profile.search["l1-ft"]
+    assert aligned == {**base.search["l1-ft"][0], "flops_ceiling": 0.01}
+    assert "l1_round_to" not in unaligned and unaligned["l1_global"]
+    assert baselines.BaselineOptions(**{k: v for k, v in aligned.items()
+                                        if k in compare.OPTION_HYPER}).flops_ceiling == 0.01
+
+
+def test_the_width_step_profile_only_adds_s2hprunners_step_of_4():
+    base = compare.PROFILES["from-trained-replicate-035-ceiling"]
+    profile = compare.PROFILES["from-trained-replicate-035-width-step"]
+    assert dataclasses.replace(profile, name=base.name, search=base.search) == base
+    assert profile.search["l1-ft"] == base.search["l1-ft"]
+    first, second = profile.search["s2h"]
+    assert first == base.search["s2h"][0], "the replicate's recipe first: it wins ties"
+    assert second == {**first, "round_to": 4}
