@@ -632,8 +632,10 @@ REPLICATE_035_CEILING = dataclasses.replace(
 # every seed, where unaligned global L1 keeps 11 of them. Candidates on validation (seed 0):
 # round_to 8 and 4, as searched at 0.55 (from-trained-width-step-055). The baselines' runs on
 # the budgets S2HPruner's recipe does not size are reused (--reuse-from the ceiling profile's
-# file); its compute runs run again at the new compute ratios. Validation chose 4 (by 0.02);
-# seeds 0-3: +0.02 ± 0.05 at equal epochs, -0.26 ± 0.06 at equal wall time (MEASUREMENTS 40).
+# file); its compute runs run again at the new compute ratios. Validation chose 4 (by 0.02).
+# With it S2HPruner still kept 8 of the first stage but 20 of the second stage's 32 (16 or 24
+# in multiples of 8; L1: 19); seeds 0-3: +0.02 ± 0.05 at equal epochs, -0.26 ± 0.06 at equal
+# wall time (MEASUREMENTS, round 40).
 REPLICATE_035_WIDTH_STEP = dataclasses.replace(
     REPLICATE_035_CEILING, name="from-trained-replicate-035-width-step",
     search={**REPLICATE_035_CEILING.search, "s2h": (S2H_SHORT, {**S2H_SHORT, "round_to": 4})},
