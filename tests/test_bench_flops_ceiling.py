@@ -54,24 +54,30 @@ def test_the_ceiling_is_a_stored_setting_and_absent_means_none():
     assert stored["options"]["flops_ceiling"] is None
 
 
+def _searches(name: str, base_name: str, kept: str) -> tuple[tuple, tuple]:
+    """The two profiles' searches of the method other than ``kept``, after checking that
+    nothing else differs (so ``--reuse-from`` takes ``kept``'s runs)."""
+    base, profile = compare.PROFILES[base_name], compare.PROFILES[name]
+    assert dataclasses.replace(profile, name=base.name, search=base.search) == base
+    assert profile.search[kept] == base.search[kept]
+    changed = "l1-ft" if kept == "s2h" else "s2h"
+    return profile.search[changed], base.search[changed]
+
+
 def test_the_ceiling_profile_only_changes_l1s_search():
     """So ``--reuse-from`` takes S2HPruner's runs and compute ratios from the replicate."""
-    base = compare.PROFILES["from-trained-replicate-035"]
-    profile = compare.PROFILES["from-trained-replicate-035-ceiling"]
-    assert dataclasses.replace(profile, name=base.name, search=base.search) == base
-    assert profile.search["s2h"] == base.search["s2h"]
-    aligned, unaligned = profile.search["l1-ft"]
-    assert aligned == {**base.search["l1-ft"][0], "flops_ceiling": 0.01}
+    l1, base_l1 = _searches("from-trained-replicate-035-ceiling", "from-trained-replicate-035",
+                            kept="s2h")  # fmt: skip
+    aligned, unaligned = l1
+    assert aligned == {**base_l1[0], "flops_ceiling": 0.01}
     assert "l1_round_to" not in unaligned and unaligned["l1_global"]
     assert baselines.BaselineOptions(**{k: v for k, v in aligned.items()
                                         if k in compare.OPTION_HYPER}).flops_ceiling == 0.01
 
 
 def test_the_width_step_profile_only_adds_s2hprunners_step_of_4():
-    base = compare.PROFILES["from-trained-replicate-035-ceiling"]
-    profile = compare.PROFILES["from-trained-replicate-035-width-step"]
-    assert dataclasses.replace(profile, name=base.name, search=base.search) == base
-    assert profile.search["l1-ft"] == base.search["l1-ft"]
-    first, second = profile.search["s2h"]
-    assert first == base.search["s2h"][0], "the replicate's recipe first: it wins ties"
+    s2h, base_s2h = _searches("from-trained-replicate-035-width-step",
+                              "from-trained-replicate-035-ceiling", kept="l1-ft")
+    first, second = s2h
+    assert first == base_s2h[0], "the replicate's recipe first: it wins ties"
     assert second == {**first, "round_to": 4}
