@@ -70,6 +70,8 @@ from s2hpruner.core.sliced import narrow_pointwise_in_nchw
 from s2hpruner.core.structure import build_graph, classifier_layers
 from s2hpruner.core.trainer import evaluate, project_to_budget
 
+from .fresh_process import in_fresh_process
+
 BASELINES = ("l1", "l1-ft", "group-sl", "random")
 
 # (model, example inputs, global pruning ratio, ignored layers) -> a torch-pruning pruner
@@ -103,6 +105,9 @@ class BaselineOptions:
     # (a compute budget that charges the baselines' pruned steps as S2HPruner's are charged)
     own_step_pricing: bool = False
     pricing_turns: int = 5  # pairs of timed blocks (each order) for that price
+    # that price timed in a newly spawned process (benchmarks.fresh_process), not in the
+    # benchmark's, whose earlier runs may have changed how fast a network trains there
+    price_in_fresh_process: bool = False
 
     def __post_init__(self) -> None:
         if self.l1_steps < 1:
@@ -536,6 +541,28 @@ def own_step_cost(network: nn.Module, data: Data, cfg: RunConfig, turns: int = 5
             "load_average": {"before": load_before, "after": os.getloadavg()}}  # fmt: skip
 
 
+def _proxy_price(method: str, model: nn.Module, data: Data, target: float, cfg: RunConfig,
+                 options: BaselineOptions, full_flops: float) -> dict:  # fmt: skip
+    """:func:`own_step_cost` of the network ``method`` trains (:func:`pruned_proxy` of
+    ``model``), with that network's FLOPs ratio, layout and the process that timed it."""
+    proxy, layout = pruned_proxy(method, model, data.example, target, cfg, options, full_flops)
+    price = own_step_cost(proxy, data, cfg, options.pricing_turns, layout=layout)
+    return {**price, "proxy_flops_ratio": count_flops(proxy, data.example) / full_flops,
+            "proxy_layout": str(layout), "process_id": os.getpid()}  # fmt: skip
+
+
+def own_step_price(method: str, cfg: RunConfig, options: BaselineOptions) -> dict:
+    """:func:`_proxy_price` from scratch, as :func:`run_baseline` starts (the same seeding,
+    data, model and so the same proxy): what a fresh process runs
+    (``options.price_in_fresh_process``)."""
+    device = pick_device(cfg.device)
+    seed_everything(cfg.seed)
+    data = load_data(cfg, device)
+    model = build_model(cfg, data)
+    full_flops = count_flops(model, data.example)
+    return _proxy_price(method, model, data, flops_target(cfg), cfg, options, full_flops)
+
+
 def _stored_price(path: Path | None, priced_for: dict) -> dict | None:
     """The price an earlier attempt at this run measured, when it was for the same method,
     target, seed and options: a timing is never the same twice, and the steps follow it."""
@@ -623,12 +650,11 @@ def run_baseline(
                       "torch_pruning": tp.__version__}  # fmt: skip
         price = _stored_price(price_file, priced_for)
         if price is None:
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                proxy, layout = pruned_proxy(method, model, example, target, cfg, options,
-                                             full_flops)  # fmt: skip
-                price = own_step_cost(proxy, data, cfg, options.pricing_turns, layout=layout)
-                price.update(proxy_flops_ratio=count_flops(proxy, example) / full_flops,
-                             proxy_layout=str(layout))  # fmt: skip
+            if options.price_in_fresh_process:  # it builds the same proxy from the same seed
+                price = in_fresh_process(own_step_price, method, cfg, options)
+            else:
+                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                    price = _proxy_price(method, model, data, target, cfg, options, full_flops)
             if price_file is not None:  # a rerun of this run (a crash) trains the same steps
                 price_file.parent.mkdir(parents=True, exist_ok=True)
                 atomic_write_bytes(price_file, json.dumps({**priced_for, "price": price},

@@ -66,6 +66,7 @@ from s2hpruner.app.sampling import eval_loader
 from s2hpruner.core.trainer import evaluate
 
 from .baselines import BASELINES, BaselineOptions, pick_device, run_baseline, time_dense
+from .fresh_process import in_fresh_process
 from .report import BUDGET_SLACK, file_stem, write_reports
 from .step_timing import time_side_by_side
 
@@ -148,6 +149,11 @@ class Profile:
     # (each step at its own network's cost, timed against the full model's: equal wall time,
     # as S2HPruner's last phase on its pruned network is priced; BaselineOptions)
     compute_pricing: str = "full-model"
+    # where the compute budget's timings run (S2HPruner's step against a plain one, each
+    # baseline's price): "same", the benchmark's process, after whatever ran there before (an
+    # S2HPruner run's report pins glibc's allocator, and a pruned network then trains at
+    # another speed), or "fresh", each in a newly spawned process (benchmarks.fresh_process)
+    timing_process: str = "same"
     # selection only: method -> the only targets it runs at; target -> the only seeds it runs
     only_at: dict[str, tuple[float, ...]] = field(default_factory=dict)
     seed_limits: dict[float, tuple[int, ...]] = field(default_factory=dict)
@@ -160,6 +166,9 @@ class Profile:
         if self.compute_pricing not in ("full-model", "own-steps"):
             raise ValueError(f"profile {self.name}: compute_pricing {self.compute_pricing!r}; "
                              "choose full-model or own-steps")  # fmt: skip
+        if self.timing_process not in ("same", "fresh"):
+            raise ValueError(f"profile {self.name}: timing_process {self.timing_process!r}; "
+                             "choose same or fresh")  # fmt: skip
 
 
 RESULT_FIELDS = (
@@ -189,12 +198,14 @@ RESULT_FIELDS = (
     "dense_timing_steps",
     "compute_timing_turns",
     "compute_pricing",
+    "timing_process",
 )
 # fields added after benchmarks were stored: a stored file without them used these values
 LATER_FIELDS = ("freeze", "init", "model_kwargs", "search", "borrow", "tune_seed",
                 "tune_budgets", "long_factor", "dense_timing_steps", "tune_targets",
                 "split_seed", "compute_timing_turns", "round_to", "prune_at_freeze",
-                "search_start", "importance", "compute_pricing")  # fmt: skip
+                "search_start", "importance", "compute_pricing",
+                "timing_process")  # fmt: skip
 
 CHECKPOINT = "benchmarks/cache/resnet20_fmnist_5ep.pt"
 PRETRAIN_COMMAND = f"python -m benchmarks.pretrain --model resnet20 --epochs 5 --out {CHECKPOINT}"
@@ -641,6 +652,18 @@ REPLICATE_035_WIDTH_STEP = dataclasses.replace(
     search={**REPLICATE_035_CEILING.search, "s2h": (S2H_SHORT, {**S2H_SHORT, "round_to": 4})},
 )
 
+# Round 41: the replicate's cells with every timing of the compute budget in a fresh process
+# (timing_process "fresh"). Rounds 39-40 timed S2HPruner's step in the benchmark's process
+# after its run, whose report had pinned the allocator (a pruned network trains at another
+# speed there: MEASUREMENTS, round 41), and the baselines' prices sometimes there, sometimes in
+# a fresh process. Everything else is the base profile's, whose runs are reused
+# (--reuse-from): only the compute ratios and the baselines' compute runs are made again.
+FRESH_BASES = (REPLICATE["from-trained-replicate-015"], REPLICATE_035_WIDTH_STEP,
+               REPLICATE["from-trained-replicate-055"])  # fmt: skip
+FRESH = {f"from-trained-replicate-{base.targets[0] * 100:03.0f}-fresh": dataclasses.replace(
+    base, name=f"from-trained-replicate-{base.targets[0] * 100:03.0f}-fresh",
+    timing_process="fresh") for base in FRESH_BASES}  # fmt: skip
+
 PROFILES = {
     # ~1 h on a 2-core CPU: s2h ~4.5 min/epoch, a plain epoch ~1.5-2 min
     "quick": Profile("quick", epochs=3.0),
@@ -680,6 +703,7 @@ PROFILES = {
     **REPLICATE,
     "from-trained-replicate-035-ceiling": REPLICATE_035_CEILING,
     "from-trained-replicate-035-width-step": REPLICATE_035_WIDTH_STEP,
+    **FRESH,
 }
 
 
@@ -925,11 +949,12 @@ def reuse_runs(results: dict, source: Path) -> None:
     So a profile that only widens one method's search does not spend hours repeating runs."""
     stored = json.loads(source.read_text())
     mine, theirs = results["settings"], stored_settings(stored.get("settings", {}))
-    free = ("search", "compute_pricing")
+    free = ("search", "compute_pricing", "timing_process")
     diff = [k for k in mine if k not in free and theirs.get(k) != mine[k]]
     if diff:
         raise SystemExit(f"--reuse-from: {source} was made with other settings ({', '.join(diff)}"
-                         "); only the search and the compute pricing may differ")  # fmt: skip
+                         "); only the search, the compute pricing and the timing process may "
+                         "differ")  # fmt: skip
 
     def same(method: str) -> bool:
         chooser = mine["borrow"].get(method, method)
@@ -937,8 +962,9 @@ def reuse_runs(results: dict, source: Path) -> None:
 
     # a compute budget is sized by the ratio, timed with S2HPruner's chosen recipe, and by
     # the pricing of the baselines' steps (S2HPruner's own compute runs do not depend on it)
-    timed_alike = same("s2h")
-    priced_alike = theirs.get("compute_pricing") == mine["compute_pricing"]
+    timing_alike = theirs["timing_process"] == mine["timing_process"]
+    timed_alike = same("s2h") and timing_alike
+    priced_alike = theirs.get("compute_pricing") == mine["compute_pricing"] and timing_alike
 
     def kept(method: str, budget: str) -> bool:
         if budget not in COMPUTE:
@@ -1131,6 +1157,8 @@ def budget_epochs(
                          s2h.get("hyper"))  # fmt: skip
         tqdm.write(f"timing {cfg.method} against a plain step, side by side "
                    f"({profile.compute_timing_turns} turns per phase)")  # fmt: skip
+        if profile.timing_process == "fresh":
+            return in_fresh_process(time_side_by_side, cfg, turns=profile.compute_timing_turns)
         return time_side_by_side(cfg, turns=profile.compute_timing_turns)
 
     ratio = compute_ratio(
@@ -1214,7 +1242,9 @@ def run_one(
     else:
         options = run_options(profile, hyper)
         if spec.budget in COMPUTE and profile.compute_pricing == "own-steps":
-            options = dataclasses.replace(options, own_step_pricing=True)
+            options = dataclasses.replace(
+                options, own_step_pricing=True,
+                price_in_fresh_process=profile.timing_process == "fresh")  # fmt: skip
         record = run_baseline(spec.method, cfg, options, run_dir)
     priced = "own_step_pricing" in record  # epochs: its own; the budget's, in full-model ones
     first = {

@@ -233,6 +233,13 @@ def profile_markdown(results: dict, image: str | None) -> list[str]:
             + " full-model steps here (timed side by side; S2HPruner's pruned last phase is "
             "priced the same way in its compute ratio). Rounds 6-34 priced it at 1"
         )
+    if results.get("settings", {}).get("timing_process") == "fresh":
+        lines.append(
+            "- Every timing of a compute budget (S2HPruner's step against a plain one, each "
+            "baseline's price) ran in a newly spawned process (`timing_process: fresh`), not "
+            "in the benchmark's, where an earlier run's report pins the allocator and a "
+            "pruned network then trains at another speed (MEASUREMENTS, round 41)"
+        )
     lines += _checkpoint_lines(results, ran)
     ratios = results.get("compute_ratios", {})
     if ratios:
