@@ -1146,10 +1146,16 @@ def budget_epochs(
     if spec.budget not in COMPUTE:
         return epochs, {}
 
+    def timed(fn: Callable[..., dict], *args, **kwargs) -> dict:
+        """``fn``'s timing where the profile times: here, or in a fresh process."""
+        if profile.timing_process == "fresh":
+            return in_fresh_process(fn, *args, **kwargs)
+        return fn(*args, **kwargs)
+
     def timer() -> dict:
         cfg = run_config(profile, RunSpec("l1-ft", spec.target, spec.seed, "epochs"),
                          profile.epochs, out / "runs" / profile.name / "timing")  # fmt: skip
-        return time_dense(cfg, profile.dense_timing_steps)
+        return timed(time_dense, cfg, profile.dense_timing_steps)
 
     def side_by_side(s2h: dict) -> dict:
         cfg = run_config(profile, RunSpec("s2h", spec.target, spec.seed, "epochs"),
@@ -1157,9 +1163,7 @@ def budget_epochs(
                          s2h.get("hyper"))  # fmt: skip
         tqdm.write(f"timing {cfg.method} against a plain step, side by side "
                    f"({profile.compute_timing_turns} turns per phase)")  # fmt: skip
-        if profile.timing_process == "fresh":
-            return in_fresh_process(time_side_by_side, cfg, turns=profile.compute_timing_turns)
-        return time_side_by_side(cfg, turns=profile.compute_timing_turns)
+        return timed(time_side_by_side, cfg, turns=profile.compute_timing_turns)
 
     ratio = compute_ratio(
         results,
