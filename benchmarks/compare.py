@@ -15,6 +15,9 @@ ends with an exported, physically pruned model whose FLOPs are counted by
   each method trains as many steps of its own (pruned) network as it pays for, priced by
   timing that network against the full model (S2HPruner's last phase on its pruned network
   is priced the same way); ``full-model`` (rounds 6-34) charged every step as a full one.
+  With ``timing_process: fresh`` every such timing runs in a newly spawned process
+  (``benchmarks.fresh_process``): in the benchmark's own, an earlier run's report has pinned
+  glibc's allocator, and a pruned network trains there at another speed (round 41).
 
 The ``from-trained`` profile starts every method from one trained checkpoint (``init``, made
 once by ``benchmarks.pretrain``) and adds:
