@@ -221,8 +221,8 @@ def profile_markdown(results: dict, image: str | None) -> list[str]:
         lines.append(
             f"- Runs of {', '.join(f'`{m}`' for m in reused['methods'])} (and the compute "
             f"ratios, if S2HPruner's search is the same) are those of `{reused['file']}`: this "
-            "profile differs from it only in the search of the other methods or in how a "
-            "compute budget prices their steps (`--reuse-from`)"
+            "profile differs from it only in the search of the other methods or in how (or "
+            "in which process) a compute budget times and prices their steps (`--reuse-from`)"
         )
     costs = [r["own_step_pricing"] for r in results["runs"] if r.get("own_step_pricing")]
     if costs:
