@@ -17,12 +17,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # benchmarks/ is a package beside src/, not installed
     sys.path.insert(0, str(ROOT))
 
+from test_bench_own_steps import ONCE, TINY  # noqa: E402  (a tiny run, L1 pruned at once)
+
 from benchmarks import baselines, compare  # noqa: E402
 from benchmarks.fresh_process import in_fresh_process  # noqa: E402
-
-TINY = dict(dataset="digits", model_kwargs={"width": 4}, batch_size=32, val_size=100,
-            train_subset=320, progress=False, init=None)  # fmt: skip
-ONCE = baselines.BaselineOptions(pretrain_fraction=0.0, flops_tolerance=0.03)
 
 
 def test_a_fresh_process_is_another_process_with_the_same_threads():
