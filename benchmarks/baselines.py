@@ -541,6 +541,16 @@ def own_step_cost(network: nn.Module, data: Data, cfg: RunConfig, turns: int = 5
             "load_average": {"before": load_before, "after": os.getloadavg()}}  # fmt: skip
 
 
+def starting_point(cfg: RunConfig) -> tuple[Data, nn.Module]:
+    """The run's data and starting model, seeded and built in the order s2hpruner.app.run
+    uses: every process that starts from ``cfg`` (a run, a fresh process pricing it) gets
+    the same model and the same random state after it."""
+    device = pick_device(cfg.device)
+    seed_everything(cfg.seed)
+    data = load_data(cfg, device)
+    return data, build_model(cfg, data)
+
+
 def _proxy_price(method: str, model: nn.Module, data: Data, target: float, cfg: RunConfig,
                  options: BaselineOptions, full_flops: float) -> dict:  # fmt: skip
     """:func:`own_step_cost` of the network ``method`` trains (:func:`pruned_proxy` of
@@ -555,10 +565,7 @@ def own_step_price(method: str, cfg: RunConfig, options: BaselineOptions) -> dic
     """:func:`_proxy_price` from scratch, as :func:`run_baseline` starts (the same seeding,
     data, model and so the same proxy): what a fresh process runs
     (``options.price_in_fresh_process``)."""
-    device = pick_device(cfg.device)
-    seed_everything(cfg.seed)
-    data = load_data(cfg, device)
-    model = build_model(cfg, data)
+    data, model = starting_point(cfg)
     full_flops = count_flops(model, data.example)
     return _proxy_price(method, model, data, flops_target(cfg), cfg, options, full_flops)
 
@@ -621,10 +628,8 @@ def run_baseline(
     """
     if method not in BASELINES:
         raise ValueError(f"unknown baseline {method!r}; choose one of {', '.join(BASELINES)}")
-    device = pick_device(cfg.device)
-    seed_everything(cfg.seed)  # the same order of seeding and building as s2hpruner.app.run
-    data = load_data(cfg, device)
-    model = build_model(cfg, data)
+    data, model = starting_point(cfg)
+    device = data.device
     example = data.example
     ignored_names(model, example, cfg.ignored_layers)  # a wrong name fails before training
     target = flops_target(cfg)
@@ -804,10 +809,7 @@ def time_dense(cfg: RunConfig, steps: int) -> dict:
     """Seconds per epoch of plain training of the full model, timed over ``steps`` steps of the
     run's recipe and batch order (the run's starting weights, thrown away after): the plain
     side of the compute ratio when no method of the benchmark trains the full model."""
-    device = pick_device(cfg.device)
-    seed_everything(cfg.seed)
-    data = load_data(cfg, device)
-    model = build_model(cfg, data)
+    data, model = starting_point(cfg)
     steps = max(1, min(steps, data.steps_per_epoch))
     seconds = train(model, data, cfg, 0, steps, "time plain step")
     return {
