@@ -21,8 +21,6 @@ import dataclasses
 import json
 from pathlib import Path
 
-from s2hpruner import count_flops
-
 from . import baselines
 from .compare import PROFILES, RunSpec, prune_record, run_config, run_options
 
@@ -40,14 +38,9 @@ def main(argv: list[str] | None = None) -> None:
     cfg = run_config(profile, RunSpec("l1-ft", 0.35, args.seed, "compute"), 1.0, out / "l1", l1)
     options = run_options(profile, l1)
 
-    def price(when: str) -> None:
-        data = baselines.load_data(cfg, baselines.pick_device(cfg.device))
-        model = baselines.build_model(cfg, data)
-        full = count_flops(model, data.example)
-        net, layout = baselines.pruned_proxy("l1-ft", model, data.example, 0.35, cfg, options,
-                                             full)  # fmt: skip
-        cost = baselines.own_step_cost(net, data, cfg, options.pricing_turns, layout=layout)
-        print(json.dumps({"seed": args.seed, "when": when, "layout": str(layout),
+    def price(when: str) -> None:  # in this process, as a run prices (not a fresh one)
+        cost = baselines.own_step_price("l1-ft", cfg, options)
+        print(json.dumps({"seed": args.seed, "when": when, "layout": cost["proxy_layout"],
                           "ratio": round(cost["ratio"], 3),
                           "pairs": [round(r, 3) for r in cost["pair_ratios"]]}), flush=True)
 
