@@ -16,8 +16,10 @@ ends with an exported, physically pruned model whose FLOPs are counted by
   timing that network against the full model (S2HPruner's last phase on its pruned network
   is priced the same way); ``full-model`` (rounds 6-34) charged every step as a full one.
   With ``timing_process: fresh`` every such timing runs in a newly spawned process
-  (``benchmarks.fresh_process``): in the benchmark's own, an earlier run's report has pinned
-  glibc's allocator, and a pruned network trains there at another speed (round 41).
+  (``benchmarks.fresh_process``): in the benchmark's own, an earlier run's report had pinned
+  glibc's allocator, and a pruned network trained there at another speed (round 41). Since
+  round 42 a run's report times in a child process and pins nothing here, so ``same`` no
+  longer times in the pinned state that the stored ``same`` files were timed in.
 
 The ``from-trained`` profile starts every method from one trained checkpoint (``init``, made
 once by ``benchmarks.pretrain``) and adds:
@@ -154,8 +156,9 @@ class Profile:
     compute_pricing: str = "full-model"
     # where the compute budget's timings run (S2HPruner's step against a plain one, each
     # baseline's price): "same", the benchmark's process, after whatever ran there before (an
-    # S2HPruner run's report pins glibc's allocator, and a pruned network then trains at
-    # another speed), or "fresh", each in a newly spawned process (benchmarks.fresh_process)
+    # S2HPruner run's report pinned glibc's allocator there until round 42, and a pruned
+    # network then trained at another speed), or "fresh", each in a newly spawned process
+    # (benchmarks.fresh_process)
     timing_process: str = "same"
     # selection only: method -> the only targets it runs at; target -> the only seeds it runs
     only_at: dict[str, tuple[float, ...]] = field(default_factory=dict)

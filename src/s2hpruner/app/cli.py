@@ -165,6 +165,9 @@ HELP = {
     "latency_repeats": "timed repeats of the report's latency measurements of the exported "
     "model (medians are reported); a latency budget's tables and checks time at their own, "
     "fixed settings",
+    "latency_process": "where the report times the exported model on CPU: fresh (a new Python "
+    "process, so that the timing leaves this process's allocator as it was) or same (this "
+    "process: no start-up cost, but glibc's allocator stays held for the rest of it)",
     "progress": "show progress bars",
 }
 

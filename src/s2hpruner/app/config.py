@@ -29,6 +29,9 @@ LATENCY_PREDICTORS = ("auto", "tables", "flops")
 FREEZE_TEACHER_CHOICES = (*FREEZE_TEACHERS, "start")
 # what ranks a group's channels: its producers' L1 norms (SPEC) or torch-pruning's group L1
 IMPORTANCE_CHOICES = ("producers", "group")
+# fresh: a new Python process times the report's latency and takes the allocator state that
+# timing holds with it (core.fresh_timing); same: this process, which then keeps that state
+LATENCY_PROCESSES = ("fresh", "same")
 # where the width search starts: the nearly full network (SPEC) or uniform pruning's widths
 SEARCH_STARTS = ("full", "uniform")
 DEFAULT_TARGET_FLOPS = 0.35
@@ -135,6 +138,8 @@ class RunConfig:
     checkpoint_every: int = 200  # steps (plus every epoch)
     deterministic: bool = False
     latency_repeats: int = 30
+    # where the report times the exported model (see LATENCY_PROCESSES)
+    latency_process: str = "fresh"
     progress: bool = True
 
     def validate(self) -> RunConfig:
@@ -263,6 +268,9 @@ class RunConfig:
             raise ConfigError(
                 f"balance must be one of {', '.join(BALANCE_SCOPES)}, got {self.balance!r}"
             )
+        if self.latency_process not in LATENCY_PROCESSES:
+            raise ConfigError(f"latency_process must be one of {', '.join(LATENCY_PROCESSES)}, "
+                              f"got {self.latency_process!r}")
         if self.resource_on not in ("hard", "soft"):
             raise ConfigError(f"resource_on must be 'hard' or 'soft', got {self.resource_on!r}")
         if self.optimizer not in ("sgd", "adamw"):

@@ -35,6 +35,7 @@ from ..core.errors import (
     RunDirectoryError,
     S2HError,
 )
+from ..core.fresh_timing import latency_speedup_in_fresh_process
 from ..core.layout import tune_hard_layout
 from ..core.measure import latency_ratio, latency_speedup
 from ..core.pruner import S2HPruner, uniform_widths
@@ -639,7 +640,9 @@ def finish(cfg, out, splits, model, pruner, trainer, example, device, state) -> 
     pruned_cpu = exported.cpu()
     flops_full = count_flops(full_cpu, cpu_example)
     flops_pruned = count_flops(pruned_cpu, cpu_example)
-    speed = latency_speedup(full_cpu, pruned_cpu, cpu_example, repeats=cfg.latency_repeats)
+    time_speedup = (latency_speedup_in_fresh_process if cfg.latency_process == "fresh"
+                    else latency_speedup)  # fmt: skip
+    speed = time_speedup(full_cpu, pruned_cpu, cpu_example, repeats=cfg.latency_repeats)
     model.to(device)
     exported.to(device)
     report = {
