@@ -17,9 +17,9 @@ ends with an exported, physically pruned model whose FLOPs are counted by
   is priced the same way); ``full-model`` (rounds 6-34) charged every step as a full one.
   With ``timing_process: fresh`` every such timing runs in a newly spawned process
   (``benchmarks.fresh_process``): in the benchmark's own, an earlier run's report had pinned
-  glibc's allocator, and a pruned network trained there at another speed (round 41). Since
-  round 42 a run's report times in a child process and pins nothing here, so ``same`` no
-  longer times in the pinned state that the stored ``same`` files were timed in.
+  glibc's allocator, and a pruned network trained there at another speed (round 41). A run's
+  report times in a child process since round 42 (``latency_process``), except in ``same``
+  profiles, whose stored files were timed in the held state and whose resumes must be too.
 
 The ``from-trained`` profile starts every method from one trained checkpoint (``init``, made
 once by ``benchmarks.pretrain``) and adds:
@@ -156,9 +156,8 @@ class Profile:
     compute_pricing: str = "full-model"
     # where the compute budget's timings run (S2HPruner's step against a plain one, each
     # baseline's price): "same", the benchmark's process, after whatever ran there before (an
-    # S2HPruner run's report pinned glibc's allocator there until round 42, and a pruned
-    # network then trained at another speed), or "fresh", each in a newly spawned process
-    # (benchmarks.fresh_process)
+    # S2HPruner run's report there pins glibc's allocator, and a pruned network then trains at
+    # another speed), or "fresh", each in a newly spawned process (benchmarks.fresh_process)
     timing_process: str = "same"
     # selection only: method -> the only targets it runs at; target -> the only seeds it runs
     only_at: dict[str, tuple[float, ...]] = field(default_factory=dict)
@@ -825,6 +824,10 @@ def run_config(
         split_seed=profile.split_seed,
         out=str(run_dir),
         latency_repeats=profile.latency_repeats,
+        # a "same" profile's timings ran after runs whose reports timed in this process (and so
+        # held its allocator: round 41); its runs keep doing that, so that resuming one of its
+        # stored files times in the state the file was timed in
+        latency_process="same" if profile.timing_process == "same" else "fresh",
         progress=profile.progress,
     )
     values = {k: v for k, v in (hyper or {}).items() if k in RUN_HYPER}

@@ -5,12 +5,13 @@ Why: how fast a pruned network trains on CPU depends on the process's history. g
 its mmap and trim thresholds to what the process freed before, and the library's latency
 measurement pins them (``s2hpruner.core.measure.hold_freed_cpu_memory``), which every
 S2HPruner run's report did in the run's process until round 42 (it now times in a child,
-``s2hpruner.core.fresh_timing``). After one S2HPruner run, the same unaligned L1 network of
-resnet20 at 0.35 priced at 1.03 full-model steps instead of 0.86 in a fresh process
-(MEASUREMENTS.md, round 41). A benchmark that timed S2HPruner's step after its run and a
-baseline's in a fresh process compared two allocator states. In a spawned child (the
-``spawn`` start method: a new interpreter, not a fork of this one) every timing starts from
-the same state, the one a user's training process starts in.
+``s2hpruner.core.fresh_timing``, except in profiles with ``timing_process: same``). After
+one S2HPruner run, the same unaligned L1 network of resnet20 at 0.35 priced at 1.03
+full-model steps instead of 0.86 in a fresh process (MEASUREMENTS.md, round 41). A benchmark
+that timed S2HPruner's step after its run and a baseline's in a fresh process compared two
+allocator states. In a spawned child (the ``spawn`` start method: a new interpreter, not a
+fork of this one) every timing starts from the same state, the one a user's training process
+starts in.
 """
 
 from __future__ import annotations

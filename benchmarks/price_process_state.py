@@ -11,6 +11,10 @@ more. Run it with and without the allocator pinned from the start, to tell the t
     MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=2147483647 \\
         python -m benchmarks.price_process_state SEED
 
+The run's report times its latency in this process (``latency_process: same``, as every run
+did until round 42); ``--latency-process fresh`` times it in a child, as runs now do, to show
+that the run then leaves the price alone.
+
 Prints one JSON line per price.
 """
 
@@ -31,6 +35,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("seed", type=int)
     parser.add_argument("--out", default="runs/price_process_state")
+    parser.add_argument("--latency-process", choices=("same", "fresh"), default="same",
+                        help="where the S2HPruner run's report times its latency")
     args = parser.parse_args(argv)
     profile = dataclasses.replace(PROFILES[PROFILE], progress=False)
     l1 = profile.search["l1-ft"][1]  # unaligned global L1, validation's choice
@@ -41,13 +47,15 @@ def main(argv: list[str] | None = None) -> None:
     def price(when: str) -> None:  # in this process, as a run prices (not a fresh one)
         cost = baselines.own_step_price("l1-ft", cfg, options)
         print(json.dumps({"seed": args.seed, "when": when, "layout": cost["proxy_layout"],
+                          "latency_process": args.latency_process,
                           "ratio": round(cost["ratio"], 3),
                           "pairs": [round(r, 3) for r in cost["pair_ratios"]]}), flush=True)
 
     price("fresh process")
     s2h = profile.search["s2h"][1]  # round_to 4, validation's choice
-    prune_record(run_config(profile, RunSpec("s2h", 0.35, args.seed, "epochs"), 1.0,
-                            out / f"s2h{args.seed}", s2h), resume=False)  # fmt: skip
+    run = run_config(profile, RunSpec("s2h", 0.35, args.seed, "epochs"), 1.0,
+                     out / f"s2h{args.seed}", s2h)  # fmt: skip
+    prune_record(dataclasses.replace(run, latency_process=args.latency_process), resume=False)
     price("after an S2HPruner run in the process")
     price("again")
 

@@ -237,8 +237,9 @@ def profile_markdown(results: dict, image: str | None) -> list[str]:
         lines.append(
             "- Every timing of a compute budget (S2HPruner's step against a plain one, each "
             "baseline's price) ran in a newly spawned process (`timing_process: fresh`), not "
-            "in the benchmark's, where an earlier run's report pins the allocator and a "
-            "pruned network then trains at another speed (MEASUREMENTS, round 41)"
+            "in the benchmark's, where an earlier run's report timed in the process pinned "
+            "the allocator and a pruned network then trained at another speed (MEASUREMENTS, "
+            "round 41)"
         )
     lines += _checkpoint_lines(results, ran)
     ratios = results.get("compute_ratios", {})

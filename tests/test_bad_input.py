@@ -21,9 +21,11 @@ from s2hpruner.app.cli import main
 from s2hpruner.app.models import MODELS, create_model
 from s2hpruner.core.trainer import S2HTrainer
 
+# the report times in this process: its timing in a child is test_fresh_timing.py's subject,
+# and here it would only add a child's start (~6 s) to every run
 TINY = ["--epochs", "1", "--freeze-epochs", "0.5", "--batch-size", "50", "--train-subset",
-        "200", "--val-size", "100", "--latency-repeats", "1", "--no-progress",
-        "--checkpoint-every", "1"]  # fmt: skip
+        "200", "--val-size", "100", "--latency-repeats", "1", "--latency-process", "same",
+        "--no-progress", "--checkpoint-every", "1"]  # fmt: skip
 
 
 @pytest.fixture(autouse=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import sys
 import types
+import warnings
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from fabricate import learnable_fashion_mnist, one_thread_run, tiny_config
 from torch import nn
 
 from s2hpruner.app.config import ConfigError, RunConfig
+from s2hpruner.app.models import load_factory
 from s2hpruner.core import fresh_timing, measure
 
 
@@ -57,7 +59,8 @@ def test_a_model_the_child_cannot_load_is_timed_here_with_a_warning(monkeypatch)
     here = []
     monkeypatch.setattr(fresh_timing, "latency_speedup",
                         lambda *a, **k: here.append(a) or {"b1": 2.0})  # fmt: skip
-    with pytest.warns(UserWarning, match="the timing process failed.*s2h_user_module_only_here"):
+    with pytest.warns(UserWarning, match="the timing process failed .exit code 1: "
+                      "ModuleNotFoundError.*s2h_user_module_only_here"):
         speed = fresh_timing.latency_speedup_in_fresh_process(
             UserNet(), UserNet(), torch.randn(1, 1, 8, 8), repeats=1)
     assert speed == {"b1": 2.0} and len(here) == 1
@@ -69,9 +72,33 @@ def test_a_model_that_cannot_be_saved_is_timed_here_with_a_warning(monkeypatch):
             return x
 
     monkeypatch.setattr(fresh_timing, "latency_speedup", lambda *a, **k: {"b1": 3.0})
-    with pytest.warns(UserWarning, match="the models cannot be saved"):
+    with pytest.warns(UserWarning, match="could not run in a new process.*Local"):
         speed = fresh_timing.latency_speedup_in_fresh_process(Local(), Local(), torch.zeros(1))
     assert speed == {"b1": 3.0}
+
+
+def test_a_model_from_a_file_loads_from_that_file_in_the_child(tmp_path, monkeypatch, request):
+    # as `--model path/to/net.py:Net` loads it: under a name the import path does not give
+    (tmp_path / "net.py").write_text(
+        "from torch import nn\n\n\nclass Net(nn.Sequential):\n    def __init__(self, c=8):\n"
+        "        super().__init__(nn.Conv2d(1, c, 3), nn.ReLU(), nn.Conv2d(c, 4, 3))\n")
+    monkeypatch.setattr(sys, "path", list(sys.path))  # load_factory appends the file's folder
+    net = load_factory(f"{tmp_path / 'net.py'}:Net")
+    request.addfinalizer(lambda: sys.modules.pop(net.__module__, None))
+    assert net.__module__.startswith("s2hpruner_user_net_")
+    monkeypatch.setattr(fresh_timing, "latency_speedup", _held_here)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback
+        speed = fresh_timing.latency_speedup_in_fresh_process(
+            net(), net(2), torch.randn(1, 1, 12, 12), repeats=3, batch_sizes=(1,), rounds=1)
+    assert speed["b1"] > 0
+
+
+def test_where_nothing_would_be_held_the_timing_runs_here(monkeypatch):
+    monkeypatch.setattr(fresh_timing, "can_hold_freed_cpu_memory", lambda: False)
+    monkeypatch.setattr(fresh_timing.subprocess, "run", _held_here)  # no child is started
+    monkeypatch.setattr(fresh_timing, "latency_speedup", lambda *a, **k: {"b1": 4.0})
+    assert fresh_timing.latency_speedup_in_fresh_process(*_pair(), torch.zeros(1)) == {"b1": 4.0}
 
 
 def test_latency_process_is_checked():
@@ -88,3 +115,21 @@ def test_a_run_reports_latency_timed_in_a_child(tmp_path, monkeypatch):
                           "100", "--latency-repeats", "2", "--no-progress") == 0  # fmt: skip
     report = json.loads((out / "report.json").read_text())
     assert report["latency_speedup_b1"] > 0 and report["latency_speedup_b64"] > 0
+    # saved in the layout it was timed in: the full model's (channels_last by default), not
+    # the mix of layouts torch-pruning's slicing leaves
+    pruned = torch.load(out / "model_pruned.pt", weights_only=False)
+    assert measure.in_memory_format(pruned, torch.channels_last)
+
+
+def test_a_run_can_time_in_its_own_process(tmp_path, monkeypatch):
+    timed_here = []
+    monkeypatch.setattr("s2hpruner.app.run.latency_speedup_in_fresh_process", _held_here)
+    monkeypatch.setattr("s2hpruner.app.run.latency_speedup",
+                        lambda *a, **k: timed_here.append(a) or {"b1": 1.5, "b64": 2.5})
+    root, out = learnable_fashion_mnist(tmp_path / "fmnist"), tmp_path / "run"
+    assert one_thread_run(tiny_config(tmp_path), root, out, "--target-flops", "0.5", "--epochs",
+                          "1", "--batch-size", "50", "--train-subset", "200", "--val-size",
+                          "100", "--latency-process", "same", "--no-progress") == 0  # fmt: skip
+    report = json.loads((out / "report.json").read_text())
+    assert (report["latency_speedup_b1"], report["latency_speedup_b64"]) == (1.5, 2.5)
+    assert len(timed_here) == 1 and measure.in_memory_format(timed_here[0][1], torch.channels_last)

@@ -26,6 +26,7 @@ from .config import (
     HARD_LAYOUTS,
     IMPORTANCE_CHOICES,
     LATENCY_PREDICTORS,
+    LATENCY_PROCESSES,
     MASK_LR_SCHEDULES,
     METHODS,
     PHASES,
@@ -222,7 +223,8 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
                        "freeze_teacher": FREEZE_TEACHER_CHOICES,
                        "search_start": SEARCH_STARTS,
                        "importance": IMPORTANCE_CHOICES,
-                       "latency_predictor": LATENCY_PREDICTORS}.get(f.name)  # fmt: skip
+                       "latency_predictor": LATENCY_PREDICTORS,
+                       "latency_process": LATENCY_PROCESSES}.get(f.name)  # fmt: skip
             if optional and choices is not None:
                 choices = (*choices, CLEARED)
             parser.add_argument(

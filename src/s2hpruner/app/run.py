@@ -37,7 +37,7 @@ from ..core.errors import (
 )
 from ..core.fresh_timing import latency_speedup_in_fresh_process
 from ..core.layout import tune_hard_layout
-from ..core.measure import latency_ratio, latency_speedup
+from ..core.measure import latency_ratio, latency_speedup, same_memory_format
 from ..core.pruner import S2HPruner, uniform_widths
 from ..core.resources import count_flops, count_params
 from ..core.trainer import METHODS, S2HTrainer, evaluate
@@ -637,7 +637,9 @@ def finish(cfg, out, splits, model, pruner, trainer, example, device, state) -> 
     cpu_example = example.cpu()
     model.eval()
     full_cpu = model.cpu()
-    pruned_cpu = exported.cpu()
+    # in the full model's layout, as timed below and saved (torch-pruning slices a
+    # channels_last weight into an NCHW one)
+    pruned_cpu = same_memory_format(exported.cpu(), full_cpu)
     flops_full = count_flops(full_cpu, cpu_example)
     flops_pruned = count_flops(pruned_cpu, cpu_example)
     time_speedup = (latency_speedup_in_fresh_process if cfg.latency_process == "fresh"

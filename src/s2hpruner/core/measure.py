@@ -29,17 +29,29 @@ def hold_freed_cpu_memory() -> bool:
     global _allocator_held
     if _allocator_held:
         return True
-    if not sys.platform.startswith("linux"):
+    mallopt = _mallopt()
+    if mallopt is None:
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # musl and others have no mallopt
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     big = 2**31 - 1
     _allocator_held = bool(mallopt(_M_MMAP_THRESHOLD, 2**30) and mallopt(_M_TRIM_THRESHOLD, big))
     return _allocator_held
+
+
+def can_hold_freed_cpu_memory() -> bool:
+    """Would ``hold_freed_cpu_memory`` hold anything here (glibc's mallopt)? Nothing is held."""
+    return _mallopt() is not None
+
+
+def _mallopt():
+    """glibc's ``mallopt``, or None (not Linux, or a libc without it, such as musl)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return None
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return mallopt
 
 
 def _seconds(model: nn.Module, x: torch.Tensor) -> float:
