@@ -18,6 +18,12 @@ from s2hpruner.app.models import load_factory
 from s2hpruner.core import fresh_timing, measure
 
 
+@pytest.fixture(autouse=True)
+def process_that_has_not_timed(monkeypatch):
+    """As in a process that holds nothing yet (an earlier test in this worker may have timed)."""
+    monkeypatch.setattr(measure, "_allocator_held", False)
+
+
 def _pair() -> tuple[nn.Module, nn.Module]:
     torch.manual_seed(0)
     full = nn.Sequential(nn.Conv2d(1, 32, 3), nn.ReLU(), nn.Conv2d(32, 32, 3))
@@ -94,8 +100,12 @@ def test_a_model_from_a_file_loads_from_that_file_in_the_child(tmp_path, monkeyp
     assert speed["b1"] > 0
 
 
-def test_where_nothing_would_be_held_the_timing_runs_here(monkeypatch):
-    monkeypatch.setattr(fresh_timing, "can_hold_freed_cpu_memory", lambda: False)
+@pytest.mark.parametrize("why", ["off glibc", "held already"])
+def test_where_nothing_would_be_held_the_timing_runs_here(monkeypatch, why):
+    if why == "off glibc":
+        monkeypatch.setattr(fresh_timing, "can_hold_freed_cpu_memory", lambda: False)
+    else:  # as in a latency budget's run, which timed its tables in its own process
+        monkeypatch.setattr(measure, "_allocator_held", True)
     monkeypatch.setattr(fresh_timing.subprocess, "run", _held_here)  # no child is started
     monkeypatch.setattr(fresh_timing, "latency_speedup", lambda *a, **k: {"b1": 4.0})
     assert fresh_timing.latency_speedup_in_fresh_process(*_pair(), torch.zeros(1)) == {"b1": 4.0}

@@ -13,7 +13,8 @@ the caller's main script again, which re-runs a script without an ``if __name__ 
 import their classes: from the import path, or from the file of a module that was loaded from
 a file under a name the import path does not give (a model given as ``file.py:factory``).
 A class defined in ``__main__`` cannot be, and then, as on any failure, the timing falls back
-to this process with a warning. Where nothing would be held (not glibc), it runs here.
+to this process with a warning. Where nothing would be held (not glibc), or this process holds
+the allocator already, it runs here.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .measure import can_hold_freed_cpu_memory, latency_speedup
+from .measure import can_hold_freed_cpu_memory, freed_cpu_memory_held, latency_speedup
 
 TIMEOUT_SECONDS = 3600  # a hung child must not hang the run (and, under torchrun, every rank)
 
@@ -64,9 +65,10 @@ def latency_speedup_in_fresh_process(
 ) -> dict[str, float | list[float]]:
     """``latency_speedup(full, pruned, example, **kwargs)`` measured in a new Python process
     with this process's torch thread count. Falls back to this process, with a warning that
-    says why, when the models cannot be saved or the child fails; runs here directly where
-    there is no allocator state to keep out of this process."""
-    if not can_hold_freed_cpu_memory():
+    says why, when the models cannot be saved or the child fails. Runs here directly where
+    there is no allocator state to keep out of this process: off glibc, or when this process
+    holds it already (a latency budget's run has timed its tables here)."""
+    if not can_hold_freed_cpu_memory() or freed_cpu_memory_held():
         return latency_speedup(full, pruned, example, **kwargs)
     try:
         with tempfile.TemporaryDirectory(prefix="s2hpruner-timing-") as tmp:
@@ -100,9 +102,9 @@ def _main(job: str, modules: str, result: str) -> None:
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         spec.loader.exec_module(module)
-    spec = torch.load(job, weights_only=False)  # written by this module's parent, above
-    torch.set_num_threads(spec["threads"])
-    speed = latency_speedup(spec["full"], spec["pruned"], spec["example"], **spec["kwargs"])
+    task = torch.load(job, weights_only=False)  # written by this module's parent, above
+    torch.set_num_threads(task["threads"])
+    speed = latency_speedup(task["full"], task["pruned"], task["example"], **task["kwargs"])
     Path(result).write_text(json.dumps(speed))
 
 

@@ -42,6 +42,11 @@ def can_hold_freed_cpu_memory() -> bool:
     return _mallopt() is not None
 
 
+def freed_cpu_memory_held() -> bool:
+    """Has this process held its freed memory (``hold_freed_cpu_memory``) already?"""
+    return _allocator_held
+
+
 def _mallopt():
     """glibc's ``mallopt``, or None (not Linux, or a libc without it, such as musl)."""
     if not sys.platform.startswith("linux"):
