@@ -116,14 +116,20 @@ def test_latency_process_is_checked():
         RunConfig(latency_process="child").validate()
 
 
+def _tiny_run(tmp_path, out, *flags: str) -> dict:
+    """One epoch of the tiny resnet20 on fabricated Fashion-MNIST; its report."""
+    root = learnable_fashion_mnist(tmp_path / "fmnist")
+    assert one_thread_run(tiny_config(tmp_path), root, out, "--target-flops", "0.5", "--epochs",
+                          "1", "--batch-size", "50", "--train-subset", "200", "--val-size",
+                          "100", "--no-progress", *flags) == 0  # fmt: skip
+    return json.loads((out / "report.json").read_text())
+
+
 def test_a_run_reports_latency_timed_in_a_child(tmp_path, monkeypatch):
     monkeypatch.setattr("s2hpruner.app.run.latency_speedup", _held_here)  # the in-process one
     monkeypatch.setattr(measure, "hold_freed_cpu_memory", _held_here)
-    root, out = learnable_fashion_mnist(tmp_path / "fmnist"), tmp_path / "run"
-    assert one_thread_run(tiny_config(tmp_path), root, out, "--target-flops", "0.5", "--epochs",
-                          "1", "--batch-size", "50", "--train-subset", "200", "--val-size",
-                          "100", "--latency-repeats", "2", "--no-progress") == 0  # fmt: skip
-    report = json.loads((out / "report.json").read_text())
+    out = tmp_path / "run"
+    report = _tiny_run(tmp_path, out, "--latency-repeats", "2")
     assert report["latency_speedup_b1"] > 0 and report["latency_speedup_b64"] > 0
     # saved in the layout it was timed in: the full model's (channels_last by default), not
     # the mix of layouts torch-pruning's slicing leaves
@@ -136,10 +142,6 @@ def test_a_run_can_time_in_its_own_process(tmp_path, monkeypatch):
     monkeypatch.setattr("s2hpruner.app.run.latency_speedup_in_fresh_process", _held_here)
     monkeypatch.setattr("s2hpruner.app.run.latency_speedup",
                         lambda *a, **k: timed_here.append(a) or {"b1": 1.5, "b64": 2.5})
-    root, out = learnable_fashion_mnist(tmp_path / "fmnist"), tmp_path / "run"
-    assert one_thread_run(tiny_config(tmp_path), root, out, "--target-flops", "0.5", "--epochs",
-                          "1", "--batch-size", "50", "--train-subset", "200", "--val-size",
-                          "100", "--latency-process", "same", "--no-progress") == 0  # fmt: skip
-    report = json.loads((out / "report.json").read_text())
+    report = _tiny_run(tmp_path, tmp_path / "run", "--latency-process", "same")
     assert (report["latency_speedup_b1"], report["latency_speedup_b64"]) == (1.5, 2.5)
     assert len(timed_here) == 1 and measure.in_memory_format(timed_here[0][1], torch.channels_last)
